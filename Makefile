@@ -1,0 +1,42 @@
+# The two commands of the README:
+#   make demo   send a real email through a local SMTP server and show its outbox row
+#   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12)
+# Each builds its own virtualenv under .venvs/ from scratch on first use.
+
+SHELL := /bin/bash
+VENVS := .venvs
+
+.PHONY: demo test test-django52 test-django61 clean
+
+$(VENVS)/django52/.installed: pyproject.toml
+	rm -rf $(VENVS)/django52
+	"$$(scripts/python-for 3.11)" -m venv $(VENVS)/django52
+	$(VENVS)/django52/bin/pip install -q --upgrade pip
+	$(VENVS)/django52/bin/pip install -q -e '.[test]' 'Django>=5.2,<5.3'
+	touch $@
+
+$(VENVS)/django61/.installed: pyproject.toml
+	rm -rf $(VENVS)/django61
+	"$$(scripts/python-for 3.12)" -m venv $(VENVS)/django61
+	$(VENVS)/django61/bin/pip install -q --upgrade pip
+	$(VENVS)/django61/bin/pip install -q -e '.[test]' 'Django>=6.1,<6.2'
+	touch $@
+
+demo: $(VENVS)/django52/.installed
+	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo
+
+test-django52: $(VENVS)/django52/.installed
+	$(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
+
+test-django61: $(VENVS)/django61/.installed
+	$(VENVS)/django61/bin/python -m pytest $(PYTEST_ARGS)
+
+# Both runs always happen; the target fails if either failed.
+test:
+	@status=0; \
+	echo "=== Django 5.2 LTS on Python 3.11 ==="; $(MAKE) --no-print-directory test-django52 || status=1; \
+	echo "=== Django 6.1 on Python 3.12 ==="; $(MAKE) --no-print-directory test-django61 || status=1; \
+	exit $$status
+
+clean:
+	rm -rf $(VENVS) demo/*.sqlite3*
