@@ -1,0 +1,50 @@
+"""Kipekee's exceptions.
+
+Two separate trees, on purpose (as django-anymail does):
+
+- ``InvalidMessage`` (a ``ValueError``) is raised at the call site for bad input — a
+  header with CR/LF, an invalid address, a missing template or variable. Nothing is
+  written when it is raised.
+- ``ConfigurationError`` (an ``ImproperlyConfigured``) is raised for settings that cannot
+  work. It sits outside ``InvalidMessage`` so that code catching bad input never swallows
+  a broken deployment.
+
+Delivery failures are not exceptions for the caller: they are recorded on the outbox row
+and readable on the ``Receipt``.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class KipekeeError(Exception):
+    """Base class of every exception Kipekee raises itself."""
+
+
+class InvalidMessage(KipekeeError, ValueError):
+    """The message cannot be accepted into the outbox as given."""
+
+
+class TemplateError(InvalidMessage):
+    """A template of the message is missing or refers to a variable the context lacks."""
+
+
+class ConfigurationError(KipekeeError, ImproperlyConfigured):
+    """The KIPEKEE setting (or a provider it names) cannot work."""
+
+
+class UnknownProvider(ConfigurationError, KeyError):
+    """A provider alias that is not in ``KIPEKEE["PROVIDERS"]``."""
+
+    def __init__(self, alias: str, known: list[str]) -> None:
+        self.alias = alias
+        names = ", ".join(repr(k) for k in known) or "none are configured"
+        super().__init__(f"Unknown Kipekee provider {alias!r} (known: {names}).")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class RoutingLoop(ConfigurationError):
+    """A provider's backend sends back into Kipekee's outbox instead of delivering."""

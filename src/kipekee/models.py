@@ -1,0 +1,161 @@
+"""The outbox: one row per email, its attachments, and one row per delivery attempt.
+
+Only :mod:`kipekee.outbox` changes ``status`` (and the fields that move with it); every
+change there is one conditional UPDATE so that two engines can never both own a row.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Status(models.TextChoices):
+    QUEUED = "queued", "queued"
+    SENDING = "sending", "sending"
+    SENT = "sent", "sent"
+    DEFERRED = "deferred", "deferred"
+    FAILED = "failed", "failed"
+    SUPPRESSED = "suppressed", "suppressed"
+    CANCELLED = "cancelled", "cancelled"
+
+
+#: Statuses from which nothing moves on (except a person's explicit resend).
+FINAL_STATUSES = frozenset({Status.SENT, Status.FAILED, Status.SUPPRESSED, Status.CANCELLED})
+#: Statuses whose rows an engine may claim once ``due_at`` has passed.
+WAITING_STATUSES = (Status.QUEUED, Status.DEFERRED)
+
+
+class Mode(models.TextChoices):
+    NOW = "now", "now (in the request, quick retries)"
+    HYBRID = "hybrid", "hybrid (in the request once, then an engine)"
+    QUEUE = "queue", "queue (an engine)"
+
+
+class ErrorKind(models.TextChoices):
+    """How a delivery failure is treated."""
+
+    TRANSIENT = "transient", "transient (retry)"
+    PERMANENT = "permanent", "permanent (do not retry)"
+    CONFIGURATION = "configuration", "configuration (fix the provider)"
+
+
+class OutboxEmailQuerySet(models.QuerySet["OutboxEmail"]):
+    def waiting(self) -> OutboxEmailQuerySet:
+        return self.filter(status__in=WAITING_STATUSES)
+
+    def due(self, now: object = None) -> OutboxEmailQuerySet:
+        """Rows an engine may claim now: waiting and due, or sending with an expired lease."""
+        now = now or timezone.now()
+        return self.filter(
+            Q(status__in=WAITING_STATUSES, due_at__lte=now)
+            | Q(status=Status.SENDING, lease_until__lt=now)
+        )
+
+    def sent(self) -> OutboxEmailQuerySet:
+        return self.filter(status=Status.SENT)
+
+    def failed(self) -> OutboxEmailQuerySet:
+        return self.filter(status=Status.FAILED)
+
+
+class OutboxEmail(models.Model):
+    """An email in the outbox: everything needed to build and send it, and its state."""
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.HYBRID)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    # Fixed when the row is written, so that a rare resend is the same message.
+    message_id = models.CharField(max_length=255, db_index=True)
+
+    from_email = models.TextField()
+    to = models.JSONField(default=list)
+    cc = models.JSONField(default=list, blank=True)
+    bcc = models.JSONField(default=list, blank=True)
+    reply_to = models.JSONField(default=list, blank=True)
+    subject = models.TextField(blank=True)
+    body = models.TextField(blank=True)
+    content_subtype = models.CharField(max_length=32, default="plain")
+    alternatives = models.JSONField(default=list, blank=True)
+    headers = models.JSONField(default=dict, blank=True)
+    template = models.CharField(max_length=255, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    # Only this provider alias may send it (empty: all providers, in failover order).
+    provider = models.CharField(max_length=100, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    due_at = models.DateTimeField(default=timezone.now)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    sent_by = models.CharField(max_length=100, blank=True)
+    error_kind = models.CharField(max_length=16, choices=ErrorKind.choices, blank=True)
+    last_error = models.TextField(blank=True)
+    # Recipients the provider refused while accepting the others: address -> reply.
+    refused = models.JSONField(default=dict, blank=True)
+
+    objects = OutboxEmailQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "outbox email"
+        ordering = ["-id"]
+        indexes = [
+            # Engines look only at waiting rows: keep that index small.
+            models.Index(
+                fields=["due_at"],
+                name="kipekee_waiting_due",
+                condition=Q(status__in=["queued", "deferred"]),
+            ),
+            models.Index(
+                fields=["lease_until"],
+                name="kipekee_sending_lease",
+                condition=Q(status="sending"),
+            ),
+            models.Index(fields=["status", "created_at"], name="kipekee_status_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.subject!r} to {', '.join(self.to)} ({self.status})"
+
+    @property
+    def recipients(self) -> list[str]:
+        return [*self.to, *self.cc, *self.bcc]
+
+
+class Attachment(models.Model):
+    """A file attached to an outbox email; with ``content_id`` it is an inline part."""
+
+    email = models.ForeignKey(OutboxEmail, on_delete=models.CASCADE, related_name="attachments")
+    filename = models.CharField(max_length=255, blank=True)
+    mimetype = models.CharField(max_length=255)
+    content = models.BinaryField()
+    content_id = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.filename or self.content_id or f"attachment {self.pk}"
+
+
+class Attempt(models.Model):
+    """One try at delivering an outbox email, through one or more providers."""
+
+    email = models.ForeignKey(OutboxEmail, on_delete=models.CASCADE, related_name="attempt_log")
+    number = models.PositiveIntegerField()
+    provider = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(default=timezone.now)
+    # "sent" or an ErrorKind value.
+    outcome = models.CharField(max_length=16)
+    code = models.IntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    refused = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["email_id", "number", "id"]
+        indexes = [models.Index(fields=["finished_at"], name="kipekee_attempt_finished")]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of #{self.email_id}: {self.outcome}"

@@ -1,0 +1,59 @@
+"""When to try a message again: one policy object, one question.
+
+:meth:`RetryPolicy.next_due` answers "after this failure, when (if ever) do we try
+again?" Exponential backoff with full jitter (AWS architecture blog, "Exponential
+Backoff And Jitter"), capped, bounded by a number of attempts and a lifetime; a provider's
+own hint (SMTP 4xx text, HTTP 429 Retry-After) wins over the computed delay.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from . import conf
+from .models import ErrorKind
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    base_delay: float
+    max_delay: float
+    max_attempts: int
+    lifetime: timedelta
+    jitter: bool = True
+
+    @classmethod
+    def from_settings(cls) -> RetryPolicy:
+        r = conf.get().retry
+        return cls(base_delay=r.base_delay, max_delay=r.max_delay,
+                   max_attempts=r.max_attempts, lifetime=r.lifetime)
+
+    def delay(self, attempt: int, hint: float | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        if hint is not None and hint >= 0:
+            return min(hint, self.max_delay)
+        ceiling = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
+        return random.uniform(self.base_delay / 2, ceiling) if self.jitter else ceiling
+
+    def next_due(
+        self,
+        *,
+        kind: str,
+        attempt: int,
+        created_at: datetime,
+        hint: float | None = None,
+        now: datetime | None = None,
+    ) -> datetime | None:
+        """When to try again after a failure of ``kind``; ``None`` means give up (failed)."""
+        if kind == ErrorKind.PERMANENT:
+            return None
+        due = (now or timezone.now()) + timedelta(seconds=self.delay(attempt, hint))
+        return None if self.exhausted(attempt=attempt, created_at=created_at, at=due) else due
+
+    def exhausted(self, *, attempt: int, created_at: datetime, at: datetime | None = None) -> bool:
+        """True when no attempt after number ``attempt`` may be made (at time ``at``)."""
+        return attempt >= self.max_attempts or (at or timezone.now()) > created_at + self.lifetime
