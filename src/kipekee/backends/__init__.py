@@ -1,0 +1,1 @@
+"""Email backends that Kipekee ships as providers."""

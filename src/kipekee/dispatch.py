@@ -1,0 +1,152 @@
+"""Modes: when and where an enqueued email is delivered; receipts for the caller.
+
+- ``now``: deliver in the request once the transaction commits, with quick retries
+  (``NOW_RETRY_DELAYS``) inside a time budget; what is still failing is left deferred.
+- ``hybrid``: deliver in the request once; a transient failure leaves the row deferred
+  for an engine; a permanent one is on the receipt at once ("that address was refused").
+- ``queue``: leave it to an engine.
+
+Nothing is delivered before the caller's transaction commits, and a rolled-back
+transaction delivers nothing: delivery starts from ``transaction.on_commit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from django.core.mail import EmailMessage
+from django.db import transaction
+from django.utils import timezone
+
+from . import conf, outbox
+from .delivery import Deliverer, Outcome
+from .exceptions import InvalidMessage
+from .models import ErrorKind, OutboxEmail, Status
+from .retry import RetryPolicy
+
+logger = logging.getLogger("kipekee.dispatch")
+
+
+class Receipt:
+    """What sending returns: the outbox row's id, Message-ID and its latest known state.
+
+    Not frozen, on purpose: inside a transaction delivery happens on commit, after
+    ``send()`` returned, and the outcome is written into this same receipt then.
+    :meth:`refresh` reads the row again (to see what an engine did later).
+    """
+
+    __slots__ = ("id", "message_id", "created", "mode", "status", "error", "error_kind",
+                 "refused", "provider", "attempts", "_using")
+
+    def __init__(self, row: OutboxEmail, *, created: bool) -> None:
+        self.id: int = row.pk
+        self.message_id: str = row.message_id
+        # False when an earlier enqueue with the same idempotency key is returned.
+        self.created = created
+        self.mode: str = row.mode
+        self._using = row._state.db
+        self._update(row)
+
+    def _update(self, row: OutboxEmail) -> None:
+        self.status: str = row.status
+        self.error: str = row.last_error
+        self.error_kind: str = row.error_kind
+        self.refused: dict[str, str] = dict(row.refused)
+        self.provider: str = row.sent_by
+        self.attempts: int = row.attempts
+
+    def refresh(self) -> Receipt:
+        self._update(OutboxEmail.objects.using(self._using).get(pk=self.id))
+        return self
+
+    @property
+    def sent(self) -> bool:
+        return self.status == Status.SENT
+
+    @property
+    def failed(self) -> bool:
+        return self.status == Status.FAILED
+
+    @property
+    def pending(self) -> bool:
+        """Not final yet: queued, sending or deferred (an engine will go on)."""
+        return self.status in {Status.QUEUED, Status.SENDING, Status.DEFERRED}
+
+    def __repr__(self) -> str:
+        extra = f" error={self.error!r}" if self.error else ""
+        return f"<Receipt #{self.id} {self.status}{extra}>"
+
+
+def submit(
+    message: EmailMessage,
+    *,
+    mode: str | None = None,
+    idempotency_key: str | None = None,
+    send_at: datetime | None = None,
+    provider: str = "",
+    template: str = "",
+    metadata: dict[str, Any] | None = None,
+    using: str | None = None,
+) -> Receipt:
+    """Enqueue ``message`` in the current transaction and arrange its delivery."""
+    mode = mode or conf.get().mode
+    if mode not in conf.MODES:
+        raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    row, created = outbox.enqueue(
+        message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
+        provider=provider, template=template, metadata=metadata, using=using,
+    )
+    receipt = Receipt(row, created=created)
+    if created and mode != "queue":
+        transaction.on_commit(partial(deliver_in_request, receipt), using=row._state.db)
+    return receipt
+
+
+def deliver_in_request(receipt: Receipt) -> None:
+    """Deliver a freshly committed row now, as its mode says; update ``receipt``."""
+    settings = conf.get()
+    delays = settings.now_retry_delays if receipt.mode == "now" else ()
+    deadline = time.monotonic() + settings.now_time_budget
+    policy = RetryPolicy.from_settings()
+    with Deliverer() as deliverer:
+        for index in range(len(delays) + 1):
+            row = outbox.claim(receipt.id, using=receipt._using)
+            if row is None:
+                # Not due yet (send_at), or an engine holds it: nothing to do here.
+                receipt.refresh()
+                return
+            outcome = deliverer.deliver(row)
+            quick = delays[index] if index < len(delays) else None
+            if quick is not None and outcome.retry_after is not None:
+                quick = max(quick, outcome.retry_after)
+            if (not outcome.ok and outcome.kind == ErrorKind.TRANSIENT and quick is not None
+                    and time.monotonic() + quick < deadline
+                    and not policy.exhausted(attempt=row.attempts, created_at=row.created_at)):
+                outbox.defer(row, outcome, due_at=timezone.now() + timedelta(seconds=quick))
+                time.sleep(quick)
+                continue
+            record(row, outcome, policy)
+            receipt._update(row)
+            return
+
+
+def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None) -> bool:
+    """Record an outcome, deciding with the retry policy between deferred and failed."""
+    if outcome.ok:
+        logger.info("Sent outbox email %s via %s", row.pk, outcome.provider)
+        return outbox.mark_sent(row, outcome)
+    if outcome.kind == ErrorKind.CONFIGURATION:
+        logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
+    due = (policy or RetryPolicy.from_settings()).next_due(
+        kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
+        hint=outcome.retry_after,
+    )
+    if due is None:
+        logger.warning("Outbox email %s failed: %s", row.pk, outcome.error)
+        return outbox.fail(row, outcome)
+    logger.info("Outbox email %s deferred until %s: %s", row.pk, due.isoformat(), outcome.error)
+    return outbox.defer(row, outcome, due_at=due)

@@ -1,0 +1,218 @@
+"""A Django ``EmailMessage`` checked, and turned into an outbox row and back.
+
+Every path into the outbox — ``kipekee.send``, the ``Email`` builder and the drop-in
+``EMAIL_BACKEND`` — ends in :func:`validate` and :func:`to_fields`, so bad input is refused
+the same way everywhere, before anything is written. Delivery rebuilds the message with
+:func:`from_row`.
+"""
+
+from __future__ import annotations
+
+import email.message
+import re
+from dataclasses import dataclass
+from email.errors import HeaderParseError
+from email.headerregistry import AddressHeader
+from email.mime.base import MIMEBase
+from typing import TYPE_CHECKING, Any
+
+import django
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.core.mail.utils import DNS_NAME
+from django.core.validators import EmailValidator
+from django.utils.encoding import force_str, punycode
+
+from .exceptions import InvalidMessage
+
+if TYPE_CHECKING:
+    from .models import OutboxEmail
+
+# RFC 5322 field name: printable US-ASCII except colon.
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+_validate_addr_spec = EmailValidator()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredAttachment:
+    filename: str
+    mimetype: str
+    content: bytes
+    content_id: str = ""
+
+
+def validate(message: EmailMessage) -> None:
+    """Raise ``InvalidMessage`` naming the first problem; return quietly if there is none."""
+    _check_text("subject", force_str(message.subject))
+    from_email = message.from_email or settings.DEFAULT_FROM_EMAIL
+    check_address("from_email", from_email)
+    for field in ("to", "cc", "bcc", "reply_to"):
+        value = getattr(message, field, [])
+        if isinstance(value, str):
+            raise InvalidMessage(f"{field} must be a list of addresses, not a string.")
+        for address in value:
+            check_address(field, address)
+    if not message.recipients():
+        raise InvalidMessage("The message has no recipients (to, cc and bcc are empty).")
+    for name, value in (message.extra_headers or {}).items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise InvalidMessage(f"Invalid header name {name!r}.")
+        if name.lower() in {"to", "cc", "reply-to", "from", "sender"}:
+            for address in _split_addresses(force_str(value)):
+                check_address(f"header {name}", address)
+        else:
+            _check_text(f"header {name}", force_str(value))
+    for attachment in message.attachments:
+        if isinstance(attachment, (MIMEBase, email.message.Message)):
+            filename = attachment.get_filename() or ""
+        else:
+            filename = attachment[0] or ""
+        _check_text("attachment filename", force_str(filename))
+
+
+def _check_text(field: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise InvalidMessage(f"{field} contains a line break (CR/LF), refused: {value!r}")
+    if "\x00" in value:
+        raise InvalidMessage(f"{field} contains a NUL character, refused: {value!r}")
+
+
+def _split_addresses(value: str) -> list[str]:
+    try:
+        parsed = AddressHeader.value_parser(value)
+    except (HeaderParseError, IndexError, ValueError):
+        return [value]  # check_address reports it
+    return [str(mb) for mb in parsed.all_mailboxes] or [value]
+
+
+def check_address(field: str, address: Any) -> str:
+    """Validate one address (``a@b.c`` or ``Name <a@b.c>``); return its addr-spec."""
+    if not isinstance(address, str):
+        raise InvalidMessage(f"{field}: an address must be a string, not {type(address).__name__}.")
+    _check_text(field, address)
+    try:
+        parsed = AddressHeader.value_parser(address)
+    except (HeaderParseError, IndexError, ValueError) as exc:
+        # The stdlib parser raises (even IndexError, for "x@") on some malformed input.
+        raise InvalidMessage(f"{field}: invalid address {address!r}: {exc or 'unparsable'}") from None
+    defects = [str(d) for d in parsed.all_defects]
+    mailboxes = parsed.all_mailboxes
+    if defects or len(mailboxes) != 1:
+        problem = "; ".join(defects) or "must be exactly one address"
+        raise InvalidMessage(f"{field}: invalid address {address!r}: {problem}")
+    mailbox = mailboxes[0]
+    if not mailbox.domain:
+        raise InvalidMessage(f"{field}: address {address!r} has no domain.")
+    addr_spec = f"{mailbox.local_part}@{punycode(mailbox.domain)}"
+    try:
+        _validate_addr_spec(addr_spec)
+    except ValidationError:
+        raise InvalidMessage(f"{field}: invalid address {address!r}.") from None
+    return str(mailbox.addr_spec)
+
+
+def to_fields(message: EmailMessage) -> tuple[dict[str, Any], list[StoredAttachment]]:
+    """The outbox row's fields (without status) and attachments for a validated message."""
+    alternatives = [
+        {"content": force_str(content), "mimetype": mimetype}
+        for content, mimetype in getattr(message, "alternatives", [])
+    ]
+    headers = {str(k): force_str(v) for k, v in (message.extra_headers or {}).items()}
+    fields = {
+        "from_email": message.from_email or settings.DEFAULT_FROM_EMAIL,
+        "to": list(message.to),
+        "cc": list(message.cc),
+        "bcc": list(message.bcc),
+        "reply_to": list(message.reply_to),
+        "subject": force_str(message.subject),
+        "body": force_str(message.body),
+        "content_subtype": message.content_subtype,
+        "alternatives": alternatives,
+        "headers": headers,
+    }
+    return fields, [_store_attachment(a) for a in message.attachments]
+
+
+def _store_attachment(attachment: Any) -> StoredAttachment:
+    if isinstance(attachment, (MIMEBase, email.message.Message)):
+        payload = attachment.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            raise InvalidMessage("Multipart MIME attachments are not supported; attach files.")
+        cid = (attachment.get("Content-ID") or "").strip("<> ")
+        return StoredAttachment(
+            filename=attachment.get_filename() or "",
+            mimetype=attachment.get_content_type(),
+            content=payload,
+            content_id=cid,
+        )
+    filename, content, mimetype = attachment
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    if not isinstance(content, bytes):
+        raise InvalidMessage(f"Attachment {filename!r}: content must be bytes or str.")
+    if not mimetype:
+        import mimetypes
+
+        mimetype = mimetypes.guess_type(filename or "")[0] or "application/octet-stream"
+    return StoredAttachment(filename=filename or "", mimetype=mimetype, content=content)
+
+
+def make_message_id(from_email: str, domain: str | None = None) -> str:
+    """A new Message-ID in the sender's domain (or ``domain``), as RFC 5322 asks."""
+    from email.utils import make_msgid
+
+    if domain is None:
+        parsed = AddressHeader.value_parser(from_email).all_mailboxes
+        domain = punycode(parsed[0].domain) if parsed and parsed[0].domain else DNS_NAME.get_fqdn()
+    return make_msgid(domain=domain)
+
+
+def from_row(row: OutboxEmail) -> EmailMultiAlternatives:
+    """Rebuild the Django message that was enqueued, ready for any email backend."""
+    message = EmailMultiAlternatives(
+        subject=row.subject,
+        body=row.body,
+        from_email=row.from_email,
+        to=row.to,
+        cc=row.cc,
+        bcc=row.bcc,
+        reply_to=row.reply_to,
+        headers={**row.headers, "Message-ID": row.message_id},
+    )
+    message.content_subtype = row.content_subtype
+    for alternative in row.alternatives:
+        message.attach_alternative(alternative["content"], alternative["mimetype"])
+    attachments = list(row.attachments.all())
+    for attachment in attachments:
+        content = bytes(attachment.content)
+        if attachment.content_id:
+            message.attach(_inline_part(attachment.filename, content, attachment.mimetype,
+                                        attachment.content_id))
+        else:
+            message.attach(attachment.filename or None, content, attachment.mimetype)
+    # Inline parts belong in multipart/related next to the HTML they illustrate.
+    if any(a.content_id for a in attachments):
+        message.mixed_subtype = "related"
+    return message
+
+
+def _inline_part(filename: str, content: bytes, mimetype: str, content_id: str) -> Any:
+    maintype, _, subtype = mimetype.partition("/")
+    if django.VERSION >= (6, 0):
+        # Django 6 takes modern MIMEPart attachments (MIMEBase ones are deprecated).
+        part = email.message.MIMEPart()
+        part.set_content(content, maintype=maintype, subtype=subtype or "octet-stream",
+                         disposition="inline", filename=filename or None, cid=f"<{content_id}>")
+        return part
+    from email import encoders
+
+    legacy = MIMEBase(maintype, subtype or "octet-stream")
+    legacy.set_payload(content)
+    encoders.encode_base64(legacy)
+    legacy.add_header("Content-ID", f"<{content_id}>")
+    if filename:
+        legacy.add_header("Content-Disposition", "inline", filename=filename)
+    else:
+        legacy.add_header("Content-Disposition", "inline")
+    return legacy

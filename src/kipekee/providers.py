@@ -1,0 +1,150 @@
+"""Providers: build the configured email backends, and classify what they raise.
+
+A provider is an alias, a Django email backend class and its ``OPTIONS`` — the shape of
+Django 6.1's ``MAILERS``. Kipekee builds the backend itself (``Backend(alias=..., **OPTIONS)``)
+so the same configuration works on Django 5.2 LTS.
+
+:func:`classify` maps an exception to a :class:`Failure` of one of three kinds:
+
+- *transient*: retry later, maybe through the next provider (SMTP 4xx, disconnects,
+  timeouts, socket errors);
+- *permanent*: this message cannot be delivered, do not retry (SMTP 5xx);
+- *configuration*: the provider itself is misconfigured (bad credentials, an untrusted
+  certificate, TLS not offered): stop using it and alarm.
+
+A backend can refine this by defining ``classify_error(exc) -> Failure | None``.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail.backends.base import BaseEmailBackend
+from django.utils.module_loading import import_string
+
+from . import conf
+from .exceptions import ConfigurationError, RoutingLoop
+from .models import ErrorKind
+
+# SMTP replies that say "you (the client) are not set up right", not "this message is bad".
+_CONFIGURATION_CODES = {530, 534, 535, 538}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """What went wrong in one send through one provider."""
+
+    kind: ErrorKind
+    error: str
+    code: int | None = None
+    # Recipient -> the provider's reply, for refusals that name recipients.
+    refused: dict[str, str] = field(default_factory=dict)
+    # Seconds the provider asked us to wait (HTTP 429 Retry-After, …).
+    retry_after: float | None = None
+
+
+@cache
+def _backend_class(path: str) -> type[BaseEmailBackend]:
+    try:
+        cls = import_string(path)
+    except ImportError as exc:
+        raise ConfigurationError(f"Cannot import email backend {path!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, BaseEmailBackend)):
+        raise ConfigurationError(f"{path!r} is not a Django email backend class.")
+    from .backend import EmailBackend as DropIn
+
+    if issubclass(cls, DropIn):
+        raise RoutingLoop(f"{path!r} is Kipekee's drop-in backend: a provider must deliver.")
+    return cls
+
+
+def reset() -> None:
+    """Forget imported backend classes (settings changed)."""
+    _backend_class.cache_clear()
+
+
+def build(alias: str) -> BaseEmailBackend:
+    """A new, unopened backend for provider ``alias``."""
+    config = conf.get().provider(alias)
+    cls = _backend_class(config.backend)
+    try:
+        return cls(alias=alias, **config.options)
+    except (TypeError, ValueError, ImproperlyConfigured) as exc:
+        raise ConfigurationError(
+            f'KIPEKEE["PROVIDERS"][{alias!r}]: cannot build {config.backend}: {exc}'
+        ) from exc
+
+
+def aliases(only: str = "") -> list[str]:
+    """Provider aliases in failover order (or just ``only``)."""
+    if only:
+        return [conf.get().provider(only).alias]
+    return [p.alias for p in conf.get().providers]
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return f"{code} {text}".strip()
+
+
+def _kind_for_code(code: int) -> ErrorKind:
+    if code in _CONFIGURATION_CODES:
+        return ErrorKind.CONFIGURATION
+    return ErrorKind.PERMANENT if 500 <= code < 600 else ErrorKind.TRANSIENT
+
+
+def classify(exc: BaseException, backend: Any = None) -> Failure:
+    """Classify what sending raised; a backend's own ``classify_error`` is asked first."""
+    hook = getattr(backend, "classify_error", None)
+    if hook is not None:
+        failure = hook(exc)
+        if failure is not None:
+            return failure
+
+    name = type(exc).__name__
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        refused = {addr: _reply(code, text) for addr, (code, text) in exc.recipients.items()}
+        codes = [code for code, _ in exc.recipients.values()]
+        kind = ErrorKind.PERMANENT if codes and all(500 <= c < 600 for c in codes) else ErrorKind.TRANSIENT
+        detail = "; ".join(f"{a}: {r}" for a, r in refused.items())
+        return Failure(kind=kind, error=f"all recipients refused: {detail}",
+                       code=max(codes) if codes else None, refused=refused)
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return Failure(kind=ErrorKind.CONFIGURATION, code=exc.smtp_code,
+                       error=f"authentication failed: {_reply(exc.smtp_code, exc.smtp_error)}")
+    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
+        # The server turned the session down before any message was involved.
+        kind = ErrorKind.TRANSIENT if 400 <= exc.smtp_code < 500 or exc.smtp_code < 0 else ErrorKind.CONFIGURATION
+        return Failure(kind=kind, code=exc.smtp_code,
+                       error=f"{name}: {_reply(exc.smtp_code, exc.smtp_error)}")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        # SMTPSenderRefused, SMTPDataError and plain replies (421 on MAIL, …).
+        return Failure(kind=_kind_for_code(exc.smtp_code), code=exc.smtp_code,
+                       error=f"{name}: {_reply(exc.smtp_code, exc.smtp_error)}")
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return Failure(kind=ErrorKind.CONFIGURATION, error=f"server does not support: {exc}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return Failure(kind=ErrorKind.CONFIGURATION,
+                       error=f"TLS certificate not trusted ({exc.verify_message}); "
+                             "trust it with the provider's 'ca_file' option if it is yours")
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return Failure(kind=ErrorKind.TRANSIENT, error=f"server disconnected: {exc}")
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return Failure(kind=ErrorKind.TRANSIENT, error=f"timed out: {exc or 'no reply in time'}")
+    if isinstance(exc, (OSError, smtplib.SMTPException)):  # refused, reset, DNS, TLS errors
+        return Failure(kind=ErrorKind.TRANSIENT, error=f"{name}: {exc}")
+    if isinstance(exc, ImproperlyConfigured):
+        return Failure(kind=ErrorKind.CONFIGURATION, error=f"{name}: {exc}")
+    if isinstance(exc, (ValueError, UnicodeError)):
+        # Django raises ValueError for addresses it cannot put on the wire.
+        return Failure(kind=ErrorKind.PERMANENT, error=f"{name}: {exc}")
+    # Unknown: retry (bounded by the retry policy) rather than drop a message for a bug
+    # that may be fixed by the next deploy; the error stays on the row.
+    return Failure(kind=ErrorKind.TRANSIENT, error=f"unexpected {name}: {exc}")
