@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kipekee.models import OutboxEmail
+from kipekee.testing import LocalSMTPServer
+
+pytest_plugins = ["tests.smtp_fixtures"]
+
+SMTP_BACKEND = "kipekee.backends.smtp.EmailBackend"
+# Quick in-request retries keep the suite fast; the production default is 1, 2, 4 s.
+FAST_NOW_DELAYS = [0.05, 0.1, 0.2]
+
+
+def smtp_provider(server: LocalSMTPServer, **options: Any) -> dict[str, Any]:
+    """A KIPEKEE provider entry pointing at a local test server."""
+    return {
+        "BACKEND": SMTP_BACKEND,
+        "OPTIONS": {"host": server.host, "port": server.port, "timeout": 2, **options},
+    }
+
+
+def unused_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def kipekee_settings(settings: Any) -> Callable[..., None]:
+    """Configure KIPEKEE for one test: ``kipekee_settings(primary=entry, backup=entry, MODE=...)``."""
+
+    def configure(_extra: dict[str, Any] | None = None, **providers: dict[str, Any]) -> None:
+        settings.KIPEKEE = {
+            "PROVIDERS": providers,
+            "NOW_RETRY_DELAYS": FAST_NOW_DELAYS,
+            "NOW_TIME_BUDGET": 5,
+            **(_extra or {}),
+        }
+
+    return configure
+
+
+@pytest.fixture
+def sink_provider(smtp_sink: LocalSMTPServer, kipekee_settings: Callable[..., None]) -> LocalSMTPServer:
+    """One plain SMTP provider, "primary", in hybrid mode, pointing at ``smtp_sink``."""
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+    return smtp_sink
+
+
+def rows() -> int:
+    return OutboxEmail.objects.count()

@@ -1,0 +1,299 @@
+"""Delivery through Kipekee's SMTP backend against real local SMTP servers: TLS, AUTH,
+misbehaving servers, error classes, modes and failover."""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+import kipekee
+from kipekee import outbox
+from kipekee.backends.smtp import DEFAULT_TIMEOUT, EmailBackend
+from kipekee.delivery import Deliverer
+from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
+from kipekee.testing import Faults, self_signed_context
+
+from .conftest import SMTP_BACKEND, smtp_provider, unused_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MAIL = {"subject": "Your ticket", "text": "see you", "to": ["ann@example.com"]}
+
+
+def attempts(receipt) -> list[tuple[int, str]]:
+    return list(Attempt.objects.filter(email_id=receipt.id).values_list("number", "outcome"))
+
+
+# --- TLS and AUTH ------------------------------------------------------------------
+
+
+def test_starttls_with_auth(smtp_server, smtp_ca_file, kipekee_settings):
+    server = smtp_server(tls="starttls", require_starttls=True, auth={"shop": "s3cret"})
+    kipekee_settings(primary=smtp_provider(server, use_tls=True, username="shop",
+                                           password="s3cret", ca_file=smtp_ca_file))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.sent, receipt
+    received = server.wait_for(1)[0]
+    assert received.tls and received.auth_user == "shop"
+
+
+def test_implicit_ssl_with_auth(smtp_server, smtp_ca_file, kipekee_settings):
+    server = smtp_server(tls="ssl", auth={"shop": "s3cret"})
+    kipekee_settings(primary=smtp_provider(server, use_ssl=True, username="shop",
+                                           password="s3cret", ca_file=smtp_ca_file))
+    assert kipekee.send(**MAIL).sent
+    assert server.wait_for(1)[0].tls
+
+
+def test_bad_credentials_are_a_configuration_error(smtp_server, smtp_ca_file, kipekee_settings):
+    server = smtp_server(tls="starttls", auth={"shop": "s3cret"})
+    kipekee_settings(primary=smtp_provider(server, use_tls=True, username="shop",
+                                           password="wrong", ca_file=smtp_ca_file))
+    receipt = kipekee.send(**MAIL, mode="now")
+    # Not the message's fault: kept for later (an engine, once the password is fixed).
+    assert receipt.status == Status.DEFERRED
+    assert receipt.error_kind == ErrorKind.CONFIGURATION
+    assert "authentication failed: 535" in receipt.error
+    assert attempts(receipt) == [(1, "configuration")]  # no quick retries for bad config
+    assert server.messages == []
+
+
+def test_certificate_not_in_certifi_is_refused(smtp_server, kipekee_settings):
+    # The server's certificate comes from a test CA that certifi's bundle does not hold.
+    server = smtp_server(tls="starttls")
+    kipekee_settings(primary=smtp_provider(server, use_tls=True))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.error_kind == ErrorKind.CONFIGURATION
+    assert "TLS certificate not trusted" in receipt.error
+    assert server.messages == []
+
+
+def test_self_signed_certificate_refused_unless_trusted(smtp_server, kipekee_settings, tmp_path):
+    context, pem = self_signed_context()
+    server = smtp_server(tls="ssl", ssl_context=context)
+    kipekee_settings(primary=smtp_provider(server, use_ssl=True))
+    refused = kipekee.send(**MAIL)
+    assert refused.error_kind == ErrorKind.CONFIGURATION and "not trusted" in refused.error
+    assert server.messages == []
+
+    trusted = tmp_path / "relay.pem"
+    trusted.write_bytes(pem)
+    kipekee_settings(primary=smtp_provider(server, use_ssl=True, ca_file=str(trusted)))
+    assert kipekee.send(**MAIL).sent
+    assert len(server.wait_for(1)) == 1
+
+
+def test_tls_required_but_not_offered(smtp_sink, kipekee_settings):
+    kipekee_settings(primary=smtp_provider(smtp_sink, use_tls=True))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.error_kind == ErrorKind.CONFIGURATION
+    assert "STARTTLS" in receipt.error
+    assert smtp_sink.messages == []  # never sent in clear
+
+
+def test_ipv4_only(smtp_server, kipekee_settings):
+    server = smtp_server(host="::1")
+    kipekee_settings(primary=smtp_provider(server))
+    assert kipekee.send(**MAIL).sent  # IPv6 is fine by default
+    kipekee_settings(primary=smtp_provider(server, ipv4_only=True))
+    receipt = kipekee.send(**MAIL)
+    # With ipv4_only the IPv6 literal has no IPv4 address to connect to.
+    assert receipt.error_kind == ErrorKind.TRANSIENT and "gaierror" in receipt.error
+    assert len(server.messages) == 1
+
+
+def test_backend_defaults_and_option_checks():
+    backend = EmailBackend(host="smtp.example.com", alias="p")
+    assert backend.timeout == DEFAULT_TIMEOUT and backend.port == 25
+    assert EmailBackend(host="h", use_tls=True).port == 587
+    assert EmailBackend(host="h", use_ssl=True).port == 465
+    from kipekee.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="must define 'host'"):
+        EmailBackend(alias="p")
+    with pytest.raises(ConfigurationError, match="exclude each other"):
+        EmailBackend(host="h", use_tls=True, use_ssl=True)
+    with pytest.raises(TypeError):
+        EmailBackend(host="h", hots="typo")  # type: ignore[call-arg]
+
+
+def test_unknown_option_is_a_configuration_error_on_the_row(smtp_sink, kipekee_settings):
+    kipekee_settings(primary={"BACKEND": SMTP_BACKEND,
+                              "OPTIONS": {"host": smtp_sink.host, "port": smtp_sink.port, "tls": True}})
+    receipt = kipekee.send(**MAIL)
+    assert receipt.error_kind == ErrorKind.CONFIGURATION and "'tls'" in receipt.error
+
+
+# --- connection reuse ----------------------------------------------------------------
+
+
+def test_one_connection_is_reused_for_many_messages(sink_provider):
+    ids = [kipekee.send(**MAIL, mode="queue").id for _ in range(5)]
+    with Deliverer() as deliverer:
+        for pk in ids:
+            row = outbox.claim(pk)
+            outcome = deliverer.deliver(row)
+            assert outcome.ok, outcome
+            outbox.mark_sent(row, outcome)
+    assert len(sink_provider.wait_for(5)) == 5
+    assert sink_provider.connections == 1
+    assert OutboxEmail.objects.filter(status=Status.SENT).count() == 5
+
+
+# --- misbehaving servers and error classes ------------------------------------------
+
+
+def test_451_k_times_then_delivered_in_mode_now(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 4.3.0 try again later"] * 2))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(**MAIL, mode="now")
+    assert receipt.sent, receipt
+    assert attempts(receipt) == [(1, "transient"), (2, "transient"), (3, "sent")]
+    assert len(server.wait_for(1)) == 1
+
+
+def test_451_in_hybrid_mode_is_deferred_for_an_engine(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 4.3.0 try again later"]))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    assert receipt.status == Status.DEFERRED and receipt.pending
+    assert receipt.error_kind == ErrorKind.TRANSIENT and "451" in receipt.error
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert row.due_at > timezone.now() and row.attempts == 1
+    assert server.messages == []
+
+
+def test_now_mode_gives_up_at_the_time_budget(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 busy"] * 10))
+    kipekee_settings(primary=smtp_provider(server), _extra={"NOW_RETRY_DELAYS": [0.2, 0.2, 0.2],
+                                                           "NOW_TIME_BUDGET": 0.3})
+    receipt = kipekee.send(**MAIL, mode="now")
+    assert receipt.status == Status.DEFERRED
+    assert [n for n, _ in attempts(receipt)] == [1, 2]  # a third try would pass the budget
+
+
+def test_550_on_data_fails_at_once_and_is_never_retried(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["550 5.7.1 message rejected as spam"]))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(**MAIL, mode="now")
+    assert receipt.failed
+    assert receipt.error_kind == ErrorKind.PERMANENT and "550 5.7.1" in receipt.error
+    assert attempts(receipt) == [(1, "permanent")]
+    assert outbox.claim(receipt.id) is None  # failed is final
+
+
+def test_refused_address_is_reported_to_the_caller(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(refuse_recipients={"nobody@example.com": "550 5.1.1 no such user"}))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(subject="Quote", text="x", to=["nobody@example.com"], mode="hybrid")
+    assert receipt.failed
+    assert receipt.refused == {"nobody@example.com": "550 5.1.1 no such user"}
+
+
+def test_one_refused_recipient_among_three_is_kept(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(refuse_recipients={"b@example.com": "550 5.1.1 no such user"}))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(subject="Team", text="x",
+                           to=["a@example.com", "b@example.com", "c@example.com"])
+    assert receipt.sent
+    assert receipt.refused == {"b@example.com": "550 5.1.1 no such user"}
+    assert OutboxEmail.objects.get(pk=receipt.id).refused == receipt.refused
+    assert sorted(server.wait_for(1)[0].rcpt_tos) == ["a@example.com", "c@example.com"]
+
+
+def test_all_recipients_temporarily_refused_is_transient(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(refuse_recipients={"a@example.com": "450 4.2.1 mailbox busy"}))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(subject="x", text="x", to=["a@example.com"], mode="hybrid")
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+
+
+def test_421_greeting_is_transient(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(greeting="421 4.3.2 service not available"))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+    assert "421" in receipt.error
+
+
+def test_421_on_mail_from_is_transient(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(mail_reply="421 4.7.0 too many connections"))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+
+
+def test_connection_dropped_mid_data_is_transient(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(drop_mid_data=True))
+    kipekee_settings(primary=smtp_provider(server))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+    assert "disconnected" in receipt.error
+    assert server.messages == []
+
+
+def test_server_stalling_past_the_timeout_is_transient(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(stall_before_data_reply=3))
+    kipekee_settings(primary=smtp_provider(server, timeout=0.5))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+    assert "timed out" in receipt.error
+
+
+def test_silent_server_times_out_on_connect(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(stall_greeting=3))
+    kipekee_settings(primary=smtp_provider(server, timeout=0.5))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.error_kind == ErrorKind.TRANSIENT and "timed out" in receipt.error
+
+
+def test_connection_refused_is_transient(kipekee_settings, settings):
+    settings.KIPEKEE = {"PROVIDERS": {"down": {"BACKEND": SMTP_BACKEND, "OPTIONS": {
+        "host": "127.0.0.1", "port": unused_port(), "timeout": 1}}}}
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and "ConnectionRefusedError" in receipt.error
+
+
+def test_out_of_attempts_is_failed_with_its_reason(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 busy"] * 10))
+    kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"MAX_ATTEMPTS": 2}})
+    receipt = kipekee.send(**MAIL, mode="now")
+    assert receipt.failed and "451 busy" in receipt.error
+    assert [n for n, _ in attempts(receipt)] == [1, 2]
+
+
+# --- failover --------------------------------------------------------------------------
+
+
+def test_failover_to_the_second_provider(smtp_sink, kipekee_settings):
+    kipekee_settings(
+        primary={"BACKEND": SMTP_BACKEND, "OPTIONS": {"host": "127.0.0.1", "port": unused_port(), "timeout": 1}},
+        backup=smtp_provider(smtp_sink),
+    )
+    receipt = kipekee.send(**MAIL)
+    assert receipt.sent and receipt.provider == "backup"
+    attempt = Attempt.objects.get(email_id=receipt.id)
+    assert attempt.provider == "backup" and "primary: ConnectionRefusedError" in attempt.error
+    assert len(smtp_sink.wait_for(1)) == 1
+
+
+def test_permanent_refusal_does_not_fail_over(smtp_server, smtp_sink, kipekee_settings):
+    strict = smtp_server(faults=Faults(refuse_recipients={"ann@example.com": "550 5.1.1 unknown"}))
+    kipekee_settings(primary=smtp_provider(strict), backup=smtp_provider(smtp_sink))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.failed
+    assert smtp_sink.messages == []  # the backup must not deliver what was refused
+
+
+def test_pinned_provider_skips_the_others(smtp_server, smtp_sink, kipekee_settings):
+    other = smtp_server()
+    kipekee_settings(primary=smtp_provider(smtp_sink), secondary=smtp_provider(other))
+    assert kipekee.send(**MAIL, provider="secondary").provider == "secondary"
+    assert len(other.wait_for(1)) == 1 and smtp_sink.messages == []
+
+
+def test_no_providers_keeps_the_mail_queued(settings):
+    settings.KIPEKEE = {"PROVIDERS": {}}
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED
+    assert receipt.error_kind == ErrorKind.CONFIGURATION and "no providers" in receipt.error

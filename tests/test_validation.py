@@ -1,0 +1,95 @@
+"""Bad input: a clear exception at the call site and no row written."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.mail import EmailMessage
+from django.db import transaction
+
+import kipekee
+from kipekee import dispatch
+from kipekee.exceptions import InvalidMessage, TemplateError, UnknownProvider
+
+from .conftest import rows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GOOD = {"subject": "Hi", "text": "body", "to": ["ann@example.com"]}
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"subject": "Hi\r\nBcc: victim@example.com"}, "subject contains a line break"),
+        ({"subject": "Hi\nthere"}, "subject contains a line break"),
+        ({"to": ["Ann\r\nBcc: x@example.com <ann@example.com>"]}, "to contains a line break"),
+        ({"to": ["not-an-address"]}, "to: invalid address 'not-an-address': .*no domain"),
+        ({"to": ["ann@@example.com"]}, "to: invalid address"),
+        ({"to": ["a@example.com, b@example.com"]}, "must be exactly one address"),
+        ({"cc": ["bad address@example.com"]}, "cc: invalid address"),
+        ({"reply_to": ["x@"]}, "reply_to"),
+        ({"from_email": "Shop <shop@example.com>\r\nX-Evil: 1"}, "from_email contains a line break"),
+        ({"headers": {"X-Tag": "a\r\nBcc: x@example.com"}}, "header X-Tag contains a line break"),
+        ({"headers": {"Bad Name": "x"}}, "Invalid header name"),
+        ({"headers": {"Reply-To": "nope"}}, "header Reply-To"),
+        ({"to": []}, "no recipients"),
+        ({"mode": "later"}, "mode must be one of"),
+    ],
+)
+def test_bad_input_raises_and_writes_nothing(sink_provider, override, match):
+    with pytest.raises(InvalidMessage, match=match):
+        kipekee.send(**{**GOOD, **override})
+    assert rows() == 0
+
+
+def test_attachment_filename_with_crlf(sink_provider):
+    email = kipekee.Email(**GOOD).attach("cv.pdf\r\nContent-Type: text/html", b"x", "application/pdf")
+    with pytest.raises(InvalidMessage, match="attachment filename contains a line break"):
+        email.send()
+    assert rows() == 0
+
+
+def test_crlf_smuggled_through_template_context(sink_provider):
+    with pytest.raises(InvalidMessage, match="subject contains a line break"):
+        kipekee.send("emails/welcome", to=["a@example.com"],
+                     context={"name": "Ann\r\nBcc: victim@example.com", "order": 1})
+    assert rows() == 0
+
+
+def test_unknown_provider(sink_provider):
+    with pytest.raises(UnknownProvider, match="Unknown Kipekee provider 'nope'.*'primary'"):
+        kipekee.send(**GOOD, provider="nope")
+    assert rows() == 0
+
+
+def test_naive_send_at(sink_provider):
+    import datetime
+
+    with pytest.raises(InvalidMessage, match="aware"):
+        kipekee.send(**GOOD, send_at=datetime.datetime(2030, 1, 1))
+    assert rows() == 0
+
+
+def test_bad_input_inside_a_transaction_leaves_earlier_work_alone(sink_provider):
+    # The caller's transaction goes on: the good email before the bad one is kept.
+    with transaction.atomic():
+        kipekee.send(**GOOD)
+        with pytest.raises(TemplateError):
+            kipekee.send("emails/welcome", to=["a@example.com"], context={})
+    assert rows() == 1
+    assert len(sink_provider.wait_for(1)) == 1
+
+
+def test_message_without_any_body_or_template():
+    with pytest.raises(InvalidMessage, match="template name, or a subject"):
+        kipekee.Email(to=["a@example.com"])
+    with pytest.raises(InvalidMessage, match="text and/or html"):
+        kipekee.Email(subject="x", to=["a@example.com"])
+
+
+def test_submit_rejects_non_list_recipients(sink_provider):
+    message = EmailMessage("s", "b", "from@example.com", ["to@example.com"])
+    message.to = "to@example.com"  # a string sneaked in after construction
+    with pytest.raises(InvalidMessage, match="to must be a list"):
+        dispatch.submit(message)
+    assert rows() == 0
