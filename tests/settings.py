@@ -30,7 +30,8 @@ if os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres":
             "HOST": "127.0.0.1",
             "PORT": "5432",
             "USER": os.environ.get("KIPEKEE_PG_USER", "postgres"),
-            "TEST": {"NAME": "kipekee_test"},
+            # One test database per run, so parallel runs (CI, developers) never collide.
+            "TEST": {"NAME": f"kipekee_test_{os.getpid()}"},
         }
     }
 else:
