@@ -47,6 +47,8 @@ class ProviderConfig:
     alias: str
     backend: str
     options: dict[str, Any] = field(default_factory=dict)
+    rate: str | None = None  # "150/10s": calls into the provider per window, per process
+    concurrency: int | None = None  # threads of one process talking to it at once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +121,7 @@ def parse(raw: Any) -> KipekeeSettings:
         where = f'KIPEKEE["PROVIDERS"][{alias!r}]'
         if not isinstance(entry, dict) or "BACKEND" not in entry:
             raise ConfigurationError(f"{where} must be a dict with a 'BACKEND' key.")
-        extra = set(entry) - {"BACKEND", "OPTIONS"}
+        extra = set(entry) - {"BACKEND", "OPTIONS", "LIMITS"}
         if extra:
             raise ConfigurationError(f"{where} has unknown keys {sorted(extra)}.")
         options = entry.get("OPTIONS", {})
@@ -132,7 +134,19 @@ def parse(raw: Any) -> KipekeeSettings:
                 f"{where} uses Kipekee's own drop-in backend; a provider must deliver, "
                 "not enqueue again (that would loop forever)."
             )
-        providers.append(ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options))
+        limits = entry.get("LIMITS", {})
+        if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
+            raise ConfigurationError(f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s') and 'CONCURRENCY'.")
+        rate = limits.get("RATE")
+        if rate is not None:
+            from .limits import Rate
+
+            Rate.parse(rate)
+        concurrency = limits.get("CONCURRENCY")
+        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+            raise ConfigurationError(f"{where}['LIMITS']['CONCURRENCY'] must be an int >= 1.")
+        providers.append(ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options,
+                                        rate=rate, concurrency=concurrency))
 
     mode = raw.get("MODE", "hybrid")
     if mode not in MODES:
@@ -204,6 +218,7 @@ def _reset(*, setting: str, **kwargs: Any) -> None:
     global _cached
     if setting in {"KIPEKEE", "DEFAULT_FROM_EMAIL"}:
         _cached = None
-        from . import providers
+        from . import limits, providers
 
         providers.reset()
+        limits.reset()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -97,7 +97,7 @@ class Deliverer:
             backend = None
             try:
                 backend = self._open(alias)
-                with _delivering():
+                with providers.limits_for(alias).slot(), _delivering():
                     count = backend.send_messages([message])
                 if count != 1:
                     raise RuntimeError(f"backend reported {count} messages sent, not 1")
@@ -132,6 +132,15 @@ class Deliverer:
             refused={k: v for _, f in failures for k, v in f.refused.items()},
             retry_after=min(hints) if hints else None,
         ))
+
+    def deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
+        """Deliver several claimed rows; one outcome per row, in order.
+
+        The extension point for providers that take many messages per request (an HTTP
+        API's batch endpoint): engines hand whole claimed batches here. This default
+        sends them one by one over the reused connections.
+        """
+        return [self.deliver(row) for row in rows]
 
     @staticmethod
     def _outcome(started: datetime, alias: str, failure: Failure) -> Outcome:

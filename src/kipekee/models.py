@@ -159,3 +159,29 @@ class Attempt(models.Model):
 
     def __str__(self) -> str:
         return f"attempt {self.number} of #{self.email_id}: {self.outcome}"
+
+
+class EngineHeartbeat(models.Model):
+    """One running engine (a worker process, a web process's thread, a Celery worker).
+
+    Engines update ``beat_at`` and their counters every few seconds; health checks read
+    the age of the newest beat.
+    """
+
+    name = models.CharField(max_length=200, unique=True)  # kind@host:pid
+    kind = models.CharField(max_length=16)  # thread | worker | celery
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField(default=timezone.now)
+    beat_at = models.DateTimeField(default=timezone.now, db_index=True)
+    sent = models.PositiveBigIntegerField(default=0)
+    deferred = models.PositiveBigIntegerField(default=0)
+    failed = models.PositiveBigIntegerField(default=0)
+    # Set when the engine stopped cleanly (a killed engine just stops beating).
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-beat_at"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -28,8 +28,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils.module_loading import import_string
 
-from . import conf
+from . import conf, limits
 from .exceptions import ConfigurationError, RoutingLoop
+from .limits import ProviderLimits
 from .models import ErrorKind
 
 # SMTP replies that say "you (the client) are not set up right", not "this message is bad".
@@ -79,6 +80,12 @@ def build(alias: str) -> BaseEmailBackend:
         raise ConfigurationError(
             f'KIPEKEE["PROVIDERS"][{alias!r}]: cannot build {config.backend}: {exc}'
         ) from exc
+
+
+def limits_for(alias: str) -> ProviderLimits:
+    """The process-wide rate window and concurrency gate of provider ``alias``."""
+    config = conf.get().provider(alias)
+    return limits.for_provider(alias, config.rate, config.concurrency)
 
 
 def aliases(only: str = "") -> list[str]:

@@ -1,0 +1,107 @@
+"""Per-provider limits: requests per time window, and concurrent sends.
+
+Configured next to the backend::
+
+    "mailtrap": {"BACKEND": "...", "OPTIONS": {...},
+                 "LIMITS": {"RATE": "150/10s", "CONCURRENCY": 10}}
+
+``RATE`` counts calls into the provider (one ``send_messages`` call, or one batch
+request), in a sliding window, per process. ``CONCURRENCY`` bounds how many threads of
+this process talk to the provider at once (Mailtrap allows 10 SMTP connections).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .exceptions import ConfigurationError
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|m|h|d)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rate:
+    count: int
+    per: float  # seconds
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """``"150/10s"``, ``"15/s"``, ``"500/d"`` → a Rate."""
+        match = _RATE.match(text) if isinstance(text, str) else None
+        if not match or int(match[1]) <= 0:
+            raise ConfigurationError(f"RATE must look like '150/10s' or '500/d', not {text!r}.")
+        per = float(match[2] or 1) * _UNIT[match[3]]
+        return cls(count=int(match[1]), per=per)
+
+
+class SlidingWindow:
+    """At most ``rate.count`` acquisitions in any ``rate.per`` seconds (thread-safe)."""
+
+    def __init__(self, rate: Rate) -> None:
+        self.rate = rate
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Take a slot; return how many seconds the caller must wait before using it."""
+        with self._lock:
+            now = time.monotonic()
+            while self._times and self._times[0] <= now - self.rate.per:
+                self._times.popleft()
+            if len(self._times) < self.rate.count:
+                start = now
+            else:
+                # The slot frees when the oldest of the last `count` uses leaves the window.
+                start = self._times[-self.rate.count] + self.rate.per
+            self._times.append(start)
+            return max(0.0, start - now)
+
+    def acquire(self) -> None:
+        wait = self.reserve()
+        if wait:
+            time.sleep(wait)
+
+
+class ProviderLimits:
+    """The rate window and concurrency gate of one provider, shared by the process."""
+
+    def __init__(self, rate: Rate | None, concurrency: int | None) -> None:
+        self.window = SlidingWindow(rate) if rate else None
+        self.gate = threading.BoundedSemaphore(concurrency) if concurrency else None
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.gate is not None:
+            self.gate.acquire()
+        try:
+            if self.window is not None:
+                self.window.acquire()
+            yield
+        finally:
+            if self.gate is not None:
+                self.gate.release()
+
+
+_lock = threading.Lock()
+_limits: dict[tuple[str, str | None, int | None], ProviderLimits] = {}
+
+
+def for_provider(alias: str, rate: str | None, concurrency: int | None) -> ProviderLimits:
+    key = (alias, rate, concurrency)
+    with _lock:
+        limits = _limits.get(key)
+        if limits is None:
+            limits = _limits[key] = ProviderLimits(Rate.parse(rate) if rate else None, concurrency)
+        return limits
+
+
+def reset() -> None:
+    with _lock:
+        _limits.clear()

@@ -1,0 +1,67 @@
+"""Per-provider limits: parsing, the sliding window, and the concurrency gate."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kipekee import conf
+from kipekee.exceptions import ConfigurationError
+from kipekee.limits import Rate, SlidingWindow, for_provider
+
+
+@pytest.mark.parametrize("text, count, per", [("150/10s", 150, 10), ("15/s", 15, 1),
+                                              ("500/d", 500, 86400), ("2/1.5m", 2, 90)])
+def test_rate_parse(text, count, per):
+    assert Rate.parse(text) == Rate(count=count, per=per)
+
+
+@pytest.mark.parametrize("text", ["150", "0/s", "x/10s", "10/10y", 150])
+def test_rate_parse_rejects(text):
+    with pytest.raises(ConfigurationError):
+        Rate.parse(text)
+
+
+def test_window_lets_count_through_then_makes_the_next_wait_a_window():
+    window = SlidingWindow(Rate(count=3, per=60))
+    assert [window.reserve() for _ in range(3)] == [0, 0, 0]
+    fourth = window.reserve()
+    assert 59 < fourth <= 60  # the 4th waits until the 1st leaves the window
+    fifth = window.reserve()
+    assert 59 < fifth <= 60 and fifth >= fourth
+
+
+def test_concurrency_gate_bounds_threads():
+    limits = for_provider("gate-test", None, 2)
+    inside, peak, lock = 0, 0, threading.Lock()
+    release = threading.Event()
+
+    def work():
+        nonlocal inside, peak
+        with limits.slot():
+            with lock:
+                inside += 1
+                peak = max(peak, inside)
+            release.wait(2)
+            with lock:
+                inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(5)]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join()
+    assert peak <= 2 and inside == 0
+
+
+def test_limits_in_provider_settings(settings):
+    settings.KIPEKEE = {"PROVIDERS": {"m": {"BACKEND": "kipekee.backends.smtp.EmailBackend",
+                                            "OPTIONS": {"host": "h"},
+                                            "LIMITS": {"RATE": "150/10s", "CONCURRENCY": 10}}}}
+    p = conf.get().provider("m")
+    assert (p.rate, p.concurrency) == ("150/10s", 10)
+    for bad in ({"RATE": "lots"}, {"CONCURRENCY": 0}, {"BURST": 1}):
+        with pytest.raises(ConfigurationError):
+            conf.parse({"PROVIDERS": {"m": {"BACKEND": "x", "LIMITS": bad}}})
