@@ -1,12 +1,14 @@
 # The two commands of the README:
 #   make demo   send a real email through a local SMTP server and show its outbox row
-#   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12)
+#   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12),
+#               both on SQLite, then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
+#               (where the multi-process worker tests run)
 # Each builds its own virtualenv under .venvs/ from scratch on first use.
 
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo test test-django52 test-django61 clean
+.PHONY: demo test test-django52 test-django61 test-postgres clean
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -31,11 +33,15 @@ test-django52: $(VENVS)/django52/.installed
 test-django61: $(VENVS)/django61/.installed
 	$(VENVS)/django61/bin/python -m pytest $(PYTEST_ARGS)
 
-# Both runs always happen; the target fails if either failed.
+test-postgres: $(VENVS)/django52/.installed
+	KIPEKEE_TEST_DATABASE=postgres $(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
+
+# Every run always happens; the target fails if any failed.
 test:
 	@status=0; \
-	echo "=== Django 5.2 LTS on Python 3.11 ==="; $(MAKE) --no-print-directory test-django52 || status=1; \
-	echo "=== Django 6.1 on Python 3.12 ==="; $(MAKE) --no-print-directory test-django61 || status=1; \
+	echo "=== Django 5.2 LTS on Python 3.11, SQLite ==="; $(MAKE) --no-print-directory test-django52 || status=1; \
+	echo "=== Django 6.1 on Python 3.12, SQLite ==="; $(MAKE) --no-print-directory test-django61 || status=1; \
+	echo "=== Django 5.2 LTS on Python 3.11, PostgreSQL ==="; $(MAKE) --no-print-directory test-postgres || status=1; \
 	exit $$status
 
 clean:

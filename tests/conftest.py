@@ -11,6 +11,38 @@ from kipekee.testing import LocalSMTPServer
 
 pytest_plugins = ["tests.smtp_fixtures"]
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``postgres`` run in the PostgreSQL pass of ``make test`` (deselected,
+    not skipped, in the SQLite passes)."""
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        return
+    keep = [item for item in items if item.get_closest_marker("postgres") is None]
+    deselected = [item for item in items if item.get_closest_marker("postgres") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+
+    if os.environ.get("KIPEKEE_TEST_DATABASE") != "postgres":
+        return
+    import psycopg
+
+    try:
+        psycopg.connect(host="127.0.0.1", port=5432, user=os.environ.get("KIPEKEE_PG_USER", "postgres"),
+                        dbname="postgres", connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.exit(
+            "KIPEKEE_TEST_DATABASE=postgres needs a PostgreSQL server on 127.0.0.1:5432 with "
+            f"trust auth for user postgres (start it: pg_ctlcluster <version> main start): {exc}",
+            returncode=2,
+        )
+
 SMTP_BACKEND = "kipekee.backends.smtp.EmailBackend"
 # Quick in-request retries keep the suite fast; the production default is 1, 2, 4 s.
 FAST_NOW_DELAYS = [0.05, 0.1, 0.2]
@@ -40,6 +72,7 @@ def kipekee_settings(settings: Any) -> Callable[..., None]:
             "PROVIDERS": providers,
             "NOW_RETRY_DELAYS": FAST_NOW_DELAYS,
             "NOW_TIME_BUDGET": 5,
+            "ENGINE": None,
             **(_extra or {}),
         }
 

@@ -4,6 +4,7 @@ SQLite by default; set KIPEKEE_TEST_DATABASE=postgres to run the same suite on t
 PostgreSQL server at 127.0.0.1:5432 (database ``test``, trust auth).
 """
 
+import json
 import os
 
 SECRET_KEY = "kipekee-tests-only"
@@ -35,11 +36,18 @@ if os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres":
         }
     }
 else:
+    import tempfile
+
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": "kipekee-tests.sqlite3",
-            "TEST": {"NAME": os.environ.get("KIPEKEE_SQLITE_TEST_NAME", "")},
+            "NAME": os.path.join(tempfile.gettempdir(), "kipekee-dev.sqlite3"),
+            # A file with WAL, as in production: engines write from several threads, and
+            # an in-memory shared-cache database fails them at once with "table is locked"
+            # instead of waiting. IMMEDIATE avoids deadlocks on lock upgrades.
+            "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;",
+                        "transaction_mode": "IMMEDIATE"},
+            "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"kipekee-test-{os.getpid()}.sqlite3")},
         }
     }
 
@@ -65,7 +73,20 @@ MIDDLEWARE = [
 ]
 ROOT_URLCONF = "tests.urls"
 
-# Tests configure providers per test; the default points at nothing that listens.
+# Tests configure providers per test. No in-process engine unless a test starts one:
+# a background thread would deliver rows other tests are asserting on.
 KIPEKEE = {
     "PROVIDERS": {},
+    "ENGINE": None,
+}
+
+# Worker subprocesses started by the tests get the test's KIPEKEE this way.
+if os.environ.get("KIPEKEE_TEST_SETTINGS"):
+    KIPEKEE = json.loads(os.environ["KIPEKEE_TEST_SETTINGS"])
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"kipekee": {"handlers": ["console"], "level": os.environ.get("KIPEKEE_LOG_LEVEL", "WARNING")}},
 }

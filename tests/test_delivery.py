@@ -248,7 +248,7 @@ def test_silent_server_times_out_on_connect(smtp_server, kipekee_settings):
 
 
 def test_connection_refused_is_transient(kipekee_settings, settings):
-    settings.KIPEKEE = {"PROVIDERS": {"down": {"BACKEND": SMTP_BACKEND, "OPTIONS": {
+    settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"down": {"BACKEND": SMTP_BACKEND, "OPTIONS": {
         "host": "127.0.0.1", "port": unused_port(), "timeout": 1}}}}
     receipt = kipekee.send(**MAIL)
     assert receipt.status == Status.DEFERRED and "ConnectionRefusedError" in receipt.error
@@ -293,7 +293,7 @@ def test_pinned_provider_skips_the_others(smtp_server, smtp_sink, kipekee_settin
 
 
 def test_no_providers_keeps_the_mail_queued(settings):
-    settings.KIPEKEE = {"PROVIDERS": {}}
+    settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {}}
     receipt = kipekee.send(**MAIL)
     assert receipt.status == Status.DEFERRED
     assert receipt.error_kind == ErrorKind.CONFIGURATION and "no providers" in receipt.error

@@ -83,7 +83,7 @@ def test_backend_options_mode(drop_in):
 
 
 def test_provider_pointing_at_the_drop_in_is_refused(settings):
-    settings.KIPEKEE = {"PROVIDERS": {"loop": {"BACKEND": DROP_IN}}}
+    settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"loop": {"BACKEND": DROP_IN}}}
     from kipekee import conf
 
     with pytest.raises(ConfigurationError, match="loop forever"):
@@ -91,7 +91,7 @@ def test_provider_pointing_at_the_drop_in_is_refused(settings):
 
 
 def test_provider_relaying_to_the_default_backend_is_stopped(settings, drop_in):
-    settings.KIPEKEE = {"PROVIDERS": {"relay": {"BACKEND": "tests.app.backends.RelayToDefault"}}}
+    settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"relay": {"BACKEND": "tests.app.backends.RelayToDefault"}}}
     send_mail("s", "b", "a@example.com", ["b@example.com"])
     row = OutboxEmail.objects.get()  # exactly one row: no loop
     assert row.status == Status.DEFERRED
@@ -102,7 +102,7 @@ if django.VERSION >= (6, 1):
 
     def test_mailers_setting_on_django_6(settings, smtp_sink):
         settings.MAILERS = {"default": {"BACKEND": DROP_IN, "OPTIONS": {"mode": "hybrid"}}}
-        settings.KIPEKEE = {"PROVIDERS": {"primary": smtp_provider(smtp_sink)}}
+        settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"primary": smtp_provider(smtp_sink)}}
         message = EmailMultiAlternatives("via mailers", "b", "a@example.com", ["b@example.com"])
         assert message.send() == 1
         assert OutboxEmail.objects.get().status == Status.SENT

@@ -57,7 +57,7 @@ def test_concurrency_gate_bounds_threads():
 
 
 def test_limits_in_provider_settings(settings):
-    settings.KIPEKEE = {"PROVIDERS": {"m": {"BACKEND": "kipekee.backends.smtp.EmailBackend",
+    settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"m": {"BACKEND": "kipekee.backends.smtp.EmailBackend",
                                             "OPTIONS": {"host": "h"},
                                             "LIMITS": {"RATE": "150/10s", "CONCURRENCY": 10}}}}
     p = conf.get().provider("m")

@@ -8,4 +8,18 @@ class KipekeeConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the system checks and the setting_changed receiver.
+        from django.core.signals import request_started
+
         from . import checks, conf  # noqa: F401
+
+        # The thread engine starts with the first request of a process (not at import,
+        # which also happens in migrate, shell and friends), so rows left deferred by a
+        # previous deploy are picked up without waiting for a new email.
+        request_started.connect(_start_thread_engine, dispatch_uid="kipekee-thread-engine")
+
+
+def _start_thread_engine(**kwargs: object) -> None:
+    from . import conf, engines
+
+    if conf.get().engine == "thread":
+        engines.wake()

@@ -64,6 +64,13 @@ class RetryConfig:
     max_delay: float = 3600.0
     max_attempts: int = 25
     lifetime: timedelta = timedelta(days=3)
+    jitter: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitConfig:
+    failures: int = 5
+    cooldown: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +80,8 @@ class KipekeeSettings:
     now_retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0)
     now_time_budget: float = 10.0
     retry: RetryConfig = RetryConfig()
+    circuit: CircuitConfig = CircuitConfig()
+    engine: str | None = "thread"
     lease: timedelta = timedelta(minutes=5)
     strict_templates: bool = True
     message_id_domain: str | None = None
@@ -95,8 +104,14 @@ _KNOWN_KEYS = {
     "LEASE_SECONDS",
     "STRICT_TEMPLATES",
     "MESSAGE_ID_DOMAIN",
+    "CIRCUIT_BREAKER",
+    "ENGINE",
 }
-_RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS"}
+_RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
+_CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
+#: Where queued and deferred rows are delivered: None means "an engine you run yourself"
+#: (kipekee_worker, Celery) and nothing is started in the web process.
+ENGINES = ("thread", "worker", "celery", None)
 
 
 def parse(raw: Any) -> KipekeeSettings:
@@ -174,7 +189,19 @@ def parse(raw: Any) -> KipekeeSettings:
                 retry_raw, "LIFETIME_SECONDS", default_retry.lifetime.total_seconds(), "RETRY"
             )
         ),
+        jitter=bool(retry_raw.get("JITTER", True)),
     )
+    circuit_raw = raw.get("CIRCUIT_BREAKER", {})
+    if not isinstance(circuit_raw, dict) or set(circuit_raw) - _CIRCUIT_KEYS:
+        raise ConfigurationError(
+            f'KIPEKEE["CIRCUIT_BREAKER"] must be a dict with keys among {sorted(_CIRCUIT_KEYS)}.')
+    circuit = CircuitConfig(
+        failures=int(_positive_number(circuit_raw, "FAILURES", 5, "CIRCUIT_BREAKER")),
+        cooldown=_positive_number(circuit_raw, "COOLDOWN_SECONDS", 30.0, "CIRCUIT_BREAKER"),
+    )
+    engine = raw.get("ENGINE", "thread")
+    if engine not in ENGINES:
+        raise ConfigurationError(f'KIPEKEE["ENGINE"] must be one of {ENGINES}, not {engine!r}.')
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
@@ -185,6 +212,8 @@ def parse(raw: Any) -> KipekeeSettings:
         now_retry_delays=tuple(float(d) for d in delays),
         now_time_budget=budget,
         retry=retry,
+        circuit=circuit,
+        engine=engine,
         lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
@@ -218,7 +247,8 @@ def _reset(*, setting: str, **kwargs: Any) -> None:
     global _cached
     if setting in {"KIPEKEE", "DEFAULT_FROM_EMAIL"}:
         _cached = None
-        from . import limits, providers
+        from . import circuit, limits, providers
 
         providers.reset()
         limits.reset()
+        circuit.reset()

@@ -20,7 +20,7 @@ from types import TracebackType
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils import timezone
 
-from . import providers
+from . import circuit, providers
 from .message import from_row
 from .models import ErrorKind, OutboxEmail
 from .providers import Failure, classify
@@ -94,6 +94,12 @@ class Deliverer:
             failure = classify(exc)
             return self._outcome(started, "", failure)
         for alias in aliases:
+            breaker = circuit.for_provider(alias)
+            if not breaker.allow():
+                failures.append((alias, Failure(
+                    kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
+                    error=f"circuit open after repeated failures (next trial in {breaker.retry_in():.0f} s)")))
+                continue
             backend = None
             try:
                 backend = self._open(alias)
@@ -104,6 +110,10 @@ class Deliverer:
             except Exception as exc:  # noqa: BLE001 - classified and recorded on the row
                 failure = classify(exc, backend)
                 self._discard(alias)  # the session's state is unknown after an error
+                if failure.kind == ErrorKind.PERMANENT:
+                    breaker.success()  # the provider answered: it is up
+                else:
+                    breaker.failure()
                 logger.info("Provider %r: %s (%s) for outbox email %s",
                             alias, failure.error, failure.kind, row.pk)
                 if failure.kind == ErrorKind.PERMANENT:
@@ -112,6 +122,7 @@ class Deliverer:
                     return self._outcome(started, alias, failure)
                 failures.append((alias, failure))
                 continue
+            breaker.success()
             return Outcome(ok=True, provider=alias, started_at=started,
                            finished_at=timezone.now(),
                            # Kept on the attempt: why the earlier providers were passed over.

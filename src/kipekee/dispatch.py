@@ -22,10 +22,11 @@ from django.core.mail import EmailMessage
 from django.db import transaction
 from django.utils import timezone
 
-from . import conf, outbox
+from . import conf, engines, outbox
 from .delivery import Deliverer, Outcome
 from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
+from .engines.worker import notify_if_listening
 from .retry import RetryPolicy
 
 logger = logging.getLogger("kipekee.dispatch")
@@ -101,8 +102,15 @@ def submit(
         provider=provider, template=template, metadata=metadata, using=using,
     )
     receipt = Receipt(row, created=created)
-    if created and mode != "queue":
-        transaction.on_commit(partial(deliver_in_request, receipt), using=row._state.db)
+    if not created:
+        return receipt
+    db = row._state.db
+    if mode == "queue" or (send_at is not None and send_at > timezone.now()):
+        # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
+        notify_if_listening(db)
+        transaction.on_commit(engines.wake, using=db)
+    else:
+        transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
 
 
@@ -131,13 +139,16 @@ def deliver_in_request(receipt: Receipt) -> None:
                 continue
             record(row, outcome, policy)
             receipt._update(row)
+            if row.status == Status.DEFERRED:
+                engines.wake()  # so the in-process engine sleeps until it is due
             return
 
 
 def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None) -> bool:
     """Record an outcome, deciding with the retry policy between deferred and failed."""
     if outcome.ok:
-        logger.info("Sent outbox email %s via %s", row.pk, outcome.provider)
+        # Per message at DEBUG: the worker's INFO lines are counts and rates.
+        logger.debug("Sent outbox email %s via %s", row.pk, outcome.provider)
         return outbox.mark_sent(row, outcome)
     if outcome.kind == ErrorKind.CONFIGURATION:
         logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)

@@ -6,6 +6,8 @@ change there is one conditional UPDATE so that two engines can never both own a 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -45,7 +47,7 @@ class OutboxEmailQuerySet(models.QuerySet["OutboxEmail"]):
     def waiting(self) -> OutboxEmailQuerySet:
         return self.filter(status__in=WAITING_STATUSES)
 
-    def due(self, now: object = None) -> OutboxEmailQuerySet:
+    def due(self, now: datetime | None = None) -> OutboxEmailQuerySet:
         """Rows an engine may claim now: waiting and due, or sending with an expired lease."""
         now = now or timezone.now()
         return self.filter(
@@ -87,6 +89,8 @@ class OutboxEmail(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     due_at = models.DateTimeField(default=timezone.now)
     lease_until = models.DateTimeField(null=True, blank=True)
+    # Who holds the lease: an engine's name plus a per-claim token.
+    claimed_by = models.CharField(max_length=100, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     sent_at = models.DateTimeField(null=True, blank=True)
     sent_by = models.CharField(max_length=100, blank=True)

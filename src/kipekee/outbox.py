@@ -18,11 +18,12 @@ Status machine::
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from django.db import IntegrityError, router, transaction
-from django.db.models import F, Q
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from . import conf, signals
@@ -116,6 +117,63 @@ def _pop_header(headers: dict[str, str], name: str) -> str:
     return ""
 
 
+def claim_batch(limit: int, *, engine: str = "", using: str | None = None) -> list[OutboxEmail]:
+    """Claim up to ``limit`` due rows (oldest due first) for one sender, with a lease.
+
+    On databases with ``SELECT … FOR UPDATE SKIP LOCKED`` (PostgreSQL) the candidates are
+    locked in a short transaction, so concurrent engines take disjoint batches without
+    waiting for each other. Elsewhere (SQLite, which serialises writers anyway) one
+    conditional UPDATE takes them. Either way each row is tagged with a fresh claim
+    token, and the rows carrying it are ours. Sending happens after this returns,
+    outside any transaction.
+    """
+    db = using or db_for_write()
+    now = timezone.now()
+    token = f"{engine}:{uuid.uuid4().hex[:12]}"[-100:]
+    changes = {"status": Status.SENDING, "lease_until": now + conf.get().lease,
+               "attempts": F("attempts") + 1, "claimed_by": token}
+    rows = OutboxEmail.objects.using(db)
+    if connections[db].features.has_select_for_update_skip_locked:
+        with transaction.atomic(using=db):
+            ids = list(rows.due(now).order_by("due_at", "pk")
+                       .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
+            if not ids:
+                return []
+            rows.filter(pk__in=ids).update(**changes)
+    else:
+        candidates = rows.due(now).order_by("due_at", "pk").values("pk")[:limit]
+        # The due condition is repeated on the outer UPDATE: a row another engine claimed
+        # between the sub-select and the update no longer matches.
+        if not rows.due(now).filter(pk__in=candidates).update(**changes):
+            return []
+    # Attachments for the whole batch in one query, not one per message.
+    return list(rows.filter(claimed_by=token, status=Status.SENDING).order_by("due_at", "pk")
+                .prefetch_related("attachments"))
+
+
+def release(row: OutboxEmail) -> bool:
+    """Give back a claimed row that was not attempted (an engine stopping): ``sending →
+    queued``, due now, and the claim not counted as an attempt."""
+    db = row._state.db or db_for_write()
+    return bool(
+        OutboxEmail.objects.using(db)
+        .filter(pk=row.pk, status=Status.SENDING, attempts=row.attempts)
+        .update(status=Status.QUEUED, lease_until=None, claimed_by="", due_at=timezone.now(),
+                attempts=F("attempts") - 1)
+    )
+
+
+def next_due_at(*, using: str | None = None) -> datetime | None:
+    """When the next waiting row falls due (or a lease expires), for engines to sleep until."""
+    rows = OutboxEmail.objects.using(using or db_for_write())
+    waiting = rows.filter(status__in=WAITING_STATUSES).order_by("due_at").values_list(
+        "due_at", flat=True).first()
+    lease = rows.filter(status=Status.SENDING).order_by("lease_until").values_list(
+        "lease_until", flat=True).first()
+    times = [t for t in (waiting, lease) if t is not None]
+    return min(times) if times else None
+
+
 def claim(pk: int, *, using: str | None = None) -> OutboxEmail | None:
     """Take one row for sending if it is due (or its lease expired); ``None`` if not.
 
@@ -125,13 +183,10 @@ def claim(pk: int, *, using: str | None = None) -> OutboxEmail | None:
     now = timezone.now()
     claimed = (
         OutboxEmail.objects.using(db)
+        .due(now)
         .filter(pk=pk)
-        .filter(
-            Q(status__in=WAITING_STATUSES, due_at__lte=now)
-            | Q(status=Status.SENDING, lease_until__lt=now)
-        )
         .update(status=Status.SENDING, lease_until=now + conf.get().lease,
-                attempts=F("attempts") + 1)
+                attempts=F("attempts") + 1, claimed_by="request")
     )
     if not claimed:
         return None
@@ -170,7 +225,7 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
         updated = (
             OutboxEmail.objects.using(db)
             .filter(pk=row.pk, status=Status.SENDING, attempts=row.attempts)
-            .update(status=status, lease_until=None, **changes)
+            .update(status=status, lease_until=None, claimed_by="", **changes)
         )
         if not updated:
             logger.warning(
@@ -199,7 +254,7 @@ def cancel(pk: int, *, using: str | None = None) -> bool:
     updated = (
         OutboxEmail.objects.using(db)
         .filter(pk=pk, status__in=WAITING_STATUSES)
-        .update(status=Status.CANCELLED, lease_until=None)
+        .update(status=Status.CANCELLED, lease_until=None, claimed_by="")
     )
     if updated:
         signals.cancelled.send(sender=OutboxEmail, email=OutboxEmail.objects.using(db).get(pk=pk))

@@ -17,6 +17,7 @@ A backend can refine this by defining ``classify_error(exc) -> Failure | None``.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import ssl
@@ -101,6 +102,18 @@ def _reply(code: int, text: bytes | str) -> str:
     return f"{code} {text}".strip()
 
 
+_HINT = re.compile(r"(?:try|retry)[^0-9]{0,20}?(\d+)\s*(s|sec|second|m|min|minute|h|hour)s?\b", re.I)
+_HINT_UNIT = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def smtp_retry_hint(reply: str) -> float | None:
+    """Seconds a 4xx reply asks us to wait ("451 4.7.1 Try again in 5 minutes"), if any."""
+    match = _HINT.search(reply)
+    if not match:
+        return None
+    return float(match[1]) * _HINT_UNIT[match[2].lower()]
+
+
 def _kind_for_code(code: int) -> ErrorKind:
     if code in _CONFIGURATION_CODES:
         return ErrorKind.CONFIGURATION
@@ -133,8 +146,10 @@ def classify(exc: BaseException, backend: Any = None) -> Failure:
                        error=f"{name}: {_reply(exc.smtp_code, exc.smtp_error)}")
     if isinstance(exc, smtplib.SMTPResponseException):
         # SMTPSenderRefused, SMTPDataError and plain replies (421 on MAIL, …).
-        return Failure(kind=_kind_for_code(exc.smtp_code), code=exc.smtp_code,
-                       error=f"{name}: {_reply(exc.smtp_code, exc.smtp_error)}")
+        reply = _reply(exc.smtp_code, exc.smtp_error)
+        kind = _kind_for_code(exc.smtp_code)
+        return Failure(kind=kind, code=exc.smtp_code, error=f"{name}: {reply}",
+                       retry_after=smtp_retry_hint(reply) if kind == ErrorKind.TRANSIENT else None)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return Failure(kind=ErrorKind.CONFIGURATION, error=f"server does not support: {exc}")
     if isinstance(exc, ssl.SSLCertVerificationError):

@@ -30,7 +30,7 @@ class RetryPolicy:
     def from_settings(cls) -> RetryPolicy:
         r = conf.get().retry
         return cls(base_delay=r.base_delay, max_delay=r.max_delay,
-                   max_attempts=r.max_attempts, lifetime=r.lifetime)
+                   max_attempts=r.max_attempts, lifetime=r.lifetime, jitter=r.jitter)
 
     def delay(self, attempt: int, hint: float | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""

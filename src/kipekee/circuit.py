@@ -1,0 +1,84 @@
+"""A circuit breaker per provider, per process.
+
+After ``FAILURES`` consecutive transient or configuration failures a provider's circuit
+opens: delivery skips it (and fails over at once instead of waiting for a timeout on
+every message). After ``COOLDOWN_SECONDS`` one trial send is let through (half-open): a
+success closes the circuit, a failure opens it for another cool-down. A permanent
+failure (a refused message) proves the provider is up and counts as a success.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from . import conf
+
+
+class CircuitBreaker:
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+    def __init__(self, *, failures: int, cooldown: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at = 0.0
+        self._state = self.CLOSED
+        self._trial_out = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state
+
+    def allow(self) -> bool:
+        """May this send go through the provider now?"""
+        with self._lock:
+            if self._state == self.CLOSED:
+                return True
+            if self._state == self.OPEN and self._clock() >= self._opened_at + self.cooldown:
+                self._state, self._trial_out = self.HALF_OPEN, False
+            if self._state == self.HALF_OPEN and not self._trial_out:
+                self._trial_out = True  # exactly one trial at a time
+                return True
+            return False
+
+    def retry_in(self) -> float:
+        """Seconds until the next trial may go through (0 when closed)."""
+        with self._lock:
+            if self._state == self.CLOSED:
+                return 0.0
+            return max(0.0, self._opened_at + self.cooldown - self._clock())
+
+    def success(self) -> None:
+        with self._lock:
+            self._state, self._failures, self._trial_out = self.CLOSED, 0, False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state == self.HALF_OPEN or self._failures >= self.threshold:
+                self._state, self._opened_at, self._trial_out = self.OPEN, self._clock(), False
+
+
+_lock = threading.Lock()
+_breakers: dict[str, CircuitBreaker] = {}
+
+
+def for_provider(alias: str) -> CircuitBreaker:
+    with _lock:
+        breaker = _breakers.get(alias)
+        if breaker is None:
+            settings = conf.get().circuit
+            breaker = _breakers[alias] = CircuitBreaker(failures=settings.failures,
+                                                        cooldown=settings.cooldown)
+        return breaker
+
+
+def reset() -> None:
+    with _lock:
+        _breakers.clear()

@@ -1,0 +1,71 @@
+"""``manage.py kipekee_worker``: a thin shell around :class:`kipekee.engines.worker.Worker`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from kipekee.engines.worker import Worker
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return number
+
+
+class Command(BaseCommand):
+    help = "Deliver queued and deferred emails from the Kipekee outbox."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--concurrency", type=_positive_int, default=4,
+                            help="sender threads, each with its own provider connections (4)")
+        parser.add_argument("--batch-size", type=_positive_int, default=10,
+                            help="rows a sender claims at a time (10)")
+        parser.add_argument("--poll-interval", type=_positive_float, default=1.0,
+                            help="seconds between polls when idle; PostgreSQL also wakes on NOTIFY (1)")
+        parser.add_argument("--once", action="store_true",
+                            help="deliver everything due now, then exit")
+        parser.add_argument("--name", help="engine name in heartbeats (kind@host:pid)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not logging.getLogger("kipekee").handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler(self.stdout)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+            logging.getLogger("kipekee").addHandler(handler)
+            logging.getLogger("kipekee").setLevel(logging.INFO)
+        worker = Worker(concurrency=options["concurrency"], batch_size=options["batch_size"],
+                        poll_interval=options["poll_interval"], once=options["once"],
+                        name=options["name"])
+        stops = 0
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal stops
+            stops += 1
+            if stops == 1:
+                self.stderr.write(f"{signal.Signals(signum).name}: finishing the batches in hand "
+                                  "(again to exit at once)")
+                worker.stop()
+            else:
+                # Rows still leased are reclaimed by any engine when their lease expires.
+                sys.stderr.flush()
+                os._exit(1)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        worker.run()

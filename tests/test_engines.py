@@ -1,0 +1,257 @@
+"""Engines: batch claims, the worker, the thread engine, retries with backoff, failover
+with a circuit breaker, lifetimes — against real local SMTP servers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.db import transaction
+from django.utils import timezone
+
+import kipekee
+from kipekee import outbox, signals
+from kipekee.delivery import Deliverer
+from kipekee.engines.thread import ThreadEngine
+from kipekee.engines.worker import Worker
+from kipekee.models import Attempt, EngineHeartbeat, ErrorKind, OutboxEmail, Status
+from kipekee.testing import Faults
+
+from .conftest import smtp_provider
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MAIL = {"subject": "Order", "text": "thanks", "to": ["ann@example.com"]}
+
+
+def enqueue(n: int, **kwargs) -> list[int]:
+    return [kipekee.send(**{**MAIL, "subject": f"Order {i}", **kwargs}, mode="queue").id for i in range(n)]
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class running_worker:
+    """A Worker in a background thread of the test process, stopped on exit."""
+
+    def __init__(self, **kwargs) -> None:
+        self.worker = Worker(poll_interval=0.02, **kwargs)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+
+    def __enter__(self) -> Worker:
+        self.thread.start()
+        return self.worker
+
+    def __exit__(self, *exc) -> None:
+        self.worker.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+# --- claiming -----------------------------------------------------------------------
+
+
+def test_claim_batch_takes_due_rows_oldest_first_once(sink_provider):
+    ids = enqueue(5)
+    later = kipekee.send(**MAIL, send_at=timezone.now() + timedelta(hours=1)).id
+    first = outbox.claim_batch(3, engine="a")
+    second = outbox.claim_batch(10, engine="b")
+    assert [r.pk for r in first] == ids[:3] and [r.pk for r in second] == ids[3:]
+    assert all(r.status == Status.SENDING and r.attempts == 1 for r in first + second)
+    assert first[0].claimed_by.startswith("a:") and second[0].claimed_by.startswith("b:")
+    assert outbox.claim_batch(10) == []  # nothing else is due …
+    assert OutboxEmail.objects.get(pk=later).status == Status.QUEUED  # … not the scheduled one
+
+
+def test_expired_lease_is_reclaimed_by_a_batch(sink_provider):
+    [pk] = enqueue(1)
+    [stale] = outbox.claim_batch(1)
+    OutboxEmail.objects.filter(pk=pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    [fresh] = outbox.claim_batch(1)
+    assert fresh.attempts == 2
+    assert outbox.release(stale) is False  # fenced: the old claim cannot give it back
+    assert outbox.release(fresh) is True
+    row = OutboxEmail.objects.get(pk=pk)
+    assert (row.status, row.attempts, row.claimed_by) == (Status.QUEUED, 1, "")
+
+
+# --- the worker -----------------------------------------------------------------------
+
+
+def test_worker_once_drains_the_queue_exactly_once(sink_provider):
+    enqueue(60)
+    call_command("kipekee_worker", once=True, concurrency=3, batch_size=7, poll_interval=0.05)
+    assert OutboxEmail.objects.filter(status=Status.SENT).count() == 60
+    received = Counter(m.message_id for m in sink_provider.wait_for(60))
+    assert len(received) == 60 and set(received.values()) == {1}
+    beat = EngineHeartbeat.objects.get()
+    assert beat.kind == "worker" and beat.sent == 60 and beat.stopped_at is not None
+
+
+def test_rolled_back_transactions_deliver_nothing(sink_provider):
+    rng = random.Random(7)
+    committed: set[str] = set()
+    for i in range(1000):
+        try:
+            with transaction.atomic():
+                receipt = kipekee.send(**{**MAIL, "subject": f"Order {i}"}, mode="queue")
+                if rng.random() < 0.3:
+                    raise RuntimeError("business rule failed")
+            committed.add(receipt.message_id)
+        except RuntimeError:
+            pass
+    assert 600 < len(committed) < 800
+    call_command("kipekee_worker", once=True, concurrency=2, batch_size=50, poll_interval=0.05)
+    received = Counter(m.message_id for m in sink_provider.wait_for(len(committed)))
+    assert set(received) == committed and set(received.values()) == {1}
+    assert OutboxEmail.objects.count() == len(committed)
+
+
+def test_worker_wakes_for_new_rows_and_stops_cleanly(sink_provider):
+    with running_worker(concurrency=2) as worker:
+        enqueue(3)
+        wait_until(lambda: OutboxEmail.objects.sent().count() == 3, what="3 sent")
+    assert worker.stats.snapshot() == (3, 0, 0)
+    assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()
+
+
+def test_451_k_times_then_delivered_with_growing_gaps(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 4.3.0 try later"] * 3))
+    kipekee_settings(primary=smtp_provider(server),
+                     _extra={"RETRY": {"BASE_DELAY": 0.1, "MAX_DELAY": 5, "JITTER": False}})
+    gaps: list[float] = []
+
+    def on_deferred(sender, email, outcome, **kwargs):
+        gaps.append((email.due_at - outcome.finished_at).total_seconds())
+
+    signals.deferred.connect(on_deferred)
+    try:
+        [pk] = enqueue(1)
+        with running_worker():
+            wait_until(lambda: OutboxEmail.objects.get(pk=pk).status == Status.SENT, what="sent")
+    finally:
+        signals.deferred.disconnect(on_deferred)
+    assert list(Attempt.objects.filter(email_id=pk).values_list("outcome", flat=True)) == [
+        "transient", "transient", "transient", "sent"]
+    assert [round(g, 2) for g in gaps] == [0.1, 0.2, 0.4]  # delivered on try k+1 = 4
+    assert len(server.messages) == 1
+
+
+def test_smtp_retry_hint_wins_over_backoff(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 4.7.1 Greylisted, try again in 7 minutes"]))
+    kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"JITTER": False}})
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    waited = (row.due_at - Attempt.objects.get(email_id=row.pk).finished_at).total_seconds()
+    assert row.status == Status.DEFERRED and round(waited) == 420
+
+
+def test_550_is_failed_after_one_try_by_the_worker(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["550 5.7.1 rejected"] * 5))
+    kipekee_settings(primary=smtp_provider(server))
+    [pk] = enqueue(1)
+    call_command("kipekee_worker", once=True, concurrency=1, poll_interval=0.05)
+    row = OutboxEmail.objects.get(pk=pk)
+    assert (row.status, row.attempts, row.error_kind) == (Status.FAILED, 1, ErrorKind.PERMANENT)
+
+
+def test_message_past_its_lifetime_fails_with_no_more_attempts(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(data_replies=["451 busy"] * 5))
+    kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"LIFETIME_SECONDS": 3600}})
+    [pk] = enqueue(1)
+    OutboxEmail.objects.filter(pk=pk).update(created_at=timezone.now() - timedelta(hours=2))
+    call_command("kipekee_worker", once=True, concurrency=1, poll_interval=0.05)
+    row = OutboxEmail.objects.get(pk=pk)
+    assert (row.status, row.attempts) == (Status.FAILED, 1) and "451 busy" in row.last_error
+    assert outbox.claim_batch(10) == []
+
+
+def test_one_unbuildable_message_among_1000_fails_alone(sink_provider):
+    ids = enqueue(1000)
+    bad = ids[417]
+    OutboxEmail.objects.filter(pk=bad).update(alternatives=[{"mimetype": "text/html"}])  # no content
+    call_command("kipekee_worker", once=True, concurrency=2, batch_size=50, poll_interval=0.05)
+    assert OutboxEmail.objects.sent().count() == 999
+    row = OutboxEmail.objects.get(pk=bad)
+    assert row.status == Status.FAILED and "cannot build message" in row.last_error
+    assert len(sink_provider.wait_for(999)) == 999
+
+
+# --- failover and recovery ---------------------------------------------------------------
+
+
+def test_primary_down_flows_through_backup_and_back_after_recovery(smtp_server, kipekee_settings):
+    primary, backup = smtp_server(), smtp_server()
+    kipekee_settings(primary=smtp_provider(primary, timeout=1), backup=smtp_provider(backup),
+                     _extra={"CIRCUIT_BREAKER": {"FAILURES": 2, "COOLDOWN_SECONDS": 0.3}})
+    primary.stop()  # keeps its port: it can come back on the same address
+    ids = enqueue(6)
+    with Deliverer() as deliverer:
+        for pk in ids:
+            row = outbox.claim(pk)
+            outcome = deliverer.deliver(row)
+            outbox.mark_sent(row, outcome)
+    assert len(backup.wait_for(6)) == 6 and primary.messages == []
+    attempts = list(Attempt.objects.filter(email_id__in=ids).order_by("email_id").values_list("error", flat=True))
+    # Two connection failures open the circuit: later messages skip the primary at once.
+    assert sum("ConnectionRefusedError" in e for e in attempts) == 2
+    assert sum("circuit open" in e for e in attempts) == 4
+
+    primary.start()
+    time.sleep(0.35)  # the cool-down: the next send is the half-open trial
+    ids = enqueue(3)
+    with Deliverer() as deliverer:
+        for pk in ids:
+            row = outbox.claim(pk)
+            assert outbox.mark_sent(row, deliverer.deliver(row))
+    assert len(primary.wait_for(3)) == 3 and len(backup.messages) == 6
+    assert set(OutboxEmail.objects.filter(pk__in=ids).values_list("sent_by", flat=True)) == {"primary"}
+
+
+def test_all_circuits_open_keeps_mail_deferred_with_a_hint(kipekee_settings, smtp_server):
+    down = smtp_server()
+    kipekee_settings(primary=smtp_provider(down, timeout=1),
+                     _extra={"CIRCUIT_BREAKER": {"FAILURES": 1, "COOLDOWN_SECONDS": 60},
+                             "RETRY": {"JITTER": False}})
+    down.stop()
+    kipekee.send(**MAIL)  # opens the circuit
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and "circuit open" in receipt.error
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert 50 < (row.due_at - timezone.now()).total_seconds() <= 60  # waits for the trial
+
+
+# --- the thread engine ----------------------------------------------------------------
+
+
+def test_thread_engine_delivers_queued_and_due_rows(sink_provider, settings):
+    settings.KIPEKEE = {**settings.KIPEKEE, "ENGINE": "thread"}
+    engine = ThreadEngine()
+    from kipekee.engines import thread as thread_module
+
+    previous = thread_module._engine, thread_module._pid
+    import os
+
+    thread_module._engine, thread_module._pid = engine, os.getpid()
+    try:
+        receipt = kipekee.send(**MAIL, mode="queue")  # on commit: wakes the engine
+        wait_until(lambda: receipt.refresh().sent, what="queued row sent by the thread")
+        soon = kipekee.send(**MAIL, send_at=timezone.now() + timedelta(seconds=0.3))
+        assert soon.status == Status.QUEUED
+        wait_until(lambda: soon.refresh().sent, what="scheduled row sent when due")
+        assert engine.alive
+    finally:
+        engine.stop()
+        thread_module._engine, thread_module._pid = previous
+    assert not engine.alive
+    assert len(sink_provider.wait_for(2)) == 2

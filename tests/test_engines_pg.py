@@ -1,0 +1,161 @@
+"""Engines on PostgreSQL with real worker processes: SKIP LOCKED claims, exactly-once
+delivery across processes, kill -9 and SIGTERM. Run by the PostgreSQL pass of make test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from kipekee import outbox
+from kipekee.message import make_message_id
+from kipekee.models import EngineHeartbeat, OutboxEmail, Status
+
+from .conftest import smtp_provider
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bulk_enqueue(n: int) -> set[str]:
+    """n queued rows written directly (fast), each with its own Message-ID."""
+    now = timezone.now()
+    rows = [OutboxEmail(from_email="shop@example.com", to=[f"c{i}@example.com"], subject=f"Order {i}",
+                        body="thanks", message_id=make_message_id("shop@example.com"), mode="queue",
+                        created_at=now, due_at=now) for i in range(n)]
+    OutboxEmail.objects.bulk_create(rows, batch_size=2000)
+    return {r.message_id for r in rows}
+
+
+def worker_process(kipekee_settings: dict, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "KIPEKEE_TEST_DATABASE": "postgres", "KIPEKEE_PG_NAME": connection.settings_dict["NAME"],
+           "KIPEKEE_TEST_SETTINGS": json.dumps(kipekee_settings), "KIPEKEE_LOG_LEVEL": "INFO"}
+    # Output goes to a file: an undrained pipe would block the worker once it fills.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, "-m", "django", "kipekee_worker", *args], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def output_of(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def wait_for_rows(predicate, timeout: float, what: str, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+                p.wait()
+            output = "\n".join(output_of(p)[-2000:] for p in procs)
+            raise AssertionError(f"timed out waiting for {what}\n{output}")
+        time.sleep(0.1)
+
+
+def stop_all(procs) -> list[str]:
+    outputs = []
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=30)
+        outputs.append(output_of(p))
+    return outputs
+
+
+def test_skip_locked_claims_pass_over_a_locked_row(sink_provider):
+    bulk_enqueue(3)
+    first = OutboxEmail.objects.order_by("pk").first()
+    params = connection.get_connection_params()
+    with psycopg.connect(host=params.get("host"), port=params.get("port"), user=params.get("user"),
+                         dbname=params["dbname"]) as other:
+        other.execute("SELECT id FROM kipekee_outboxemail WHERE id = %s FOR UPDATE", [first.pk])
+        started = time.monotonic()
+        claimed = outbox.claim_batch(10)
+        assert time.monotonic() - started < 5  # did not wait for the lock
+        assert first.pk not in {r.pk for r in claimed} and len(claimed) == 2
+    assert [r.pk for r in outbox.claim_batch(10)] == [first.pk]  # free once the lock is gone
+
+
+def test_four_worker_processes_deliver_10000_exactly_once(smtp_sink, kipekee_settings, settings):
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+    expected = bulk_enqueue(10_000)
+    procs = [worker_process(settings.KIPEKEE, "--concurrency", "2", "--batch-size", "20",
+                            "--poll-interval", "0.2") for _ in range(4)]
+    try:
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() == 10_000,
+                      timeout=300, what="10,000 sent", procs=procs)
+    finally:
+        outputs = stop_all(procs)
+    received = Counter(m.message_id for m in smtp_sink.wait_for(10_000))
+    duplicates = sum(c - 1 for c in received.values())
+    assert set(received) == expected and duplicates == 0, f"{duplicates} duplicates"
+    beats = EngineHeartbeat.objects.filter(kind="worker")
+    assert beats.count() == 4 and sum(b.sent for b in beats) == 10_000
+    assert all(b.sent > 0 for b in beats), [b.sent for b in beats]  # all four took part
+    assert all(p.returncode == 0 for p in procs), outputs
+
+
+def test_kill_9_loses_nothing_and_duplicates_only_in_flight(smtp_sink, kipekee_settings, settings):
+    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={"LEASE_SECONDS": 2})
+    expected = bulk_enqueue(3000)
+    concurrency, batch = 2, 10
+    procs = [worker_process(settings.KIPEKEE, "--concurrency", str(concurrency), "--batch-size",
+                            str(batch), "--poll-interval", "0.2") for _ in range(3)]
+    try:
+        wait_for_rows(lambda: len(smtp_sink.messages) >= 600, timeout=120, what="600 received", procs=procs)
+        procs[0].kill()  # SIGKILL: no chance to release its leases
+        procs[0].wait()
+        killed_at = time.monotonic()
+        wait_for_rows(lambda: not OutboxEmail.objects.exclude(status=Status.SENT).exists(),
+                      timeout=300, what="all sent after the kill", procs=procs[1:])
+        recovered_in = time.monotonic() - killed_at
+    finally:
+        stop_all(procs[1:])
+    received = Counter(m.message_id for m in smtp_sink.messages)
+    assert set(received) == expected  # every message delivered
+    duplicates = {mid: c for mid, c in received.items() if c > 1}
+    # Only what the killed worker held could go twice: at most one claimed batch per thread.
+    assert sum(c - 1 for c in duplicates.values()) <= concurrency * batch
+    reclaimed = OutboxEmail.objects.filter(attempts__gt=1)
+    assert set(duplicates) <= set(reclaimed.values_list("message_id", flat=True))
+    assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()
+    print(f"kill -9: {len(duplicates)} duplicate(s), {reclaimed.count()} reclaimed, "
+          f"all delivered {recovered_in:.1f} s after the kill")
+
+
+def test_first_sigterm_finishes_and_releases(smtp_server, kipekee_settings, settings):
+    from kipekee.testing import Faults
+
+    slow = smtp_server(faults=Faults(stall_before_data_reply=0.05))
+    kipekee_settings(primary=smtp_provider(slow))
+    bulk_enqueue(400)
+    proc = worker_process(settings.KIPEKEE, "--concurrency", "2", "--batch-size", "5",
+                          "--poll-interval", "0.2")
+    wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() >= 20,
+                  timeout=60, what="first sends", procs=[proc])
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    output = output_of(proc)
+    assert proc.returncode == 0, output
+    assert "finishing the batches in hand" in output
+    assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()  # nothing left leased
+    sent = OutboxEmail.objects.filter(status=Status.SENT).count()
+    assert 20 <= sent < 400 and len(slow.messages) == sent
+    assert EngineHeartbeat.objects.get().stopped_at is not None

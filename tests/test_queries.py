@@ -1,0 +1,25 @@
+"""Query counts of the hot paths, pinned so that a per-row query cannot creep in."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+import kipekee
+from kipekee import outbox
+from kipekee.delivery import Deliverer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.mark.parametrize("n", [5, 50])
+def test_claiming_a_batch_costs_the_same_for_any_size(sink_provider, django_assert_num_queries, n):
+    for i in range(n):
+        email = kipekee.Email(subject=f"s{i}", text="t", to=["a@example.com"], mode="queue")
+        email.attach("a.txt", "x", "text/plain").send()
+    skip_locked = connection.features.has_select_for_update_skip_locked
+    with django_assert_num_queries(4 if skip_locked else 3):  # PostgreSQL: lock ids, then update
+        rows = outbox.claim_batch(n)
+    with django_assert_num_queries(0):  # building the messages reads nothing more
+        outcomes = Deliverer().deliver_many(rows)
+    assert all(o.ok for o in outcomes) and len(rows) == n
