@@ -74,6 +74,13 @@ class CircuitConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CeleryConfig:
+    queue: str = "kipekee"
+    # New rows get a task on commit; the sweep leaves them this long to be picked up first.
+    sweep_grace: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
     mode: Mode = "hybrid"
@@ -82,6 +89,7 @@ class KipekeeSettings:
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
     engine: str | None = "thread"
+    celery: CeleryConfig = CeleryConfig()
     lease: timedelta = timedelta(minutes=5)
     strict_templates: bool = True
     message_id_domain: str | None = None
@@ -106,6 +114,7 @@ _KNOWN_KEYS = {
     "MESSAGE_ID_DOMAIN",
     "CIRCUIT_BREAKER",
     "ENGINE",
+    "CELERY",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -202,6 +211,13 @@ def parse(raw: Any) -> KipekeeSettings:
     engine = raw.get("ENGINE", "thread")
     if engine not in ENGINES:
         raise ConfigurationError(f'KIPEKEE["ENGINE"] must be one of {ENGINES}, not {engine!r}.')
+    celery_raw = raw.get("CELERY", {})
+    if not isinstance(celery_raw, dict) or set(celery_raw) - {"QUEUE", "SWEEP_GRACE_SECONDS"}:
+        raise ConfigurationError('KIPEKEE["CELERY"] takes "QUEUE" and "SWEEP_GRACE_SECONDS".')
+    queue = celery_raw.get("QUEUE", "kipekee")
+    if not isinstance(queue, str) or not queue:
+        raise ConfigurationError('KIPEKEE["CELERY"]["QUEUE"] must be a queue name.')
+    celery = CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
@@ -214,6 +230,7 @@ def parse(raw: Any) -> KipekeeSettings:
         retry=retry,
         circuit=circuit,
         engine=engine,
+        celery=celery,
         lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,

@@ -108,7 +108,7 @@ def submit(
     if mode == "queue" or (send_at is not None and send_at > timezone.now()):
         # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
         notify_if_listening(db)
-        transaction.on_commit(engines.wake, using=db)
+        transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
     else:
         transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt

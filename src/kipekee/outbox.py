@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from . import conf, signals
@@ -117,7 +118,8 @@ def _pop_header(headers: dict[str, str], name: str) -> str:
     return ""
 
 
-def claim_batch(limit: int, *, engine: str = "", using: str | None = None) -> list[OutboxEmail]:
+def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = None,
+                using: str | None = None) -> list[OutboxEmail]:
     """Claim up to ``limit`` due rows (oldest due first) for one sender, with a lease.
 
     On databases with ``SELECT … FOR UPDATE SKIP LOCKED`` (PostgreSQL) the candidates are
@@ -130,18 +132,22 @@ def claim_batch(limit: int, *, engine: str = "", using: str | None = None) -> li
     db = using or db_for_write()
     now = timezone.now()
     token = f"{engine}:{uuid.uuid4().hex[:12]}"[-100:]
+    due = OutboxEmail.objects.using(db).due(now)
+    if ids is not None:
+        # Only these rows (a task naming its rows); those already taken are passed over.
+        due = due.filter(pk__in=list(ids))
     changes = {"status": Status.SENDING, "lease_until": now + conf.get().lease,
                "attempts": F("attempts") + 1, "claimed_by": token}
     rows = OutboxEmail.objects.using(db)
     if connections[db].features.has_select_for_update_skip_locked:
         with transaction.atomic(using=db):
-            ids = list(rows.due(now).order_by("due_at", "pk")
-                       .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
-            if not ids:
+            locked = list(due.order_by("due_at", "pk")
+                          .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
+            if not locked:
                 return []
-            rows.filter(pk__in=ids).update(**changes)
+            rows.filter(pk__in=locked).update(**changes)
     else:
-        candidates = rows.due(now).order_by("due_at", "pk").values("pk")[:limit]
+        candidates = due.order_by("due_at", "pk").values("pk")[:limit]
         # The due condition is repeated on the outer UPDATE: a row another engine claimed
         # between the sub-select and the update no longer matches.
         if not rows.due(now).filter(pk__in=candidates).update(**changes):
@@ -161,6 +167,22 @@ def release(row: OutboxEmail) -> bool:
         .update(status=Status.QUEUED, lease_until=None, claimed_by="", due_at=timezone.now(),
                 attempts=F("attempts") - 1)
     )
+
+
+def due_ids(limit: int, *, queued_grace: timedelta = timedelta(0),
+            using: str | None = None) -> list[int]:
+    """Ids of rows an engine may claim now (without claiming them), oldest due first.
+
+    ``queued_grace``: pass over ``queued`` rows that fell due less than this long ago
+    (a task was sent for them on commit and is probably still in a queue).
+    """
+    now = timezone.now()
+    rows = OutboxEmail.objects.using(using or db_for_write()).filter(
+        Q(status=Status.DEFERRED, due_at__lte=now)
+        | Q(status=Status.QUEUED, due_at__lte=now - queued_grace)
+        | Q(status=Status.SENDING, lease_until__lt=now)
+    )
+    return list(rows.order_by("due_at", "pk").values_list("pk", flat=True)[:limit])
 
 
 def next_due_at(*, using: str | None = None) -> datetime | None:

@@ -61,11 +61,12 @@ class Sender:
         self.stats = stats
         self.deliverer = Deliverer()
 
-    def run_once(self) -> int:
-        """Handle one batch; return how many rows it held (0: nothing was due)."""
+    def run_once(self, ids: list[int] | None = None) -> int:
+        """Handle one batch (of ``ids`` only, if given); return how many rows it held
+        (0: nothing was due)."""
         from ..dispatch import record
 
-        rows = outbox.claim_batch(self.batch_size, engine=self.engine)
+        rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
         if not rows:
             return 0
         for row, outcome in zip(rows, self.deliverer.deliver_many(rows), strict=True):
@@ -96,9 +97,14 @@ def beat(name: str, kind: str, stats: Stats, *, stopped: bool = False) -> None:
     )
 
 
-def wake() -> None:
-    """Tell the engine of this process that rows are waiting (called after commit)."""
-    if conf.get().engine == "thread":
+def wake(ids: list[int] | None = None) -> None:
+    """Tell the engine that rows are waiting (called after commit; ``ids`` when known)."""
+    kind = conf.get().engine
+    if kind == "thread":
         from .thread import engine
 
         engine().wake()
+    elif kind == "celery" and ids:
+        from ..contrib.celery import send_ids
+
+        send_ids(ids)

@@ -1,0 +1,20 @@
+"""The Celery app the Celery tests run: ``celery -A tests.celery_app worker``."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+
+from kipekee.contrib.celery import beat_schedule, task_routes  # noqa: E402
+
+app = Celery("kipekee_tests")
+app.conf.update(
+    broker_url=os.environ.get("KIPEKEE_CELERY_BROKER", "redis://127.0.0.1:6379/9"),
+    imports=["kipekee.contrib.celery"],
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    # The project's one line, with the sweep every second for the tests.
+    beat_schedule=beat_schedule(every=1.0),
+    task_routes=task_routes(),
+)
