@@ -18,6 +18,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    "django.contrib.staticfiles",  # {% inline_image %} finds files with its finders
     "kipekee",
     "tests.app",
 ]
@@ -64,6 +65,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
 ROOT_URLCONF = "tests.urls"
+STATIC_URL = "static/"
+ADMINS = [("Tours Office", "office@tours.example")]
 
 # Tests configure providers per test; the default points at nothing that listens.
 KIPEKEE = {
