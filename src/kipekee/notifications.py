@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -177,17 +177,20 @@ def notify(event: str, obj: models.Model, *, key: str = "", **extra: Any) -> lis
     """
     notification = get(event)
     receipts: list[Receipt] = []
-    for message in notification.messages:
-        if message.is_reminder:
-            receipt = _sync_reminder(notification, message, obj, extra)
-            if receipt is not None:
-                receipts.append(receipt)
-            continue
-        if message.when is not None and not message.when(obj):
-            continue
-        email = _email(notification, message, obj, extra)
-        email.idempotency_key = _key(event, message, obj, key)
-        receipts.append(email.send())
+    # All or nothing: a bad second message (no recipient, a missing variable) leaves no
+    # admin copy behind without its customer confirmation.
+    with transaction.atomic(using=outbox.db_for_write()):
+        for message in notification.messages:
+            if message.is_reminder:
+                receipt = _sync_reminder(notification, message, obj, extra)
+                if receipt is not None:
+                    receipts.append(receipt)
+                continue
+            if message.when is not None and not message.when(obj):
+                continue
+            email = _email(notification, message, obj, extra)
+            email.idempotency_key = _key(event, message, obj, key)
+            receipts.append(email.send())
     return receipts
 
 
@@ -195,11 +198,12 @@ def sync(event: str, obj: models.Model, **extra: Any) -> list[Receipt]:
     """Bring the reminders of ``event`` for ``obj`` in line with it (what a save does)."""
     notification = get(event)
     receipts = []
-    for message in notification.messages:
-        if message.is_reminder:
-            receipt = _sync_reminder(notification, message, obj, extra)
-            if receipt is not None:
-                receipts.append(receipt)
+    with transaction.atomic(using=outbox.db_for_write()):
+        for message in notification.messages:
+            if message.is_reminder:
+                receipt = _sync_reminder(notification, message, obj, extra)
+                if receipt is not None:
+                    receipts.append(receipt)
     return receipts
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from django import template
 from django.apps import apps
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from ..compose import composing
@@ -52,5 +52,5 @@ def inline_image(path: str, alt: str = "", **attrs: object) -> SafeString:
     file = Path(found if isinstance(found, str) else found[0])
     mimetype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
     cid = email._add_rendered_inline(file.name, file.read_bytes(), mimetype)
-    extra = format_html("".join(f' {name}="{{}}"' for name in attrs), *attrs.values())
+    extra = format_html_join("", ' {}="{}"', attrs.items())
     return format_html('<img src="cid:{}" alt="{}"{}>', cid, alt, extra)
