@@ -16,7 +16,7 @@ def ticket_data(booking: Booking) -> str:
 
 register(
     "quote_request.received",
-    Message("emails/quote_admin", name="admin", to=admins, reply_to=lambda q: [q.email]),
+    Message("emails/quote_admin", name="admin", to=admins, reply_to=lambda q: q.email or None),
     Message("emails/quote_received", name="customer", to=lambda q: q.email,
             language=lambda q: q.language),
 )
