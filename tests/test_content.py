@@ -161,3 +161,29 @@ def test_rendering_twice_adds_no_duplicate_parts(sink_provider):
     email.render()
     email.render()
     assert len(email.build().attachments) == 2  # the QR and the logo, once each
+
+
+def test_django_message_with_an_inline_part_through_the_drop_in_backend(settings, sink_provider):
+    # A project's own EmailMultiAlternatives with a Content-ID part (the way Django's docs
+    # embed images) arrives with the image next to the HTML, on Django 5.2 and 6.x alike.
+    from django.core.mail import EmailMultiAlternatives
+
+    from kipekee.message import inline_part
+
+    settings.EMAIL_BACKEND = "kipekee.backend.EmailBackend"
+    message = EmailMultiAlternatives("Ticket", "see the code", "cinema@example.com",
+                                     ["ann@example.com"])
+    message.attach_alternative('<img src="cid:qr-1@cinema.example">', "text/html")
+    message.attach(inline_part("qr.png", qr_png(TICKET), "image/png", "qr-1@cinema.example"))
+    message.attach("receipt.txt", "paid", "text/plain")
+    assert message.send() == 1
+    received = sink_provider.wait_for(1)[0].message
+    assert tree(received) == ("multipart/mixed", [
+        ("multipart/alternative", [
+            "text/plain", ("multipart/related", ["text/html", "image/png"]),
+        ]),
+        "text/plain",
+    ])
+    image = received.get_payload()[0].get_payload()[1].get_payload()[1]
+    assert image["Content-ID"] == "<qr-1@cinema.example>"
+    assert decode_qr(image.get_content()) == TICKET
