@@ -9,8 +9,3 @@ class KipekeeConfig(AppConfig):
     def ready(self) -> None:
         # Registers the system checks and the setting_changed receiver.
         from . import checks, conf  # noqa: F401
-
-        # Each app's notifications.py registers its events, as admin.py does for the admin.
-        from django.utils.module_loading import autodiscover_modules
-
-        autodiscover_modules("notifications")

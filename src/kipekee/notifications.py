@@ -1,6 +1,7 @@
 """Notifications: named events, each sending one or more emails about a business object.
 
-Declare once (in an app's ``notifications.py``, imported at start-up like ``admin.py``)::
+Declare once, at start-up: in a module your ``AppConfig.ready()`` imports (Kipekee does
+not import modules by name for you: ``notifications.py`` is too common a name to guess)::
 
     from kipekee.notifications import Message, admins, register
 

@@ -1,4 +1,4 @@
-"""The test app's notifications, found at start-up like admin.py (autodiscover)."""
+"""The test app's notifications, registered at start-up by TestAppConfig.ready()."""
 
 from __future__ import annotations
 
