@@ -3,7 +3,7 @@ on the MIME a real SMTP server received."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from django.template import Context, Template
@@ -21,7 +21,7 @@ from .mime import decode_qr, tree
 pytestmark = pytest.mark.django_db(transaction=True)
 
 QUOTE = {"name": "Amina", "email": "amina@example.com", "trip": "Kilimanjaro Trek", "pk": 7}
-SHOW = datetime(2026, 12, 7, 19, 30, tzinfo=timezone.utc)  # a Monday
+SHOW = datetime(2026, 12, 7, 19, 30, tzinfo=UTC)  # a Monday
 BOOKING = {"number": "BK-1042", "film": "Sarafina", "seat": "F7", "starts_at": SHOW}
 TICKET = "BOOKING:BK-1042;SEAT:F7"
 

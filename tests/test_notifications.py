@@ -233,3 +233,14 @@ def test_reschedule_moves_only_waiting_rows(sink_provider):
     assert not outbox.reschedule(row.pk, later)  # sent: stays sent, where it was
     row.refresh_from_db()
     assert row.status == Status.SENT and row.due_at != later
+
+
+def test_a_plain_send_can_be_linked_to_an_object_too(sink_provider):
+    quote = make_quote()
+    receipt = kipekee.send(subject="About your trip", text="x", to=[quote.email],
+                           event="quote.followup", target=quote)
+    row = OutboxEmail.objects.for_object(quote).get()
+    assert (row.pk, row.event, row.target) == (receipt.id, "quote.followup", quote)
+    with pytest.raises(InvalidMessage, match="not saved"):
+        kipekee.send(subject="x", text="x", to=["a@example.com"], target=Quote(name="new"))
+    assert rows() == 1

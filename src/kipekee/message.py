@@ -242,13 +242,14 @@ class RelatedMessage(EmailMultiAlternatives):
     backends such as django-anymail find them there and send them as inline images.
     """
 
+    attachments: list[Any]
     _inline: list[Any]
 
     def message(self, **kwargs: Any) -> Any:
         inline = [a for a in self.attachments if is_inline(a)]
         if not inline:
             return super().message(**kwargs)
-        everything = self.attachments
+        everything: list[Any] = self.attachments
         self.attachments = [a for a in everything if not is_inline(a)]
         self._inline = inline
         try:

@@ -293,13 +293,13 @@ def _sync_reminder(notification: Notification, message: Message, obj: models.Mod
     email = _email(notification, message, obj, extra, send_at=due)
     fields, _ = to_fields(email.build())
     for row in waiting:
-        if all(getattr(row, name) == fields[name] for name in _COMPARED):
-            # Same text at another time: move it, keeping its row and Message-ID.
-            if outbox.reschedule(row.pk, due):
-                for other in waiting:
-                    if other.pk != row.pk:
-                        outbox.cancel(other.pk)
-                return Receipt(OutboxEmail.objects.get(pk=row.pk), created=False)
+        same_text = all(getattr(row, name) == fields[name] for name in _COMPARED)
+        # Same text at another time: move it, keeping its row and Message-ID.
+        if same_text and outbox.reschedule(row.pk, due):
+            for other in waiting:
+                if other.pk != row.pk:
+                    outbox.cancel(other.pk)
+            return Receipt(OutboxEmail.objects.get(pk=row.pk), created=False)
     # The text changed with the time ("your show at 20:00"): a fresh message.
     for row in waiting:
         outbox.cancel(row.pk)
