@@ -19,6 +19,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    "django.contrib.staticfiles",  # {% inline_image %} finds files with its finders
     "kipekee",
     "tests.app",
 ]
@@ -72,6 +73,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
 ROOT_URLCONF = "tests.urls"
+STATIC_URL = "static/"
+ADMINS = [("Tours Office", "office@tours.example")]
 
 # Tests configure providers per test. No in-process engine unless a test starts one:
 # a background thread would deliver rows other tests are asserting on.

@@ -30,11 +30,13 @@ def test_template_renders_subject_html_and_text(sink_provider):
     assert "Coupon" not in html  # {% if %} of a missing variable is false
 
 
-def test_html_only_template_sends_html_body(sink_provider):
+def test_html_only_template_gets_a_text_part_made_from_the_html(sink_provider):
     kipekee.send("emails/htmlonly", to=["bo@example.com"], context={"name": "Bo"})
     received = sink_provider.wait_for(1)[0].message
-    assert received.get_content_type() == "text/html"
-    assert "<h1>Hi Bo</h1>" in received.get_content()
+    # No HTML-only mail (a spam signal, unreadable in text clients): text is generated.
+    assert received.get_content_type() == "multipart/alternative"
+    assert "<h1>Hi Bo</h1>" in received.get_body(("html",)).get_content()
+    assert received.get_body(("plain",)).get_content().strip() == "Hi Bo"
 
 
 def test_direct_bodies_without_templates(sink_provider):

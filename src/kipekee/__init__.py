@@ -7,11 +7,12 @@ the business event, then delivered right away or by an engine, with retries and 
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Email", "Receipt", "send"]
+__all__ = ["Email", "Receipt", "notify", "send"]
 
 if TYPE_CHECKING:
     from .compose import Email, send
     from .dispatch import Receipt
+    from .notifications import notify
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from . import compose
 
         return getattr(compose, name)
+    if name == "notify":
+        from .notifications import notify
+
+        return notify
     if name == "Receipt":
         from .dispatch import Receipt
 

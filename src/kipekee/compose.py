@@ -6,25 +6,41 @@
 are not HTML). With ``STRICT_TEMPLATES`` (the default), a variable the context lacks is an
 error here, at the call site — not a blank in a customer's inbox. ``{% if x %}`` and
 ``{{ x|default:"…" }}`` still work with a missing ``x``.
+
+The HTML gets its ``<style>`` rules inlined into ``style=""`` attributes (css-inline: most
+mail clients drop ``<style>``), and when there is no text template the text part is made
+from the HTML (inscriptis: tables laid out, links kept, hidden preheaders left out), so
+no message goes out HTML-only. ``language="sw"`` renders everything under
+``translation.override("sw")``. Inline images (``attach_inline`` or the ``{% qr_code %}``
+and ``{% inline_image %}`` tags of ``{% load kipekee %}``) become ``cid:`` parts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import mimetypes
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from django.core.mail import EmailMultiAlternatives
 from django.template import Context, Engine, TemplateDoesNotExist, loader
 from django.template.backends.django import Template as DjangoBackendTemplate
 from django.template.base import VariableNode
+from django.utils import translation
 
 from . import conf
 from .dispatch import Receipt, submit
 from .exceptions import InvalidMessage, TemplateError
+from .message import RelatedMessage, inline_part
+
+if TYPE_CHECKING:
+    from django.db.models import Model
 
 Attachment = tuple[str, bytes | str, str | None]
 
@@ -96,6 +112,52 @@ def render(name: str, context: Mapping[str, Any], *, autoescape: bool, strict: b
         raise TemplateError(f"Email template {name!r}: {exc} not found.") from exc
 
 
+def inline_css(html: str) -> str:
+    """Move ``<style>`` rules into ``style=""`` attributes, as mail clients need.
+
+    Remote stylesheets are never fetched (rendering must not depend on the network).
+    """
+    if "<style" not in html.lower():
+        return html  # nothing to inline: leave fragments exactly as written
+    import css_inline
+
+    return css_inline.inline(html, load_remote_stylesheets=False)
+
+
+def html_to_text(html: str) -> str:
+    """The plain-text part for an HTML body: layout kept, links as ``[text](url)``."""
+    from inscriptis import get_text
+    from inscriptis.css_profiles import CSS_PROFILES
+    from inscriptis.model.config import ParserConfig
+
+    config = ParserConfig(css=CSS_PROFILES["strict"], display_links=True, display_images=True)
+    lines = [line.rstrip() for line in get_text(html, config).strip().splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    filename: str
+    content: bytes
+    mimetype: str
+    cid: str
+
+
+#: The Email whose templates are being rendered, for the ``{% load kipekee %}`` tags.
+_composing: ContextVar[Email | None] = ContextVar("kipekee_composing", default=None)
+
+
+def composing() -> Email:
+    """The :class:`Email` being rendered; ``TemplateError`` outside of one."""
+    email = _composing.get()
+    if email is None:
+        raise TemplateError(
+            "This tag adds a part to an email: it works only in a template rendered by "
+            "kipekee.Email / kipekee.send / kipekee.notify."
+        )
+    return email
+
+
 def _template_exists(name: str) -> bool:
     try:
         loader.get_template(name)
@@ -141,6 +203,9 @@ class Email:
         send_at: datetime | None = None,
         provider: str = "",
         metadata: Mapping[str, Any] | None = None,
+        language: str | None = None,
+        event: str = "",
+        target: Model | None = None,
     ) -> None:
         if template is None and subject is None:
             raise InvalidMessage("Give a template name, or a subject and a body.")
@@ -163,13 +228,73 @@ class Email:
         self.send_at = send_at
         self.provider = provider
         self.metadata = dict(metadata or {})
+        # Rendered under translation.override(language); None keeps the active language.
+        self.language = language
+        # The notification event and business object the outbox row is linked to.
+        self.event = event
+        self.target = target
+        self._inline: dict[str, InlineImage] = {}
+        self._rendered_inline: dict[str, InlineImage] = {}
+
+    def attach_inline(self, filename: str, content: bytes, mimetype: str | None = None) -> str:
+        """Add an inline part and return its Content-ID: use it as ``<img src="cid:…">``.
+
+        The same content twice is one part (a logo used in header and footer).
+        """
+        image = self._inline_image(filename, content, mimetype)
+        self._inline.setdefault(image.cid, image)
+        return image.cid
+
+    def _add_rendered_inline(self, filename: str, content: bytes, mimetype: str | None) -> str:
+        # Parts added by template tags are redone on every render (no duplicates).
+        image = self._inline_image(filename, content, mimetype)
+        if image.cid not in self._inline:
+            self._rendered_inline.setdefault(image.cid, image)
+        return image.cid
+
+    @staticmethod
+    def _inline_image(filename: str, content: bytes, mimetype: str | None) -> InlineImage:
+        if not isinstance(content, bytes):
+            raise InvalidMessage(f"Inline part {filename!r}: content must be bytes.")
+        mimetype = mimetype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        # Named by its content: stable across renders and resends of the same message.
+        digest = hashlib.sha256(mimetype.encode() + b"\0" + content).hexdigest()[:24]
+        return InlineImage(filename=filename, content=content, mimetype=mimetype,
+                           cid=f"{digest}@kipekee")
+
+    @property
+    def inline_images(self) -> list[InlineImage]:
+        return [*self._inline.values(), *self._rendered_inline.values()]
 
     def attach(self, filename: str, content: bytes | str, mimetype: str | None = None) -> Email:
         self.attachments.append((filename, content, mimetype))
         return self
 
+    @contextlib.contextmanager
+    def _rendering(self) -> Iterator[None]:
+        self._rendered_inline = {}
+        token = _composing.set(self)
+        try:
+            if self.language:
+                with translation.override(self.language):
+                    yield
+            else:
+                yield
+        finally:
+            _composing.reset(token)
+
     def render(self) -> tuple[str, str | None, str | None]:
-        """``(subject, text, html)`` with the templates rendered."""
+        """``(subject, text, html)`` with the templates rendered, CSS inlined into the HTML,
+        and the text made from the HTML when there is no text template."""
+        with self._rendering():
+            subject, text, html = self._render_templates()
+            if html is not None:
+                html = inline_css(html)
+                if text is None:
+                    text = html_to_text(html)
+        return subject, text, html
+
+    def _render_templates(self) -> tuple[str, str | None, str | None]:
         subject, text, html = self.subject, self.text, self.html
         if self.template is not None:
             strict = conf.get().strict_templates
@@ -188,10 +313,10 @@ class Email:
         assert subject is not None
         return subject, text, html
 
-    def build(self) -> EmailMultiAlternatives:
+    def build(self) -> RelatedMessage:
         """The Django message, rendered (validation happens when it is enqueued)."""
         subject, text, html = self.render()
-        message = EmailMultiAlternatives(
+        message = RelatedMessage(
             subject=subject, body=text if text is not None else html or "",
             from_email=self.from_email, to=self.to, cc=self.cc, bcc=self.bcc,
             reply_to=self.reply_to, headers=self.headers,
@@ -202,6 +327,8 @@ class Email:
             message.attach_alternative(html, "text/html")
         for filename, content, mimetype in self.attachments:
             message.attach(filename, content, mimetype)
+        for image in self.inline_images:
+            message.attach(inline_part(image.filename, image.content, image.mimetype, image.cid))
         return message
 
     def send(self, *, using: str | None = None) -> Receipt:
@@ -209,7 +336,7 @@ class Email:
         return submit(
             self.build(), mode=self.mode, idempotency_key=self.idempotency_key,
             send_at=self.send_at, provider=self.provider, template=self.template or "",
-            metadata=self.metadata, using=using,
+            metadata=self.metadata, event=self.event, target=self.target, using=using,
         )
 
 

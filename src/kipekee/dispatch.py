@@ -16,7 +16,7 @@ import logging
 import time
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.mail import EmailMessage
 from django.db import transaction
@@ -28,6 +28,9 @@ from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
 from .engines.worker import notify_if_listening
 from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from django.db.models import Model
 
 logger = logging.getLogger("kipekee.dispatch")
 
@@ -91,15 +94,22 @@ def submit(
     provider: str = "",
     template: str = "",
     metadata: dict[str, Any] | None = None,
+    event: str = "",
+    target: Model | None = None,
     using: str | None = None,
 ) -> Receipt:
-    """Enqueue ``message`` in the current transaction and arrange its delivery."""
+    """Enqueue ``message`` in the current transaction and arrange its delivery.
+
+    ``event`` and ``target`` (a saved model instance) link the row to the notification and
+    the business object it is about: ``OutboxEmail.objects.for_object(target)``.
+    """
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
     row, created = outbox.enqueue(
         message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
-        provider=provider, template=template, metadata=metadata, using=using,
+        provider=provider, template=template, metadata=metadata, event=event, target=target,
+        using=using,
     )
     receipt = Receipt(row, created=created)
     if not created:

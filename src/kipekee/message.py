@@ -168,9 +168,9 @@ def make_message_id(from_email: str, domain: str | None = None) -> str:
     return make_msgid(domain=domain)
 
 
-def from_row(row: OutboxEmail) -> EmailMultiAlternatives:
+def from_row(row: OutboxEmail) -> RelatedMessage:
     """Rebuild the Django message that was enqueued, ready for any email backend."""
-    message = EmailMultiAlternatives(
+    message = RelatedMessage(
         subject=row.subject,
         body=row.body,
         from_email=row.from_email,
@@ -183,21 +183,18 @@ def from_row(row: OutboxEmail) -> EmailMultiAlternatives:
     message.content_subtype = row.content_subtype
     for alternative in row.alternatives:
         message.attach_alternative(alternative["content"], alternative["mimetype"])
-    attachments = list(row.attachments.all())
-    for attachment in attachments:
+    for attachment in row.attachments.all():
         content = bytes(attachment.content)
         if attachment.content_id:
-            message.attach(_inline_part(attachment.filename, content, attachment.mimetype,
-                                        attachment.content_id))
+            message.attach(inline_part(attachment.filename, content, attachment.mimetype,
+                                       attachment.content_id))
         else:
             message.attach(attachment.filename or None, content, attachment.mimetype)
-    # Inline parts belong in multipart/related next to the HTML they illustrate.
-    if any(a.content_id for a in attachments):
-        message.mixed_subtype = "related"
     return message
 
 
-def _inline_part(filename: str, content: bytes, mimetype: str, content_id: str) -> Any:
+def inline_part(filename: str, content: bytes, mimetype: str, content_id: str) -> Any:
+    """A MIME part for ``<img src="cid:{content_id}">``, in the form this Django takes."""
     maintype, _, subtype = mimetype.partition("/")
     if django.VERSION >= (6, 0):
         # Django 6 takes modern MIMEPart attachments (MIMEBase ones are deprecated).
@@ -216,3 +213,85 @@ def _inline_part(filename: str, content: bytes, mimetype: str, content_id: str) 
     else:
         legacy.add_header("Content-Disposition", "inline")
     return legacy
+
+
+def is_inline(attachment: Any) -> bool:
+    """An attachment that is a MIME part with a Content-ID: an inline image of the HTML."""
+    return isinstance(attachment, (MIMEBase, email.message.Message)) and bool(
+        attachment.get("Content-ID")
+    )
+
+
+class RelatedMessage(EmailMultiAlternatives):
+    """An ``EmailMultiAlternatives`` that puts inline parts next to the HTML they illustrate.
+
+    Django puts every attachment, inline or not, into one ``multipart/mixed`` (and Django 6
+    refuses the old ``mixed_subtype = "related"`` trick, which also put the PDF tickets
+    into the related part, where some clients hide them). This builds the tree that
+    Thunderbird and Apple Mail send and the stdlib's email docs show::
+
+        multipart/mixed                  (only when there are regular attachments)
+          multipart/alternative
+            text/plain
+            multipart/related
+              text/html                  <img src="cid:qr-1@kipekee">
+              image/png                  Content-ID: <qr-1@kipekee>
+          application/pdf                (regular attachments)
+
+    The inline parts stay in ``attachments`` (MIME parts with a Content-ID), so HTTP-API
+    backends such as django-anymail find them there and send them as inline images.
+    """
+
+    attachments: list[Any]
+    _inline: list[Any]
+
+    def message(self, **kwargs: Any) -> Any:
+        inline = [a for a in self.attachments if is_inline(a)]
+        if not inline:
+            return super().message(**kwargs)
+        everything: list[Any] = self.attachments
+        self.attachments = [a for a in everything if not is_inline(a)]
+        self._inline = inline
+        try:
+            return super().message(**kwargs)
+        finally:
+            self.attachments = everything
+            del self._inline
+
+    # Django 6: the modern email API builds the tree in place.
+    def _add_bodies(self, msg: Any) -> Any:
+        result = super()._add_bodies(msg)  # type: ignore[misc]
+        inline = getattr(self, "_inline", None)
+        if inline:
+            html = msg.get_body(("html",))
+            # The HTML part (or, with no HTML, the body itself) becomes multipart/related.
+            target = html if html is not None else msg
+            target.make_related()
+            for part in inline:
+                target.attach(part)
+        return result
+
+    # Django 5.2: the legacy email.mime classes, one layer returned at a time.
+    def _create_alternatives(self, msg: Any) -> Any:
+        msg = super()._create_alternatives(msg)  # type: ignore[misc]
+        inline = getattr(self, "_inline", None)
+        if not inline:
+            return msg
+        from django.core.mail.message import SafeMIMEMultipart
+
+        encoding = self.encoding or settings.DEFAULT_CHARSET
+
+        def related(html: Any) -> Any:
+            wrapper = SafeMIMEMultipart(_subtype="related", encoding=encoding)
+            wrapper.attach(html)
+            for part in inline:
+                wrapper.attach(part)
+            return wrapper
+
+        if msg.get_content_type() == "multipart/alternative":
+            parts = msg.get_payload()
+            for index, part in enumerate(parts):
+                if part.get_content_type() == "text/html":
+                    parts[index] = related(part)
+                    return msg
+        return related(msg)

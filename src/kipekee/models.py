@@ -7,7 +7,9 @@ change there is one conditional UPDATE so that two engines can never both own a 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from django.contrib.contenttypes.fields import GenericForeignKey
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -61,6 +63,24 @@ class OutboxEmailQuerySet(models.QuerySet["OutboxEmail"]):
     def failed(self) -> OutboxEmailQuerySet:
         return self.filter(status=Status.FAILED)
 
+    def for_object(self, obj: models.Model) -> OutboxEmailQuerySet:
+        """The emails about one business object: ``for_object(quote).filter(event=…)``."""
+        from django.contrib.contenttypes.models import ContentType
+
+        content_type = ContentType.objects.db_manager(self.db).get_for_model(obj)
+        return self.filter(content_type=content_type, object_id=str(obj.pk))
+
+    def statuses(self) -> dict[str, Any]:
+        """``{template: status}`` of these rows; of two rows with one template, the newer wins.
+
+        ``OutboxEmail.objects.for_object(quote).filter(event="quote_request.received")
+        .statuses()`` → ``{"emails/quote_admin": "sent", "emails/quote_received": "sent"}``.
+        """
+        result: dict[str, Any] = {}
+        for template, status in self.order_by("id").values_list("template", "status"):
+            result[template] = status
+        return result
+
 
 class OutboxEmail(models.Model):
     """An email in the outbox: everything needed to build and send it, and its state."""
@@ -85,6 +105,15 @@ class OutboxEmail(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     # Only this provider alias may send it (empty: all providers, in failover order).
     provider = models.CharField(max_length=100, blank=True)
+    # The notification that wrote it ("order.created") and the business object it is
+    # about; object_id is text so that UUID and other non-integer keys fit.
+    event = models.CharField(max_length=100, blank=True)
+    content_type = models.ForeignKey(
+        "contenttypes.ContentType", on_delete=models.SET_NULL, null=True, blank=True,
+        related_name="+",
+    )
+    object_id = models.CharField(max_length=255, blank=True)
+    target = GenericForeignKey("content_type", "object_id")
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     due_at = models.DateTimeField(default=timezone.now)
@@ -117,6 +146,7 @@ class OutboxEmail(models.Model):
                 condition=Q(status="sending"),
             ),
             models.Index(fields=["status", "created_at"], name="kipekee_status_created"),
+            models.Index(fields=["content_type", "object_id"], name="kipekee_target"),
         ]
 
     def __str__(self) -> str:

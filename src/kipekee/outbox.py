@@ -33,6 +33,7 @@ from .models import WAITING_STATUSES, Attachment, Attempt, ErrorKind, OutboxEmai
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
+    from django.db.models import Model
 
     from .delivery import Outcome
 
@@ -52,6 +53,8 @@ def enqueue(
     provider: str = "",
     template: str = "",
     metadata: dict[str, Any] | None = None,
+    event: str = "",
+    target: Model | None = None,
     using: str | None = None,
 ) -> tuple[OutboxEmail, bool]:
     """Write ``message`` to the outbox in the caller's transaction.
@@ -67,6 +70,10 @@ def enqueue(
         from .exceptions import InvalidMessage
 
         raise InvalidMessage("send_at must be an aware datetime.")
+    if target is not None and target.pk is None:
+        from .exceptions import InvalidMessage
+
+        raise InvalidMessage(f"The email's target {target!r} is not saved (it has no pk).")
     fields, attachments = to_fields(message)
     headers: dict[str, str] = fields.pop("headers")
     message_id = _pop_header(headers, "Message-ID") or make_message_id(
@@ -74,6 +81,11 @@ def enqueue(
     )
     db = using or db_for_write()
     now = timezone.now()
+    if target is not None:
+        from django.contrib.contenttypes.models import ContentType
+
+        fields["content_type"] = ContentType.objects.db_manager(db).get_for_model(target)
+        fields["object_id"] = str(target.pk)
     row = OutboxEmail(
         **fields,
         headers=headers,
@@ -82,6 +94,7 @@ def enqueue(
         idempotency_key=idempotency_key or None,
         template=template,
         metadata=metadata or {},
+        event=event,
         provider=provider,
         created_at=now,
         due_at=send_at or now,
@@ -280,4 +293,23 @@ def cancel(pk: int, *, using: str | None = None) -> bool:
     )
     if updated:
         signals.cancelled.send(sender=OutboxEmail, email=OutboxEmail.objects.using(db).get(pk=pk))
+    return bool(updated)
+
+
+def reschedule(pk: int, due_at: datetime, *, using: str | None = None) -> bool:
+    """Move a message that has not gone out to ``due_at`` (a reminder whose booking moved).
+
+    Only ``queued|deferred`` rows move, in one conditional UPDATE; a row being sent, sent
+    or cancelled stays as it is and ``False`` is returned.
+    """
+    if timezone.is_naive(due_at):
+        from .exceptions import InvalidMessage
+
+        raise InvalidMessage("due_at must be an aware datetime.")
+    db = using or db_for_write()
+    updated = (
+        OutboxEmail.objects.using(db)
+        .filter(pk=pk, status__in=WAITING_STATUSES)
+        .update(due_at=due_at)
+    )
     return bool(updated)
