@@ -9,7 +9,7 @@ import pytest
 from kipekee.models import OutboxEmail
 from kipekee.testing import LocalSMTPServer
 
-pytest_plugins = ["tests.smtp_fixtures"]
+pytest_plugins = ["tests.smtp_fixtures", "tests.mailtrap_fixtures"]
 
 SMTP_BACKEND = "kipekee.backends.smtp.EmailBackend"
 # Quick in-request retries keep the suite fast; the production default is 1, 2, 4 s.
