@@ -1,3 +1,5 @@
+import importlib.util
+
 from django.apps import AppConfig
 
 
@@ -9,3 +11,7 @@ class KipekeeConfig(AppConfig):
     def ready(self) -> None:
         # Registers the system checks and the setting_changed receiver.
         from . import checks, conf  # noqa: F401
+
+        if importlib.util.find_spec("anymail") is not None:
+            # Delivery webhooks (anymail's tracking signal) update rows and suppressions.
+            from . import webhooks  # noqa: F401
