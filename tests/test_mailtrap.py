@@ -334,3 +334,25 @@ def test_without_the_limit_the_server_answers_429(mailtrap_server, kipekee_setti
     assert server.statuses()[:10] == [200] * 10 and server.statuses()[10] == 429
     assert sum(o.ok for o in outcomes) == 100
     assert {o.kind for o in outcomes if not o.ok} == {ErrorKind.TRANSIENT}
+
+
+def test_python_m_kipekee_testing_mailtrap_prints_each_message():
+    import subprocess
+    import sys
+
+    import requests
+
+    process = subprocess.Popen([sys.executable, "-m", "kipekee.testing.mailtrap", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("Kipekee Mailtrap-contract server at http://127.0.0.1:")
+        url = line.split(" at ", 1)[1].split()[0]
+        answer = requests.post(url + "send", headers={"Api-Token": "test-token"}, timeout=5,
+                               json={"from": {"email": "a@shop.example"}, "subject": "Hello",
+                                     "to": [{"email": "b@example.com"}], "text": "t"})
+        assert answer.status_code == 200
+        assert process.stdout.readline().strip() == "to=b@example.com subject='Hello'"
+    finally:
+        process.terminate()
+        process.wait(timeout=5)

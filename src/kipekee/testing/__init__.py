@@ -5,8 +5,12 @@ Install with the ``kipekee[testing]`` extra. ``python -m kipekee.testing`` runs 
 capture server; ``python -m kipekee.testing.mailtrap`` runs the Mailtrap one.
 """
 
-from .mailtrap import LocalMailtrapServer, MailtrapFaults, MailtrapRequest
+from typing import TYPE_CHECKING, Any
+
 from .smtp import Faults, LocalSMTPServer, ReceivedMessage, TLSMode, self_signed_context
+
+if TYPE_CHECKING:
+    from .mailtrap import LocalMailtrapServer, MailtrapFaults, MailtrapRequest
 
 __all__ = [
     "Faults",
@@ -18,3 +22,13 @@ __all__ = [
     "TLSMode",
     "self_signed_context",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that ``python -m kipekee.testing.mailtrap`` does not find its module
+    # already imported by the package.
+    if name in {"LocalMailtrapServer", "MailtrapFaults", "MailtrapRequest"}:
+        from . import mailtrap
+
+        return getattr(mailtrap, name)
+    raise AttributeError(f"module 'kipekee.testing' has no attribute {name!r}")
