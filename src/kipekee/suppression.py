@@ -42,7 +42,9 @@ def check(addresses: Iterable[str], *, using: str | None = None) -> dict[str, st
 def describe(suppression: Suppression) -> str:
     source = f" via {suppression.source}" if suppression.source else ""
     when = suppression.created_at.date().isoformat()
-    return f"suppressed: {suppression.get_reason_display()}{source} on {when}"
+    reason = (SuppressionReason(suppression.reason).label
+              if suppression.reason in SuppressionReason.values else suppression.reason)
+    return f"suppressed: {reason}{source} on {when}"
 
 
 def add(address: str, reason: str = SuppressionReason.MANUAL, *, source: str = "",

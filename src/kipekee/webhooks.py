@@ -89,7 +89,7 @@ def _email_for(event: AnymailTrackingEvent) -> int | None:
         if found is not None:
             return int(found)
     kipekee_id = (event.metadata or {}).get("kipekee_id")
-    if kipekee_id is not None and str(kipekee_id).isdigit():
-        if OutboxEmail.objects.filter(pk=int(kipekee_id)).exists():
-            return int(kipekee_id)
+    if (kipekee_id is not None and str(kipekee_id).isdigit()
+            and OutboxEmail.objects.filter(pk=int(kipekee_id)).exists()):
+        return int(kipekee_id)
     return None

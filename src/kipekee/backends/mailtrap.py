@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urljoin
@@ -106,6 +106,8 @@ class EmailBackend(AnymailMailtrapBackend):
     ``batch_size`` (messages per batch request, at most 500)."""
 
     batch_max_bytes = BATCH_MAX_BYTES - _ENVELOPE
+    #: Mailtrap's limit per API token (kipekee.W002 suggests it as LIMITS["RATE"]).
+    documented_rate = "150/10s"
 
     def __init__(
         self,
@@ -305,8 +307,8 @@ def _retry_after(response: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _classify_http(exc: AnymailRequestsAPIError) -> Failure:
