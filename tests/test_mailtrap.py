@@ -356,3 +356,27 @@ def test_python_m_kipekee_testing_mailtrap_prints_each_message():
     finally:
         process.terminate()
         process.wait(timeout=5)
+
+
+def test_batches_are_cut_by_size_and_an_oversized_message_goes_alone(mailtrap, kipekee_settings,
+                                                                       monkeypatch):
+    # Mailtrap's 50 MB per request, scaled down to 20 kB to keep the test small.
+    monkeypatch.setattr(EmailBackend, "batch_max_bytes", 20_000)
+    kipekee_settings(mailtrap=mailtrap_provider(mailtrap))
+    ids = []
+    for i in range(5):
+        email = kipekee.Email(**{**MAIL, "to": [f"c{i}@example.com"]}, mode="queue")
+        email.attach("plan.bin", b"x" * 6_000, "application/octet-stream")  # ~8 kB in base64
+        ids.append(email.send().id)
+    big = kipekee.Email(**MAIL, mode="queue")
+    big.attach("scan.bin", b"y" * 30_000, "application/octet-stream")
+    ids.append(big.send().id)
+
+    outcomes = deliver_many(ids)
+
+    assert all(o.ok for o in outcomes)
+    paths = [r.path for r in mailtrap.requests]
+    assert paths.count("/api/send") == 1  # the one too big to share a request
+    batches = [r for r in mailtrap.requests if r.path == "/api/batch"]
+    assert [len(r.json["requests"]) for r in batches] == [2, 2, 1]
+    assert all(len(r.body) <= 20_000 + 1024 for r in batches)
