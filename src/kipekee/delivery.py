@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
@@ -70,6 +70,26 @@ class Outcome:
     provider_message_ids: dict[str, str] = field(default_factory=dict)
 
 
+@runtime_checkable
+class BatchBackend(Protocol):
+    """What a provider's backend offers to send many messages in one request.
+
+    ``send_batch_item(message)`` builds one message (raising what sending it would
+    raise) into an item with a ``size`` in bytes; ``send_batch(items)`` sends at most
+    ``batch_max_messages`` items of at most ``batch_max_bytes`` together in one request
+    and returns, per item, ``None`` (sent: the message carries ``provider_message_ids``
+    and ``refused_recipients`` as after ``send_messages``) or the error that refused it.
+    It raises when the request as a whole fails. See ``kipekee.backends.mailtrap``.
+    """
+
+    batch_max_messages: int
+    batch_max_bytes: int
+
+    def send_batch_item(self, message: EmailMessage) -> Any: ...
+
+    def send_batch(self, items: Sequence[Any]) -> list[BaseException | None]: ...
+
+
 @dataclass
 class _Pending:
     """A row waiting in a batch: its message, and what deliver() would know about it."""
@@ -115,16 +135,8 @@ class Deliverer:
         self.close()
 
     def deliver(self, row: OutboxEmail) -> Outcome:
-        started = timezone.now()
-        prepared = self._prepare(row, started)
-        if isinstance(prepared, Outcome):
-            return prepared
-        message, refused = prepared
-        try:
-            aliases = providers.aliases(row.provider)
-        except Exception as exc:  # noqa: BLE001 - settings changed under a queued row
-            return self._outcome(started, "", classify(exc))
-        return self._through(row, message, started, aliases, [], refused)
+        """Deliver one claimed row through the providers, in failover order."""
+        return self.deliver_many([row])[0]
 
     def _prepare(self, row: OutboxEmail, started: datetime,
                  suppressed: dict[str, str] | None = None,
@@ -164,10 +176,10 @@ class Deliverer:
                           + "; ".join(f"{a} ({why})" for a, why in now_suppressed.items()))
         return message, refused
 
-    def _through(self, row: OutboxEmail, message: EmailMessage, started: datetime,
-                 aliases: Sequence[str], failures: list[tuple[str, Failure]],
-                 refused: dict[str, str]) -> Outcome:
-        """Send ``message`` through ``aliases`` in order; ``failures`` so far come first."""
+    def _through(self, p: _Pending, aliases: Sequence[str],
+                 failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
+        """Send one message through ``aliases`` in order; ``failures`` so far come first."""
+        row, message, started, refused = p.row, p.message, p.started, p.refused
         failures = list(failures)
         for alias in aliases:
             backend = None
@@ -224,7 +236,8 @@ class Deliverer:
         messages per request (its backend has ``send_batch``, as Kipekee's Mailtrap
         backend does) go out in as few requests as its limits allow
         (``batch_max_messages``, ``batch_max_bytes``); each request takes one slot of the
-        provider's rate window. The others are sent one by one, as :meth:`deliver` does.
+        provider's rate window. The others are sent one by one over the reused
+        connections, trying the providers in failover order.
 
         Per row, the outcome means what :meth:`deliver`'s would: an item the provider
         refuses is permanent for that row alone; a request that fails as a whole for a
@@ -249,46 +262,44 @@ class Deliverer:
             except Exception as exc:  # noqa: BLE001 - settings changed under a queued row
                 outcomes[index] = self._outcome(started, "", classify(exc), refused)
                 continue
-            pending = _Pending(index, row, message, started, aliases, refused)
-            if aliases and self._batch_capable(aliases[0]):
-                groups.setdefault(aliases[0], []).append(pending)
+            p = _Pending(index, row, message, started, aliases, refused)
+            if aliases and self._batch_backend(aliases[0]) is not None:
+                groups.setdefault(aliases[0], []).append(p)
             else:
-                outcomes[index] = self._through(row, message, started, aliases, [], refused)
+                outcomes[index] = self._through(p, aliases)
         for alias, group in groups.items():
-            if len(group) == 1:
-                p = group[0]
-                outcomes[p.index] = self._through(p.row, p.message, p.started, p.aliases, [],
-                                                  p.refused)
+            if len(group) == 1:  # one message: the single-message endpoint
+                outcomes[group[0].index] = self._through(group[0], group[0].aliases)
             else:
                 self._deliver_batches(alias, group, outcomes)
         assert all(o is not None for o in outcomes)
         return outcomes  # type: ignore[return-value]
 
-    def _batch_capable(self, alias: str) -> bool:
+    def _batch_backend(self, alias: str) -> BatchBackend | None:
         try:
-            return hasattr(self._open(alias), "send_batch")
+            backend = self._open(alias)
         except Exception:  # noqa: BLE001 - the single path records why it cannot open
-            return False
+            return None
+        return backend if isinstance(backend, BatchBackend) else None
 
     def _deliver_batches(self, alias: str, group: list[_Pending],
                          outcomes: list[Outcome | None]) -> None:
-        backend = self._open(alias)
+        backend = self._batch_backend(alias)
+        assert backend is not None
         items: list[tuple[_Pending, Any]] = []
         for p in group:
             try:
-                item = backend.send_batch_item(p.message)  # type: ignore[attr-defined]
+                item = backend.send_batch_item(p.message)
             except Exception as exc:  # noqa: BLE001 - this message alone cannot be built
                 outcomes[p.index] = self._after(p, alias, classify(exc, backend))
                 continue
-            if item.size > backend.batch_max_bytes:  # type: ignore[attr-defined]
+            if item.size > backend.batch_max_bytes:
                 # Too big to share a request: alone, through the single-message endpoint.
-                outcomes[p.index] = self._through(p.row, p.message, p.started, p.aliases, [],
-                                                  p.refused)
+                outcomes[p.index] = self._through(p, p.aliases)
                 continue
             items.append((p, item))
         broken: Failure | None = None
-        for chunk in _chunks(items, backend.batch_max_messages,  # type: ignore[attr-defined]
-                             backend.batch_max_bytes):  # type: ignore[attr-defined]
+        for chunk in _chunks(items, backend.batch_max_messages, backend.batch_max_bytes):
             if broken is not None:
                 # The provider failed a request of this call for a reason that is not
                 # the messages': do not send it more now, go on to the next provider.
@@ -296,9 +307,10 @@ class Deliverer:
                     outcomes[p.index] = self._after(p, alias, broken)
                 continue
             try:
-                backend = self._open(alias)
+                # Opened again if an earlier request of this call failed (and closed it).
+                backend = cast(BatchBackend, self._open(alias))
                 with providers.limits_for(alias).slot(), _delivering():
-                    results = backend.send_batch([item for _, item in chunk])  # type: ignore[attr-defined]
+                    results = backend.send_batch([item for _, item in chunk])
                 if len(results) != len(chunk):
                     raise RuntimeError(f"batch answered {len(results)} results for "
                                        f"{len(chunk)} messages")
@@ -309,8 +321,7 @@ class Deliverer:
                             alias, len(chunk), failure.error, failure.kind)
                 if failure.kind == ErrorKind.PERMANENT:
                     for p, _ in chunk:
-                        outcomes[p.index] = self._through(p.row, p.message, p.started,
-                                                          p.aliases, [], p.refused)
+                        outcomes[p.index] = self._through(p, p.aliases)
                 else:
                     broken = failure
                     for p, _ in chunk:
@@ -326,8 +337,7 @@ class Deliverer:
         """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
         if failure.kind == ErrorKind.PERMANENT:
             return self._outcome(p.started, alias, failure, p.refused)
-        rest = list(p.aliases[p.aliases.index(alias) + 1:])
-        return self._through(p.row, p.message, p.started, rest, [(alias, failure)], p.refused)
+        return self._through(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
 
     @staticmethod
     def _outcome(started: datetime, alias: str, failure: Failure,
