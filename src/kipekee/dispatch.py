@@ -106,7 +106,7 @@ def submit(
         provider=provider, template=template, metadata=metadata, using=using,
     )
     receipt = Receipt(row, created=created)
-    if created and mode != "queue":
+    if created and mode != "queue" and not receipt.suppressed:  # nothing to deliver
         transaction.on_commit(partial(deliver_in_request, receipt), using=row._state.db)
     return receipt
 

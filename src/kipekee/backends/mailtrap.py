@@ -179,8 +179,8 @@ class EmailBackend(AnymailMailtrapBackend):
         """Build ``message`` for a batch request; raises what sending it would raise."""
         message.anymail_status = AnymailStatus()  # type: ignore[attr-defined]
         if not self.run_pre_send(message):
-            raise AnymailUnsupportedFeature("an anymail pre_send receiver cancelled the message",
-                                            email_message=message, backend=self)
+            # As with a single send (send_messages counts 0): not sent, reported, retried.
+            raise RuntimeError("an anymail pre_send receiver cancelled the message")
         payload = self.build_message_payload(message, self.send_defaults)
         if payload.is_batch():
             raise AnymailUnsupportedFeature("merge_data in a Kipekee batch",
