@@ -132,6 +132,18 @@ def test_streams(mailtrap_server, kipekee_settings):
     assert EmailBackend(api_token="t").api_url == "https://send.api.mailtrap.io/api/"
 
 
+def test_one_pooled_connection_for_many_sends(mailtrap, kipekee_settings):
+    kipekee_settings(mailtrap=mailtrap_provider(mailtrap))
+    ids = [kipekee.send(**MAIL, mode="queue").id for _ in range(4)]
+    with Deliverer() as deliverer:
+        for pk in ids:
+            row = outbox.claim(pk)
+            dispatch.record(row, deliverer.deliver(row))
+    assert [r.path for r in mailtrap.requests] == ["/api/send"] * 4
+    assert mailtrap.connections == 1  # anymail's session, kept open by the Deliverer
+    assert OutboxEmail.objects.filter(status=Status.SENT).count() == 4
+
+
 def test_option_checks():
     with pytest.raises(ConfigurationError, match="api_token"):
         EmailBackend(alias="m")

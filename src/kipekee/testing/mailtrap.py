@@ -158,6 +158,8 @@ class LocalMailtrapServer:
         self.record_bodies = record_bodies
         self.requests: list[MailtrapRequest] = []
         self.messages: list[dict[str, Any]] = []
+        #: TCP connections accepted so far (a pooled client keeps reusing one).
+        self.connections = 0
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._windows: dict[str, deque[float]] = {}
@@ -235,6 +237,7 @@ class LocalMailtrapServer:
             self.requests.clear()
             self.messages.clear()
             self._windows.clear()
+            self.connections = 0
 
     # -- request handling (called from handler threads) -----------------------------
 
@@ -443,6 +446,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # tests read server.requests; stderr stays quiet
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner._lock:
+            self.owner.connections += 1
 
     def _serve(self) -> None:
         received = time.monotonic()
