@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   send a real email through a local SMTP server and show its outbox row
+#   make demo   send real emails through local SMTP and Mailtrap-contract servers, show the rows
 #   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12),
 #               both on SQLite, then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
 #               (where the multi-process worker tests run)
@@ -26,6 +26,7 @@ $(VENVS)/django61/.installed: pyproject.toml
 
 demo: $(VENVS)/django52/.installed
 	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo
+	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo_mailtrap
 
 test-django52: $(VENVS)/django52/.installed
 	$(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)

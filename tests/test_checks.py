@@ -31,3 +31,16 @@ def test_bad_settings_are_errors(settings):
 def test_unimportable_backend_is_an_error(settings):
     assert ids({"PROVIDERS": {"p": {"BACKEND": "nowhere.Backend"}}}, settings) == ["kipekee.E002"]
     assert ids({"PROVIDERS": {"p": {"BACKEND": "kipekee.models.OutboxEmail"}}}, settings) == ["kipekee.E002"]
+
+
+def test_mailtrap_without_a_rate_limit_warns(settings):
+    mailtrap = {"BACKEND": "kipekee.backends.mailtrap.EmailBackend", "OPTIONS": {"api_token": "t"}}
+    assert ids({"PROVIDERS": {"m": mailtrap}}, settings) == ["kipekee.W002"]
+    limited = {**mailtrap, "LIMITS": {"RATE": "150/10s"}}
+    assert ids({"PROVIDERS": {"m": limited}}, settings) == []
+
+
+def test_webhook_secret_setting(settings):
+    assert ids({"WEBHOOK_SECRET": ["mailtrap:old", "mailtrap:new"]}, settings) == ["kipekee.W001"]
+    assert ids({"WEBHOOK_SECRET": "no-colon"}, settings) == ["kipekee.E001"]
+    assert ids({"WEBHOOK_SECRET": "user:"}, settings) == ["kipekee.E001"]

@@ -65,3 +65,18 @@ def test_limits_in_provider_settings(settings):
     for bad in ({"RATE": "lots"}, {"CONCURRENCY": 0}, {"BURST": 1}):
         with pytest.raises(ConfigurationError):
             conf.parse({"PROVIDERS": {"m": {"BACKEND": "x", "LIMITS": bad}}})
+
+
+def test_window_counts_a_call_until_a_window_after_it_finished():
+    # The provider counts a request when it receives it; a call that took a while must
+    # not let the next window's first call reach it early.
+    import time
+
+    window = SlidingWindow(Rate(count=1, per=60))
+    first = window.acquire()
+
+    time.sleep(0.05)
+    window.finished(first)
+    wait = window.reserve()
+    # From when the first call finished (about 60 s from now), not when it started (59.95).
+    assert 59.99 < wait <= 60

@@ -1,3 +1,5 @@
+import importlib.util
+
 from django.apps import AppConfig
 
 
@@ -11,6 +13,10 @@ class KipekeeConfig(AppConfig):
         from django.core.signals import request_started
 
         from . import checks, conf  # noqa: F401
+
+        if importlib.util.find_spec("anymail") is not None:
+            # Delivery webhooks (anymail's tracking signal) update rows and suppressions.
+            from . import webhooks  # noqa: F401
 
         # The thread engine starts with the first request of a process (not at import,
         # which also happens in migrate, shell and friends), so rows left deferred by a

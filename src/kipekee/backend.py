@@ -11,7 +11,8 @@ Django 6.1 (``MAILERS``)::
                            "OPTIONS": {"mode": "hybrid"}}}
 
 ``send_messages`` returns how many messages the outbox accepted (delivery outcomes are
-on the rows). Bad input raises ``InvalidMessage`` and nothing of that call is written.
+on the rows; a message whose every recipient is on the suppression list is not counted),
+and leaves each message's :class:`~kipekee.dispatch.Receipt` on ``message.kipekee_receipt``. Bad input raises ``InvalidMessage`` and nothing of that call is written.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class EmailBackend(BaseEmailBackend):
             for message in email_messages:
                 if not message.recipients():
                     raise InvalidMessage("The message has no recipients.")
-                submit(message, mode=self.mode, provider=self.provider)
-                count += 1
+                receipt = submit(message, mode=self.mode, provider=self.provider)
+                # The caller can read what happened (and why it was not sent) here.
+                message.kipekee_receipt = receipt  # type: ignore[attr-defined]
+                if not receipt.suppressed:  # every recipient suppressed: not "sent"
+                    count += 1
         return count

@@ -29,10 +29,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
     for p in parsed.providers:
         try:
-            providers._backend_class(p.backend)
+            cls = providers._backend_class(p.backend)
         except ConfigurationError as exc:
             messages.append(Error(f'KIPEKEE["PROVIDERS"][{p.alias!r}]: {exc}',
                                   hint="BACKEND must be the dotted path of a Django email "
                                        "backend that delivers (not Kipekee's drop-in).",
                                   id="kipekee.E002"))
+            continue
+        # A backend may declare the request limit its service documents.
+        documented = getattr(cls, "documented_rate", None)
+        if documented and not p.rate:
+            messages.append(Warning(
+                f'KIPEKEE["PROVIDERS"][{p.alias!r}] has no LIMITS["RATE"]; the service '
+                f"allows {documented} requests, and a burst beyond it is answered 429.",
+                hint=f'Add "LIMITS": {{"RATE": "{documented}"}} to the provider.',
+                id="kipekee.W002"))
     return messages

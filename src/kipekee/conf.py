@@ -93,6 +93,8 @@ class KipekeeSettings:
     lease: timedelta = timedelta(minutes=5)
     strict_templates: bool = True
     message_id_domain: str | None = None
+    # Basic-auth "user:password" pairs delivery webhooks must carry (several: rotation).
+    webhook_secrets: tuple[str, ...] = ()
 
     def provider(self, alias: str) -> ProviderConfig:
         for p in self.providers:
@@ -115,6 +117,7 @@ _KNOWN_KEYS = {
     "CIRCUIT_BREAKER",
     "ENGINE",
     "CELERY",
+    "WEBHOOK_SECRET",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -222,6 +225,17 @@ def parse(raw: Any) -> KipekeeSettings:
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
 
+    secrets = raw.get("WEBHOOK_SECRET", ())
+    if isinstance(secrets, str):
+        secrets = (secrets,)
+    if not isinstance(secrets, (list, tuple)) or not all(
+        isinstance(x, str) and ":" in x and x.split(":", 1)[1] for x in secrets
+    ):
+        raise ConfigurationError(
+            'KIPEKEE["WEBHOOK_SECRET"] must be "user:password" or a list of them (the '
+            "basic auth in the webhook URL you give the provider; list two to rotate)."
+        )
+
     return KipekeeSettings(
         providers=tuple(providers),
         mode=cast(Mode, mode),
@@ -234,6 +248,7 @@ def parse(raw: Any) -> KipekeeSettings:
         lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
+        webhook_secrets=tuple(secrets),
     )
 
 

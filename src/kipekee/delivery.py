@@ -16,11 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
+from typing import Any, Protocol, cast, runtime_checkable
 
+from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
+from django.db.models import prefetch_related_objects
 from django.utils import timezone
 
-from . import circuit, providers
+from . import circuit, providers, suppression
 from .message import from_row
 from .models import ErrorKind, OutboxEmail
 from .providers import Failure, classify
@@ -61,6 +64,58 @@ class Outcome:
     code: int | None = None
     refused: dict[str, str] = field(default_factory=dict)
     retry_after: float | None = None
+    # Every recipient is on the suppression list: nothing was sent (status suppressed).
+    suppressed: bool = False
+    # Recipient -> the id the provider gave the message (HTTP APIs), for its webhooks.
+    provider_message_ids: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """What a provider's backend offers to send many messages in one request.
+
+    ``send_batch_item(message)`` builds one message (raising what sending it would
+    raise) into an item with a ``size`` in bytes; ``send_batch(items)`` sends at most
+    ``batch_max_messages`` items of at most ``batch_max_bytes`` together in one request
+    and returns, per item, ``None`` (sent: the message carries ``provider_message_ids``
+    and ``refused_recipients`` as after ``send_messages``) or the error that refused it.
+    It raises when the request as a whole fails. See ``kipekee.backends.mailtrap``.
+    """
+
+    batch_max_messages: int
+    batch_max_bytes: int
+
+    def send_batch_item(self, message: EmailMessage) -> Any: ...
+
+    def send_batch(self, items: Sequence[Any]) -> list[BaseException | None]: ...
+
+
+@dataclass
+class _Pending:
+    """A row waiting in a batch: its message, and what deliver() would know about it."""
+
+    index: int
+    row: OutboxEmail
+    message: EmailMessage
+    started: datetime
+    aliases: list[str]
+    refused: dict[str, str]
+
+
+def _chunks(items: list[tuple[_Pending, Any]], max_count: int,
+            max_bytes: int) -> Iterator[list[tuple[_Pending, Any]]]:
+    """Consecutive runs of at most ``max_count`` items and ``max_bytes`` bytes."""
+    chunk: list[tuple[_Pending, Any]] = []
+    size = 0
+    for entry in items:
+        item_size = entry[1].size
+        if chunk and (len(chunk) >= max_count or size + item_size > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += item_size
+    if chunk:
+        yield chunk
 
 
 class Deliverer:
@@ -80,19 +135,52 @@ class Deliverer:
         self.close()
 
     def deliver(self, row: OutboxEmail) -> Outcome:
-        started = timezone.now()
+        """Deliver one claimed row through the providers, in failover order."""
+        return self.deliver_many([row])[0]
+
+    def _prepare(self, row: OutboxEmail, started: datetime,
+                 suppressed: dict[str, str] | None = None,
+                 ) -> tuple[EmailMessage, dict[str, str]] | Outcome:
+        """The message to send and the recipients taken off it, or the final outcome.
+
+        Recipients suppressed since the row was queued are taken off here; with none
+        left, the outcome says so (``suppressed=True``). ``suppressed`` is the answer of
+        one suppression query for a whole batch.
+        """
         try:
             message = from_row(row)
         except Exception as exc:  # noqa: BLE001 - an unbuildable row fails alone, recorded
             logger.exception("Outbox email %s cannot be built", row.pk)
             return Outcome(ok=False, provider="", started_at=started, finished_at=timezone.now(),
                            kind=ErrorKind.PERMANENT, error=f"cannot build message: {exc!r}")
-        failures: list[tuple[str, Failure]] = []
-        try:
-            aliases = providers.aliases(row.provider)
-        except Exception as exc:  # noqa: BLE001 - settings changed under a queued row
-            failure = classify(exc)
-            return self._outcome(started, "", failure)
+        # What HTTP-API backends may pass on to the provider (category, custom
+        # variables, which come back in delivery webhooks).
+        message.kipekee_id = row.pk  # type: ignore[attr-defined]
+        message.kipekee_metadata = dict(row.metadata or {})  # type: ignore[attr-defined]
+        message.kipekee_template = row.template  # type: ignore[attr-defined]
+        # Suppressions found when the row was written stay on the record.
+        refused = {a: why for a, why in row.refused.items() if why.startswith("suppressed:")}
+        if suppressed is None:
+            suppressed = suppression.check(row.recipients, using=row._state.db)
+        now_suppressed = {a: why for a, why in suppressed.items() if a in row.recipients}
+        if now_suppressed:
+            message.to = [a for a in message.to if a not in now_suppressed]
+            message.cc = [a for a in message.cc if a not in now_suppressed]
+            message.bcc = [a for a in message.bcc if a not in now_suppressed]
+            refused.update(now_suppressed)
+            if not message.recipients():
+                return Outcome(
+                    ok=False, provider="", started_at=started, finished_at=timezone.now(),
+                    kind=ErrorKind.PERMANENT, suppressed=True, refused=refused,
+                    error="not sent, every recipient is on the suppression list: "
+                          + "; ".join(f"{a} ({why})" for a, why in now_suppressed.items()))
+        return message, refused
+
+    def _through(self, p: _Pending, aliases: Sequence[str],
+                 failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
+        """Send one message through ``aliases`` in order; ``failures`` so far come first."""
+        row, message, started, refused = p.row, p.message, p.started, p.refused
+        failures = list(failures)
         for alias in aliases:
             breaker = circuit.for_provider(alias)
             if not breaker.allow():
@@ -119,18 +207,15 @@ class Deliverer:
                 if failure.kind == ErrorKind.PERMANENT:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
-                    return self._outcome(started, alias, failure)
+                    return self._outcome(started, alias, failure, refused)
                 failures.append((alias, failure))
                 continue
             breaker.success()
-            return Outcome(ok=True, provider=alias, started_at=started,
-                           finished_at=timezone.now(),
-                           # Kept on the attempt: why the earlier providers were passed over.
-                           error="; ".join(f"{a}: {f.error}" for a, f in failures),
-                           refused=dict(getattr(message, "refused_recipients", {}) or {}))
+            return self._sent(started, alias, message, failures, refused)
         if not failures:
             return self._outcome(started, "", Failure(
-                kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'))
+                kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
+                refused)
         kind = (ErrorKind.CONFIGURATION
                 if all(f.kind == ErrorKind.CONFIGURATION for _, f in failures)
                 else ErrorKind.TRANSIENT)
@@ -142,22 +227,148 @@ class Deliverer:
             code=last.code,
             refused={k: v for _, f in failures for k, v in f.refused.items()},
             retry_after=min(hints) if hints else None,
-        ))
+        ), refused)
+
+    @staticmethod
+    def _sent(started: datetime, alias: str, message: EmailMessage,
+              failures: list[tuple[str, Failure]], refused: dict[str, str]) -> Outcome:
+        return Outcome(ok=True, provider=alias, started_at=started, finished_at=timezone.now(),
+                       # Kept on the attempt: why the earlier providers were passed over.
+                       error="; ".join(f"{a}: {f.error}" for a, f in failures),
+                       refused={**refused,
+                                **(getattr(message, "refused_recipients", None) or {})},
+                       provider_message_ids=dict(
+                           getattr(message, "provider_message_ids", None) or {}))
 
     def deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
         """Deliver several claimed rows; one outcome per row, in order.
 
-        The extension point for providers that take many messages per request (an HTTP
-        API's batch endpoint): engines hand whole claimed batches here. This default
-        sends them one by one over the reused connections.
+        Engines hand whole claimed batches here. Rows whose first provider can take many
+        messages per request (its backend has ``send_batch``, as Kipekee's Mailtrap
+        backend does) go out in as few requests as its limits allow
+        (``batch_max_messages``, ``batch_max_bytes``); each request takes one slot of the
+        provider's rate window. The others are sent one by one over the reused
+        connections, trying the providers in failover order.
+
+        Per row, the outcome means what :meth:`deliver`'s would: an item the provider
+        refuses is permanent for that row alone; a request that fails as a whole for a
+        transient or configuration reason moves its rows on to the next provider; a
+        request refused as a whole (400, 413, 422) does not say which message is at
+        fault, so its rows are then sent one by one, each getting its own verdict.
         """
-        return [self.deliver(row) for row in rows]
+        outcomes: list[Outcome | None] = [None] * len(rows)
+        prefetch_related_objects(list(rows), "attachments")
+        using = rows[0]._state.db if rows else None
+        suppressed = suppression.check({a for row in rows for a in row.recipients}, using=using)
+        groups: dict[str, list[_Pending]] = {}
+        for index, row in enumerate(rows):
+            started = timezone.now()
+            prepared = self._prepare(row, started, suppressed)
+            if isinstance(prepared, Outcome):
+                outcomes[index] = prepared
+                continue
+            message, refused = prepared
+            try:
+                aliases = providers.aliases(row.provider)
+            except Exception as exc:  # noqa: BLE001 - settings changed under a queued row
+                outcomes[index] = self._outcome(started, "", classify(exc), refused)
+                continue
+            p = _Pending(index, row, message, started, aliases, refused)
+            # Batches only while the first provider's circuit is closed; otherwise the
+            # single path asks the breaker (and takes the half-open trial).
+            if (aliases and circuit.for_provider(aliases[0]).state == circuit.CircuitBreaker.CLOSED
+                    and self._batch_backend(aliases[0]) is not None):
+                groups.setdefault(aliases[0], []).append(p)
+            else:
+                outcomes[index] = self._through(p, aliases)
+        for alias, group in groups.items():
+            if len(group) == 1:  # one message: the single-message endpoint
+                outcomes[group[0].index] = self._through(group[0], group[0].aliases)
+            else:
+                self._deliver_batches(alias, group, outcomes)
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _batch_backend(self, alias: str) -> BatchBackend | None:
+        try:
+            backend = self._open(alias)
+        except Exception:  # noqa: BLE001 - the single path records why it cannot open
+            return None
+        return backend if isinstance(backend, BatchBackend) else None
+
+    def _deliver_batches(self, alias: str, group: list[_Pending],
+                         outcomes: list[Outcome | None]) -> None:
+        backend = self._batch_backend(alias)
+        assert backend is not None
+        items: list[tuple[_Pending, Any]] = []
+        for p in group:
+            try:
+                item = backend.send_batch_item(p.message)
+            except Exception as exc:  # noqa: BLE001 - this message alone cannot be built
+                outcomes[p.index] = self._after(p, alias, classify(exc, backend))
+                continue
+            if item.size > backend.batch_max_bytes:
+                # Too big to share a request: alone, through the single-message endpoint.
+                outcomes[p.index] = self._through(p, p.aliases)
+                continue
+            items.append((p, item))
+        broken: Failure | None = None
+        breaker = circuit.for_provider(alias)
+        for chunk in _chunks(items, backend.batch_max_messages, backend.batch_max_bytes):
+            if broken is None and not breaker.allow():
+                broken = Failure(kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
+                                 error="circuit open after repeated failures")
+            if broken is not None:
+                # The provider failed a request of this call for a reason that is not
+                # the messages': do not send it more now, go on to the next provider.
+                for p, _ in chunk:
+                    outcomes[p.index] = self._after(p, alias, broken)
+                continue
+            try:
+                # Opened again if an earlier request of this call failed (and closed it).
+                backend = cast(BatchBackend, self._open(alias))
+                with providers.limits_for(alias).slot(), _delivering():
+                    results = backend.send_batch([item for _, item in chunk])
+                if len(results) != len(chunk):
+                    raise RuntimeError(f"batch answered {len(results)} results for "
+                                       f"{len(chunk)} messages")
+            except Exception as exc:  # noqa: BLE001 - classified, recorded on every row
+                failure = classify(exc, backend)
+                self._discard(alias)
+                logger.info("Provider %r: batch of %s failed: %s (%s)",
+                            alias, len(chunk), failure.error, failure.kind)
+                if failure.kind == ErrorKind.PERMANENT:
+                    breaker.success()  # the provider answered: it is up
+                else:
+                    breaker.failure()
+                if failure.kind == ErrorKind.PERMANENT:
+                    for p, _ in chunk:
+                        outcomes[p.index] = self._through(p, p.aliases)
+                else:
+                    broken = failure
+                    for p, _ in chunk:
+                        outcomes[p.index] = self._after(p, alias, failure)
+                continue
+            breaker.success()
+            for (p, _), result in zip(chunk, results):
+                if result is None:
+                    outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused)
+                else:
+                    outcomes[p.index] = self._after(p, alias, classify(result, backend))
+
+    def _after(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
+        """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
+        if failure.kind == ErrorKind.PERMANENT:
+            return self._outcome(p.started, alias, failure, p.refused)
+        return self._through(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
 
     @staticmethod
-    def _outcome(started: datetime, alias: str, failure: Failure) -> Outcome:
+    def _outcome(started: datetime, alias: str, failure: Failure,
+                 refused: dict[str, str] | None = None) -> Outcome:
         return Outcome(ok=False, provider=alias, started_at=started, finished_at=timezone.now(),
                        kind=failure.kind, error=failure.error, code=failure.code,
-                       refused=failure.refused, retry_after=failure.retry_after)
+                       refused={**(refused or {}), **failure.refused},
+                       retry_after=failure.retry_after)
 
     def _open(self, alias: str) -> BaseEmailBackend:
         backend = self._backends.get(alias)

@@ -76,6 +76,11 @@ class Receipt:
         return self.status == Status.FAILED
 
     @property
+    def suppressed(self) -> bool:
+        """Not sent: every recipient is on the suppression list (``error`` says why)."""
+        return self.status == Status.SUPPRESSED
+
+    @property
     def pending(self) -> bool:
         """Not final yet: queued, sending or deferred (an engine will go on)."""
         return self.status in {Status.QUEUED, Status.SENDING, Status.DEFERRED}
@@ -112,7 +117,7 @@ def submit(
         using=using,
     )
     receipt = Receipt(row, created=created)
-    if not created:
+    if not created or receipt.suppressed:  # nothing (new) to deliver
         return receipt
     db = row._state.db
     if mode == "queue" or (send_at is not None and send_at > timezone.now()):
@@ -160,6 +165,9 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         # Per message at DEBUG: the worker's INFO lines are counts and rates.
         logger.debug("Sent outbox email %s via %s", row.pk, outcome.provider)
         return outbox.mark_sent(row, outcome)
+    if outcome.suppressed:
+        logger.info("Outbox email %s not sent: %s", row.pk, outcome.error)
+        return outbox.suppress(row, outcome)
     if outcome.kind == ErrorKind.CONFIGURATION:
         logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
     due = (policy or RetryPolicy.from_settings()).next_due(

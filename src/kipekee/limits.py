@@ -12,10 +12,10 @@ this process talk to the provider at once (Mailtrap allows 10 SMTP connections).
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,31 +42,50 @@ class Rate:
 
 
 class SlidingWindow:
-    """At most ``rate.count`` acquisitions in any ``rate.per`` seconds (thread-safe)."""
+    """At most ``rate.count`` acquisitions in any ``rate.per`` seconds (thread-safe).
+
+    A call counts from when it starts until ``rate.per`` after it *finished*
+    (:meth:`finished`): the provider counts a request when it receives it, which is some
+    time after the client started it, so counting from the start alone would let the
+    next window's first request reach the provider too early after a slow one.
+    """
 
     def __init__(self, rate: Rate) -> None:
         self.rate = rate
-        self._times: deque[float] = deque()
+        self._times: list[float] = []  # sorted
         self._lock = threading.Lock()
 
     def reserve(self) -> float:
         """Take a slot; return how many seconds the caller must wait before using it."""
+        return self._take()[1]
+
+    def _take(self) -> tuple[float, float]:
         with self._lock:
             now = time.monotonic()
-            while self._times and self._times[0] <= now - self.rate.per:
-                self._times.popleft()
+            cutoff = bisect.bisect_right(self._times, now - self.rate.per)
+            del self._times[:cutoff]
             if len(self._times) < self.rate.count:
                 start = now
             else:
                 # The slot frees when the oldest of the last `count` uses leaves the window.
                 start = self._times[-self.rate.count] + self.rate.per
-            self._times.append(start)
-            return max(0.0, start - now)
+            bisect.insort(self._times, start)
+            return start, max(0.0, start - now)
 
-    def acquire(self) -> None:
-        wait = self.reserve()
+    def acquire(self) -> float:
+        """Take a slot, waiting for it; return its start (for :meth:`finished`)."""
+        start, wait = self._take()
         if wait:
             time.sleep(wait)
+        return start
+
+    def finished(self, start: float) -> None:
+        """The call that took the slot at ``start`` ended now: count it from now on."""
+        with self._lock:
+            index = bisect.bisect_left(self._times, start)
+            if index < len(self._times) and self._times[index] == start:
+                del self._times[index]
+                bisect.insort(self._times, max(start, time.monotonic()))
 
 
 class ProviderLimits:
@@ -80,11 +99,15 @@ class ProviderLimits:
     def slot(self) -> Iterator[None]:
         if self.gate is not None:
             self.gate.acquire()
+        start = None
         try:
             if self.window is not None:
-                self.window.acquire()
+                start = self.window.acquire()
             yield
         finally:
+            if start is not None:
+                assert self.window is not None
+                self.window.finished(start)
             if self.gate is not None:
                 self.gate.release()
 

@@ -127,6 +127,9 @@ class OutboxEmail(models.Model):
     last_error = models.TextField(blank=True)
     # Recipients the provider refused while accepting the others: address -> reply.
     refused = models.JSONField(default=dict, blank=True)
+    # What the provider reported later (delivery webhooks), per recipient:
+    # address -> {"event": "delivered" | "bounced" | …, "at": ISO time, "detail": …}.
+    delivery = models.JSONField(default=dict, blank=True)
 
     objects = OutboxEmailQuerySet.as_manager()
 
@@ -219,3 +222,79 @@ class EngineHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ProviderMessage(models.Model):
+    """An id a provider gave a sent message (HTTP APIs give one per recipient).
+
+    Delivery webhooks name these ids; they lead back to the outbox row.
+    """
+
+    email = models.ForeignKey(OutboxEmail, on_delete=models.CASCADE,
+                              related_name="provider_messages")
+    provider = models.CharField(max_length=100)
+    message_id = models.CharField(max_length=255, unique=True)
+    recipient = models.CharField(max_length=254, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.message_id} ({self.recipient})"
+
+
+class SuppressionReason(models.TextChoices):
+    HARD_BOUNCE = "hard_bounce", "hard bounce"
+    SPAM_COMPLAINT = "spam_complaint", "spam complaint"
+    UNSUBSCRIBE = "unsubscribe", "unsubscribed"
+    MANUAL = "manual", "added by a person"
+
+
+class Suppression(models.Model):
+    """An address Kipekee does not send to, on any path.
+
+    Filled by delivery webhooks (hard bounces, spam complaints, unsubscribes) and by
+    people in the admin. ``address`` is stored lower-cased.
+    """
+
+    address = models.CharField(max_length=254, unique=True)
+    reason = models.CharField(max_length=32, choices=SuppressionReason.choices,
+                              default=SuppressionReason.MANUAL)
+    source = models.CharField(max_length=100, blank=True,
+                              help_text="Where it came from: a provider's webhook, the admin…")
+    detail = models.TextField(blank=True, help_text="The provider's reply or a note.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.get_reason_display()})"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.address = self.address.strip().lower()
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class WebhookEvent(models.Model):
+    """A provider's delivery event, processed once (the unique key makes replays no-ops)."""
+
+    provider = models.CharField(max_length=50)  # the ESP's name, e.g. "Mailtrap"
+    event_id = models.CharField(max_length=255)
+    event = models.CharField(max_length=32)  # anymail's normalised event type
+    recipient = models.CharField(max_length=254, blank=True)
+    message_id = models.CharField(max_length=255, blank=True)
+    email = models.ForeignKey(OutboxEmail, on_delete=models.SET_NULL, null=True, blank=True,
+                              related_name="webhook_events")
+    detail = models.TextField(blank=True)
+    occurred_at = models.DateTimeField(null=True, blank=True)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-received_at"]
+        constraints = [models.UniqueConstraint(fields=["provider", "event_id"],
+                                               name="kipekee_webhook_event_once")]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.event} {self.recipient} ({self.event_id})"

@@ -12,7 +12,10 @@ Status machine::
       │               deferred ──▶ (claim) …
       │                  │
       ▼                  ▼
-    cancelled          failed        (suppressed: a recipient is on the suppression list)
+    cancelled          failed
+
+    suppressed: every recipient is on the suppression list, found when the row is
+    written (``enqueue``) or when it is about to be sent (``sending → suppressed``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from django.utils import timezone
 
 from . import conf, signals
 from .message import make_message_id, to_fields, validate
-from .models import WAITING_STATUSES, Attachment, Attempt, ErrorKind, OutboxEmail, Status
+from .models import (
+    WAITING_STATUSES,
+    Attachment,
+    Attempt,
+    ErrorKind,
+    OutboxEmail,
+    ProviderMessage,
+    Status,
+)
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
@@ -106,6 +117,7 @@ def enqueue(
             existing = OutboxEmail.objects.using(db).filter(idempotency_key=idempotency_key).first()
             if existing is not None:
                 return existing, False
+        _apply_suppressions(row, db)
         try:
             with transaction.atomic(using=db):
                 row.save(using=db, force_insert=True)
@@ -120,8 +132,28 @@ def enqueue(
                            content=a.content, content_id=a.content_id)
                 for a in attachments
             )
-    signals.queued.send(sender=OutboxEmail, email=row)
+    if row.status == Status.SUPPRESSED:
+        signals.suppressed.send(sender=OutboxEmail, email=row, outcome=None)
+    else:
+        signals.queued.send(sender=OutboxEmail, email=row)
     return row, True
+
+
+def _apply_suppressions(row: OutboxEmail, db: str) -> None:
+    """Take suppressed recipients off a new row; with none left, it is ``suppressed``."""
+    from . import suppression
+
+    refused = suppression.check(row.recipients, using=db)
+    if not refused:
+        return
+    row.to = [a for a in row.to if a not in refused]
+    row.cc = [a for a in row.cc if a not in refused]
+    row.bcc = [a for a in row.bcc if a not in refused]
+    row.refused = refused
+    if not row.recipients:
+        row.status = Status.SUPPRESSED
+        row.last_error = "not sent, every recipient is on the suppression list: " + "; ".join(
+            f"{a} ({why})" for a, why in refused.items())
 
 
 def _pop_header(headers: dict[str, str], name: str) -> str:
@@ -229,11 +261,18 @@ def claim(pk: int, *, using: str | None = None) -> OutboxEmail | None:
 
 
 def mark_sent(row: OutboxEmail, outcome: Outcome) -> bool:
-    """Record a successful attempt: ``sending → sent``."""
+    """Record a successful attempt: ``sending → sent``, with the provider's message ids."""
     return _finish(row, outcome, status=Status.SENT, changes={
         "sent_at": outcome.finished_at, "sent_by": outcome.provider,
         "error_kind": "", "last_error": "", "refused": outcome.refused,
     }, signal=signals.sent)
+
+
+def suppress(row: OutboxEmail, outcome: Outcome) -> bool:
+    """Every recipient was suppressed after the row was queued: ``sending → suppressed``."""
+    return _finish(row, outcome, status=Status.SUPPRESSED, changes={
+        "error_kind": "", "last_error": outcome.error, "refused": outcome.refused,
+    }, signal=signals.suppressed)
 
 
 def defer(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
@@ -272,9 +311,17 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
         Attempt.objects.using(db).create(
             email=row, number=row.attempts, provider=outcome.provider,
             started_at=outcome.started_at, finished_at=outcome.finished_at,
-            outcome="sent" if outcome.ok else outcome.kind, code=outcome.code,
-            error=outcome.error, refused=outcome.refused,
+            outcome="sent" if outcome.ok else ("suppressed" if outcome.suppressed else outcome.kind),
+            code=outcome.code, error=outcome.error, refused=outcome.refused,
         )
+        if outcome.provider_message_ids:
+            ProviderMessage.objects.using(db).bulk_create(
+                [ProviderMessage(email=row, provider=outcome.provider, message_id=mid,
+                                 recipient=recipient)
+                 for recipient, mid in outcome.provider_message_ids.items()],
+                # A sandbox gives one id for all recipients; a resend may repeat one.
+                ignore_conflicts=True,
+            )
     row.status = status
     row.lease_until = None
     for name, value in changes.items():
@@ -313,3 +360,28 @@ def reschedule(pk: int, due_at: datetime, *, using: str | None = None) -> bool:
         .update(due_at=due_at)
     )
     return bool(updated)
+
+
+def record_delivery_event(email_id: int, *, recipient: str, event: str, at: datetime,
+                          detail: str = "", refused: bool = False,
+                          using: str | None = None) -> bool:
+    """Note what a provider reported after sending (a webhook) on the row.
+
+    ``delivery[recipient]`` keeps the latest event by its time; with ``refused`` (a hard
+    bounce, a rejection) the recipient is also added to ``refused``, so the receipt shows
+    it. The status stays as it is: the row was sent, and that is what happened.
+    """
+    db = using or db_for_write()
+    with transaction.atomic(using=db):
+        row = OutboxEmail.objects.using(db).select_for_update().filter(pk=email_id).first()
+        if row is None:
+            return False
+        delivery = dict(row.delivery)
+        previous = delivery.get(recipient)
+        if previous is None or previous.get("at", "") <= at.isoformat():
+            delivery[recipient] = {"event": event, "at": at.isoformat(), "detail": detail}
+        changes: dict[str, Any] = {"delivery": delivery}
+        if refused:
+            changes["refused"] = {**row.refused, recipient: detail or event}
+        OutboxEmail.objects.using(db).filter(pk=email_id).update(**changes)
+    return True

@@ -1,7 +1,7 @@
 """Signals sent by :mod:`kipekee.outbox` after each status change is committed to the row.
 
 Every signal is sent with ``sender=OutboxEmail`` and ``email`` (the row, as written).
-``sent``, ``deferred`` and ``failed`` also carry ``outcome`` (a
+``sent``, ``deferred``, ``failed`` and ``suppressed`` also carry ``outcome`` (a
 :class:`kipekee.delivery.Outcome`: provider, error kind, error text, refused recipients).
 """
 
@@ -12,3 +12,4 @@ sent = Signal()
 deferred = Signal()
 failed = Signal()
 cancelled = Signal()
+suppressed = Signal()

@@ -1,0 +1,336 @@
+"""Mailtrap's HTTP API as a Kipekee provider, on django-anymail's Mailtrap backend.
+
+::
+
+    KIPEKEE = {"PROVIDERS": {"mailtrap": {
+        "BACKEND": "kipekee.backends.mailtrap.EmailBackend",
+        "OPTIONS": {"api_token": os.environ["MAILTRAP_API_TOKEN"],
+                    "stream": "transactional"},       # or "bulk", or "sandbox" + sandbox_id
+        "LIMITS": {"RATE": "150/10s"},                 # Mailtrap's limit per API token
+    }}}
+
+Anymail builds the request (attachments, inline images, headers, reply-to) and owns the
+pooled ``requests`` session and its error normalisation. On top of it this backend:
+
+- chooses the host from ``stream`` (transactional, bulk, sandbox) unless ``api_url`` is
+  given (a local test server), and checks its options: a typo is an error;
+- passes Kipekee's ``metadata`` on: ``metadata["category"]`` (else the template name)
+  becomes Mailtrap's ``category``, the rest ``custom_variables`` with the outbox id as
+  ``kipekee_id`` (they come back in webhooks);
+- leaves the ids Mailtrap gives (one per recipient) on ``message.provider_message_ids``
+  and refused recipients on ``message.refused_recipients``;
+- classifies errors (:meth:`classify_error`): 401/403 and a wrong URL (404) are
+  *configuration*, 400/413/422 *permanent*, 408/429/5xx and network errors *transient*,
+  with ``Retry-After`` kept;
+- sends many messages in one ``/api/batch`` request (:meth:`send_batch`), for
+  :meth:`kipekee.delivery.Deliverer.deliver_many`. Anymail itself only uses the batch
+  endpoint for one message with per-recipient merge data; this reuses anymail's payload
+  builder for each message and its session and response parsing for the request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote, urljoin
+
+from anymail.backends.mailtrap import EmailBackend as AnymailMailtrapBackend
+from anymail.backends.mailtrap import MailtrapPayload
+from anymail.exceptions import (
+    AnymailAPIError,
+    AnymailConfigurationError,
+    AnymailError,
+    AnymailRecipientsRefused,
+    AnymailRequestsAPIError,
+    AnymailUnsupportedFeature,
+)
+from anymail.message import AnymailStatus
+from django.core.mail import EmailMessage
+
+from ..exceptions import ConfigurationError
+from ..models import ErrorKind
+from ..providers import Failure
+
+DEFAULT_TIMEOUT = 15.0
+STREAM_URLS = {
+    "transactional": "https://send.api.mailtrap.io/api/",
+    "bulk": "https://bulk.api.mailtrap.io/api/",
+    "sandbox": "https://sandbox.api.mailtrap.io/api/",
+}
+#: Mailtrap's documented limits for one /api/batch request.
+BATCH_MAX_MESSAGES = 500
+BATCH_MAX_BYTES = 50 * 1024 * 1024
+# Room for the request's own JSON around the messages.
+_ENVELOPE = 1024
+_REFUSED = {"rejected", "invalid", "failed"}
+
+
+class MailtrapBatchItemError(AnymailAPIError):
+    """Mailtrap refused one message of a batch (the request as a whole succeeded)."""
+
+    def __init__(self, errors: Sequence[str], **kwargs: Any) -> None:
+        self.errors = [str(e) for e in errors] or ["refused without a reason"]
+        super().__init__("; ".join(self.errors), **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchItem:
+    """One message ready for a batch request: its JSON and its size in bytes."""
+
+    message: EmailMessage
+    payload: MailtrapPayload
+    json: str
+    size: int
+
+
+class _BatchRequest:
+    """What anymail's ``post_to_esp`` needs of a payload, for a whole batch."""
+
+    def __init__(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        self.url = url
+        self.body = body
+        self.headers = headers
+
+    def get_request_params(self, api_url: str) -> dict[str, Any]:
+        return {"method": "POST", "url": self.url, "data": self.body, "headers": self.headers}
+
+
+class EmailBackend(AnymailMailtrapBackend):
+    """Kipekee's Mailtrap provider. Options: ``api_token`` (required), ``stream``
+    (``transactional`` | ``bulk`` | ``sandbox``), ``sandbox_id`` (the sandbox inbox),
+    ``api_url`` (instead of the stream's host), ``timeout`` (seconds, default 15),
+    ``batch_size`` (messages per batch request, at most 500)."""
+
+    batch_max_bytes = BATCH_MAX_BYTES - _ENVELOPE
+    #: Mailtrap's limit per API token (kipekee.W002 suggests it as LIMITS["RATE"]).
+    documented_rate = "150/10s"
+
+    def __init__(
+        self,
+        *,
+        api_token: str | None = None,
+        stream: str = "transactional",
+        sandbox_id: int | str | None = None,
+        api_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        batch_size: int = BATCH_MAX_MESSAGES,
+        alias: str | None = None,
+        fail_silently: bool = False,
+    ) -> None:
+        where = f"provider {alias!r}" if alias else "kipekee Mailtrap backend"
+        if fail_silently:
+            raise ConfigurationError(f"{where}: an outbox never fails silently.")
+        if not api_token or not isinstance(api_token, str):
+            raise ConfigurationError(f"{where}: OPTIONS must define 'api_token'.")
+        if stream not in STREAM_URLS:
+            raise ConfigurationError(
+                f"{where}: 'stream' must be one of {sorted(STREAM_URLS)}, not {stream!r}.")
+        if (stream == "sandbox") != bool(sandbox_id):
+            raise ConfigurationError(
+                f"{where}: 'sandbox_id' (the inbox id) goes with stream 'sandbox', and only "
+                "with it.")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_MAX_MESSAGES:
+            raise ConfigurationError(
+                f"{where}: 'batch_size' must be an int from 1 to {BATCH_MAX_MESSAGES}.")
+        options: dict[str, Any] = {"api_token": api_token, "api_url": api_url or STREAM_URLS[stream],
+                                   "timeout": timeout, "sandbox_id": sandbox_id}
+        if alias is not None:
+            options["alias"] = alias
+        super().__init__(**options)
+        self.alias = alias
+        self.stream = stream
+        # Decided by the options alone, never by a stray ANYMAIL setting.
+        self.sandbox_id = sandbox_id
+        self.use_sandbox = stream == "sandbox"
+        self.batch_max_messages = batch_size
+
+    # -- building ---------------------------------------------------------------------
+
+    def build_message_payload(self, message: EmailMessage, defaults: Any) -> MailtrapPayload:
+        payload = super().build_message_payload(message, defaults)
+        metadata = dict(getattr(message, "kipekee_metadata", None) or {})
+        data = payload.data
+        category = metadata.pop("category", None) or getattr(message, "kipekee_template", "")
+        if category and "category" not in data and "template_uuid" not in data:
+            data["category"] = str(category)[:255]
+        custom = {str(k): _text(v) for k, v in metadata.items()}
+        kipekee_id = getattr(message, "kipekee_id", None)
+        if kipekee_id is not None:
+            custom["kipekee_id"] = str(kipekee_id)
+        if custom:
+            # What the message itself set (anymail's metadata) wins.
+            data["custom_variables"] = {**custom, **data.get("custom_variables", {})}
+        return payload
+
+    # -- single sends -----------------------------------------------------------------
+
+    def _send(self, message: EmailMessage) -> bool:
+        sent = super()._send(message)
+        _note_status(message)
+        return sent
+
+    # -- batch sends ------------------------------------------------------------------
+
+    def send_batch_item(self, message: EmailMessage) -> BatchItem:
+        """Build ``message`` for a batch request; raises what sending it would raise."""
+        message.anymail_status = AnymailStatus()  # type: ignore[attr-defined]
+        if not self.run_pre_send(message):
+            # As with a single send (send_messages counts 0): not sent, reported, retried.
+            raise RuntimeError("an anymail pre_send receiver cancelled the message")
+        payload = self.build_message_payload(message, self.send_defaults)
+        if payload.is_batch():
+            raise AnymailUnsupportedFeature("merge_data in a Kipekee batch",
+                                            email_message=message, backend=self)
+        text = payload.serialize_json(payload.data)
+        # +1: the comma between messages in the request.
+        return BatchItem(message=message, payload=payload, json=text,
+                         size=len(text.encode()) + 1)
+
+    def send_batch(self, items: Sequence[BatchItem]) -> list[BaseException | None]:
+        """Send ``items`` in one ``/api/batch`` request; per item ``None`` (sent, with
+        ``provider_message_ids`` on its message) or the error that refused it.
+
+        Raises (anymail's normalised errors) when the request as a whole fails.
+        """
+        if not items:
+            return []
+        if len(items) > self.batch_max_messages:
+            raise ValueError(f"{len(items)} messages, more than {self.batch_max_messages}")
+        first = items[0]
+        body = ('{"requests":[' + ",".join(item.json for item in items) + "]}").encode()
+        endpoint = "batch"
+        if self.use_sandbox:
+            endpoint += "/" + quote(str(self.sandbox_id), safe="")
+        request = _BatchRequest(urljoin(self.api_url, endpoint), body,
+                                dict(first.payload.headers))
+        response = self.post_to_esp(request, first.message)
+        parsed = self.deserialize_json_response(response, request, first.message)
+        responses = parsed.get("responses") if isinstance(parsed, dict) else None
+        if (not isinstance(responses, list) or len(responses) != len(items)
+                or parsed.get("success") is not True):
+            raise AnymailRequestsAPIError(
+                f"Unexpected batch answer for {len(items)} messages",
+                email_message=first.message, payload=request, response=response, backend=self)
+        results: list[BaseException | None] = []
+        for item, answer in zip(items, responses):
+            if not isinstance(answer, dict) or not answer.get("success"):
+                errors = answer.get("errors", []) if isinstance(answer, dict) else []
+                results.append(MailtrapBatchItemError(errors, email_message=item.message,
+                                                      backend=self))
+                continue
+            payload = item.payload
+            recipients = [*payload.recipients_to, *payload.recipients_cc, *payload.recipients_bcc]
+            try:
+                status = self.parse_one_response(answer, recipients, response, payload,
+                                                 item.message)
+                item.message.anymail_status.set_recipient_status(status)  # type: ignore[attr-defined]
+                item.message.anymail_status.esp_response = response  # type: ignore[attr-defined]
+                self.run_post_send(item.message)
+            except AnymailError as exc:
+                results.append(exc)
+                continue
+            _note_status(item.message)
+            results.append(None)
+        return results
+
+    # -- errors -----------------------------------------------------------------------
+
+    def classify_error(self, exc: BaseException) -> Failure | None:
+        """Mailtrap's answers as Kipekee's three kinds of failure (see the module doc)."""
+        if isinstance(exc, MailtrapBatchItemError):
+            return Failure(kind=ErrorKind.PERMANENT,
+                           error=f"Mailtrap refused the message: {'; '.join(exc.errors)}")
+        if isinstance(exc, AnymailRecipientsRefused):
+            status = getattr(exc.email_message, "anymail_status", None)
+            refused = {addr: s.status for addr, s in (status.recipients if status else {}).items()
+                       if s.status in _REFUSED}
+            return Failure(kind=ErrorKind.PERMANENT, refused=refused,
+                           error="Mailtrap refused every recipient: "
+                                 + ", ".join(f"{a} ({s})" for a, s in refused.items()))
+        if isinstance(exc, AnymailConfigurationError):
+            return Failure(kind=ErrorKind.CONFIGURATION, error=f"Mailtrap: {exc.args[0]}")
+        if isinstance(exc, AnymailRequestsAPIError):
+            return _classify_http(exc)
+        if isinstance(exc, (AnymailUnsupportedFeature, ValueError, TypeError)):
+            # The message asks for something Mailtrap's API cannot express.
+            return Failure(kind=ErrorKind.PERMANENT,
+                           error=f"cannot send through Mailtrap: {exc.args[0] if exc.args else exc}")
+        return None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _note_status(message: EmailMessage) -> None:
+    """Leave the provider's ids and refusals where Kipekee's delivery reads them."""
+    status = getattr(message, "anymail_status", None)
+    recipients = status.recipients if status is not None else {}
+    message.provider_message_ids = {  # type: ignore[attr-defined]
+        addr: s.message_id for addr, s in recipients.items() if s.message_id}
+    message.refused_recipients = {  # type: ignore[attr-defined]
+        addr: f"refused by Mailtrap ({s.status})" for addr, s in recipients.items()
+        if s.status in _REFUSED}
+
+
+def _errors_of(response: Any) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text or "")[:200]
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(errors, list):
+        return "; ".join(str(e) for e in errors)
+    if isinstance(errors, dict):
+        return "; ".join(f"{k}: {v}" for k, v in errors.items())
+    return str(errors or body.get("error", "") if isinstance(body, dict) else body)[:200]
+
+
+def _retry_after(response: Any) -> float | None:
+    value = response.headers.get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _classify_http(exc: AnymailRequestsAPIError) -> Failure:
+    response = exc.response
+    code = exc.status_code
+    if response is None or code is None:
+        # No answer: anymail raised it from a requests exception (refused, reset, DNS,
+        # timeout), which is its __cause__.
+        cause = exc.__cause__ or exc
+        return Failure(kind=ErrorKind.TRANSIENT,
+                       error=f"Mailtrap unreachable: {type(cause).__name__}: {cause}")
+    detail = _errors_of(response)
+    error = f"Mailtrap {code}: {detail}" if detail else f"Mailtrap {code}"
+    if code in (401, 403):
+        return Failure(kind=ErrorKind.CONFIGURATION, code=code,
+                       error=f"{error} (check the API token and the sending domain)")
+    if code == 404:
+        return Failure(kind=ErrorKind.CONFIGURATION, code=code,
+                       error=f"{error} (check api_url / sandbox_id)")
+    if code in (408, 429) or code >= 500 or code < 400:
+        # < 400: a 2xx whose body could not be read; the message may or may not have
+        # been taken, and a resend is the same message (same Message-ID).
+        return Failure(kind=ErrorKind.TRANSIENT, code=code, error=error,
+                       retry_after=_retry_after(response))
+    return Failure(kind=ErrorKind.PERMANENT, code=code, error=error)

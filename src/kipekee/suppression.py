@@ -1,0 +1,65 @@
+"""The suppression list: addresses Kipekee does not send to, on any path.
+
+Delivery webhooks add hard bounces, spam complaints and unsubscribes; people add and
+remove addresses in the admin. It is enforced in two places, so no path around it exists:
+
+- :func:`kipekee.outbox.enqueue` (``kipekee.send``, ``Email.send``, the drop-in backend):
+  suppressed recipients are taken off the message and named in ``refused``; when none is
+  left the row is written as ``suppressed`` and the receipt says why;
+- :class:`kipekee.delivery.Deliverer` checks again just before sending, for addresses
+  suppressed after the row was queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from email.utils import parseaddr
+
+from django.db import IntegrityError, transaction
+
+from .models import Suppression, SuppressionReason
+
+
+def normalize(address: str) -> str:
+    """The lower-cased addr-spec of ``address`` (``"Ann <Ann@X.org>"`` → ``ann@x.org``)."""
+    return (parseaddr(address)[1] or address).strip().lower()
+
+
+def check(addresses: Iterable[str], *, using: str | None = None) -> dict[str, str]:
+    """The suppressed ones among ``addresses``: address as given → why, for the caller."""
+    wanted = {address: normalize(address) for address in addresses}
+    if not wanted:
+        return {}
+    found = {
+        s.address: s
+        for s in Suppression.objects.using(using).filter(address__in=set(wanted.values()))
+    }
+    return {
+        address: describe(found[key]) for address, key in wanted.items() if key in found
+    }
+
+
+def describe(suppression: Suppression) -> str:
+    source = f" via {suppression.source}" if suppression.source else ""
+    when = suppression.created_at.date().isoformat()
+    reason = (SuppressionReason(suppression.reason).label
+              if suppression.reason in SuppressionReason.values else suppression.reason)
+    return f"suppressed: {reason}{source} on {when}"
+
+
+def add(address: str, reason: str = SuppressionReason.MANUAL, *, source: str = "",
+        detail: str = "", using: str | None = None) -> tuple[Suppression, bool]:
+    """Put ``address`` on the list (keeps the first entry if it is already there)."""
+    key = normalize(address)
+    try:
+        with transaction.atomic(using=using):
+            return Suppression.objects.using(using).get_or_create(
+                address=key, defaults={"reason": reason, "source": source, "detail": detail})
+    except IntegrityError:  # a concurrent add of the same address won
+        return Suppression.objects.using(using).get(address=key), False
+
+
+def remove(address: str, *, using: str | None = None) -> bool:
+    """Take ``address`` off the list; False if it was not on it."""
+    deleted, _ = Suppression.objects.using(using).filter(address=normalize(address)).delete()
+    return bool(deleted)
