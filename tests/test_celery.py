@@ -48,7 +48,10 @@ def broker():
 def celery_settings(settings, smtp_sink, broker):
     queue = f"kipekee-test-{uuid.uuid4().hex[:8]}"
     settings.KIPEKEE = {"ENGINE": "celery", "PROVIDERS": {"primary": smtp_provider(smtp_sink)},
-                        "CELERY": {"QUEUE": queue, "SWEEP_GRACE_SECONDS": 1}, "LEASE_SECONDS": 3}
+                        "CELERY": {"QUEUE": queue, "SWEEP_GRACE_SECONDS": 1},
+                        # Longer than any batch takes, even on a loaded machine: a lease that
+                        # expires under a live worker hands its rows out twice (by design).
+                        "LEASE_SECONDS": 60}
     return settings.KIPEKEE
 
 
@@ -152,7 +155,9 @@ def test_worker_killed_its_messages_go_out_after_the_lease(smtp_server, broker, 
     from kipekee.testing import Faults
 
     slow = smtp_server(faults=Faults(stall_before_data_reply=0.02))
-    settings.KIPEKEE = {**celery_settings, "PROVIDERS": {"primary": smtp_provider(slow)}}
+    # A short lease: the victim's rows come back quickly after the kill.
+    settings.KIPEKEE = {**celery_settings, "PROVIDERS": {"primary": smtp_provider(slow)},
+                        "LEASE_SECONDS": 5}
     workers.settings = settings.KIPEKEE
     victim = workers.start("victim")
     expected = send_many(600)

@@ -193,7 +193,7 @@ def test_one_unbuildable_message_among_1000_fails_alone(sink_provider):
 def test_primary_down_flows_through_backup_and_back_after_recovery(smtp_server, kipekee_settings):
     primary, backup = smtp_server(), smtp_server()
     kipekee_settings(primary=smtp_provider(primary, timeout=1), backup=smtp_provider(backup),
-                     _extra={"CIRCUIT_BREAKER": {"FAILURES": 2, "COOLDOWN_SECONDS": 0.3}})
+                     _extra={"CIRCUIT_BREAKER": {"FAILURES": 2, "COOLDOWN_SECONDS": 1}})
     primary.stop()  # keeps its port: it can come back on the same address
     ids = enqueue(6)
     with Deliverer() as deliverer:
@@ -202,13 +202,14 @@ def test_primary_down_flows_through_backup_and_back_after_recovery(smtp_server, 
             outcome = deliverer.deliver(row)
             outbox.mark_sent(row, outcome)
     assert len(backup.wait_for(6)) == 6 and primary.messages == []
-    attempts = list(Attempt.objects.filter(email_id__in=ids).order_by("email_id").values_list("error", flat=True))
-    # Two connection failures open the circuit: later messages skip the primary at once.
-    assert sum("ConnectionRefusedError" in e for e in attempts) == 2
-    assert sum("circuit open" in e for e in attempts) == 4
+    errors = [Attempt.objects.get(email_id=pk).error for pk in ids]
+    # Two connection failures open the circuit: the next messages skip the primary at once
+    # (on a very slow machine the cool-down may pass and one more trial be refused).
+    assert ["ConnectionRefusedError" in e for e in errors[:3]] == [True, True, False]
+    assert "circuit open" in errors[2]
 
     primary.start()
-    time.sleep(0.35)  # the cool-down: the next send is the half-open trial
+    time.sleep(1.05)  # the cool-down: the next send is the half-open trial
     ids = enqueue(3)
     with Deliverer() as deliverer:
         for pk in ids:

@@ -113,7 +113,9 @@ def test_four_worker_processes_deliver_10000_exactly_once(smtp_sink, kipekee_set
 
 
 def test_kill_9_loses_nothing_and_duplicates_only_in_flight(smtp_sink, kipekee_settings, settings):
-    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={"LEASE_SECONDS": 2})
+    # Short enough to recover quickly, long enough that a live worker's batch of 10 never
+    # outlasts it (which would hand its rows out twice, by design).
+    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={"LEASE_SECONDS": 5})
     expected = bulk_enqueue(3000)
     concurrency, batch = 2, 10
     procs = [worker_process(settings.KIPEKEE, "--concurrency", str(concurrency), "--batch-size",
