@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo test test-django52 test-django61 clean
+.PHONY: demo test test-django52 test-django61 clean chromium
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -25,10 +25,14 @@ $(VENVS)/django61/.installed: pyproject.toml
 demo: $(VENVS)/django52/.installed
 	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo
 
-test-django52: $(VENVS)/django52/.installed
+# The browser tests need Debian's chromium; installed here when missing.
+chromium:
+	scripts/ensure-chromium
+
+test-django52: $(VENVS)/django52/.installed chromium
 	$(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
 
-test-django61: $(VENVS)/django61/.installed
+test-django61: $(VENVS)/django61/.installed chromium
 	$(VENVS)/django61/bin/python -m pytest $(PYTEST_ARGS)
 
 # Both runs always happen; the target fails if either failed.

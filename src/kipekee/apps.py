@@ -1,3 +1,5 @@
+import importlib.util
+
 from django.apps import AppConfig
 
 
@@ -8,4 +10,11 @@ class KipekeeConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the system checks and the setting_changed receiver.
-        from . import checks, conf  # noqa: F401
+        from . import checks, conf, logs  # noqa: F401
+
+        logs.connect()
+        if importlib.util.find_spec("prometheus_client") is not None:
+            # Optional extra; without it "METRICS": True is a system check error (E013).
+            from . import metrics
+
+            metrics.install()

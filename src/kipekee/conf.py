@@ -67,6 +67,32 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RetentionConfig:
+    """``KIPEKEE["RETENTION"]``: what ``manage.py kipekee_purge`` does to old rows.
+
+    Rows in a final status (sent, failed, suppressed, cancelled) created more than
+    ``days`` ago are deleted, or with ``action="anonymise"`` kept (status, provider,
+    dates, attempt counts: the statistics) with bodies, subjects, addresses and
+    attachments erased. ``days=None`` (the default) keeps everything.
+    """
+
+    days: int | None = None
+    action: Literal["delete", "anonymise"] = "delete"
+    batch_size: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckConfig:
+    """``KIPEKEE["CHECK"]``: thresholds of ``manage.py kipekee_check``."""
+
+    heartbeat_max_age: float = 60.0  # seconds since an engine's last beat
+    oldest_due_max_age: float = 900.0  # seconds a due message may wait
+    queue_depth_max: int = 10_000  # waiting rows
+    failure_rate_max: float = 0.2  # failed / finished attempts in the last hour
+    provider_timeout: float = 10.0  # seconds for each provider's connection test
+
+
+@dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
     mode: Mode = "hybrid"
@@ -76,6 +102,9 @@ class KipekeeSettings:
     lease: timedelta = timedelta(minutes=5)
     strict_templates: bool = True
     message_id_domain: str | None = None
+    retention: RetentionConfig = RetentionConfig()
+    check: CheckConfig = CheckConfig()
+    metrics: bool = False
 
     def provider(self, alias: str) -> ProviderConfig:
         for p in self.providers:
@@ -95,6 +124,9 @@ _KNOWN_KEYS = {
     "LEASE_SECONDS",
     "STRICT_TEMPLATES",
     "MESSAGE_ID_DOMAIN",
+    "RETENTION",
+    "CHECK",
+    "METRICS",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS"}
 
@@ -188,7 +220,49 @@ def parse(raw: Any) -> KipekeeSettings:
         lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
+        **_parse_operations(raw),
     )
+
+
+def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
+    """``RETENTION``, ``CHECK`` and ``METRICS``: the settings of running Kipekee."""
+    retention_raw = raw.get("RETENTION", {})
+    keys = {"DAYS", "ACTION", "BATCH_SIZE"}
+    if not isinstance(retention_raw, dict) or set(retention_raw) - keys:
+        raise ConfigurationError(f'KIPEKEE["RETENTION"] must be a dict with keys among {sorted(keys)}.')
+    days = retention_raw.get("DAYS")
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 1):
+        raise ConfigurationError(f'KIPEKEE["RETENTION"]["DAYS"] must be an int >= 1 or None, not {days!r}.')
+    action = retention_raw.get("ACTION", "delete")
+    if action not in ("delete", "anonymise"):
+        raise ConfigurationError(
+            f'KIPEKEE["RETENTION"]["ACTION"] must be "delete" or "anonymise", not {action!r}.')
+    batch = int(_positive_number(retention_raw, "BATCH_SIZE", 1000, "RETENTION"))
+
+    check_raw = raw.get("CHECK", {})
+    keys = {"HEARTBEAT_MAX_AGE", "OLDEST_DUE_MAX_AGE", "QUEUE_DEPTH_MAX", "FAILURE_RATE_MAX",
+            "PROVIDER_TIMEOUT"}
+    if not isinstance(check_raw, dict) or set(check_raw) - keys:
+        raise ConfigurationError(f'KIPEKEE["CHECK"] must be a dict with keys among {sorted(keys)}.')
+    d = CheckConfig()
+    rate = _positive_number(check_raw, "FAILURE_RATE_MAX", d.failure_rate_max, "CHECK")
+    if rate > 1:
+        raise ConfigurationError('KIPEKEE["CHECK"]["FAILURE_RATE_MAX"] is a fraction (0.2 = 20 %).')
+    check = CheckConfig(
+        heartbeat_max_age=_positive_number(check_raw, "HEARTBEAT_MAX_AGE", d.heartbeat_max_age, "CHECK"),
+        oldest_due_max_age=_positive_number(check_raw, "OLDEST_DUE_MAX_AGE", d.oldest_due_max_age, "CHECK"),
+        queue_depth_max=int(_positive_number(check_raw, "QUEUE_DEPTH_MAX", d.queue_depth_max, "CHECK")),
+        failure_rate_max=rate,
+        provider_timeout=_positive_number(check_raw, "PROVIDER_TIMEOUT", d.provider_timeout, "CHECK"),
+    )
+    metrics = raw.get("METRICS", False)
+    if not isinstance(metrics, bool):
+        raise ConfigurationError('KIPEKEE["METRICS"] must be True or False.')
+    return {
+        "retention": RetentionConfig(days=days, action=action, batch_size=batch),
+        "check": check,
+        "metrics": metrics,
+    }
 
 
 def _positive_number(raw: dict[str, Any], key: str, default: float, parent: str = "") -> float:
