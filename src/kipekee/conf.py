@@ -71,13 +71,15 @@ class RetentionConfig:
     """``KIPEKEE["RETENTION"]``: what ``manage.py kipekee_purge`` does to old rows.
 
     Rows in a final status (sent, failed, suppressed, cancelled) created more than
-    ``days`` ago are deleted, or with ``action="anonymise"`` kept (status, provider,
-    dates, attempt counts: the statistics) with bodies, subjects, addresses and
-    attachments erased. ``days=None`` (the default) keeps everything.
+    ``days`` ago are anonymised (the default): the row stays for statistics (status,
+    mode, provider, template, dates, attempts, error kinds, recipients' domains) and
+    bodies, subjects, addresses, metadata, error texts and attachments are erased. Or,
+    with ``action="delete"``, deleted with their attempts (the command reports counts
+    by status). ``days=None`` (the default) keeps everything.
     """
 
     days: int | None = None
-    action: Literal["delete", "anonymise"] = "delete"
+    action: Literal["delete", "anonymise"] = "anonymise"
     batch_size: int = 1000
 
 
@@ -233,7 +235,7 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
     days = retention_raw.get("DAYS")
     if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 1):
         raise ConfigurationError(f'KIPEKEE["RETENTION"]["DAYS"] must be an int >= 1 or None, not {days!r}.')
-    action = retention_raw.get("ACTION", "delete")
+    action = retention_raw.get("ACTION", "anonymise")
     if action not in ("delete", "anonymise"):
         raise ConfigurationError(
             f'KIPEKEE["RETENTION"]["ACTION"] must be "delete" or "anonymise", not {action!r}.')
