@@ -18,6 +18,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    # The browser tests' live server serves the admin's CSS and JS from here.
+    "django.contrib.staticfiles",
     "kipekee",
     "tests.app",
 ]
@@ -64,6 +66,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
 ROOT_URLCONF = "tests.urls"
+STATIC_URL = "/static/"
 
 # Tests configure providers per test; the default points at nothing that listens.
 KIPEKEE = {
