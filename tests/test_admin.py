@@ -161,3 +161,17 @@ def test_actions_go_through_the_outbox(admin_client):
     copies = OutboxEmail.objects.filter(metadata__resent_from__isnull=False)
     assert sorted(c.metadata["resent_from"] for c in copies) == sorted(r.pk for r in rows)
     assert set(copies.values_list("status", flat=True)) == {Status.QUEUED}
+
+
+def test_counts_stop_at_the_cap(admin_client, monkeypatch):
+    from kipekee.admin import OutboxPaginator
+
+    monkeypatch.setattr(OutboxPaginator, "count_cap", 20)
+    make_rows(60)
+    response = admin_client.get(f"{LIST}?q=confirmed")
+    cl = response.context["cl"]
+    assert cl.result_count == 20 and str(cl.result_count) == "more than 20"
+    assert "more than 20 results" in response.content.decode()
+    response = admin_client.get(f"{LIST}?status__exact=sent")  # 12 rows: exact
+    assert response.context["cl"].result_count == 12
+    assert str(response.context["cl"].result_count) == "12"

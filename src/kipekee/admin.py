@@ -3,7 +3,8 @@
 Built for large outboxes (millions of rows): the list runs a fixed number of queries
 whatever the page size (every column is on the row), filters offer values without
 scanning the table, there is no date hierarchy (its ``SELECT DISTINCT`` of dates scans
-everything) and no full result count; the unfiltered count is PostgreSQL's estimate.
+everything) and no full result count; the unfiltered count is PostgreSQL's estimate, other counts stop at 10,000. On
+PostgreSQL, trigram indexes (migration 0003) serve the search by subject and recipient.
 
 Status changes go through :mod:`kipekee.outbox` only (retry, cancel, resend): the admin
 shows, it does not edit. The HTML preview is served by its own view with a Content
@@ -98,14 +99,30 @@ class EventFilter(admin.SimpleListFilter):
         return queryset.filter(event=value) if value else queryset
 
 
-class EstimatedCountPaginator(Paginator):
-    """Counts exactly, except the whole table on PostgreSQL: its estimate is instant and
-    an exact ``COUNT(*)`` of millions of rows is not."""
+class AtLeast(int):
+    """A count that stopped at its cap: shows as "more than 10,000" in the admin."""
+
+    def __str__(self) -> str:
+        return f"more than {int(self):,}"
+
+
+class OutboxPaginator(Paginator):
+    """Counting without scanning millions of rows.
+
+    The whole table on PostgreSQL: its estimate (instant; an exact ``COUNT(*)`` of
+    millions of rows is not). A filtered list or a search: counted up to ``count_cap``
+    rows, then shown as "more than …" — enough pages to browse, and a count that stops
+    early instead of visiting every matching row.
+    """
+
+    count_cap = 10_000
 
     @cached_property
     def count(self) -> int:
         qs = self.object_list
-        if isinstance(qs, QuerySet) and not qs.query.where:
+        if not isinstance(qs, QuerySet):
+            return super().count
+        if not qs.query.where:
             connection = connections[qs.db]
             if connection.vendor == "postgresql":
                 with connection.cursor() as cursor:
@@ -114,7 +131,8 @@ class EstimatedCountPaginator(Paginator):
                     row = cursor.fetchone()
                 if row and row[0] > 100_000:
                     return int(row[0])
-        return super().count
+        n = qs.order_by()[: self.count_cap + 1].count()
+        return AtLeast(self.count_cap) if n > self.count_cap else n
 
 
 @admin.register(OutboxEmail)
@@ -129,7 +147,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     ordering = ["-id"]
     list_per_page = 50
     show_full_result_count = False
-    paginator = EstimatedCountPaginator
+    paginator = OutboxPaginator
     inlines = [AttemptInline, AttachmentInline]
     actions = ["retry_selected", "cancel_selected", "resend_selected"]
     readonly_fields = ["preview", *(f.name for f in OutboxEmail._meta.fields)]
