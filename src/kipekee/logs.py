@@ -17,7 +17,7 @@ from .models import OutboxEmail
 logger = logging.getLogger("kipekee.events")
 
 _LEVELS = {"queued": logging.INFO, "sent": logging.INFO, "deferred": logging.WARNING,
-           "failed": logging.ERROR, "cancelled": logging.INFO}
+           "failed": logging.ERROR, "cancelled": logging.INFO, "suppressed": logging.WARNING}
 
 
 def fields(event: str, email: OutboxEmail, outcome: Any = None) -> dict[str, Any]:
@@ -67,4 +67,6 @@ _receivers = {name: _receiver(name) for name in _LEVELS}
 def connect() -> None:
     """Connect the log receivers (done once by the app's ``ready()``)."""
     for name, receive in _receivers.items():
-        getattr(signals, name).connect(receive, dispatch_uid=f"kipekee.logs.{name}")
+        signal = getattr(signals, name, None)  # "suppressed" comes with the suppression list
+        if signal is not None:
+            signal.connect(receive, dispatch_uid=f"kipekee.logs.{name}")

@@ -1,7 +1,7 @@
 """Prometheus metrics (optional: ``pip install django-kipekee[metrics]``, ``"METRICS": True``).
 
 - ``kipekee_emails_total{status, provider}``: a counter fed by the signals (``queued``,
-  ``sent``, ``deferred``, ``failed``, ``cancelled``); ``provider`` is the alias that
+  ``sent``, ``deferred``, ``failed``, ``cancelled``, ``suppressed``); ``provider`` is the alias that
   sent or last failed (empty for queued/cancelled).
 - ``kipekee_send_duration_seconds{provider}``: a histogram of the duration of each
   delivery attempt (sent, deferred or failed).
@@ -92,7 +92,8 @@ def _count(status: str) -> Any:
     return receive
 
 
-_receivers = {name: _count(name) for name in ("queued", "sent", "deferred", "failed", "cancelled")}
+_receivers = {name: _count(name)
+              for name in ("queued", "sent", "deferred", "failed", "cancelled", "suppressed")}
 _collector = QueueCollector()
 _installed = False
 
@@ -103,7 +104,9 @@ def install() -> None:
     if _installed:
         return
     for name, receive in _receivers.items():
-        getattr(signals, name).connect(receive, dispatch_uid=f"kipekee.metrics.{name}")
+        signal = getattr(signals, name, None)  # "suppressed" comes with the suppression list
+        if signal is not None:
+            signal.connect(receive, dispatch_uid=f"kipekee.metrics.{name}")
     REGISTRY.register(_collector)
     _installed = True
 

@@ -10,6 +10,7 @@
 """
 
 import sys
+from typing import Any
 
 from django.db import migrations, models
 
@@ -19,7 +20,7 @@ TRIGRAM_INDEXES = {
 }
 
 
-def create_trigram_indexes(apps, schema_editor):
+def create_trigram_indexes(apps: Any, schema_editor: Any) -> None:
     connection = schema_editor.connection
     if connection.vendor != "postgresql":
         return
@@ -38,7 +39,7 @@ def create_trigram_indexes(apps, schema_editor):
                            f"USING gin (({expression}) gin_trgm_ops)")
 
 
-def drop_trigram_indexes(apps, schema_editor):
+def drop_trigram_indexes(apps: Any, schema_editor: Any) -> None:
     if schema_editor.connection.vendor != "postgresql":
         return
     with schema_editor.connection.cursor() as cursor:
