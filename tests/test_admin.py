@@ -175,3 +175,26 @@ def test_counts_stop_at_the_cap(admin_client, monkeypatch):
     response = admin_client.get(f"{LIST}?status__exact=sent")  # 12 rows: exact
     assert response.context["cl"].result_count == 12
     assert str(response.context["cl"].result_count) == "12"
+
+
+def test_change_page_buttons(admin_client):
+    failed, sent = make_rows(2, status=Status.FAILED)[0], make_rows(1, status=Status.SENT)[0]
+    page = admin_client.get(f"{LIST}{failed.pk}/change/").content.decode()
+    act = reverse("admin:kipekee_outboxemail_act", args=[failed.pk])
+    assert f'formaction="{act}" name="kipekee_action" value="retry"' in page
+    assert 'value="resend"' in page and 'value="cancel"' not in page
+
+    response = admin_client.post(act, {"kipekee_action": "retry"}, follow=True)
+    assert [str(m) for m in response.context["messages"]] == ["Queued again: an engine sends it next."]
+    assert OutboxEmail.objects.get(pk=failed.pk).status == Status.QUEUED
+    response = admin_client.post(act, {"kipekee_action": "retry"}, follow=True)
+    assert [str(m) for m in response.context["messages"]] == [
+        "Cannot retry: the message is queued."]
+    admin_client.post(act, {"kipekee_action": "cancel"})
+    assert OutboxEmail.objects.get(pk=failed.pk).status == Status.CANCELLED
+
+    act_sent = reverse("admin:kipekee_outboxemail_act", args=[sent.pk])
+    response = admin_client.post(act_sent, {"kipekee_action": "resend"})
+    copy = OutboxEmail.objects.get(metadata__resent_from=sent.pk)
+    assert response["Location"] == f"{LIST}{copy.pk}/change/"
+    assert admin_client.get(act_sent).status_code == 405

@@ -201,3 +201,7 @@ def test_retry_action(page: Page, live_server):
     # The attempt and its error are on the change page.
     page.goto(f"{live_server.url}/admin/kipekee/outboxemail/{failed.pk}/change/")
     assert "451 4.3.0 try later" in page.inner_text("#attempt_log-group")
+    # The change page's own button, posting through the (read-only) change form.
+    page.click("button.kipekee-cancel")
+    assert "Cancelled." in page.inner_text("ul.messagelist")
+    assert OutboxEmail.objects.get(pk=failed.pk).status == Status.CANCELLED

@@ -296,3 +296,20 @@ def test_purge_needs_an_age(kipekee_settings):
     kipekee_settings()
     with pytest.raises(CommandError, match="No retention age"):
         call_command("kipekee_purge")
+
+
+def test_unapplied_migration_fails(kipekee_settings):
+    from django.core.management import call_command as run
+
+    kipekee_settings()
+    rows, _ = check("--no-providers")
+    assert rows["migrations"] == ("ok", "kipekee's migrations are applied")
+    run("migrate", "kipekee", "0002", verbosity=0)  # as if deployed without `migrate`
+    try:
+        rows, passed = check("--no-providers")
+        assert not passed
+        status, detail = rows["migrations"]
+        assert status == "fail" and detail.startswith("not applied: ")
+        assert "0003_operations" in detail and detail.endswith("(run manage.py migrate)")
+    finally:
+        run("migrate", "kipekee", verbosity=0)

@@ -21,20 +21,28 @@ from django.contrib import admin, messages
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import truncatechars
 from django.urls import URLPattern, path, reverse
 from django.utils.functional import cached_property
-from django.utils.html import escape, format_html
+from django.utils.html import escape, format_html, format_html_join
 
 from . import conf, outbox
 from .exceptions import InvalidMessage
-from .models import Attachment, Attempt, OutboxEmail, Status
+from .models import FINAL_STATUSES, WAITING_STATUSES, Attachment, Attempt, OutboxEmail, Status
 
 #: The preview may show inline styles and embedded images, nothing else: no scripts, no
 #: remote images (tracking pixels), fonts, frames or forms.
 PREVIEW_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:; form-action 'none'; base-uri 'none'"
+
+_FINAL = frozenset(FINAL_STATUSES)
+#: The change page's buttons: name, label, statuses that allow it (as in kipekee.outbox).
+_ROW_ACTIONS = [
+    ("retry", "Retry now", {Status.FAILED, Status.DEFERRED}),
+    ("cancel", "Cancel", set(WAITING_STATUSES)),
+    ("resend", "Resend as a new message", set(FINAL_STATUSES)),
+]
 
 _CID = re.compile(r"""(["'(])cid:([^"')\s]+)""", re.IGNORECASE)
 
@@ -150,10 +158,10 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     paginator = OutboxPaginator
     inlines = [AttemptInline, AttachmentInline]
     actions = ["retry_selected", "cancel_selected", "resend_selected"]
-    readonly_fields = ["preview", *(f.name for f in OutboxEmail._meta.fields)]
+    readonly_fields = ["preview", "act", *(f.name for f in OutboxEmail._meta.fields)]
     fieldsets = [
-        (None, {"fields": ["status", "subject", "from_email", "to", "cc", "bcc", "reply_to",
-                           "preview"]}),
+        (None, {"fields": ["status", "act", "subject", "from_email", "to", "cc", "bcc",
+                           "reply_to", "preview"]}),
         ("Delivery", {"fields": ["mode", "provider", "attempts", "due_at", "sent_at",
                                  "sent_by", "error_kind", "last_error", "refused",
                                  "lease_until"]}),
@@ -204,6 +212,19 @@ class OutboxEmailAdmin(admin.ModelAdmin):
             'background:#fff"></iframe><p><a href="{}" target="_blank" rel="noopener">'
             "Open the preview alone</a></p>", url, url)
 
+    @admin.display(description="actions")
+    def act(self, obj: OutboxEmail) -> str:
+        """Buttons for what this message allows; they post the change form (all read-only)
+        to :meth:`act_view`, so no form is nested in another."""
+        buttons = [(name, label) for name, label, statuses in _ROW_ACTIONS
+                   if obj.status in statuses]
+        if obj.pk is None or not buttons:
+            return "-"
+        url = reverse("admin:kipekee_outboxemail_act", args=[obj.pk])
+        return format_html_join(" ", '<button type="submit" class="button kipekee-{}" '
+                                'formaction="{}" name="kipekee_action" value="{}">{}</button>',
+                                ((name, url, name, label) for name, label in buttons))
+
     # --- search --------------------------------------------------------------------------
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[OutboxEmail],
@@ -218,7 +239,9 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     def get_urls(self) -> list[URLPattern]:
         urls = [path("<path:object_id>/preview/", self.admin_site.admin_view(self.preview_view),
-                     name="kipekee_outboxemail_preview")]
+                     name="kipekee_outboxemail_preview"),
+                path("<path:object_id>/act/", self.admin_site.admin_view(self.act_view),
+                     name="kipekee_outboxemail_act")]
         return urls + super().get_urls()
 
     def preview_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
@@ -232,6 +255,25 @@ class OutboxEmailAdmin(admin.ModelAdmin):
         response["Referrer-Policy"] = "no-referrer"
         response["Cache-Control"] = "private, no-store"
         return response
+
+    def act_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """One message's retry, cancel or resend (POST from the change page's buttons)."""
+        obj = get_object_or_404(OutboxEmail, pk=object_id)
+        if request.method != "POST" or not self.has_change_permission(request, obj):
+            return HttpResponse(status=405 if request.method != "POST" else 403)
+        action = request.POST.get("kipekee_action", "")
+        target = obj.pk
+        if action == "retry" and outbox.retry(obj.pk):
+            self.message_user(request, "Queued again: an engine sends it next.")
+        elif action == "cancel" and outbox.cancel(obj.pk):
+            self.message_user(request, "Cancelled.")
+        elif action == "resend" and obj.status in _FINAL:
+            target = outbox.resend(obj.pk).pk
+            self.message_user(request, f"Resent as a new message (#{target}): an engine sends it.")
+        else:
+            self.message_user(request, f"Cannot {action or 'do that'}: the message is {obj.status}.",
+                              messages.WARNING)
+        return HttpResponseRedirect(reverse("admin:kipekee_outboxemail_change", args=[target]))
 
     # --- actions (through kipekee.outbox only) --------------------------------------------
 

@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Literal
 
 from django.db import connections, router
+from django.db.migrations.executor import MigrationExecutor
 from django.db.models import Count, Min, Q
 from django.utils import timezone
 
@@ -62,6 +63,13 @@ def check_database() -> Iterator[Result]:
     elapsed = (time.monotonic() - started) * 1000
     yield Result(name="database", level="ok",
                  detail=f"{alias} ({connection.vendor}) answered in {elapsed:.0f} ms")
+    # Code deployed without `migrate`: new columns or indexes missing.
+    executor = MigrationExecutor(connection)
+    targets = [key for key in executor.loader.graph.leaf_nodes() if key[0] == "kipekee"]
+    pending = [m.name for m, _ in executor.migration_plan(targets)]
+    yield Result(name="migrations", level="fail" if pending else "ok",
+                 detail=f"not applied: {', '.join(pending)} (run manage.py migrate)"
+                 if pending else "kipekee's migrations are applied")
 
 
 def check_provider(alias: str) -> Result:
