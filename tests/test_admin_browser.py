@@ -8,6 +8,7 @@ browser Playwright would download is never used.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.utils import timezone
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from kipekee.models import Attachment, Attempt, OutboxEmail, Status
 
@@ -130,12 +131,15 @@ def test_list_shows_the_outbox(page: Page, live_server):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "admin-outbox-list.png"), full_page=True)
 
+    # expect() waits for the navigation the click or the Enter starts.
     page.click("#changelist-filter a[href*='status__exact=failed']")
-    assert page.locator("#result_list tbody tr").count() == 4
+    expect(page).to_have_url(re.compile(r"status__exact=failed"))
+    expect(page.locator("#result_list tbody tr")).to_have_count(4)
     page.fill("#searchbar", "customer7@")
     page.press("#searchbar", "Enter")
-    assert page.locator("#result_list tbody tr").count() == 1
-    assert "Order 7 confirmed" in page.inner_text("#result_list")
+    expect(page).to_have_url(re.compile(r"q=customer7"))
+    expect(page.locator("#result_list tbody tr")).to_have_count(1)
+    expect(page.locator("#result_list")).to_contain_text("Order 7 confirmed")
 
 
 def test_preview_runs_no_script_and_loads_nothing_remote(page: Page, live_server, remote):
@@ -193,6 +197,7 @@ def test_retry_action(page: Page, live_server):
     page.check(f"input.action-select[value='{sent.pk}']")
     page.select_option("select[name=action]", "retry_selected")
     page.click("button[name=index]")
+    expect(page.locator("ul.messagelist")).to_be_visible()
     messages = page.inner_text("ul.messagelist")
     assert "1 queued again: an engine sends them next." in messages
     assert "1 not retried (only failed or deferred messages can be)." in messages
@@ -203,5 +208,5 @@ def test_retry_action(page: Page, live_server):
     assert "451 4.3.0 try later" in page.inner_text("#attempt_log-group")
     # The change page's own button, posting through the (read-only) change form.
     page.click("button.kipekee-cancel")
-    assert "Cancelled." in page.inner_text("ul.messagelist")
+    expect(page.locator("ul.messagelist")).to_contain_text("Cancelled.")
     assert OutboxEmail.objects.get(pk=failed.pk).status == Status.CANCELLED
