@@ -313,3 +313,21 @@ def test_unapplied_migration_fails(kipekee_settings):
         assert "0003_operations" in detail and detail.endswith("(run manage.py migrate)")
     finally:
         run("migrate", "kipekee", verbosity=0)
+
+
+def test_a_backend_without_a_connection_is_reported_untested(kipekee_settings):
+    kipekee_settings(dev={"BACKEND": "django.core.mail.backends.locmem.EmailBackend"})
+    rows, passed = check()
+    assert passed  # a warning, not a failure
+    status, detail = rows["provider dev"]
+    assert status == "warn" and detail.startswith("untested: EmailBackend has no connection")
+
+
+def test_a_backend_can_check_its_own_connection(kipekee_settings):
+    backend = "tests.app.backends.TokenBackend"
+    kipekee_settings(good={"BACKEND": backend, "OPTIONS": {"token": "good"}},
+                     bad={"BACKEND": backend, "OPTIONS": {"token": "expired"}})
+    rows, passed = check()
+    assert not passed
+    assert rows["provider good"][0] == "ok" and rows["provider good"][1].startswith("API token valid")
+    assert rows["provider bad"] == ("fail", "configuration: ImproperlyConfigured: API token rejected (401)")

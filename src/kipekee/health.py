@@ -96,8 +96,8 @@ def check_provider(alias: str) -> Result:
         failure = providers.classify(exc, backend)
         return Result(name=name, level="fail", detail=f"{failure.kind}: {failure.error}")
     elapsed = (time.monotonic() - started) * 1000
-    return Result(name=name, level=detail.startswith("untested") and "warn" or "ok",
-                  detail=f"{detail} ({elapsed:.0f} ms)")
+    level: Level = "warn" if detail.startswith("untested") else "ok"
+    return Result(name=name, level=level, detail=f"{detail} ({elapsed:.0f} ms)")
 
 
 def _describe_session(backend: object) -> str:
