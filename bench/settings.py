@@ -1,12 +1,14 @@
 """The test settings, on the benchmark's own PostgreSQL database."""
 
+import os
+
 from tests.settings import *  # noqa: F403
 
 DEBUG = False
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": "kipekee_bench",
+        "NAME": os.environ.get("KIPEKEE_BENCH_DB", "kipekee_bench"),
         "HOST": "127.0.0.1",
         "PORT": "5432",
         "USER": "postgres",

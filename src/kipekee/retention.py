@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from email.utils import parseaddr
 
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Case, Count, JSONField, Value, When
 from django.utils import timezone
 
 from .models import FINAL_STATUSES, Attachment, Attempt, OutboxEmail
@@ -69,12 +69,16 @@ def purge(*, days: int, action: str, batch_size: int = 1000, dry_run: bool = Fal
 
 
 def _anonymise(db: str, batch: list[OutboxEmail], ids: list[int]) -> None:
-    for row in batch:
-        for name in ("to", "cc", "bcc", "reply_to"):
-            setattr(row, name, [_domain_only(a) for a in getattr(row, name)])
-    OutboxEmail.objects.using(db).bulk_update(batch, ["to", "cc", "bcc", "reply_to"])
+    # One UPDATE (one new version of each row): addresses row by row through CASE, the
+    # rest constant. Empty lists, the common case for cc/bcc/reply_to, need no branch.
+    addresses: dict[str, Case] = {}
+    for name in ("to", "cc", "bcc", "reply_to"):
+        whens = [When(pk=row.pk, then=Value(domains, output_field=JSONField()))
+                 for row in batch if (domains := [_domain_only(a) for a in getattr(row, name)])]
+        addresses[name] = Case(*whens, default=Value([], output_field=JSONField()),
+                               output_field=JSONField())
     OutboxEmail.objects.using(db).filter(pk__in=ids).update(
-        from_email="", subject="", body="", alternatives=[], headers={}, metadata={},
-        last_error="", refused={},
+        **addresses, from_email="", subject="", body="", alternatives=[], headers={},
+        metadata={}, last_error="", refused={},
     )
     Attempt.objects.using(db).filter(email_id__in=ids).update(error="", refused={})
