@@ -3,8 +3,9 @@
 Built for large outboxes (millions of rows): the list runs a fixed number of queries
 whatever the page size (every column is on the row), filters offer values without
 scanning the table, there is no date hierarchy (its ``SELECT DISTINCT`` of dates scans
-everything) and no full result count; the unfiltered count is PostgreSQL's estimate, other counts stop at 10,000. On
-PostgreSQL, trigram indexes (migration 0003) serve the search by subject and recipient.
+everything) and no full result count; the unfiltered count is PostgreSQL's estimate,
+other counts stop at 10,000. On PostgreSQL, trigram indexes (migration 0003) serve the
+search by subject and recipient.
 
 Status changes go through :mod:`kipekee.outbox` only (retry, cancel, resend): the admin
 shows, it does not edit. The HTML preview is served by its own view with a Content
@@ -34,7 +35,8 @@ from .models import FINAL_STATUSES, WAITING_STATUSES, Attachment, Attempt, Outbo
 
 #: The preview may show inline styles and embedded images, nothing else: no scripts, no
 #: remote images (tracking pixels), fonts, frames or forms.
-PREVIEW_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:; form-action 'none'; base-uri 'none'"
+PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:; "
+               "form-action 'none'; base-uri 'none'")
 
 _FINAL = frozenset(FINAL_STATUSES)
 #: The change page's buttons: name, label, statuses that allow it (as in kipekee.outbox).
@@ -83,7 +85,8 @@ class ProviderFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         return [(p.alias, p.alias) for p in conf.get().providers]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[OutboxEmail]) -> QuerySet[OutboxEmail]:
+    def queryset(self, request: HttpRequest,
+                 queryset: QuerySet[OutboxEmail]) -> QuerySet[OutboxEmail]:
         value = self.value()
         if value:
             return queryset.filter(Q(sent_by=value) | Q(provider=value))
@@ -102,7 +105,8 @@ class EventFilter(admin.SimpleListFilter):
                   .values_list("event", flat=True)[: self.recent])
         return [(e, e) for e in sorted({e for e in recent if e})]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[OutboxEmail]) -> QuerySet[OutboxEmail]:
+    def queryset(self, request: HttpRequest,
+                 queryset: QuerySet[OutboxEmail]) -> QuerySet[OutboxEmail]:
         value = self.value()
         return queryset.filter(event=value) if value else queryset
 
@@ -271,7 +275,8 @@ class OutboxEmailAdmin(admin.ModelAdmin):
             target = outbox.resend(obj.pk).pk
             self.message_user(request, f"Resent as a new message (#{target}): an engine sends it.")
         else:
-            self.message_user(request, f"Cannot {action or 'do that'}: the message is {obj.status}.",
+            self.message_user(request,
+                              f"Cannot {action or 'do that'}: the message is {obj.status}.",
                               messages.WARNING)
         return HttpResponseRedirect(reverse("admin:kipekee_outboxemail_change", args=[target]))
 
@@ -281,7 +286,8 @@ class OutboxEmailAdmin(admin.ModelAdmin):
              done: str, skipped: str) -> None:
         changed = sum(1 for pk in queryset.values_list("pk", flat=True) if action(pk))
         total = queryset.count()
-        self.message_user(request, f"{changed} {done}.", messages.SUCCESS if changed else messages.WARNING)
+        self.message_user(request, f"{changed} {done}.",
+                          messages.SUCCESS if changed else messages.WARNING)
         if total > changed:
             self.message_user(request, f"{total - changed} {skipped}.", messages.WARNING)
 

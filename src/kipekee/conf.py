@@ -231,10 +231,12 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
     retention_raw = raw.get("RETENTION", {})
     keys = {"DAYS", "ACTION", "BATCH_SIZE"}
     if not isinstance(retention_raw, dict) or set(retention_raw) - keys:
-        raise ConfigurationError(f'KIPEKEE["RETENTION"] must be a dict with keys among {sorted(keys)}.')
+        raise ConfigurationError(
+            f'KIPEKEE["RETENTION"] must be a dict with keys among {sorted(keys)}.')
     days = retention_raw.get("DAYS")
     if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 1):
-        raise ConfigurationError(f'KIPEKEE["RETENTION"]["DAYS"] must be an int >= 1 or None, not {days!r}.')
+        raise ConfigurationError(
+            f'KIPEKEE["RETENTION"]["DAYS"] must be an int >= 1 or None, not {days!r}.')
     action = retention_raw.get("ACTION", "anonymise")
     if action not in ("delete", "anonymise"):
         raise ConfigurationError(
@@ -247,15 +249,19 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(check_raw, dict) or set(check_raw) - keys:
         raise ConfigurationError(f'KIPEKEE["CHECK"] must be a dict with keys among {sorted(keys)}.')
     d = CheckConfig()
-    rate = _positive_number(check_raw, "FAILURE_RATE_MAX", d.failure_rate_max, "CHECK")
+
+    def number(key: str, default: float) -> float:
+        return _positive_number(check_raw, key, default, "CHECK")
+
+    rate = number("FAILURE_RATE_MAX", d.failure_rate_max)
     if rate > 1:
         raise ConfigurationError('KIPEKEE["CHECK"]["FAILURE_RATE_MAX"] is a fraction (0.2 = 20 %).')
     check = CheckConfig(
-        heartbeat_max_age=_positive_number(check_raw, "HEARTBEAT_MAX_AGE", d.heartbeat_max_age, "CHECK"),
-        oldest_due_max_age=_positive_number(check_raw, "OLDEST_DUE_MAX_AGE", d.oldest_due_max_age, "CHECK"),
-        queue_depth_max=int(_positive_number(check_raw, "QUEUE_DEPTH_MAX", d.queue_depth_max, "CHECK")),
+        heartbeat_max_age=number("HEARTBEAT_MAX_AGE", d.heartbeat_max_age),
+        oldest_due_max_age=number("OLDEST_DUE_MAX_AGE", d.oldest_due_max_age),
+        queue_depth_max=int(number("QUEUE_DEPTH_MAX", d.queue_depth_max)),
         failure_rate_max=rate,
-        provider_timeout=_positive_number(check_raw, "PROVIDER_TIMEOUT", d.provider_timeout, "CHECK"),
+        provider_timeout=number("PROVIDER_TIMEOUT", d.provider_timeout),
     )
     metrics = raw.get("METRICS", False)
     if not isinstance(metrics, bool):
