@@ -157,7 +157,7 @@ def test_queue_depth_and_oldest_due(kipekee_settings):
 
 
 def test_failure_rate_of_the_last_hour(kipekee_settings):
-    kipekee_settings(_extra={"CHECK": {"FAILURE_RATE_MAX": 0.5}})
+    kipekee_settings(_extra={"CHECK": {"FAILURE_RATE_MAX": 0.5, "FAILURE_RATE_MIN_ATTEMPTS": 2}})
     email = _row(status=Status.SENT)
     now = timezone.now()
 
@@ -174,6 +174,29 @@ def test_failure_rate_of_the_last_hour(kipekee_settings):
     attempt("permanent")
     rows, passed = check("--no-providers")
     assert not passed and rows["failure rate 1h"][0] == "fail"
+
+
+def test_failure_rate_needs_enough_attempts(kipekee_settings):
+    kipekee_settings()  # at least 20 attempts by default
+    email = _row(status=Status.FAILED)
+    now = timezone.now()
+    Attempt.objects.create(email=email, number=1, started_at=now, outcome="permanent")
+    rows, passed = check("--no-providers")
+    assert passed  # one refused address is not an outage …
+    assert rows["failure rate 1h"] == (
+        "warn", "100% of 1 attempts failed (1); limit 20%, judged from 20 attempts")
+    Attempt.objects.bulk_create(Attempt(email=email, number=n, started_at=now,
+                                        outcome="transient") for n in range(2, 21))
+    rows, passed = check("--no-providers")
+    assert not passed and rows["failure rate 1h"][0] == "fail"  # … twenty failures are
+
+
+def test_only_some_checks(kipekee_settings):
+    kipekee_settings()  # no providers: "providers" would fail
+    rows, passed = check("--only", "database,engines")
+    assert passed and set(rows) == {"database", "migrations", "engines"}
+    with pytest.raises(CommandError, match="choose among database, providers"):
+        call_command("kipekee_check", "--only", "database,disk")
 
 
 # --- kipekee_sendtest ----------------------------------------------------------------

@@ -91,6 +91,7 @@ class CheckConfig:
     oldest_due_max_age: float = 900.0  # seconds a due message may wait
     queue_depth_max: int = 10_000  # waiting rows
     failure_rate_max: float = 0.2  # failed / finished attempts in the last hour
+    failure_rate_min_attempts: int = 20  # fewer attempts: a warning at most
     provider_timeout: float = 10.0  # seconds for each provider's connection test
 
 
@@ -245,7 +246,7 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
 
     check_raw = raw.get("CHECK", {})
     keys = {"HEARTBEAT_MAX_AGE", "OLDEST_DUE_MAX_AGE", "QUEUE_DEPTH_MAX", "FAILURE_RATE_MAX",
-            "PROVIDER_TIMEOUT"}
+            "FAILURE_RATE_MIN_ATTEMPTS", "PROVIDER_TIMEOUT"}
     if not isinstance(check_raw, dict) or set(check_raw) - keys:
         raise ConfigurationError(f'KIPEKEE["CHECK"] must be a dict with keys among {sorted(keys)}.')
     d = CheckConfig()
@@ -261,6 +262,8 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
         oldest_due_max_age=number("OLDEST_DUE_MAX_AGE", d.oldest_due_max_age),
         queue_depth_max=int(number("QUEUE_DEPTH_MAX", d.queue_depth_max)),
         failure_rate_max=rate,
+        failure_rate_min_attempts=int(number("FAILURE_RATE_MIN_ATTEMPTS",
+                                             d.failure_rate_min_attempts)),
         provider_timeout=number("PROVIDER_TIMEOUT", d.provider_timeout),
     )
     metrics = raw.get("METRICS", False)

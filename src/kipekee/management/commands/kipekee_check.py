@@ -1,18 +1,29 @@
 """``manage.py kipekee_check``: is email going out? A table, and an exit status.
 
 Exit 0 when every check passes (warnings included), 1 when one fails: usable as a
-liveness or readiness probe (``--no-providers`` keeps a frequent probe from opening an
-SMTP session every few seconds).
+probe. ``--only database,engines`` picks checks (a liveness probe should ask only what a
+restart can fix); ``--no-providers`` keeps a frequent probe from opening an SMTP session
+every few seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ... import health
+
+
+def _names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = set(names) - set(health.CHECKS)
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"choose among {', '.join(health.CHECKS)} (got {value!r})")
+    return names
 
 
 class Command(BaseCommand):
@@ -22,10 +33,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--no-providers", action="store_true",
                             help="Do not connect to the providers (for frequent probes).")
+        parser.add_argument("--only", type=_names, default=None,
+                            help=f"Comma-separated checks among {', '.join(health.CHECKS)}.")
         parser.add_argument("--json", action="store_true", help="One JSON object per line.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        results = health.run(with_providers=not options["no_providers"])
+        results = health.run(only=options["only"], with_providers=not options["no_providers"])
         if options["json"]:
             for r in results:
                 self.stdout.write(json.dumps({"check": r.name, "status": r.level,
