@@ -198,3 +198,22 @@ def test_change_page_buttons(admin_client):
     copy = OutboxEmail.objects.get(metadata__resent_from=sent.pk)
     assert response["Location"] == f"{LIST}{copy.pk}/change/"
     assert admin_client.get(act_sent).status_code == 405
+
+
+def test_the_change_page_never_writes_the_row_back(admin_client):
+    """Django's Save writes every column of the row it read a moment before: an engine's
+    transition in between would be overwritten. The outbox admin never writes the row."""
+    row = make_rows(1, status=Status.SENDING, attempts=1)[0]
+    page = admin_client.get(f"{LIST}{row.pk}/change/").content.decode()
+    assert 'name="_save"' not in page and 'name="_continue"' not in page
+    with CaptureQueriesContext(connection) as ctx:
+        response = admin_client.post(f"{LIST}{row.pk}/change/", {
+            "_save": "Save",
+            "attempt_log-TOTAL_FORMS": "1", "attempt_log-INITIAL_FORMS": "1",
+            "attempt_log-0-id": str(row.attempt_log.get().pk), "attempt_log-0-email": str(row.pk),
+            "attachments-TOTAL_FORMS": "0", "attachments-INITIAL_FORMS": "0"})
+    assert response.status_code == 302  # the form was valid: Django went on to "save"
+    writes = [q["sql"] for q in ctx.captured_queries
+              if q["sql"].startswith("UPDATE") and "kipekee_outboxemail" in q["sql"]]
+    assert writes == []
+    assert OutboxEmail.objects.get(pk=row.pk).status == Status.SENDING

@@ -178,6 +178,18 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    # Every field is read-only, yet Django's "Save" writes every column of the row it read
+    # a moment before: an engine's transition in between would be overwritten. Status
+    # moves only through kipekee.outbox, so nothing is saved from here.
+    def render_change_form(self, request: HttpRequest, context: dict[str, Any],
+                           *args: Any, **kwargs: Any) -> HttpResponse:
+        context.update(show_save=False, show_save_and_continue=False,
+                       show_save_and_add_another=False)
+        return super().render_change_form(request, context, *args, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: OutboxEmail, form: Any, change: bool) -> None:
+        pass
+
     # --- columns (all from the row itself: no query per row) ---------------------------
 
     @admin.display(description="subject", ordering="subject")
@@ -212,7 +224,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
         # cannot reach the admin's cookies or DOM, even if the CSP were lost on the way.
         return format_html(
             '<iframe class="kipekee-preview" sandbox src="{}" title="Preview of the email" '
-            'style="width:100%;max-width:900px;height:480px;border:1px solid #ccc;'
+            'style="width:100%;min-width:640px;max-width:900px;height:480px;border:1px solid #ccc;'
             'background:#fff"></iframe><p><a href="{}" target="_blank" rel="noopener">'
             "Open the preview alone</a></p>", url, url)
 
