@@ -159,6 +159,8 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     ordering = ["-id"]
     list_per_page = 50
     show_full_result_count = False
+    # Facet counts are one COUNT per filter choice over the whole table.
+    show_facets = admin.ShowFacets.NEVER
     paginator = OutboxPaginator
     inlines = [AttemptInline, AttachmentInline]
     actions = ["retry_selected", "cancel_selected", "resend_selected"]
