@@ -8,7 +8,7 @@
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo test test-django52 test-django61 test-postgres clean
+.PHONY: demo test test-django52 test-django61 test-postgres clean chromium
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -28,13 +28,17 @@ demo: $(VENVS)/django52/.installed
 	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo
 	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo_mailtrap
 
-test-django52: $(VENVS)/django52/.installed
+# The browser tests need Debian's chromium; installed here when missing.
+chromium:
+	scripts/ensure-chromium
+
+test-django52: $(VENVS)/django52/.installed chromium
 	$(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
 
-test-django61: $(VENVS)/django61/.installed
+test-django61: $(VENVS)/django61/.installed chromium
 	$(VENVS)/django61/bin/python -m pytest $(PYTEST_ARGS)
 
-test-postgres: $(VENVS)/django52/.installed
+test-postgres: $(VENVS)/django52/.installed chromium
 	KIPEKEE_TEST_DATABASE=postgres $(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
 
 # Every run always happens; the target fails if any failed.

@@ -63,6 +63,19 @@ def unused_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_thread_engine_left_running():
+    """A test that starts the in-process engine (directly, or through a request with
+    ENGINE "thread") must not leave it claiming rows in the tests after it."""
+    yield
+    from kipekee.engines import thread
+
+    engine = thread._engine
+    if engine is not None and engine.alive:
+        engine.stop()
+    thread._engine = None
+
+
 @pytest.fixture
 def kipekee_settings(settings: Any) -> Callable[..., None]:
     """Configure KIPEKEE for one test: ``kipekee_settings(primary=entry, backup=entry, MODE=...)``."""

@@ -19,7 +19,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
-    "django.contrib.staticfiles",  # {% inline_image %} finds files with its finders
+    # {% inline_image %} finds files with its finders; the browser tests' live server
+    # serves the admin's CSS and JS from here.
+    "django.contrib.staticfiles",
     "kipekee",
     "tests.app",
 ]
@@ -73,7 +75,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
 ROOT_URLCONF = "tests.urls"
-STATIC_URL = "static/"
+STATIC_URL = "/static/"
 ADMINS = [("Tours Office", "office@tours.example")]
 
 # Tests configure providers per test. No in-process engine unless a test starts one:

@@ -1,4 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path
 
-urlpatterns = [path("admin/", admin.site.urls), path("kipekee/", include("kipekee.urls"))]
+from kipekee import metrics
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("kipekee/", include("kipekee.urls")),
+    path("metrics/", metrics.view),
+]

@@ -12,8 +12,14 @@ class KipekeeConfig(AppConfig):
         # Registers the system checks and the setting_changed receiver.
         from django.core.signals import request_started
 
-        from . import checks, conf  # noqa: F401
+        from . import checks, conf, logs  # noqa: F401
 
+        logs.connect()
+        if importlib.util.find_spec("prometheus_client") is not None:
+            # Optional extra; without it "METRICS": True is a system check error (E013).
+            from . import metrics
+
+            metrics.install()
         if importlib.util.find_spec("anymail") is not None:
             # Delivery webhooks (anymail's tracking signal) update rows and suppressions.
             from . import webhooks  # noqa: F401

@@ -1,14 +1,43 @@
-"""System checks: configuration problems reported at start, each with an id and a hint."""
+"""System checks: configuration problems reported at start, each with an id and a hint.
+
+=============  ==============================================================
+kipekee.E001   the KIPEKEE setting is invalid (the message says where)
+kipekee.E002   a provider's BACKEND cannot be imported or is not an email backend
+kipekee.E010   a provider's BACKEND routes back into Kipekee (a loop)
+kipekee.E011   a provider's backend cannot be built from its OPTIONS
+kipekee.E012   a provider's secret (password, API key, token) is empty
+kipekee.E013   ``"METRICS": True`` without prometheus-client installed
+kipekee.W001   no providers: mail is queued but never delivered
+kipekee.W002   a provider whose service documents a request limit has no LIMITS["RATE"]
+kipekee.W010   SMTP credentials sent without TLS to a host that is not local
+kipekee.W011   a development backend (console, file, locmem, dummy) with DEBUG off
+kipekee.W012   DEFAULT_FROM_EMAIL is Django's placeholder ``webmaster@localhost``
+=============  ==============================================================
+
+Checks never connect anywhere: ``manage.py kipekee_check`` does that.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from . import conf
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, RoutingLoop
+
+#: Option names that hold a secret; an empty value is almost always an unset variable.
+SECRET_OPTIONS = ("password", "api_key", "api_token", "token", "secret", "secret_key")
+#: Django's backends that do not deliver: fine while developing, a silent sink in production.
+DEVELOPMENT_BACKENDS = {
+    "django.core.mail.backends.console.EmailBackend",
+    "django.core.mail.backends.filebased.EmailBackend",
+    "django.core.mail.backends.locmem.EmailBackend",
+    "django.core.mail.backends.dummy.EmailBackend",
+}
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 @register("kipekee")
@@ -25,23 +54,77 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             hint='Add at least one provider, e.g. {"BACKEND": '
                  '"kipekee.backends.smtp.EmailBackend", "OPTIONS": {"host": ...}}.',
             id="kipekee.W001"))
+    for p in parsed.providers:
+        messages.extend(_check_provider(p))
+    if parsed.metrics and importlib.util.find_spec("prometheus_client") is None:
+        messages.append(Error(
+            'KIPEKEE["METRICS"] is True but prometheus-client is not installed.',
+            hint="pip install 'django-kipekee[metrics]', or set METRICS to False.",
+            id="kipekee.E013"))
+    if getattr(settings, "DEFAULT_FROM_EMAIL", "") == "webmaster@localhost":
+        messages.append(Warning(
+            "DEFAULT_FROM_EMAIL is Django's placeholder 'webmaster@localhost': emails sent "
+            "without a from_email will be refused or land in spam.",
+            hint='Set DEFAULT_FROM_EMAIL = "Your Shop <orders@your-domain>", a domain your '
+                 "providers are allowed to send for (SPF/DKIM).",
+            id="kipekee.W012"))
+    return messages
+
+
+def _check_provider(p: conf.ProviderConfig) -> list[CheckMessage]:
     from . import providers
 
-    for p in parsed.providers:
-        try:
-            cls = providers._backend_class(p.backend)
-        except ConfigurationError as exc:
-            messages.append(Error(f'KIPEKEE["PROVIDERS"][{p.alias!r}]: {exc}',
-                                  hint="BACKEND must be the dotted path of a Django email "
-                                       "backend that delivers (not Kipekee's drop-in).",
-                                  id="kipekee.E002"))
-            continue
-        # A backend may declare the request limit its service documents.
-        documented = getattr(cls, "documented_rate", None)
-        if documented and not p.rate:
-            messages.append(Warning(
-                f'KIPEKEE["PROVIDERS"][{p.alias!r}] has no LIMITS["RATE"]; the service '
-                f"allows {documented} requests, and a burst beyond it is answered 429.",
-                hint=f'Add "LIMITS": {{"RATE": "{documented}"}} to the provider.',
-                id="kipekee.W002"))
+    where = f'KIPEKEE["PROVIDERS"][{p.alias!r}]'
+    try:
+        cls = providers._backend_class(p.backend)
+    except RoutingLoop as exc:
+        return [Error(f"{where}: {exc}",
+                      hint="A provider's BACKEND must deliver: Kipekee's SMTP backend, "
+                           "django's SMTP backend, an anymail backend… Kipekee's drop-in "
+                           "belongs in EMAIL_BACKEND only.",
+                      id="kipekee.E010")]
+    except ConfigurationError as exc:
+        return [Error(f"{where}: {exc}",
+                      hint="BACKEND must be the dotted path of a Django email backend that "
+                           "delivers (not Kipekee's drop-in).",
+                      id="kipekee.E002")]
+    empty = [name for name in SECRET_OPTIONS if name in p.options and not p.options[name]]
+    if empty:
+        return [Error(f"{where}: OPTIONS {empty} {'is' if len(empty) == 1 else 'are'} empty.",
+                      hint="Secrets come from the environment "
+                           '(os.environ["SMTP_PASSWORD"]): is the variable set where this '
+                           "process runs?",
+                      id="kipekee.E012")]
+    messages: list[CheckMessage] = []
+    # A backend may declare the request limit its service documents (Mailtrap: 150/10s).
+    documented = getattr(cls, "documented_rate", None)
+    if documented and not p.rate:
+        messages.append(Warning(
+            f"{where} has no LIMITS[\"RATE\"]; the service allows {documented} requests, "
+            "and a burst beyond it is answered 429.",
+            hint=f'Add "LIMITS": {{"RATE": "{documented}"}} to the provider.',
+            id="kipekee.W002"))
+    try:
+        backend = cls(alias=p.alias, **p.options)
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        return [Error(f"{where}: cannot build {p.backend}: {exc}",
+                      hint="Compare OPTIONS with the backend's arguments (Kipekee's SMTP "
+                           "backend: host, port, username, password, use_tls, use_ssl, "
+                           "timeout, ca_file, ipv4_only, …).",
+                      id="kipekee.E011")]
+    host = getattr(backend, "host", None)
+    if (getattr(backend, "username", None) and not getattr(backend, "use_tls", False)
+            and not getattr(backend, "use_ssl", False) and host not in _LOCAL_HOSTS):
+        messages.append(Warning(
+            f"{where}: logs in to {host} without TLS: the password crosses the network "
+            "in clear.",
+            hint='Set "use_tls": True (STARTTLS, port 587) or "use_ssl": True (port 465).',
+            id="kipekee.W010"))
+    if p.backend in DEVELOPMENT_BACKENDS and not settings.DEBUG:
+        messages.append(Warning(
+            f"{where}: {p.backend} does not deliver, and DEBUG is off: every email it "
+            "'sends' is marked sent and lost.",
+            hint="Use a real provider in production; keep development backends in the "
+                 "development settings.",
+            id="kipekee.W011"))
     return messages

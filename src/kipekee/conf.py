@@ -81,6 +81,35 @@ class CeleryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RetentionConfig:
+    """``KIPEKEE["RETENTION"]``: what ``manage.py kipekee_purge`` does to old rows.
+
+    Rows in a final status (sent, failed, suppressed, cancelled) created more than
+    ``days`` ago are anonymised (the default): the row stays for statistics (status,
+    mode, provider, template, dates, attempts, error kinds, recipients' domains) and
+    bodies, subjects, addresses, metadata, error texts and attachments are erased. Or,
+    with ``action="delete"``, deleted with their attempts (the command reports counts
+    by status). ``days=None`` (the default) keeps everything.
+    """
+
+    days: int | None = None
+    action: Literal["delete", "anonymise"] = "anonymise"
+    batch_size: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckConfig:
+    """``KIPEKEE["CHECK"]``: thresholds of ``manage.py kipekee_check``."""
+
+    heartbeat_max_age: float = 60.0  # seconds since an engine's last beat
+    oldest_due_max_age: float = 900.0  # seconds a due message may wait
+    queue_depth_max: int = 10_000  # waiting rows
+    failure_rate_max: float = 0.2  # failed / finished attempts in the last hour
+    failure_rate_min_attempts: int = 20  # fewer attempts: a warning at most
+    provider_timeout: float = 10.0  # seconds for each provider's connection test
+
+
+@dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
     mode: Mode = "hybrid"
@@ -95,6 +124,9 @@ class KipekeeSettings:
     message_id_domain: str | None = None
     # Basic-auth "user:password" pairs delivery webhooks must carry (several: rotation).
     webhook_secrets: tuple[str, ...] = ()
+    retention: RetentionConfig = RetentionConfig()
+    check: CheckConfig = CheckConfig()
+    metrics: bool = False
 
     def provider(self, alias: str) -> ProviderConfig:
         for p in self.providers:
@@ -118,6 +150,9 @@ _KNOWN_KEYS = {
     "ENGINE",
     "CELERY",
     "WEBHOOK_SECRET",
+    "RETENTION",
+    "CHECK",
+    "METRICS",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -249,7 +284,57 @@ def parse(raw: Any) -> KipekeeSettings:
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
         webhook_secrets=tuple(secrets),
+        **_parse_operations(raw),
     )
+
+
+def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
+    """``RETENTION``, ``CHECK`` and ``METRICS``: the settings of running Kipekee."""
+    retention_raw = raw.get("RETENTION", {})
+    keys = {"DAYS", "ACTION", "BATCH_SIZE"}
+    if not isinstance(retention_raw, dict) or set(retention_raw) - keys:
+        raise ConfigurationError(
+            f'KIPEKEE["RETENTION"] must be a dict with keys among {sorted(keys)}.')
+    days = retention_raw.get("DAYS")
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 1):
+        raise ConfigurationError(
+            f'KIPEKEE["RETENTION"]["DAYS"] must be an int >= 1 or None, not {days!r}.')
+    action = retention_raw.get("ACTION", "anonymise")
+    if action not in ("delete", "anonymise"):
+        raise ConfigurationError(
+            f'KIPEKEE["RETENTION"]["ACTION"] must be "delete" or "anonymise", not {action!r}.')
+    batch = int(_positive_number(retention_raw, "BATCH_SIZE", 1000, "RETENTION"))
+
+    check_raw = raw.get("CHECK", {})
+    keys = {"HEARTBEAT_MAX_AGE", "OLDEST_DUE_MAX_AGE", "QUEUE_DEPTH_MAX", "FAILURE_RATE_MAX",
+            "FAILURE_RATE_MIN_ATTEMPTS", "PROVIDER_TIMEOUT"}
+    if not isinstance(check_raw, dict) or set(check_raw) - keys:
+        raise ConfigurationError(f'KIPEKEE["CHECK"] must be a dict with keys among {sorted(keys)}.')
+    d = CheckConfig()
+
+    def number(key: str, default: float) -> float:
+        return _positive_number(check_raw, key, default, "CHECK")
+
+    rate = number("FAILURE_RATE_MAX", d.failure_rate_max)
+    if rate > 1:
+        raise ConfigurationError('KIPEKEE["CHECK"]["FAILURE_RATE_MAX"] is a fraction (0.2 = 20 %).')
+    check = CheckConfig(
+        heartbeat_max_age=number("HEARTBEAT_MAX_AGE", d.heartbeat_max_age),
+        oldest_due_max_age=number("OLDEST_DUE_MAX_AGE", d.oldest_due_max_age),
+        queue_depth_max=int(number("QUEUE_DEPTH_MAX", d.queue_depth_max)),
+        failure_rate_max=rate,
+        failure_rate_min_attempts=int(number("FAILURE_RATE_MIN_ATTEMPTS",
+                                             d.failure_rate_min_attempts)),
+        provider_timeout=number("PROVIDER_TIMEOUT", d.provider_timeout),
+    )
+    metrics = raw.get("METRICS", False)
+    if not isinstance(metrics, bool):
+        raise ConfigurationError('KIPEKEE["METRICS"] must be True or False.')
+    return {
+        "retention": RetentionConfig(days=days, action=action, batch_size=batch),
+        "check": check,
+        "metrics": metrics,
+    }
 
 
 def _positive_number(raw: dict[str, Any], key: str, default: float, parent: str = "") -> float:

@@ -150,6 +150,10 @@ class OutboxEmail(models.Model):
             ),
             models.Index(fields=["status", "created_at"], name="kipekee_status_created"),
             models.Index(fields=["content_type", "object_id"], name="kipekee_target"),
+            # The admin's provider filter (sent by, or pinned to, a provider).
+            models.Index(fields=["sent_by", "id"], name="kipekee_sent_by"),
+            models.Index(fields=["provider"], name="kipekee_pinned_provider",
+                         condition=~Q(provider="")),
         ]
 
     def __str__(self) -> str:

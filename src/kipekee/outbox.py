@@ -385,3 +385,64 @@ def record_delivery_event(email_id: int, *, recipient: str, event: str, at: date
             changes["refused"] = {**row.refused, recipient: detail or event}
         OutboxEmail.objects.using(db).filter(pk=email_id).update(**changes)
     return True
+def retry(pk: int, *, using: str | None = None) -> bool:
+    """A person retries a message: ``failed|deferred → queued``, due now.
+
+    The attempt counter is kept (the attempt log goes on numbering), so a row that ran
+    out of attempts gets one more try before the retry policy fails it again; an engine
+    (or the caller, see :func:`kipekee.dispatch.retry`) takes it from there.
+    """
+    db = using or db_for_write()
+    updated = (
+        OutboxEmail.objects.using(db)
+        .filter(pk=pk, status__in=(Status.FAILED, Status.DEFERRED))
+        .update(status=Status.QUEUED, due_at=timezone.now(), lease_until=None)
+    )
+    if updated:
+        logger.info("Outbox email %s queued again by a person", pk,
+                    extra={"kipekee": {"event": "retried", "id": pk}})
+    return bool(updated)
+
+
+#: Fields a resend does not copy: the copy is a new message with its own state.
+_STATE_FIELDS = frozenset({
+    "id", "status", "mode", "idempotency_key", "message_id", "created_at", "due_at",
+    "lease_until", "claimed_by", "attempts", "sent_at", "sent_by", "error_kind", "last_error",
+    "refused", "delivery",
+})
+
+
+def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxEmail:
+    """A person sends a finished message again: a new ``queued`` row, copied from ``pk``.
+
+    The copy has its own Message-ID (it is a new message, not a duplicate receivers
+    should drop) and ``metadata["resent_from"] = pk``; attachments are copied. Only rows
+    in a final status can be resent (a waiting one would go out twice). Raises
+    ``OutboxEmail.DoesNotExist`` or ``InvalidMessage``.
+    """
+    from .exceptions import InvalidMessage
+    from .models import FINAL_STATUSES
+
+    db = using or db_for_write()
+    original = OutboxEmail.objects.using(db).get(pk=pk)
+    if original.status not in FINAL_STATUSES:
+        raise InvalidMessage(
+            f"Outbox email {pk} is {original.status}, not finished: it is still going out."
+        )
+    now = timezone.now()
+    copy = OutboxEmail(
+        **{f.attname: getattr(original, f.attname) for f in OutboxEmail._meta.concrete_fields
+           if f.name not in _STATE_FIELDS},
+        mode=mode, created_at=now, due_at=now,
+        message_id=make_message_id(original.from_email, conf.get().message_id_domain),
+    )
+    copy.metadata = {**original.metadata, "resent_from": pk}
+    with transaction.atomic(using=db):
+        copy.save(using=db, force_insert=True)
+        Attachment.objects.using(db).bulk_create(
+            Attachment(email=copy, filename=a.filename, mimetype=a.mimetype, content=a.content,
+                       content_id=a.content_id)
+            for a in original.attachments.using(db).all()
+        )
+    signals.queued.send(sender=OutboxEmail, email=copy)
+    return copy
