@@ -54,6 +54,22 @@ class Scenario:
 _STASH = pytest.StashKey[dict[str, Scenario]]()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scenarios marked ``reliability(db_agnostic=True)`` (hostile input, TLS, secrets…)
+    exercise nothing PostgreSQL does differently: the PostgreSQL pass of ``make test``
+    deselects them to stay fast. ``KIPEKEE_RELIABILITY_ALL_DBS=1`` keeps them."""
+    from django.conf import settings
+
+    if (not settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+            or os.environ.get("KIPEKEE_RELIABILITY_ALL_DBS")):
+        return
+    agnostic = [item for item in items
+                if any(m.kwargs.get("db_agnostic") for m in item.iter_markers("reliability"))]
+    if agnostic:
+        config.hook.pytest_deselected(items=agnostic)
+        items[:] = [item for item in items if item not in agnostic]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STASH] = {}
 

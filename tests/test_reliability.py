@@ -38,6 +38,10 @@ from .conftest import smtp_provider
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
 
+# Nothing in these depends on the database: the PostgreSQL pass of make test skips them
+# (tests/reliability_report.py), bench/reliability.py runs them there too.
+db_agnostic = pytest.mark.reliability(db_agnostic=True)
+
 MAIL = {"text": "thanks", "to": ["ann@example.com"]}
 # Many deliberate transient failures in a row must not open the circuit breaker and
 # turn the next attempts into "circuit open" deferrals without touching the server.
@@ -88,7 +92,7 @@ def test_random_rollbacks_deliver_exactly_the_committed(smtp_sink, kipekee_setti
     rng = random.Random(20261123)
     committed: set[str] = set()
     rolled_back: set[str] = set()
-    n = 60
+    n = 40
     for i in range(n):
         mode = rng.choice(["now", "hybrid", "queue"])
         fate = rng.choice(["commit", "rollback", "savepoint"])
@@ -169,6 +173,7 @@ def test_worker_slower_than_its_lease_is_fenced(smtp_server, kipekee_settings, s
 # --- network faults between Kipekee and the SMTP server --------------------------------
 
 
+@db_agnostic
 def test_reset_mid_data_defers_then_delivers_once(smtp_server, kipekee_settings, scenario):
     server = smtp_server(faults=Faults(drop_mid_data=True))
     kipekee_settings(primary=smtp_provider(server), _extra=NO_BREAKER)
@@ -190,13 +195,15 @@ def test_reset_mid_data_defers_then_delivers_once(smtp_server, kipekee_settings,
                     duplicated=duplicated)
 
 
+@db_agnostic
 def test_timeout_after_final_dot_resends_with_the_same_message_id(smtp_server, kipekee_settings,
                                                                  scenario):
     """The server takes the message but its reply never arrives in time: Kipekee cannot
     know, retries, and the recipient may get one extra copy with the same Message-ID
     (which lets their mail client fold it)."""
-    server = smtp_server(faults=Faults(stall_before_data_reply=1.5))
-    kipekee_settings(primary=smtp_provider(server, timeout=0.5), _extra=NO_BREAKER)
+    # A client timeout well above what a busy machine needs for the other replies.
+    server = smtp_server(faults=Faults(stall_before_data_reply=2.5))
+    kipekee_settings(primary=smtp_provider(server, timeout=1), _extra=NO_BREAKER)
     ids = queue(3)
     drain()
     rows = OutboxEmail.objects.all()
@@ -211,10 +218,11 @@ def test_timeout_after_final_dot_resends_with_the_same_message_id(smtp_server, k
     assert received == Counter({mid: 2 for mid in ids})  # at most one extra, same Message-ID
     delivered, lost, duplicated = figures(server, ids)
     scenario.record("timeout after the final dot", load="3 messages",
-                    faults="reply stalled 1.5 s, client timeout 0.5 s", delivered=delivered,
+                    faults="reply stalled 2.5 s, client timeout 1 s", delivered=delivered,
                     lost=lost, duplicated=duplicated)
 
 
+@db_agnostic
 def test_slow_trickle_still_delivers(smtp_server, kipekee_settings, scenario):
     """Every reply arrives one byte at a time, each within the read timeout."""
     server = smtp_server(faults=Faults(trickle_replies=0.003))
@@ -230,6 +238,7 @@ def test_slow_trickle_still_delivers(smtp_server, kipekee_settings, scenario):
                     duplicated=duplicated)
 
 
+@db_agnostic
 def test_starttls_stripped_refuses_to_send_in_clear(smtp_server, kipekee_settings, smtp_ca_file,
                                                     scenario):
     """A server (or a man in the middle) that does not offer STARTTLS to a provider that
@@ -246,6 +255,7 @@ def test_starttls_stripped_refuses_to_send_in_clear(smtp_server, kipekee_setting
                     faults="no STARTTLS in EHLO", delivered=0, lost=0, duplicated=0)
 
 
+@db_agnostic
 def test_tls_is_verified_by_default(smtp_server, kipekee_settings, scenario):
     """No ca_file: the server's private-CA certificate is not trusted, nothing is sent."""
     server = smtp_server(tls="starttls", require_starttls=True)
@@ -285,6 +295,7 @@ def _injections(brk: str) -> dict[str, Callable[[], Any]]:
     }
 
 
+@db_agnostic
 def test_header_injection_is_refused_at_the_call_site(sink_provider, scenario):
     tried = 0
     for brk in BREAKS:
@@ -299,6 +310,7 @@ def test_header_injection_is_refused_at_the_call_site(sink_provider, scenario):
                     lost=0, duplicated=0)
 
 
+@db_agnostic
 def test_malformed_and_oversized_attachments(smtp_server, kipekee_settings, scenario):
     server = smtp_server(data_size_limit=100_000)
     kipekee_settings(primary=smtp_provider(server))
@@ -327,6 +339,7 @@ def test_malformed_and_oversized_attachments(smtp_server, kipekee_settings, scen
                     duplicated=0)
 
 
+@db_agnostic
 def test_idn_and_non_ascii_addresses(sink_provider, scenario):
     receipt = kipekee.send(subject="Grüße", text="hallo", mode="hybrid",
                            to=["Zoë Müller <zoe@bücher.example>"], from_email="Läden <shop@exämple.com>")
@@ -348,6 +361,7 @@ def test_idn_and_non_ascii_addresses(sink_provider, scenario):
                     duplicated=0)
 
 
+@db_agnostic
 def test_script_in_template_context_is_escaped_in_mail_and_admin(sink_provider, admin_client,
                                                                  scenario):
     script = "<script>alert('owned')</script>"
@@ -392,6 +406,7 @@ def _forms(secret: str, user: str = "ann") -> list[str]:
             base64.b64encode(f"\0{user}\0{secret}".encode()).decode()]
 
 
+@db_agnostic
 def test_credentials_echoed_by_the_server_are_redacted(kipekee_settings, server_ssl_context,
                                                        smtp_ca_file, caplog, scenario):
     with EchoingAuthServer(tls="starttls", ssl_context=server_ssl_context,
@@ -426,6 +441,7 @@ class LeakyBackend(BaseEmailBackend):
         super().__init__(**kwargs)
 
 
+@db_agnostic
 def test_provider_options_stay_out_of_configuration_errors(kipekee_settings, caplog, scenario):
     kipekee_settings(leaky={"BACKEND": f"{__name__}.LeakyBackend",
                             "OPTIONS": {"api_key": SECRET, "region": "mars"}})
@@ -445,6 +461,7 @@ def test_provider_options_stay_out_of_configuration_errors(kipekee_settings, cap
                     duplicated=0)
 
 
+@db_agnostic
 def test_no_secrets_in_shipped_settings_and_docs(scenario):
     """Every ``password``/``api_key`` set in the README, the design notes and the demo comes
     from the environment (or is a ``...`` placeholder), never a literal."""

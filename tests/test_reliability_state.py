@@ -13,7 +13,7 @@ for a message the provider acknowledged, with exactly one "sent" attempt; a late
 recorded only if nobody took the row over. At the end, every committed message is driven
 to exactly one final state.
 
-``KIPEKEE_STATE_MACHINE_EXAMPLES`` (default 25) sets how many runs Hypothesis makes; the
+``KIPEKEE_STATE_MACHINE_EXAMPLES`` (default 12) sets how many runs Hypothesis makes; the
 examples are derandomised, so CI sees the same ones every time.
 """
 
@@ -222,7 +222,7 @@ class OutboxMachine(RuleBasedStateMachine):
 def test_outbox_state_machine(smtp_sink, kipekee_settings, scenario):
     kipekee_settings(primary=smtp_provider(smtp_sink),
                      _extra={"CIRCUIT_BREAKER": {"FAILURES": 1000}})
-    examples = int(os.environ.get("KIPEKEE_STATE_MACHINE_EXAMPLES", "25"))
+    examples = int(os.environ.get("KIPEKEE_STATE_MACHINE_EXAMPLES", "12"))
     totals: Counter[str] = Counter()
     run_state_machine_as_test(
         lambda: OutboxMachine(smtp_sink, totals),
