@@ -46,7 +46,8 @@ class ProviderConfig:
 
     alias: str
     backend: str
-    options: dict[str, Any] = field(default_factory=dict)
+    # Not in repr: OPTIONS hold passwords and API keys, and reprs end up in logs.
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
     rate: str | None = None  # "150/10s": calls into the provider per window, per process
     concurrency: int | None = None  # threads of one process talking to it at once
 

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 # RFC 5322 field name: printable US-ASCII except colon.
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 _validate_addr_spec = EmailValidator()
+# RFC 2045 type/subtype: tokens of printable ASCII without specials or spaces.
+_MIMETYPE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`{|}~-]+/[A-Za-z0-9!#$%&'*+.^_`{|}~-]+$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,11 +70,24 @@ def validate(message: EmailMessage) -> None:
             filename = attachment.get_filename() or ""
         else:
             filename = attachment[0] or ""
+            mimetype = attachment[2]
+            # Without this, "text/plain\r\nBcc: …" or "a b/c" was stored and only failed
+            # (or went out malformed) at delivery.
+            if mimetype and not _MIMETYPE.match(force_str(mimetype)):
+                raise InvalidMessage(
+                    f"Attachment {filename!r}: invalid MIME type {mimetype!r} (want type/subtype)."
+                )
         _check_text("attachment filename", force_str(filename))
 
 
+# Every character str.splitlines() breaks on: the email package (Django 6's modern policy,
+# and its header parser on Django 5.2) treats them as line ends too, so a value holding
+# one would be accepted into the outbox and then refused at delivery, or worse.
+_LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def _check_text(field: str, value: str) -> None:
-    if "\r" in value or "\n" in value:
+    if _LINE_BREAKS.search(value):
         raise InvalidMessage(f"{field} contains a line break (CR/LF), refused: {value!r}")
     if "\x00" in value:
         raise InvalidMessage(f"{field} contains a NUL character, refused: {value!r}")
@@ -98,6 +113,13 @@ def check_address(field: str, address: Any) -> str:
         raise InvalidMessage(f"{field}: invalid address {address!r}: {exc or 'unparsable'}") from None
     defects = [str(d) for d in parsed.all_defects]
     mailboxes = parsed.all_mailboxes
+    if len(mailboxes) == 1 and not (mailboxes[0].local_part or "").isascii():
+        # Deliberate: an internationalised local part needs SMTPUTF8 end to end (RFC
+        # 6531), which Kipekee does not send. Refused here, not at delivery.
+        raise InvalidMessage(
+            f"{field}: address {address!r} has a non-ASCII local part (before the @), which "
+            "needs SMTPUTF8; Kipekee does not send SMTPUTF8. Non-ASCII domains are fine."
+        )
     if defects or len(mailboxes) != 1:
         problem = "; ".join(defects) or "must be exactly one address"
         raise InvalidMessage(f"{field}: invalid address {address!r}: {problem}")

@@ -41,6 +41,7 @@ from .models import (
     ProviderMessage,
     Status,
 )
+from .redact import redact
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
@@ -294,6 +295,11 @@ def fail(row: OutboxEmail, outcome: Outcome) -> bool:
 def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
             signal: Any) -> bool:
     db = row._state.db or db_for_write()
+    # Last fence before the database: classify() already redacted, but a custom engine
+    # may build an Outcome by hand.
+    error = redact(outcome.error)
+    if changes.get("last_error"):
+        changes["last_error"] = redact(changes["last_error"])
     with transaction.atomic(using=db):
         # Fenced by the attempt number: only the attempt that holds the row may finish it.
         updated = (
@@ -312,7 +318,7 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
             email=row, number=row.attempts, provider=outcome.provider,
             started_at=outcome.started_at, finished_at=outcome.finished_at,
             outcome="sent" if outcome.ok else ("suppressed" if outcome.suppressed else outcome.kind),
-            code=outcome.code, error=outcome.error, refused=outcome.refused,
+            code=outcome.code, error=error, refused=outcome.refused,
         )
         if outcome.provider_message_ids:
             ProviderMessage.objects.using(db).bulk_create(

@@ -17,6 +17,7 @@ A backend can refine this by defining ``classify_error(exc) -> Failure | None``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import smtplib
 import socket
@@ -33,6 +34,7 @@ from . import conf, limits
 from .exceptions import ConfigurationError, RoutingLoop
 from .limits import ProviderLimits
 from .models import ErrorKind
+from .redact import configured_secrets, redact
 
 # SMTP replies that say "you (the client) are not set up right", not "this message is bad".
 _CONFIGURATION_CODES = {530, 534, 535, 538}
@@ -78,9 +80,11 @@ def build(alias: str) -> BaseEmailBackend:
     try:
         return cls(alias=alias, **config.options)
     except (TypeError, ValueError, ImproperlyConfigured) as exc:
+        # Redacted, and not chained: a backend may put its options (secrets) in the error.
         raise ConfigurationError(
-            f'KIPEKEE["PROVIDERS"][{alias!r}]: cannot build {config.backend}: {exc}'
-        ) from exc
+            f'KIPEKEE["PROVIDERS"][{alias!r}]: cannot build {config.backend}: '
+            f"{redact(f'{type(exc).__name__}: {exc}')}"
+        ) from None
 
 
 def limits_for(alias: str) -> ProviderLimits:
@@ -121,7 +125,22 @@ def _kind_for_code(code: int) -> ErrorKind:
 
 
 def classify(exc: BaseException, backend: Any = None) -> Failure:
-    """Classify what sending raised; a backend's own ``classify_error`` is asked first."""
+    """Classify what sending raised; a backend's own ``classify_error`` is asked first.
+
+    The failure's text is redacted (:mod:`kipekee.redact`): a server's reply may echo the
+    credentials it was sent, and this text is logged and recorded on the row.
+    """
+    failure = _classify(exc, backend)
+    secrets = configured_secrets()
+    if not secrets:
+        return failure
+    return dataclasses.replace(
+        failure, error=redact(failure.error, secrets),
+        refused={k: redact(v, secrets) for k, v in failure.refused.items()},
+    )
+
+
+def _classify(exc: BaseException, backend: Any) -> Failure:
     hook = getattr(backend, "classify_error", None)
     if hook is not None:
         failure = hook(exc)

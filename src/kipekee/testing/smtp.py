@@ -142,6 +142,11 @@ class Faults:
     """Seconds to accept the TCP connection (and TLS handshake, with implicit TLS) but
     say nothing before the banner."""
 
+    trickle_replies: float = 0.0
+    """Seconds between the bytes of every reply (banner included): a server that answers,
+    but one byte at a time. Each byte comes sooner than a client's read timeout, so only
+    a deadline on the whole exchange would notice."""
+
 
 def _is_positive(reply: str) -> bool:
     return reply.startswith("2")
@@ -204,6 +209,17 @@ class _SessionProtocol(SMTP):
             self.transport.abort()  # type: ignore[attr-defined]
         if self._original_transport is not None:
             self._original_transport.abort()  # type: ignore[attr-defined]
+
+    async def push(self, status: Any) -> None:
+        delay = self._owner.faults.trickle_replies
+        if delay <= 0:
+            await super().push(status)
+            return
+        data = status.encode("utf-8") if isinstance(status, str) else status
+        for byte in data + b"\r\n":
+            self._writer.write(bytes([byte]))
+            await self._writer.drain()
+            await asyncio.sleep(delay)
 
     async def _handle_client(self) -> None:
         # Overrides aiosmtpd's session loop only to misbehave before its banner; the
@@ -354,6 +370,9 @@ class LocalSMTPServer:
     connection, as on real submission servers; ``auth_require_tls=False`` allows it in
     clear.
 
+    ``data_size_limit``: the ``SIZE`` the server advertises and enforces, in bytes
+    (aiosmtpd's default, 32 MiB, when ``None``).
+
     ``on_message`` is called, in the server's thread, with each accepted message before
     it is added to :attr:`messages`; if it raises, the client gets a ``500`` reply and
     the message is not recorded.
@@ -371,6 +390,7 @@ class LocalSMTPServer:
         auth_require_tls: bool = True,
         faults: Faults | None = None,
         on_message: Callable[[ReceivedMessage], None] | None = None,
+        data_size_limit: int | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "ssl"):
             raise ValueError(f"tls must be 'none', 'starttls' or 'ssl', not {tls!r}")
@@ -387,6 +407,7 @@ class LocalSMTPServer:
         self.auth_require_tls = auth_require_tls
         self.faults = faults if faults is not None else Faults()
         self.on_message = on_message
+        self.data_size_limit = data_size_limit
         self.messages: list[ReceivedMessage] = []
 
         self._lock = threading.Lock()
@@ -586,6 +607,8 @@ class LocalSMTPServer:
             authenticator=self._authenticate,
             # Accept internationalised addresses as aiosmtpd's Controller does.
             enable_SMTPUTF8=True,
+            # aiosmtpd's default (32 MiB) unless a test wants a small one.
+            **({"data_size_limit": self.data_size_limit} if self.data_size_limit else {}),
         )
 
     def _session_opened(self, session: _SessionProtocol) -> None:
