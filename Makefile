@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   send real emails through local SMTP and Mailtrap-contract servers, show the rows
+#   make demo   the demo site (four seed systems, dev inbox) on http://127.0.0.1:8000/
+#               (make demo-script: the one-shot version that prints outbox rows)
 #   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12),
 #               both on SQLite, then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
 #               (where the multi-process worker tests run)
@@ -8,7 +9,7 @@
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo test test-django52 test-django61 test-postgres clean chromium
+.PHONY: demo demo-script test test-django52 test-django61 test-postgres clean chromium
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -25,8 +26,11 @@ $(VENVS)/django61/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENVS)/django52/.installed
-	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo
-	$(VENVS)/django52/bin/python demo/manage.py kipekee_demo_mailtrap
+	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo_serve
+
+demo-script: $(VENVS)/django52/.installed
+	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo
+	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo_mailtrap
 
 # The browser tests need Debian's chromium; installed here when missing.
 chromium:

@@ -153,3 +153,24 @@ def test_signals_follow_transitions(sink_provider):
         for name, handler in handlers.items():
             getattr(signals, name).disconnect(handler)
     assert seen == [("queued", receipt.id), ("sent", receipt.id)]
+
+
+def test_engines_cannot_take_a_row_the_request_delivers_itself(sink_provider):
+    grabbed: list[OutboxEmail] = []
+    with transaction.atomic():
+        # Registered first, so it runs first after commit: an engine polling right then.
+        transaction.on_commit(lambda: grabbed.extend(outbox.claim_batch(10, engine="thread")))
+        receipt = kipekee.send(**MAIL)  # hybrid: this request delivers it after commit
+    assert grabbed == []  # held for the request …
+    assert receipt.sent and receipt.provider == "primary"  # … which gave its caller the answer
+    assert len(sink_provider.wait_for(1)) == 1
+
+
+def test_a_held_row_goes_to_an_engine_if_the_request_never_delivers(sink_provider):
+    from kipekee.dispatch import IN_REQUEST_HOLD
+
+    receipt = kipekee.send(**MAIL, mode="queue")
+    OutboxEmail.objects.filter(pk=receipt.id).update(due_at=timezone.now() + IN_REQUEST_HOLD)
+    assert outbox.claim_batch(10) == []  # within the hold
+    OutboxEmail.objects.filter(pk=receipt.id).update(due_at=timezone.now())  # the hold ended
+    assert [r.pk for r in outbox.claim_batch(10)] == [receipt.id]

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kipekee.dispatch")
 
+#: How long engines leave alone a row that the request delivers itself after commit.
+IN_REQUEST_HOLD = timedelta(seconds=30)
+
 
 class Receipt:
     """What sending returns: the outbox row's id, Message-ID and its latest known state.
@@ -111,16 +114,20 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    for_engine = mode == "queue" or (send_at is not None and send_at > timezone.now())
     row, created = outbox.enqueue(
         message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
         provider=provider, template=template, metadata=metadata, event=event, target=target,
+        # Delivered here right after commit: an engine polling at that moment must not
+        # take it first (the caller would lose its instant answer).
+        hold=None if for_engine else IN_REQUEST_HOLD,
         using=using,
     )
     receipt = Receipt(row, created=created)
     if not created or receipt.suppressed:  # nothing (new) to deliver
         return receipt
     db = row._state.db
-    if mode == "queue" or (send_at is not None and send_at > timezone.now()):
+    if for_engine:
         # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
         notify_if_listening(db)
         transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
@@ -137,7 +144,7 @@ def deliver_in_request(receipt: Receipt) -> None:
     policy = RetryPolicy.from_settings()
     with Deliverer() as deliverer:
         for index in range(len(delays) + 1):
-            row = outbox.claim(receipt.id, using=receipt._using)
+            row = outbox.claim(receipt.id, own=True, using=receipt._using)
             if row is None:
                 # Not due yet (send_at), or an engine holds it: nothing to do here.
                 receipt.refresh()

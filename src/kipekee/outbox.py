@@ -67,9 +67,14 @@ def enqueue(
     metadata: dict[str, Any] | None = None,
     event: str = "",
     target: Model | None = None,
+    hold: timedelta | None = None,
     using: str | None = None,
 ) -> tuple[OutboxEmail, bool]:
     """Write ``message`` to the outbox in the caller's transaction.
+
+    ``hold``: keep engines off the row for this long (``due_at`` in the future) because
+    the caller delivers it itself right after commit; only ``claim(pk, own=True)`` takes
+    it earlier. Should the caller die first, an engine picks the row up when the hold ends.
 
     Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
@@ -109,7 +114,7 @@ def enqueue(
         event=event,
         provider=provider,
         created_at=now,
-        due_at=send_at or now,
+        due_at=send_at or (now + hold if hold else now),
     )
     # A savepoint: a failure part-way (say, an attachment) leaves nothing behind, and an
     # idempotency collision does not poison the caller's transaction.
@@ -242,16 +247,19 @@ def next_due_at(*, using: str | None = None) -> datetime | None:
     return min(times) if times else None
 
 
-def claim(pk: int, *, using: str | None = None) -> OutboxEmail | None:
+def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmail | None:
     """Take one row for sending if it is due (or its lease expired); ``None`` if not.
 
-    Sets ``sending``, a lease, and counts the attempt.
+    ``own``: the caller that enqueued the row with a ``hold`` takes it before its
+    ``due_at`` (a waiting row only: never one another sender holds). Sets ``sending``,
+    a lease, and counts the attempt.
     """
     db = using or db_for_write()
     now = timezone.now()
+    rows = OutboxEmail.objects.using(db)
+    candidates = rows.filter(status__in=WAITING_STATUSES) if own else rows.due(now)
     claimed = (
-        OutboxEmail.objects.using(db)
-        .due(now)
+        candidates
         .filter(pk=pk)
         .update(status=Status.SENDING, lease_until=now + conf.get().lease,
                 attempts=F("attempts") + 1, claimed_by="request")

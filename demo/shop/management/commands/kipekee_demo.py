@@ -31,8 +31,8 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0)
         faults = Faults(refuse_recipients={"nobody@shop.example": "550 5.1.1 no such user here"})
         with LocalSMTPServer(faults=faults) as server:
-            provider = settings.KIPEKEE["PROVIDERS"]["local"]
-            live = {**settings.KIPEKEE, "PROVIDERS": {"local": {
+            provider = settings.KIPEKEE["PROVIDERS"]["primary"]
+            live = {**settings.KIPEKEE, "PROVIDERS": {"primary": {
                 **provider, "OPTIONS": {**provider["OPTIONS"], "port": server.port}}}}
             with override_settings(KIPEKEE=live):
                 self.run_demo(server)

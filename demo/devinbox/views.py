@@ -1,0 +1,93 @@
+"""The dev inbox: what the capture servers received, as a person would read it."""
+
+from __future__ import annotations
+
+import re
+
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
+
+from . import capture
+from .models import CapturedMessage
+
+_CID = re.compile(r"cid:([^\"'\s)>]+)", re.IGNORECASE)
+
+
+def index(request: HttpRequest) -> HttpResponse:
+    return render(request, "devinbox/index.html", {
+        "messages_": CapturedMessage.objects.defer("raw")[:200],
+        "servers": [{"name": name, "port": server.port, "down": capture.is_down(name)}
+                    for name, server in capture.servers.items()],
+    })
+
+
+def detail(request: HttpRequest, pk: int) -> HttpResponse:
+    captured = get_object_or_404(CapturedMessage, pk=pk)
+    message = captured.message
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    files = []
+    for index, part in enumerate(captured.parts(message)):
+        if part is html or part is text:
+            continue
+        files.append({"index": index, "filename": part.get_filename() or "(no name)",
+                      "type": part.get_content_type(), "size": len(part.get_payload(decode=True) or b""),
+                      "inline": part.get_content_disposition() == "inline" or bool(part["Content-ID"]),
+                      "content_id": (part["Content-ID"] or "").strip("<>")})
+    return render(request, "devinbox/detail.html", {
+        "m": captured, "headers": list(message.items()),
+        "text": text.get_content() if text is not None else None,
+        "has_html": html is not None, "files": files,
+    })
+
+
+def html(request: HttpRequest, pk: int) -> HttpResponse:
+    """The HTML part, with cid: images pointed at their parts; shown in a sandboxed
+    iframe, and sandboxed again by its own CSP in case it is opened directly."""
+    captured = get_object_or_404(CapturedMessage, pk=pk)
+    body = captured.message.get_body(("html",))
+    if body is None:
+        raise Http404("This message has no HTML part.")
+    by_cid = {(p["Content-ID"] or "").strip("<>"): i for i, p in enumerate(captured.parts())
+              if p["Content-ID"]}
+
+    def link(match: re.Match[str]) -> str:
+        index = by_cid.get(match.group(1))
+        return match.group(0) if index is None else reverse("devinbox:part", args=[pk, index])
+
+    response = HttpResponse(_CID.sub(link, body.get_content()), content_type="text/html; charset=utf-8")
+    response["Content-Security-Policy"] = "sandbox; script-src 'none'"
+    return response
+
+
+def part(request: HttpRequest, pk: int, index: int) -> HttpResponse:
+    captured = get_object_or_404(CapturedMessage, pk=pk)
+    parts = captured.parts()
+    if not 0 <= index < len(parts):
+        raise Http404("No such part.")
+    chosen = parts[index]
+    response = HttpResponse(chosen.get_payload(decode=True) or b"", content_type=chosen.get_content_type())
+    if chosen.get_content_type() not in ("image/png", "image/jpeg", "image/gif"):
+        # Never render an attachment as a page of this site.
+        response["Content-Disposition"] = content_disposition_header(True, chosen.get_filename() or "part")
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def raw(request: HttpRequest, pk: int) -> HttpResponse:
+    captured = get_object_or_404(CapturedMessage, pk=pk)
+    return HttpResponse(bytes(captured.raw), content_type="text/plain; charset=utf-8")
+
+
+@require_POST
+def toggle_server(request: HttpRequest, name: str) -> HttpResponse:
+    if name not in capture.servers:
+        raise Http404("No such capture server in this process.")
+    capture.set_down(name, not capture.is_down(name))
+    target = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
+        target = reverse("devinbox:index")
+    return redirect(target)
