@@ -9,7 +9,8 @@ import pytest
 from kipekee.models import OutboxEmail
 from kipekee.testing import LocalSMTPServer
 
-pytest_plugins = ["tests.smtp_fixtures", "tests.mailtrap_fixtures", "tests.reliability_report"]
+pytest_plugins = ["tests.smtp_fixtures", "tests.mailtrap_fixtures", "tests.reliability_report",
+                  "tests.browser_fixtures"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

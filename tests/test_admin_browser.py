@@ -1,13 +1,11 @@
 """The outbox admin in headless Chromium: the list, the preview (no script runs, nothing
 remote is fetched) and the retry action. Screenshots go to artifacts/ (gitignored).
 
-Debian's chromium (scripts/ensure-chromium, run by `make test`) driven by Playwright; the
-browser Playwright would download is never used.
+The browser is tests/browser_fixtures.py's (Debian's chromium through Playwright).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -16,40 +14,17 @@ from pathlib import Path
 
 import pytest
 from django.utils import timezone
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from kipekee.models import Attachment, Attempt, OutboxEmail, Status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 # A 1×1 PNG: the inline (cid:) image of the preview.
 PIXEL = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c63f8cfc0f01f0005000201a6e3e6c90000000049454e44ae426082")
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    # Playwright's sync API keeps an asyncio loop marked running in this thread, and
-    # Django then refuses ORM calls from it. The test's ORM calls are plain synchronous
-    # code between browser calls (Playwright's own docs for Django say the same).
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                        headless=True)
-            yield browser
-            browser.close()
-    finally:
-        if previous is None:
-            del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
-        else:
-            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture

@@ -114,20 +114,20 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
-    for_engine = mode == "queue" or (send_at is not None and send_at > timezone.now())
     row, created = outbox.enqueue(
         message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
         provider=provider, template=template, metadata=metadata, event=event, target=target,
-        # Delivered here right after commit: an engine polling at that moment must not
-        # take it first (the caller would lose its instant answer).
-        hold=None if for_engine else IN_REQUEST_HOLD,
+        # Delivered here right after commit (unless send_at is still ahead): an engine
+        # polling at that moment must not take it first (the caller would lose its answer).
+        hold=None if mode == "queue" else IN_REQUEST_HOLD,
         using=using,
     )
     receipt = Receipt(row, created=created)
     if not created or receipt.suppressed:  # nothing (new) to deliver
         return receipt
     db = row._state.db
-    if for_engine:
+    # (send_at was checked by enqueue: aware, so comparable.)
+    if mode == "queue" or (send_at is not None and send_at > timezone.now()):
         # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
         notify_if_listening(db)
         transaction.on_commit(partial(engines.wake, [row.pk]), using=db)

@@ -72,9 +72,9 @@ def enqueue(
 ) -> tuple[OutboxEmail, bool]:
     """Write ``message`` to the outbox in the caller's transaction.
 
-    ``hold``: keep engines off the row for this long (``due_at`` in the future) because
-    the caller delivers it itself right after commit; only ``claim(pk, own=True)`` takes
-    it earlier. Should the caller die first, an engine picks the row up when the hold ends.
+    ``hold``: keep engines off a row due now for this long (``due_at`` in the future)
+    because the caller delivers it itself right after commit; only ``claim(pk, own=True)``
+    takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
 
     Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
@@ -114,7 +114,8 @@ def enqueue(
         event=event,
         provider=provider,
         created_at=now,
-        due_at=send_at or (now + hold if hold else now),
+        # A hold applies to mail due now; a future send_at is the engines' anyway.
+        due_at=now + hold if hold and (send_at is None or send_at <= now) else send_at or now,
     )
     # A savepoint: a failure part-way (say, an attachment) leaves nothing behind, and an
     # idempotency collision does not poison the caller's transaction.
@@ -251,8 +252,8 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
     """Take one row for sending if it is due (or its lease expired); ``None`` if not.
 
     ``own``: the caller that enqueued the row with a ``hold`` takes it before its
-    ``due_at`` (a waiting row only: never one another sender holds). Sets ``sending``,
-    a lease, and counts the attempt.
+    ``due_at`` (a waiting row only: never one another sender holds); the hold ends
+    there (``due_at`` now). Sets ``sending``, a lease, and counts the attempt.
     """
     db = using or db_for_write()
     now = timezone.now()
@@ -262,7 +263,8 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
         candidates
         .filter(pk=pk)
         .update(status=Status.SENDING, lease_until=now + conf.get().lease,
-                attempts=F("attempts") + 1, claimed_by="request")
+                attempts=F("attempts") + 1, claimed_by="request",
+                **({"due_at": now} if own else {}))
     )
     if not claimed:
         return None

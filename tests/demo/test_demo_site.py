@@ -24,13 +24,10 @@ from typing import IO, Any
 import pytest
 
 playwright_sync = pytest.importorskip("playwright.sync_api")  # in the "test" extra
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Submissions per client per form: enough for the quote tests, few enough to exceed.
 RATE_LIMIT = 8
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
@@ -46,6 +43,13 @@ def free_port() -> int:
 # PostgreSQL (a database of its own) and `manage.py kipekee_worker` beside the site.
 ON_POSTGRES = os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres"
 PG_USER = os.environ.get("KIPEKEE_PG_USER", "postgres")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The demo's own environment: this process's, without the switch the browser
+    fixture sets for the test process only (the site must keep Django's async check)."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    return {**env, "DJANGO_SETTINGS_MODULE": "demo_site.settings", **extra}
 
 
 class Site:
@@ -106,13 +110,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(database(tmp))
         # Fixed ports (not 0): a worker process must reach the same capture servers.
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "demo_site.settings",
-               "KIPEKEE_DEMO_DATABASE": db,
-               "KIPEKEE_DEMO_ENGINE": "worker" if ON_POSTGRES else "thread",
-               "KIPEKEE_DEMO_SMTP_PORT": str(free_port()),
-               "KIPEKEE_DEMO_BACKUP_SMTP_PORT": str(free_port()),
-               "KIPEKEE_DEMO_RATE_LIMIT": f"{RATE_LIMIT}/600", "KIPEKEE_DEMO_FAST_PASSWORDS": "1",
-               "PYTHONUNBUFFERED": "1"}
+        env = child_env(KIPEKEE_DEMO_DATABASE=db,
+                        KIPEKEE_DEMO_ENGINE="worker" if ON_POSTGRES else "thread",
+                        KIPEKEE_DEMO_SMTP_PORT=str(free_port()),
+                        KIPEKEE_DEMO_BACKUP_SMTP_PORT=str(free_port()),
+                        KIPEKEE_DEMO_RATE_LIMIT=f"{RATE_LIMIT}/600",
+                        KIPEKEE_DEMO_FAST_PASSWORDS="1", PYTHONUNBUFFERED="1")
         log = (tmp / "demo-server.log").open("w+")
         stack.callback(log.close)  # last: the processes stop first
         server = start(["kipekee_demo_serve", "--addrport", f"127.0.0.1:{port}"], env, log)
@@ -139,14 +142,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         output = log.read()
     # A server error in any request is a failure even if the page looked right.
     assert "Traceback" not in output, output
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -472,8 +467,7 @@ def test_declined_card_sends_payment_failed_and_no_reminder(page: Page) -> None:
 # --- The one-shot script ----------------------------------------------------------------
 
 def test_one_shot_demo_script(tmp_path: Path) -> None:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "demo_site.settings",
-           "KIPEKEE_DEMO_DATABASE": str(tmp_path / "script.sqlite3")}
+    env = child_env(KIPEKEE_DEMO_DATABASE=str(tmp_path / "script.sqlite3"))
     result = subprocess.run([sys.executable, "manage.py", "kipekee_demo"], cwd=ROOT / "demo",
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
