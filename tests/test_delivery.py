@@ -203,6 +203,48 @@ def test_one_refused_recipient_among_three_is_kept(smtp_server, kipekee_settings
     assert sorted(server.wait_for(1)[0].rcpt_tos) == ["a@example.com", "c@example.com"]
 
 
+def test_a_recipient_refused_for_now_gets_the_message_in_a_follow_up_row(smtp_server,
+                                                                         kipekee_settings):
+    server = smtp_server(faults=Faults(refuse_recipients={
+        "b@example.com": "452 4.2.2 mailbox full, try again in 2 minutes",
+        "c@example.com": "550 5.1.1 no such user"}))
+    kipekee_settings(primary=smtp_provider(server))
+    before = timezone.now()
+    receipt = kipekee.send(subject="Team", text="x", cc=["Bea <B@example.com>"],
+                           to=["a@example.com", "c@example.com"], attachments=[("a.txt", "hi", "text/plain")])
+    assert receipt.sent and sorted(server.wait_for(1)[0].rcpt_tos) == ["a@example.com"]
+    assert {a.lower() for a in receipt.refused} == {"b@example.com", "c@example.com"}
+    follow_up = OutboxEmail.objects.get(metadata__recipients_of=receipt.id)
+    original = OutboxEmail.objects.get(pk=receipt.id)
+    # Only the one refused for now; the same message, attachment and Message-ID.
+    assert (follow_up.to, follow_up.cc, follow_up.bcc) == ([], ["Bea <B@example.com>"], [])
+    assert follow_up.status == Status.DEFERRED and follow_up.message_id == original.message_id
+    assert "452 4.2.2 mailbox full" in follow_up.last_error
+    assert follow_up.due_at >= before + timezone.timedelta(seconds=119)  # the server's hint
+    assert [a.filename for a in follow_up.attachments.all()] == ["a.txt"]
+    assert follow_up.attempts == original.attempts and follow_up.created_at == original.created_at
+    # The mailbox has room again: the engine's next claim delivers it to her alone.
+    server.faults.refuse_recipients = {}
+    outbox.reschedule(follow_up.pk, timezone.now())
+    [claimed] = outbox.claim_batch(10)
+    from kipekee.dispatch import record
+
+    with Deliverer() as deliverer:
+        assert record(claimed, deliverer.deliver(claimed))
+    follow_up.refresh_from_db()
+    assert follow_up.status == Status.SENT and follow_up.attempts == original.attempts + 1
+    again = server.wait_for(2)[1]
+    assert again.rcpt_tos == ("B@example.com",) and again.message_id == original.message_id
+
+
+def test_no_follow_up_when_no_attempt_is_left(smtp_server, kipekee_settings):
+    server = smtp_server(faults=Faults(refuse_recipients={"b@example.com": "450 4.2.1 busy"}))
+    kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"MAX_ATTEMPTS": 1}})
+    receipt = kipekee.send(subject="Team", text="x", to=["a@example.com", "b@example.com"])
+    assert receipt.sent and receipt.refused == {"b@example.com": "450 4.2.1 busy"}
+    assert not OutboxEmail.objects.exclude(pk=receipt.id).exists()
+
+
 def test_all_recipients_temporarily_refused_is_transient(smtp_server, kipekee_settings):
     server = smtp_server(faults=Faults(refuse_recipients={"a@example.com": "450 4.2.1 mailbox busy"}))
     kipekee_settings(primary=smtp_provider(server))

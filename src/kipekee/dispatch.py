@@ -26,6 +26,7 @@ from . import conf, engines, outbox
 from .delivery import Deliverer, Outcome
 from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
+from .providers import smtp_retry_hint, transient_refusals
 from .engines.worker import notify_if_listening
 from .retry import RetryPolicy
 
@@ -171,7 +172,20 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
     if outcome.ok:
         # Per message at DEBUG: the worker's INFO lines are counts and rates.
         logger.debug("Sent outbox email %s via %s", row.pk, outcome.provider)
-        return outbox.mark_sent(row, outcome)
+        again = transient_refusals(outcome.refused)
+        if not again:
+            return outbox.mark_sent(row, outcome)
+        # Some recipients were refused for now (4xx): they get it again in a follow-up
+        # row when the policy allows another attempt; otherwise their reply stays in
+        # ``refused`` of this sent row, as a 5xx one does.
+        again_at = (policy or RetryPolicy.from_settings()).next_due(
+            kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
+            hint=max((smtp_retry_hint(why) or 0 for why in again.values()), default=0) or None,
+        )
+        logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
+                    outcome.provider, ", ".join(sorted(again)),
+                    f"again at {again_at.isoformat()}" if again_at else "no attempts left")
+        return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
     if outcome.suppressed:
         logger.info("Outbox email %s not sent: %s", row.pk, outcome.error)
         return outbox.suppress(row, outcome)

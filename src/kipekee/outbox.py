@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -271,12 +271,84 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
     return OutboxEmail.objects.using(db).get(pk=pk)
 
 
-def mark_sent(row: OutboxEmail, outcome: Outcome) -> bool:
-    """Record a successful attempt: ``sending → sent``, with the provider's message ids."""
-    return _finish(row, outcome, status=Status.SENT, changes={
+def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = (),
+              again_at: datetime | None = None) -> bool:
+    """Record a successful attempt: ``sending → sent``, with the provider's message ids.
+
+    ``again`` (envelope addresses, as in ``outcome.refused``) and ``again_at``: recipients
+    the provider refused for now (a 4xx reply to their ``RCPT TO``) get the message in a
+    follow-up row, ``deferred`` until ``again_at``, written in the same transaction: same
+    content and Message-ID, ``metadata["recipients_of"]`` naming this row, its attempts
+    counted on from this one's and its lifetime from this one's creation. This row stays
+    ``sent`` and keeps their replies in ``refused``.
+    """
+    follow_up: list[OutboxEmail] = []
+
+    def write_follow_up(db: str) -> None:
+        if again and again_at is not None:
+            follow_up.extend(_follow_up(row, outcome, again, again_at, db))
+
+    done = _finish(row, outcome, status=Status.SENT, changes={
         "sent_at": outcome.finished_at, "sent_by": outcome.provider,
         "error_kind": "", "last_error": "", "refused": outcome.refused,
-    }, signal=signals.sent)
+    }, signal=signals.sent, then=write_follow_up)
+    for copy in follow_up:
+        signals.queued.send(sender=OutboxEmail, email=copy)
+    return done
+
+
+def _envelope_key(address: str) -> str:
+    """``address`` as an SMTP envelope names it: lower-cased addr-spec, IDNA domain."""
+    from . import suppression
+
+    local, _, domain = suppression.normalize(address).rpartition("@")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:  # not encodable: then the envelope could not have named it either
+        pass
+    return f"{local}@{domain}"
+
+
+def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,
+               db: str) -> list[OutboxEmail]:
+    wanted = {_envelope_key(a) for a in again}
+    original = OutboxEmail.objects.using(db).get(pk=row.pk)
+
+    def keep(addresses: list[str]) -> list[str]:
+        return [a for a in addresses if _envelope_key(a) in wanted]
+
+    to, cc, bcc = keep(original.to), keep(original.cc), keep(original.bcc)
+    if not (to or cc or bcc):
+        # The provider named addresses this row does not have: nothing to send again.
+        logger.warning("Outbox email %s: refused-for-now recipients %s are not on the row; "
+                       "no follow-up written.", row.pk, sorted(again))
+        return []
+    replies = "; ".join(f"{a}: {outcome.refused.get(a, '')}" for a in sorted(again))
+    copy = _copy(original, db, status=Status.DEFERRED, due_at=due_at, mode="queue",
+                 to=to, cc=cc, bcc=bcc, message_id=original.message_id,
+                 created_at=original.created_at, attempts=original.attempts,
+                 error_kind=ErrorKind.TRANSIENT,
+                 last_error=redact(f"recipients refused for now by {outcome.provider}: {replies}"),
+                 metadata={**original.metadata, "recipients_of": original.pk})
+    return [copy]
+
+
+def _copy(original: OutboxEmail, db: str, **fields: Any) -> OutboxEmail:
+    """A new row with ``original``'s message and attachments, and ``fields`` (which must
+    set the state: a status, a Message-ID); saved in the caller's transaction."""
+    copy = OutboxEmail(
+        **{f.attname: getattr(original, f.attname) for f in OutboxEmail._meta.concrete_fields
+           if f.name not in _STATE_FIELDS},
+    )
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    copy.save(using=db, force_insert=True)
+    Attachment.objects.using(db).bulk_create(
+        Attachment(email=copy, filename=a.filename, mimetype=a.mimetype, content=a.content,
+                   content_id=a.content_id)
+        for a in original.attachments.using(db).all()
+    )
+    return copy
 
 
 def suppress(row: OutboxEmail, outcome: Outcome) -> bool:
@@ -303,7 +375,7 @@ def fail(row: OutboxEmail, outcome: Outcome) -> bool:
 
 
 def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
-            signal: Any) -> bool:
+            signal: Any, then: Callable[[str], None] | None = None) -> bool:
     db = row._state.db or db_for_write()
     # Last fence before the database: classify() already redacted, but a custom engine
     # may build an Outcome by hand.
@@ -338,6 +410,8 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
                 # A sandbox gives one id for all recipients; a resend may repeat one.
                 ignore_conflicts=True,
             )
+        if then is not None:  # more writes that stand or fall with this result
+            then(db)
     row.status = status
     row.lease_until = None
     for name, value in changes.items():
@@ -446,19 +520,9 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
             f"Outbox email {pk} is {original.status}, not finished: it is still going out."
         )
     now = timezone.now()
-    copy = OutboxEmail(
-        **{f.attname: getattr(original, f.attname) for f in OutboxEmail._meta.concrete_fields
-           if f.name not in _STATE_FIELDS},
-        mode=mode, created_at=now, due_at=now,
-        message_id=make_message_id(original.from_email, conf.get().message_id_domain),
-    )
-    copy.metadata = {**original.metadata, "resent_from": pk}
     with transaction.atomic(using=db):
-        copy.save(using=db, force_insert=True)
-        Attachment.objects.using(db).bulk_create(
-            Attachment(email=copy, filename=a.filename, mimetype=a.mimetype, content=a.content,
-                       content_id=a.content_id)
-            for a in original.attachments.using(db).all()
-        )
+        copy = _copy(original, db, mode=mode, created_at=now, due_at=now,
+                     message_id=make_message_id(original.from_email, conf.get().message_id_domain),
+                     metadata={**original.metadata, "resent_from": pk})
     signals.queued.send(sender=OutboxEmail, email=copy)
     return copy

@@ -22,6 +22,7 @@ import re
 import smtplib
 import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -116,6 +117,15 @@ def smtp_retry_hint(reply: str) -> float | None:
     if not match:
         return None
     return float(match[1]) * _HINT_UNIT[match[2].lower()]
+
+
+_TRANSIENT_REPLY = re.compile(r"4\d\d(?:\s|$)")
+
+
+def transient_refusals(refused: Mapping[str, str]) -> dict[str, str]:
+    """The recipients a server refused for now (a 4xx reply to their ``RCPT TO``), from an
+    outcome's ``refused`` (address → reply; suppressions and 5xx replies are left out)."""
+    return {a: why for a, why in refused.items() if _TRANSIENT_REPLY.match(why)}
 
 
 def _kind_for_code(code: int) -> ErrorKind:
