@@ -124,14 +124,16 @@ def enqueue(
             if existing is not None:
                 return existing, False
         _apply_suppressions(row, db)
-        try:
-            with transaction.atomic(using=db):
-                row.save(using=db, force_insert=True)
-        except IntegrityError:
-            if not idempotency_key:
-                raise
-            # A concurrent enqueue with the same key committed first.
-            return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
+        if not idempotency_key:
+            # Nothing to recover from here: an error rolls back the savepoint above.
+            row.save(using=db, force_insert=True)
+        else:
+            try:
+                with transaction.atomic(using=db):
+                    row.save(using=db, force_insert=True)
+            except IntegrityError:
+                # A concurrent enqueue with the same key committed first.
+                return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
         if attachments:
             Attachment.objects.using(db).bulk_create(
                 Attachment(email=row, filename=a.filename, mimetype=a.mimetype,
