@@ -371,7 +371,9 @@ def percentile(values: list[float], q: float) -> float:
 # --- worker RSS over a 100,000-row backlog -------------------------------------------
 
 def fill_backlog(rows: int) -> None:
-    """One row through ``kipekee.send``, copied ``rows - 1`` times in SQL (own Message-IDs)."""
+    """One row through ``kipekee.send``, copied ``rows - 1`` times in SQL with their own
+    Message-IDs and due times one millisecond apart (a backlog built up over time, not
+    rows that all fell due at the same instant)."""
     from django.db import connection
     from kipekee.models import OutboxEmail
 
@@ -379,14 +381,15 @@ def fill_backlog(rows: int) -> None:
     enqueue_kipekee(workload("rss", 1))
     template = OutboxEmail.objects.get()
     columns = [f.column for f in OutboxEmail._meta.concrete_fields
-               if f.column not in ("id", "message_id")]
+               if f.column not in ("id", "message_id", "due_at")]
     cols = ", ".join(f'"{c}"' for c in columns)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {OutboxEmail._meta.db_table} ({cols}, message_id) "
-            f"SELECT {cols}, '<rss.' || g || '@bench.example>' "
+            f"INSERT INTO {OutboxEmail._meta.db_table} ({cols}, message_id, due_at) "
+            f"SELECT {cols}, '<rss.' || g || '@bench.example>', "
+            "due_at - (%s - g) * interval '1 millisecond' "
             f"FROM {OutboxEmail._meta.db_table}, generate_series(1, %s) AS g WHERE id = %s",
-            [rows - 1, template.pk])
+            [rows, rows - 1, template.pk])
         cursor.execute(f"ANALYZE {OutboxEmail._meta.db_table}")
 
 
