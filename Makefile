@@ -4,12 +4,15 @@
 #   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12),
 #               both on SQLite, then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
 #               (where the multi-process worker tests run)
+#   make bench  Kipekee against smtplib, Django's SMTP backend and django-post-office on
+#               one machine, workload and sink (bench/compare.py; BENCH_ARGS=... for flags);
+#               writes bench/COMPARISON.md
 # Each builds its own virtualenv under .venvs/ from scratch on first use.
 
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo demo-script test test-django52 test-django61 test-postgres clean chromium
+.PHONY: demo demo-script test test-django52 test-django61 test-postgres clean chromium bench
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -24,6 +27,17 @@ $(VENVS)/django61/.installed: pyproject.toml
 	$(VENVS)/django61/bin/pip install -q --upgrade pip
 	$(VENVS)/django61/bin/pip install -q -e '.[test]' 'Django>=6.1,<6.2'
 	touch $@
+
+# The benchmark's own venv: Kipekee plus the references it is compared with.
+$(VENVS)/bench/.installed: pyproject.toml bench/requirements.txt
+	rm -rf $(VENVS)/bench
+	"$$(scripts/python-for 3.11)" -m venv $(VENVS)/bench
+	$(VENVS)/bench/bin/pip install -q --upgrade pip
+	$(VENVS)/bench/bin/pip install -q -e '.[test,postgres]' -r bench/requirements.txt
+	touch $@
+
+bench: $(VENVS)/bench/.installed
+	KIPEKEE_BENCH_MAKE=1 $(VENVS)/bench/bin/python bench/compare.py $(BENCH_ARGS)
 
 demo: $(VENVS)/django52/.installed
 	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo_serve

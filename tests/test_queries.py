@@ -37,4 +37,6 @@ def test_a_batch_costs_the_same_queries_for_any_size(sink_provider):
     small = claim_and_deliver(5)
     large = claim_and_deliver(50)
     assert small == large, f"5 rows: {small}, 50 rows: {large} (claim, deliver) queries"
-    assert large[0] <= 4 and large[1] <= 2  # lock+update+select+attachments; suppressions
+    # Claim: lock due waiting rows + lock expired leases (PostgreSQL; one query on SQLite)
+    # + update + select + attachments. Deliver: suppressions.
+    assert large[0] <= 5 and large[1] <= 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -115,25 +116,33 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
-    row, created = outbox.enqueue(
-        message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
-        provider=provider, template=template, metadata=metadata, event=event, target=target,
-        # Delivered here right after commit (unless send_at is still ahead): an engine
-        # polling at that moment must not take it first (the caller would lose its answer).
-        hold=None if mode == "queue" else IN_REQUEST_HOLD,
-        using=using,
-    )
-    receipt = Receipt(row, created=created)
-    if not created or receipt.suppressed:  # nothing (new) to deliver
-        return receipt
-    db = row._state.db
-    # (send_at was checked by enqueue: aware, so comparable.)
-    if mode == "queue" or (send_at is not None and send_at > timezone.now()):
-        # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
-        notify_if_listening(db)
-        transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
-    else:
-        transaction.on_commit(partial(deliver_in_request, receipt), using=db)
+    # One transaction for the row and the NOTIFY when the caller has none: on PostgreSQL
+    # a NOTIFY of its own is a second commit, flushed to disk like the first. Inside the
+    # caller's transaction nothing is added (an error must not mark it for rollback).
+    db = using or outbox.db_for_write()
+    with (nullcontext() if transaction.get_connection(db).in_atomic_block
+          else transaction.atomic(using=db)):
+        row, created = outbox.enqueue(
+            message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
+            provider=provider, template=template, metadata=metadata, event=event,
+            target=target,
+            # Delivered here right after commit (unless send_at is still ahead): an engine
+            # polling at that moment must not take it first (the caller would lose its
+            # answer).
+            hold=None if mode == "queue" else IN_REQUEST_HOLD,
+            using=using,
+        )
+        receipt = Receipt(row, created=created)
+        if not created or receipt.suppressed:  # nothing (new) to deliver
+            return receipt
+        db = row._state.db
+        # (send_at was checked by enqueue: aware, so comparable.)
+        if mode == "queue" or (send_at is not None and send_at > timezone.now()):
+            # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
+            notify_if_listening(db)
+            transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
+        else:
+            transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
 
 

@@ -125,14 +125,16 @@ def enqueue(
             if existing is not None:
                 return existing, False
         _apply_suppressions(row, db)
-        try:
-            with transaction.atomic(using=db):
-                row.save(using=db, force_insert=True)
-        except IntegrityError:
-            if not idempotency_key:
-                raise
-            # A concurrent enqueue with the same key committed first.
-            return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
+        if not idempotency_key:
+            # Nothing to recover from here: an error rolls back the savepoint above.
+            row.save(using=db, force_insert=True)
+        else:
+            try:
+                with transaction.atomic(using=db):
+                    row.save(using=db, force_insert=True)
+            except IntegrityError:
+                # A concurrent enqueue with the same key committed first.
+                return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
         if attachments:
             Attachment.objects.using(db).bulk_create(
                 Attachment(email=row, filename=a.filename, mimetype=a.mimetype,
@@ -193,8 +195,7 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     rows = OutboxEmail.objects.using(db)
     if connections[db].features.has_select_for_update_skip_locked:
         with transaction.atomic(using=db):
-            locked = list(due.order_by("due_at", "pk")
-                          .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
+            locked = _lock_due(rows, now, limit, ids)
             if not locked:
                 return []
             rows.filter(pk__in=locked).update(**changes)
@@ -207,6 +208,27 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     # Attachments for the whole batch in one query, not one per message.
     return list(rows.filter(claimed_by=token, status=Status.SENDING).order_by("due_at", "pk")
                 .prefetch_related("attachments"))
+
+
+def _lock_due(rows: Any, now: datetime, limit: int, ids: Sequence[int] | None) -> list[int]:
+    """Lock (SKIP LOCKED) and return the pks of up to ``limit`` due rows, oldest due first.
+
+    The two kinds of due rows are asked for separately, each through its partial index
+    (``kipekee_waiting_due``, ``kipekee_sending_lease``): with the OR of ``due()`` in one
+    query PostgreSQL scans and sorts the whole backlog on every claim (144 ms a claim with
+    100,000 rows queued). The two lists are merged in due order; rows locked beyond
+    ``limit`` are released when the claiming transaction ends a moment later.
+    """
+    branches = (rows.filter(status__in=WAITING_STATUSES, due_at__lte=now),
+                rows.filter(status=Status.SENDING, lease_until__lt=now))
+    found: list[tuple[datetime, int]] = []
+    for branch in branches:
+        if ids is not None:
+            branch = branch.filter(pk__in=list(ids))
+        found += [(due_at, pk) for pk, due_at in
+                  branch.order_by("due_at", "pk").select_for_update(skip_locked=True)
+                  .values_list("pk", "due_at")[:limit]]
+    return [pk for _, pk in sorted(found)[:limit]]
 
 
 def release(row: OutboxEmail) -> bool:

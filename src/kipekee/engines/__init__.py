@@ -16,7 +16,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from django.db import connections
+from django.db import connections, transaction
 from django.utils import timezone
 
 from .. import conf, outbox
@@ -69,9 +69,18 @@ class Sender:
         rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
         if not rows:
             return 0
-        for row, outcome in zip(rows, self.deliverer.deliver_many(rows), strict=True):
-            if record(row, outcome):
-                self.stats.add(row.status)
+        outcomes = self.deliverer.deliver_many(rows)
+        # The batch's outcomes in one transaction: one commit (one flush to disk on
+        # PostgreSQL) per batch instead of one per message. Each row is still finished by
+        # its own fenced UPDATE; should the process die before the commit, the batch's rows
+        # are taken again after their lease, as rows not yet recorded always were.
+        recorded = []
+        with transaction.atomic(using=rows[0]._state.db):
+            for row, outcome in zip(rows, outcomes, strict=True):
+                if record(row, outcome):
+                    recorded.append(row.status)
+        for status in recorded:
+            self.stats.add(status)
         return len(rows)
 
     def close(self) -> None:
