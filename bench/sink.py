@@ -4,7 +4,7 @@ It is :class:`kipekee.testing.LocalSMTPServer` (aiosmtpd, real sockets) with one
 each accepted message's Message-ID is counted, so the benchmark can check that every
 message arrived exactly once. The reply to the final dot of each message waits
 ``delay`` seconds (``Faults.stall_before_data_reply``): one provider round trip per
-message. Banner, EHLO, MAIL and RCPT are answered at once (with ``TCP_NODELAY``).
+message. Banner, EHLO, MAIL and RCPT are answered at once (the server sets ``TCP_NODELAY``).
 
 Run in its own process so that its event loop does not compete for the interpreter lock
 of the process being measured. Controlled over a ``multiprocessing`` pipe by
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import re
-import socket
 import threading
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -27,17 +26,6 @@ _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re
 def _serve(conn: Connection, delay: float) -> None:
     from kipekee.testing import Faults, LocalSMTPServer, ReceivedMessage
 
-    class NoDelaySMTPServer(LocalSMTPServer):
-        """TCP_NODELAY on every session: aiosmtpd writes a multi-line reply (EHLO) one
-        line at a time, and without it Nagle's algorithm and the client's delayed ACK
-        hold the second line for 40 ms: a cost of this server, not of the client."""
-
-        def _session_opened(self, session: Any) -> None:
-            sock = session.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            super()._session_opened(session)
-
     counts: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -48,7 +36,7 @@ def _serve(conn: Connection, delay: float) -> None:
         with lock:
             counts[key] += 1
 
-    server = NoDelaySMTPServer(faults=Faults(stall_before_data_reply=delay), on_message=count)
+    server = LocalSMTPServer(faults=Faults(stall_before_data_reply=delay), on_message=count)
     with server:
         conn.send(server.port)
         while True:
