@@ -54,7 +54,9 @@ class Command(BaseCommand):
         providers = {name: {**config, "OPTIONS": {**config["OPTIONS"], "port": capture.servers[name].port}}
                      for name, config in settings.KIPEKEE["PROVIDERS"].items()}
         # Follow the ports actually bound (port 0 = a free one), for the whole process.
-        override_settings(KIPEKEE={**settings.KIPEKEE, "PROVIDERS": providers}).enable()
+        # (SETTINGS_MODULE kept: runserver's banner names it, and an override drops it.)
+        override_settings(KIPEKEE={**settings.KIPEKEE, "PROVIDERS": providers},
+                          SETTINGS_MODULE=settings.SETTINGS_MODULE).enable()
         url = f"http://{addrport}/"
         self.stdout.write(self.style.MIGRATE_HEADING("Kipekee demo"))
         self.stdout.write(f"  site:       {url}\n  dev inbox:  {url}inbox/\n"
