@@ -130,12 +130,11 @@ def submit(
             # polling at that moment must not take it first (the caller would lose its
             # answer).
             hold=None if mode == "queue" else IN_REQUEST_HOLD,
-            using=using,
+            using=db,
         )
         receipt = Receipt(row, created=created)
         if not created or receipt.suppressed:  # nothing (new) to deliver
             return receipt
-        db = row._state.db
         # (send_at was checked by enqueue: aware, so comparable.)
         if mode == "queue" or (send_at is not None and send_at > timezone.now()):
             # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
@@ -187,9 +186,10 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         # Some recipients were refused for now (4xx): they get it again in a follow-up
         # row when the policy allows another attempt; otherwise their reply stays in
         # ``refused`` of this sent row, as a 5xx one does.
+        hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
         again_at = (policy or RetryPolicy.from_settings()).next_due(
             kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
-            hint=max((smtp_retry_hint(why) or 0 for why in again.values()), default=0) or None,
+            hint=max(hints, default=None),
         )
         logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
                     outcome.provider, ", ".join(sorted(again)),

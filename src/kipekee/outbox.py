@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.encoding import punycode
 
 from . import conf, signals
 from .message import make_message_id, to_fields, validate
@@ -326,7 +327,7 @@ def _envelope_key(address: str) -> str:
 
     local, _, domain = suppression.normalize(address).rpartition("@")
     try:
-        domain = domain.encode("idna").decode("ascii")
+        domain = punycode(domain)  # as message.check_address and the SMTP backend do
     except UnicodeError:  # not encodable: then the envelope could not have named it either
         pass
     return f"{local}@{domain}"
@@ -334,25 +335,25 @@ def _envelope_key(address: str) -> str:
 
 def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,
                db: str) -> list[OutboxEmail]:
+    # ``row`` is the claimed row as read (the state fields _copy skips are set below).
     wanted = {_envelope_key(a) for a in again}
-    original = OutboxEmail.objects.using(db).get(pk=row.pk)
 
     def keep(addresses: list[str]) -> list[str]:
         return [a for a in addresses if _envelope_key(a) in wanted]
 
-    to, cc, bcc = keep(original.to), keep(original.cc), keep(original.bcc)
+    to, cc, bcc = keep(row.to), keep(row.cc), keep(row.bcc)
     if not (to or cc or bcc):
         # The provider named addresses this row does not have: nothing to send again.
         logger.warning("Outbox email %s: refused-for-now recipients %s are not on the row; "
                        "no follow-up written.", row.pk, sorted(again))
         return []
     replies = "; ".join(f"{a}: {outcome.refused.get(a, '')}" for a in sorted(again))
-    copy = _copy(original, db, status=Status.DEFERRED, due_at=due_at, mode="queue",
-                 to=to, cc=cc, bcc=bcc, message_id=original.message_id,
-                 created_at=original.created_at, attempts=original.attempts,
+    copy = _copy(row, db, status=Status.DEFERRED, due_at=due_at, mode="queue",
+                 to=to, cc=cc, bcc=bcc, message_id=row.message_id,
+                 created_at=row.created_at, attempts=row.attempts,
                  error_kind=ErrorKind.TRANSIENT,
                  last_error=redact(f"recipients refused for now by {outcome.provider}: {replies}"),
-                 metadata={**original.metadata, "recipients_of": original.pk})
+                 metadata={**row.metadata, "recipients_of": row.pk})
     return [copy]
 
 
