@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -173,6 +174,24 @@ def deliver_in_request(receipt: Receipt) -> None:
             if row.status == Status.DEFERRED:
                 engines.wake()  # so the in-process engine sleeps until it is due
             return
+
+
+def record_many(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> list[bool]:
+    """Record a claimed batch's outcomes, as :func:`record` would one by one.
+
+    The plain successes (the common case) are written together
+    (:func:`kipekee.outbox.mark_sent_many`); every other outcome goes through
+    :func:`record`. Call it inside one transaction to make it one commit.
+    """
+    plain = [i for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True))
+             if outcome.ok and not outcome.refused]
+    recorded = dict(zip(plain, outbox.mark_sent_many([(rows[i], outcomes[i]) for i in plain]),
+                        strict=True))
+    if plain:
+        logger.debug("Sent outbox emails %s", ", ".join(str(rows[i].pk) for i in plain))
+    policy = RetryPolicy.from_settings()
+    return [recorded[i] if i in recorded else record(row, outcome, policy)
+            for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True))]
 
 
 def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None) -> bool:

@@ -26,8 +26,9 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import IntegrityError, connections, router, transaction
+from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.encoding import punycode
 
@@ -287,7 +288,7 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
         candidates
         .filter(pk=pk)
         .update(status=Status.SENDING, lease_until=now + conf.get().lease,
-                attempts=F("attempts") + 1, claimed_by="request",
+                attempts=F("attempts") + 1, claimed_by=f"request:{uuid.uuid4().hex[:12]}",
                 **({"due_at": now} if own else {}))
     )
     if not claimed:
@@ -401,10 +402,7 @@ def fail(row: OutboxEmail, outcome: Outcome) -> bool:
 def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
             signal: Any, then: Callable[[str], None] | None = None) -> bool:
     db = row._state.db or db_for_write()
-    # Last fence before the database: classify() already redacted, but a custom engine
-    # may build an Outcome by hand.
-    error = redact(outcome.error)
-    if changes.get("last_error"):
+    if changes.get("last_error"):  # redacted again: a custom engine may build an Outcome
         changes["last_error"] = redact(changes["last_error"])
     with transaction.atomic(using=db):
         # Fenced by the attempt number: only the attempt that holds the row may finish it.
@@ -420,20 +418,7 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
                 row.attempts, row.pk,
             )
             return False
-        Attempt.objects.using(db).create(
-            email=row, number=row.attempts, provider=outcome.provider,
-            started_at=outcome.started_at, finished_at=outcome.finished_at,
-            outcome="sent" if outcome.ok else ("suppressed" if outcome.suppressed else outcome.kind),
-            code=outcome.code, error=error, refused=outcome.refused,
-        )
-        if outcome.provider_message_ids:
-            ProviderMessage.objects.using(db).bulk_create(
-                [ProviderMessage(email=row, provider=outcome.provider, message_id=mid,
-                                 recipient=recipient)
-                 for recipient, mid in outcome.provider_message_ids.items()],
-                # A sandbox gives one id for all recipients; a resend may repeat one.
-                ignore_conflicts=True,
-            )
+        _write_attempts(db, [(row, outcome)])
         if then is not None:  # more writes that stand or fall with this result
             then(db)
     row.status = status
@@ -442,6 +427,82 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
         setattr(row, name, value)
     signal.send(sender=OutboxEmail, email=row, outcome=outcome)
     return True
+
+
+def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> None:
+    """The attempt log and the provider's message ids of finished attempts."""
+    Attempt.objects.using(db).bulk_create(
+        Attempt(email=row, number=row.attempts, provider=outcome.provider,
+                started_at=outcome.started_at, finished_at=outcome.finished_at,
+                outcome="sent" if outcome.ok else (
+                    "suppressed" if outcome.suppressed else outcome.kind),
+                # Last fence before the database: classify() already redacted, but a
+                # custom engine may build an Outcome by hand.
+                code=outcome.code, error=redact(outcome.error), refused=outcome.refused)
+        for row, outcome in results
+    )
+    ids = [ProviderMessage(email=row, provider=outcome.provider, message_id=mid,
+                           recipient=recipient)
+           for row, outcome in results for recipient, mid in outcome.provider_message_ids.items()]
+    if ids:
+        # A sandbox gives one id for all recipients; a resend may repeat one.
+        ProviderMessage.objects.using(db).bulk_create(ids, ignore_conflicts=True)
+
+
+class _Moved(Exception):
+    """Inside :func:`mark_sent_many`: a row of the batch is no longer this attempt's."""
+
+
+def mark_sent_many(results: Sequence[tuple[OutboxEmail, Outcome]]) -> list[bool]:
+    """Record several successful attempts of one claim at once: what :func:`mark_sent`
+    does for each, in one UPDATE and one INSERT instead of two statements per row.
+
+    Engines finish a claimed batch with it. The rows must come from one claim (one
+    ``claimed_by`` token, which names that attempt of each row as the attempt number
+    does). Should any row have moved on (its lease expired and another engine took it),
+    nothing of the bulk write stays and every row is recorded on its own, so only the
+    moved row's result is refused. For plain successes only: outcomes with ``refused``
+    recipients (which may need a follow-up row) go through :func:`mark_sent`. Returns,
+    per row, whether its result was recorded.
+    """
+    token = results[0][0].claimed_by if results else ""
+    providers = {outcome.provider for _, outcome in results}
+    if (len(results) < 2 or not token or len(providers) != 1
+            or any(row.claimed_by != token or outcome.refused or not outcome.ok
+                   for row, outcome in results)):
+        # Also one by one: a batch sent through several providers (failover part-way).
+        return [mark_sent(row, outcome) for row, outcome in results]
+    db = results[0][0]._state.db or db_for_write()
+    ops = connections[db].ops
+    # Each row's own sent_at in one CASE. Raw, because the ORM's Case(When(...)) takes
+    # about 4 ms a batch of 10 to compile, more than the UPDATE takes to run.
+    params: list[Any] = []
+    for row, outcome in results:
+        params += [row.pk, ops.adapt_datetimefield_value(outcome.finished_at)]
+    sent_at = RawSQL(f"CASE {ops.quote_name(OutboxEmail._meta.pk.column)} "
+                     + " ".join(["WHEN %s THEN %s"] * len(results)) + " END",
+                     params, output_field=models.DateTimeField())
+    try:
+        with transaction.atomic(using=db):
+            updated = (
+                OutboxEmail.objects.using(db)
+                .filter(pk__in=[row.pk for row, _ in results], status=Status.SENDING,
+                        claimed_by=token)
+                .update(status=Status.SENT, lease_until=None, claimed_by="", sent_at=sent_at,
+                        sent_by=providers.pop(), error_kind="", last_error="", refused={})
+            )
+            if updated != len(results):
+                raise _Moved  # undo the bulk write; each row on its own below
+            _write_attempts(db, results)
+    except _Moved:
+        return [mark_sent(row, outcome) for row, outcome in results]
+    for row, outcome in results:
+        row.status, row.lease_until, row.claimed_by = Status.SENT, None, ""
+        row.sent_at, row.sent_by = outcome.finished_at, outcome.provider
+        row.error_kind = row.last_error = ""
+        row.refused = {}
+        signals.sent.send(sender=OutboxEmail, email=row, outcome=outcome)
+    return [True] * len(results)
 
 
 def cancel(pk: int, *, using: str | None = None) -> bool:

@@ -14,14 +14,15 @@ import logging
 import os
 import socket
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 from django.utils import timezone
 
 from .. import conf, outbox
-from ..delivery import Deliverer
-from ..models import EngineHeartbeat, Status
+from ..delivery import Deliverer, Outcome
+from ..models import EngineHeartbeat, OutboxEmail, Status
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -53,6 +54,8 @@ class Sender:
     """One sender thread's work: claim a batch, deliver it, record each outcome.
 
     Keeps its :class:`Deliverer` (one open connection per provider) across batches.
+    :meth:`drain` overlaps the database work with sending; :meth:`run_once` does one
+    batch, each step in turn.
     """
 
     def __init__(self, *, engine: str, batch_size: int, stats: Stats) -> None:
@@ -60,31 +63,69 @@ class Sender:
         self.batch_size = batch_size
         self.stats = stats
         self.deliverer = Deliverer()
+        self._books: ThreadPoolExecutor | None = None
 
     def run_once(self, ids: list[int] | None = None) -> int:
         """Handle one batch (of ``ids`` only, if given); return how many rows it held
         (0: nothing was due)."""
-        from ..dispatch import record
-
-        rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
-        if not rows:
-            return 0
-        outcomes = self.deliverer.deliver_many(rows)
-        # The batch's outcomes in one transaction: one commit (one flush to disk on
-        # PostgreSQL) per batch instead of one per message. Each row is still finished by
-        # its own fenced UPDATE; should the process die before the commit, the batch's rows
-        # are taken again after their lease, as rows not yet recorded always were.
-        recorded = []
-        with transaction.atomic(using=rows[0]._state.db):
-            for row, outcome in zip(rows, outcomes, strict=True):
-                if record(row, outcome):
-                    recorded.append(row.status)
-        for status in recorded:
-            self.stats.add(status)
+        rows = self._claim(ids)
+        if rows:
+            self._record(rows, self.deliverer.deliver_many(rows))
         return len(rows)
+
+    def drain(self, stopping: threading.Event) -> int:
+        """Handle batches until none is due or ``stopping`` is set; return how many rows.
+
+        While a batch is being sent, a second thread (the books) records the previous
+        batch's outcomes and claims the next batch, so the provider connection does not
+        wait on the database between batches. The cost: a process killed mid-way may
+        have sent two batches per sender whose outcomes are not committed yet (they are
+        sent again after their lease, with the same Message-IDs), not one. A batch
+        claimed ahead when ``stopping`` is set is still sent: it is in hand.
+        """
+        if self._books is None:
+            self._books = ThreadPoolExecutor(1, thread_name_prefix="kipekee-books")
+        books = self._books
+        handled = 0
+        recording: Future[None] | None = None
+        try:
+            rows = self._claim()
+            while rows:
+                upcoming = None if stopping.is_set() else books.submit(self._claim)
+                outcomes = self.deliverer.deliver_many(rows)
+                if recording is not None:
+                    recording.result()  # in order: batch n is recorded before n + 1
+                recording = books.submit(self._record, rows, outcomes)
+                handled += len(rows)
+                rows = upcoming.result() if upcoming is not None else []
+        finally:
+            if recording is not None:
+                recording.result()  # what was sent is recorded before returning
+        return handled
+
+    def _claim(self, ids: list[int] | None = None) -> list[OutboxEmail]:
+        return outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
+
+    def _record(self, rows: list[OutboxEmail], outcomes: list[Outcome]) -> None:
+        from ..dispatch import record_many
+
+        # The batch's outcomes in one transaction: one commit (one flush to disk on
+        # PostgreSQL) per batch instead of one per message, the plain successes in one
+        # fenced UPDATE. Should the process die before the commit, the batch's rows are
+        # taken again after their lease, as rows not yet recorded always were.
+        with transaction.atomic(using=rows[0]._state.db):
+            recorded = record_many(rows, outcomes)
+        for row, done in zip(rows, recorded, strict=True):
+            if done:
+                self.stats.add(row.status)
 
     def close(self) -> None:
         self.deliverer.close()
+        if self._books is not None:
+            # The books thread's own database connections, then the thread.
+            self._books.submit(connections.close_all).result()
+            self._books.shutdown()
+            self._books = None
         connections.close_all()  # this thread's database connections
 
 

@@ -65,8 +65,7 @@ class ThreadEngine:
         try:
             while not self._stopping.is_set():
                 try:
-                    while sender.run_once() and not self._stopping.is_set():
-                        pass
+                    sender.drain(self._stopping)
                     if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                         beat(self.name, "thread", self.stats)
                         last_beat = time.monotonic()

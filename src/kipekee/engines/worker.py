@@ -89,7 +89,7 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 try:
-                    handled = sender.run_once()
+                    handled = sender.drain(self._stopping)
                 except Exception:  # noqa: BLE001 - a database blip must not kill the thread
                     logger.exception("%s sender %d: batch failed; its rows are retried after "
                                      "their lease", self.name, index)
