@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hypothesis
 import pytest
 from django.core.mail import EmailMessage
 from django.db import transaction
@@ -93,3 +94,63 @@ def test_submit_rejects_non_list_recipients(sink_provider):
     with pytest.raises(InvalidMessage, match="to must be a list"):
         dispatch.submit(message)
     assert rows() == 0
+
+
+# --- the fast path for plain addresses ------------------------------------------------
+
+_ATOM = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(hypothesis.strategies.text(alphabet=_ATOM + ".@-é \"<>()[]\\,;:", max_size=30))
+def test_a_plain_address_is_what_the_header_parser_makes_of_it(address):
+    """Whatever the fast path lets through, the stdlib parser (the slow path) reads as
+    exactly one mailbox, without defects, whose addr-spec is the address itself; and the
+    envelope address the SMTP backend derives is the same."""
+    from email.headerregistry import AddressHeader
+
+    from kipekee.backends.smtp import _addr_spec
+    from kipekee.message import is_plain_addr_spec
+
+    if not is_plain_addr_spec(address):
+        return
+    parsed = AddressHeader.value_parser(address)
+    assert not parsed.all_defects and [m.addr_spec for m in parsed.all_mailboxes] == [address]
+    assert _addr_spec(address) == address
+
+
+@pytest.mark.parametrize("address", ["ann@example.com", "a.b+tag@mail.example.org",
+                                     "O'Brien@Example.COM", "x_y-z@sub-1.example.io"])
+def test_plain_addresses_take_the_fast_path(address):
+    from kipekee.message import check_address, is_plain_addr_spec
+
+    assert is_plain_addr_spec(address) and check_address("to", address) == address
+
+
+@pytest.mark.parametrize("address", ["a..b@example.com", "a.@example.com", "a@example",
+                                     "a@-x.example.com", "Ann <ann@example.com>",
+                                     "ann@exämple.com", "ann@example.com.", "\"a b\"@example.com"])
+def test_anything_else_goes_to_the_parser(address):
+    from kipekee.message import is_plain_addr_spec
+
+    assert not is_plain_addr_spec(address)
+
+
+@pytest.mark.postgres
+def test_a_refused_insert_inside_the_callers_transaction_leaves_it_usable(sink_provider):
+    """Inside the caller's transaction the row is written under a savepoint: the database
+    refusing it (a Message-ID longer than its column, on PostgreSQL) raises at the call
+    site and the caller's own work goes on. In autocommit (no savepoint: the transaction
+    is the enqueue's own) it raises too and writes nothing."""
+    from django.db import DataError
+
+    too_long = {"Message-ID": f"<{'x' * 300}@example.com>"}
+    with transaction.atomic():
+        first = kipekee.send(**GOOD, mode="queue")
+        with pytest.raises(DataError):
+            kipekee.send(**GOOD, headers=too_long, mode="queue")
+        second = kipekee.send(**GOOD, mode="queue")
+    assert rows() == 2 and first.id != second.id
+    with pytest.raises(DataError):
+        kipekee.send(**GOOD, headers=too_long, mode="queue")
+    assert rows() == 2

@@ -121,8 +121,8 @@ def submit(
     # a NOTIFY of its own is a second commit, flushed to disk like the first. Inside the
     # caller's transaction nothing is added (an error must not mark it for rollback).
     db = using or outbox.db_for_write()
-    with (nullcontext() if transaction.get_connection(db).in_atomic_block
-          else transaction.atomic(using=db)):
+    own = not transaction.get_connection(db).in_atomic_block
+    with transaction.atomic(using=db) if own else nullcontext():
         row, created = outbox.enqueue(
             message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
             provider=provider, template=template, metadata=metadata, event=event,
@@ -131,7 +131,7 @@ def submit(
             # polling at that moment must not take it first (the caller would lose its
             # answer).
             hold=None if mode == "queue" else IN_REQUEST_HOLD,
-            using=db,
+            using=db, own_transaction=own,
         )
         receipt = Receipt(row, created=created)
         if not created or receipt.suppressed:  # nothing (new) to deliver

@@ -71,12 +71,17 @@ def enqueue(
     target: Model | None = None,
     hold: timedelta | None = None,
     using: str | None = None,
+    own_transaction: bool = False,
 ) -> tuple[OutboxEmail, bool]:
     """Write ``message`` to the outbox in the caller's transaction.
 
     ``hold``: keep engines off a row due now for this long (``due_at`` in the future)
     because the caller delivers it itself right after commit; only ``claim(pk, own=True)``
     takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
+
+    ``own_transaction``: the caller opened the current transaction for this row alone,
+    so a failure cannot spoil anything of its own and no savepoint is needed (one round
+    trip less per enqueue on PostgreSQL) unless there is more than one row to write.
 
     Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
@@ -120,8 +125,8 @@ def enqueue(
         due_at=now + hold if hold and (send_at is None or send_at <= now) else send_at or now,
     )
     # A savepoint: a failure part-way (say, an attachment) leaves nothing behind, and an
-    # idempotency collision does not poison the caller's transaction.
-    with transaction.atomic(using=db):
+    # idempotency collision or a refused INSERT does not poison the caller's transaction.
+    with transaction.atomic(using=db, savepoint=not own_transaction or bool(attachments)):
         if idempotency_key:
             existing = OutboxEmail.objects.using(db).filter(idempotency_key=idempotency_key).first()
             if existing is not None:

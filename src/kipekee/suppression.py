@@ -15,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from email.utils import parseaddr
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
 
+from .message import is_plain_addr_spec
 from .models import Suppression, SuppressionReason
 
 
 def normalize(address: str) -> str:
     """The lower-cased addr-spec of ``address`` (``"Ann <Ann@X.org>"`` → ``ann@x.org``)."""
+    if is_plain_addr_spec(address):
+        return address.lower()
     return (parseaddr(address)[1] or address).strip().lower()
 
 
@@ -30,13 +33,33 @@ def check(addresses: Iterable[str], *, using: str | None = None) -> dict[str, st
     wanted = {address: normalize(address) for address in addresses}
     if not wanted:
         return {}
-    found = {
-        s.address: s
-        for s in Suppression.objects.using(using).filter(address__in=set(wanted.values()))
-    }
+    listed = _listed(set(wanted.values()), using)
+    if not listed:
+        return {}
+    found = {s.address: s for s in Suppression.objects.using(using).filter(address__in=listed)}
     return {
         address: describe(found[key]) for address, key in wanted.items() if key in found
     }
+
+
+def _listed(keys: set[str], using: str | None) -> set[str]:
+    """Which of ``keys`` (normalized addresses) are on the list.
+
+    A plain SELECT through the cursor: it runs on every enqueue and every claimed batch,
+    and the ORM takes about 0.2 ms to build this query, ten times what the database
+    takes to answer it (SQLite, bench/README.md). Hits, which are rare, are then read
+    through the ORM.
+    """
+    connection = connections[using or router.db_for_read(Suppression)]
+    quote = connection.ops.quote_name
+    column = quote(Suppression._meta.get_field("address").column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {column} FROM {quote(Suppression._meta.db_table)} "
+            f"WHERE {column} IN ({', '.join(['%s'] * len(keys))})",
+            list(keys),
+        )
+        return {address for (address,) in cursor.fetchall()}
 
 
 def describe(suppression: Suppression) -> str:

@@ -34,6 +34,7 @@ from django.utils.encoding import punycode
 from django.utils.functional import cached_property
 
 from ..exceptions import ConfigurationError
+from ..message import is_plain_addr_spec
 
 DEFAULT_TIMEOUT = 15.0
 
@@ -165,6 +166,8 @@ class EmailBackend(DjangoSMTPBackend):
 def _addr_spec(address: str) -> str:
     # Cached: the same sender (and often the same recipients) on every message, and the
     # header parser costs about 0.1 ms a call. Invalid addresses raise, and are not cached.
+    if is_plain_addr_spec(address):
+        return address  # each recipient is new to the cache: skip the parser
     parsed = AddressHeader.value_parser(address)
     mailboxes = parsed.all_mailboxes
     if len(mailboxes) != 1 or "\n" in address or "\r" in address:
