@@ -162,3 +162,49 @@ def test_first_sigterm_finishes_and_releases(smtp_server, kipekee_settings, sett
     sent = OutboxEmail.objects.filter(status=Status.SENT).count()
     assert 20 <= sent < 400 and len(slow.messages) == sent
     assert EngineHeartbeat.objects.get().stopped_at is not None
+
+
+def test_processes_share_the_work_replace_a_dead_one_and_stop_together(
+        smtp_sink, kipekee_settings, settings):
+    """``--processes 2``: two forked workers, each its own heartbeat; one killed with
+    SIGKILL is replaced and what it held is sent after its lease; one SIGTERM to the
+    command stops both. The exit status is 1: a process died on the way, and says so."""
+    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={"LEASE_SECONDS": 3})
+    expected = bulk_enqueue(600)
+    proc = worker_process(settings.KIPEKEE, "--processes", "2", "--concurrency", "2",
+                          "--batch-size", "10", "--poll-interval", "0.2")
+    try:
+        wait_for_rows(lambda: EngineHeartbeat.objects.filter(sent__gt=0).count() == 2
+                      or OutboxEmail.objects.filter(status=Status.SENT).count() == 600,
+                      timeout=60, what="both processes sending", procs=[proc])
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() == 600,
+                      timeout=60, what="600 sent", procs=[proc])
+        first = set(EngineHeartbeat.objects.values_list("pid", flat=True))
+        assert len(first) == 2 and proc.pid not in first
+        os.kill(min(first), signal.SIGKILL)
+        wait_for_rows(lambda: len(set(EngineHeartbeat.objects.values_list("pid", flat=True))
+                                  - first) == 1, timeout=30, what="a replacement", procs=[proc])
+        more = bulk_enqueue(200)
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() == 800,
+                      timeout=60, what="800 sent", procs=[proc])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    output = output_of(proc)
+    received = Counter(m.message_id for m in smtp_sink.wait_for(800))
+    assert set(received) == expected | more and set(received.values()) == {1}
+    assert "exited with -9; starting another" in output
+    assert proc.returncode == 1 and "1 worker process(es) exited with an error" in output
+    stopped = EngineHeartbeat.objects.exclude(pid=min(first))
+    assert stopped.count() == 2 and all(b.stopped_at is not None for b in stopped)
+
+
+def test_processes_once_drain_and_exit(smtp_sink, kipekee_settings, settings):
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+    expected = bulk_enqueue(300)
+    proc = worker_process(settings.KIPEKEE, "--processes", "2", "--once", "--batch-size", "10")
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, output_of(proc)
+    received = Counter(m.message_id for m in smtp_sink.wait_for(300))
+    assert set(received) == expected and set(received.values()) == {1}
+    assert EngineHeartbeat.objects.count() == 2

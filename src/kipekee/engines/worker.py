@@ -10,8 +10,13 @@ every thread finish the batch it holds and exit; the command exits at once on a 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from django.db import connection, connections, router
 
@@ -107,6 +112,70 @@ class Worker:
             sender.close()
 
 
+class Prefork:
+    """Run ``target`` (one worker) in ``processes`` forked processes and keep them running.
+
+    One Python process sends on one core: its sender threads share the interpreter lock,
+    and with four or more of them each message's reply waits for the lock as much as for
+    the provider (``bench/README.md``). Forked processes do not share it. A process that
+    dies is replaced (at most once a second per slot); with ``once``, a process that has
+    drained what was due and exited 0 is not. :meth:`stop` forwards a signal to every
+    process: they handle it as a single worker does (the first finishes the batches in
+    hand, a second exits at once).
+    """
+
+    def __init__(self, processes: int, target: Callable[[], None], *, once: bool = False) -> None:
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        self.processes = processes
+        self.target = target
+        self.once = once
+        self._stopping = threading.Event()
+        # fork, on purpose (the default becomes forkserver in Python 3.14): the children
+        # get this process's settings as they are, as threads of one worker do.
+        self._context = multiprocessing.get_context("fork")
+        self._children: list[Any] = []
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        self._stopping.set()
+        for child in self._children:
+            if child.pid is not None and child.exitcode is None:
+                os.kill(child.pid, signum)
+
+    def run(self) -> int:
+        """Start the processes, supervise them until :meth:`stop` (or, with ``once``, until
+        each has drained), wait for them; return how many exited with an error."""
+        connections.close_all()  # each child opens its own; a shared socket would be corrupted
+        self._children = [self._start(i) for i in range(self.processes)]
+        started = [time.monotonic()] * self.processes
+        failed = 0
+        while not self._stopping.is_set():
+            for i, child in enumerate(self._children):
+                if child.is_alive() or (self.once and child.exitcode == 0):
+                    continue
+                if child.exitcode:
+                    failed += 1
+                if self.once and child.exitcode:
+                    continue  # not restarted: a cron run reports it
+                logger.error("kipekee worker process %s exited with %s; starting another",
+                             child.pid, child.exitcode)
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - started[i])))
+                self._children[i], started[i] = self._start(i), time.monotonic()
+            if self.once and not any(c.is_alive() for c in self._children):
+                break
+            self._stopping.wait(0.2)
+        for child in self._children:
+            child.join()
+            if self._stopping.is_set() and child.exitcode:
+                failed += 1
+        return failed
+
+    def _start(self, index: int) -> Any:
+        child = self._context.Process(target=self.target, name=f"kipekee-worker-{index}")
+        child.start()
+        return child
+
+
 class _Listener:
     """LISTEN for enqueue notifications on PostgreSQL, setting ``wake`` for each."""
 
@@ -154,4 +223,4 @@ def notify_if_listening(using: str) -> None:
             cursor.execute(f"NOTIFY {NOTIFY_CHANNEL}")
 
 
-__all__ = ["Worker", "notify_if_listening"]
+__all__ = ["Prefork", "Worker", "notify_if_listening"]

@@ -7,12 +7,13 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from types import FrameType
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from kipekee.engines.worker import Worker
+from kipekee.engines.worker import Prefork, Worker
 
 
 def _positive_int(value: str) -> int:
@@ -33,8 +34,12 @@ class Command(BaseCommand):
     help = "Deliver queued and deferred emails from the Kipekee outbox."
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--processes", type=_positive_int, default=1,
+                            help="worker processes, each with --concurrency sender threads; "
+                                 "more than one uses more than one core (1)")
         parser.add_argument("--concurrency", type=_positive_int, default=4,
-                            help="sender threads, each with its own provider connections (4)")
+                            help="sender threads per process, each with its own provider "
+                                 "connections (4)")
         parser.add_argument("--batch-size", type=_positive_int, default=10,
                             help="rows a sender claims at a time (10)")
         parser.add_argument("--poll-interval", type=_positive_float, default=1.0,
@@ -49,9 +54,33 @@ class Command(BaseCommand):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
             logging.getLogger("kipekee").addHandler(handler)
             logging.getLogger("kipekee").setLevel(logging.INFO)
+        if options["processes"] == 1:
+            self._run_worker(options)
+            return
+        prefork = Prefork(options["processes"], partial(self._run_worker, options),
+                          once=options["once"])
+        stops = 0
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            nonlocal stops
+            stops += 1
+            if stops == 1:
+                self.stderr.write(f"{signal.Signals(signum).name}: the worker processes finish "
+                                  "the batches in hand (again to exit at once)")
+            prefork.stop(signum)  # each process: the first stops, a second exits at once
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        failed = prefork.run()
+        if failed:
+            raise CommandError(f"{failed} worker process(es) exited with an error (see the log)")
+
+    def _run_worker(self, options: dict[str, Any]) -> None:
+        """One worker in this process, stopped by SIGTERM/SIGINT."""
         worker = Worker(concurrency=options["concurrency"], batch_size=options["batch_size"],
                         poll_interval=options["poll_interval"], once=options["once"],
-                        name=options["name"])
+                        name=(options["name"] if options["processes"] == 1 or not options["name"]
+                              else f"{options['name']}:{os.getpid()}"))
         stops = 0
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
