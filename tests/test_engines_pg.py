@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -39,14 +40,14 @@ def bulk_enqueue(n: int) -> set[str]:
     return {r.message_id for r in rows}
 
 
-def worker_process(kipekee_settings: dict, *args: str) -> subprocess.Popen:
+def worker_process(kipekee_settings: dict, *args: str, **popen: Any) -> subprocess.Popen:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
            "KIPEKEE_TEST_DATABASE": "postgres", "KIPEKEE_PG_NAME": connection.settings_dict["NAME"],
            "KIPEKEE_TEST_SETTINGS": json.dumps(kipekee_settings), "KIPEKEE_LOG_LEVEL": "INFO"}
     # Output goes to a file: an undrained pipe would block the worker once it fills.
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "django", "kipekee_worker", *args], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
     proc.log = log  # type: ignore[attr-defined]
     return proc
 
@@ -208,3 +209,28 @@ def test_processes_once_drain_and_exit(smtp_sink, kipekee_settings, settings):
     received = Counter(m.message_id for m in smtp_sink.wait_for(300))
     assert set(received) == expected and set(received.values()) == {1}
     assert EngineHeartbeat.objects.count() == 2
+
+
+def test_processes_stop_gracefully_on_ctrl_c_to_the_process_group(
+        smtp_server, kipekee_settings, settings):
+    """A Ctrl-C reaches every process of the group: the supervisor forwards it once as
+    SIGTERM and the workers ignore the SIGINT itself, so one Ctrl-C is a graceful stop
+    (two SIGINTs per worker would be "exit at once")."""
+    from kipekee.testing import Faults
+
+    slow = smtp_server(faults=Faults(stall_before_data_reply=0.05))
+    kipekee_settings(primary=smtp_provider(slow))
+    bulk_enqueue(400)
+    proc = worker_process(settings.KIPEKEE, "--processes", "2", "--concurrency", "2",
+                          "--batch-size", "5", "--poll-interval", "0.2", start_new_session=True)
+    wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() >= 20,
+                  timeout=60, what="first sends", procs=[proc])
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=30)
+    output = output_of(proc)
+    assert proc.returncode == 0, output
+    assert "SIGINT: the worker processes finish the batches in hand" in output
+    assert output.count("SIGTERM: finishing the batches in hand") == 2
+    # Each worker finished what it held: nothing is left mid-send.
+    assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()
+    assert len(slow.messages) == OutboxEmail.objects.filter(status=Status.SENT).count() < 400

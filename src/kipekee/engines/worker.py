@@ -119,9 +119,10 @@ class Prefork:
     and with four or more of them each message's reply waits for the lock as much as for
     the provider (``bench/README.md``). Forked processes do not share it. A process that
     dies is replaced (at most once a second per slot); with ``once``, a process that has
-    drained what was due and exited 0 is not. :meth:`stop` forwards a signal to every
+    drained what was due and exited 0 is not. :meth:`stop` sends SIGTERM to every
     process: they handle it as a single worker does (the first finishes the batches in
-    hand, a second exits at once).
+    hand, a second exits at once). The processes ignore SIGINT: a Ctrl-C in a terminal
+    reaches the whole process group, and only this process's forwarding should count.
     """
 
     def __init__(self, processes: int, target: Callable[[], None], *, once: bool = False) -> None:
@@ -136,11 +137,12 @@ class Prefork:
         self._context = multiprocessing.get_context("fork")
         self._children: list[Any] = []
 
-    def stop(self, signum: int = signal.SIGTERM) -> None:
+    def stop(self) -> None:
+        """Ask every process to stop (again: to exit at once)."""
         self._stopping.set()
         for child in self._children:
             if child.pid is not None and child.exitcode is None:
-                os.kill(child.pid, signum)
+                os.kill(child.pid, signal.SIGTERM)
 
     def run(self) -> int:
         """Start the processes, supervise them until :meth:`stop` (or, with ``once``, until
@@ -171,9 +173,18 @@ class Prefork:
         return failed
 
     def _start(self, index: int) -> Any:
-        child = self._context.Process(target=self.target, name=f"kipekee-worker-{index}")
+        child = self._context.Process(target=_child, args=(self.target,),
+                                      name=f"kipekee-worker-{index}")
         child.start()
         return child
+
+
+def _child(target: Callable[[], None]) -> None:
+    # Not the supervisor's handlers (a copy of them would signal the siblings): SIGTERM
+    # as by default until the target installs its own; SIGINT ignored (see Prefork).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target()
 
 
 class _Listener:

@@ -57,7 +57,7 @@ class Command(BaseCommand):
         if options["processes"] == 1:
             self._run_worker(options)
             return
-        prefork = Prefork(options["processes"], partial(self._run_worker, options),
+        prefork = Prefork(options["processes"], partial(self._run_worker, options, child=True),
                           once=options["once"])
         stops = 0
 
@@ -67,7 +67,7 @@ class Command(BaseCommand):
             if stops == 1:
                 self.stderr.write(f"{signal.Signals(signum).name}: the worker processes finish "
                                   "the batches in hand (again to exit at once)")
-            prefork.stop(signum)  # each process: the first stops, a second exits at once
+            prefork.stop()  # each process: the first stops, a second exits at once
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
@@ -75,8 +75,9 @@ class Command(BaseCommand):
         if failed:
             raise CommandError(f"{failed} worker process(es) exited with an error (see the log)")
 
-    def _run_worker(self, options: dict[str, Any]) -> None:
-        """One worker in this process, stopped by SIGTERM/SIGINT."""
+    def _run_worker(self, options: dict[str, Any], child: bool = False) -> None:
+        """One worker in this process, stopped by SIGTERM (and SIGINT, unless it is one of
+        ``--processes``: then the supervisor forwards a Ctrl-C as SIGTERM)."""
         worker = Worker(concurrency=options["concurrency"], batch_size=options["batch_size"],
                         poll_interval=options["poll_interval"], once=options["once"],
                         name=(options["name"] if options["processes"] == 1 or not options["name"]
@@ -96,5 +97,6 @@ class Command(BaseCommand):
                 os._exit(1)
 
         signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        if not child:
+            signal.signal(signal.SIGINT, on_signal)
         worker.run()
