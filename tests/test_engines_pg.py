@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,34 @@ def test_processes_stop_gracefully_on_ctrl_c_to_the_process_group(
     # Each worker finished what it held: nothing is left mid-send.
     assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()
     assert len(slow.messages) == OutboxEmail.objects.filter(status=Status.SENT).count() < 400
+
+
+def test_a_worker_survives_its_database_connections_being_killed(smtp_sink, kipekee_settings,
+                                                                   settings):
+    """PostgreSQL restarts, failovers and idle-connection reapers end a worker's sessions
+    under it (here: pg_terminate_backend on every session but the test's). The senders,
+    the books threads and the heartbeat open new connections; nothing is lost and the
+    process keeps running."""
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+    first = bulk_enqueue(50)
+    proc = worker_process(settings.KIPEKEE, "--concurrency", "2", "--batch-size", "5",
+                          "--poll-interval", "0.2")
+    try:
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() == 50,
+                      timeout=60, what="50 sent", procs=[proc])
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            [(killed,)] = cursor.fetchall()
+        assert killed >= 2  # at least the senders' sessions
+        second = bulk_enqueue(50)
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).count() == 100,
+                      timeout=60, what="100 sent after the sessions were killed", procs=[proc])
+        time.sleep(6)  # a heartbeat after the kill (every 5 s)
+        assert proc.poll() is None, output_of(proc)
+    finally:
+        outputs = stop_all([proc])
+    received = Counter(m.message_id for m in smtp_sink.wait_for(100))
+    assert set(received) == first | second and set(received.values()) == {1}
+    assert proc.returncode == 0, outputs[0]
+    assert EngineHeartbeat.objects.get().beat_at > timezone.now() - timedelta(seconds=15)

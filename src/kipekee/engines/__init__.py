@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 
 from .. import conf, outbox
@@ -119,6 +119,14 @@ class Sender:
             if done:
                 self.stats.add(row.status)
 
+    def recover(self) -> None:
+        """After a failed batch: drop this sender's database connections that broke (a
+        database restart, a reaped idle session), in both its threads; the next query
+        opens a new one. Django does this between requests; engines have no requests."""
+        _drop_broken_connections()
+        if self._books is not None:
+            self._books.submit(_drop_broken_connections).result()
+
     def close(self) -> None:
         self.deliverer.close()
         if self._books is not None:
@@ -129,12 +137,29 @@ class Sender:
         connections.close_all()  # this thread's database connections
 
 
+def _drop_broken_connections() -> None:
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
+
+
 def engine_name(kind: str) -> str:
     return f"{kind}@{socket.gethostname()}:{os.getpid()}"
 
 
 def beat(name: str, kind: str, stats: Stats, *, stopped: bool = False) -> None:
-    """Write this engine's heartbeat row (health checks read its age)."""
+    """Write this engine's heartbeat row (health checks read its age).
+
+    A database error is logged, not raised: the engine goes on sending, and the health
+    check sees the beat grow old if the database stays away.
+    """
+    try:
+        _beat(name, kind, stats, stopped=stopped)
+    except DatabaseError as exc:
+        logger.warning("%s: heartbeat not written (%s); retrying at the next beat", name, exc)
+        _drop_broken_connections()
+
+
+def _beat(name: str, kind: str, stats: Stats, *, stopped: bool) -> None:
     sent, deferred, failed = stats.snapshot()
     now = timezone.now()
     EngineHeartbeat.objects.update_or_create(

@@ -72,6 +72,7 @@ class ThreadEngine:
                     delay = self._sleep_for()
                 except Exception:  # noqa: BLE001 - keep the engine alive; rows stay in the outbox
                     logger.exception("Kipekee thread engine: a round failed; retrying soon")
+                    sender.recover()
                     delay = 1.0
                 self._wake.wait(delay)
                 self._wake.clear()

@@ -28,6 +28,7 @@ logger = logging.getLogger("kipekee.worker")
 NOTIFY_CHANNEL = "kipekee_outbox"
 HEARTBEAT_SECONDS = 5.0
 LOG_SECONDS = 10.0
+LISTEN_RETRY_SECONDS = 5.0
 
 
 class Worker:
@@ -98,6 +99,7 @@ class Worker:
                 except Exception:  # noqa: BLE001 - a database blip must not kill the thread
                     logger.exception("%s sender %d: batch failed; its rows are retried after "
                                      "their lease", self.name, index)
+                    sender.recover()
                     handled = 0
                     self._stopping.wait(self.poll_interval)
                 if handled:
@@ -216,15 +218,19 @@ class _Listener:
         params = connections[self._db].get_connection_params()
         params.pop("cursor_factory", None)
         params.pop("context", None)
-        try:
-            with psycopg.connect(**params, autocommit=True) as conn:
-                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                while not self._stop.is_set():
-                    for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
-                        self.wake.set()
-        except psycopg.Error as exc:
-            # Without LISTEN the senders still poll every poll_interval: slower, not lost.
-            logger.warning("LISTEN %s failed (%s); falling back to polling", NOTIFY_CHANNEL, exc)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(**params, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.wake.set()  # a NOTIFY may have been missed while not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
+                            self.wake.set()
+            except psycopg.Error as exc:
+                # Meanwhile the senders poll every poll_interval: slower, not lost.
+                logger.warning("LISTEN %s failed (%s); polling, and listening again in %.0f s",
+                               NOTIFY_CHANNEL, exc, LISTEN_RETRY_SECONDS)
+                self._stop.wait(LISTEN_RETRY_SECONDS)
 
 
 def notify_if_listening(using: str) -> None:
