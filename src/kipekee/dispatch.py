@@ -208,7 +208,7 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
         again_at = (policy or RetryPolicy.from_settings()).next_due(
             kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
-            hint=max(hints, default=None),
+            hint=max(hints, default=None), now=outcome.finished_at,
         )
         logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
                     outcome.provider, ", ".join(sorted(again)),
@@ -219,9 +219,11 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         return outbox.suppress(row, outcome)
     if outcome.kind == ErrorKind.CONFIGURATION:
         logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
+    # Counted from the end of the attempt, not from now: an engine's books thread may
+    # write the outcome a moment after the provider answered.
     due = (policy or RetryPolicy.from_settings()).next_due(
         kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
-        hint=outcome.retry_after,
+        hint=outcome.retry_after, now=outcome.finished_at,
     )
     if due is None:
         logger.warning("Outbox email %s failed: %s", row.pk, outcome.error)
