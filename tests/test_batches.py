@@ -98,15 +98,21 @@ def test_stopping_finishes_the_batches_in_hand_and_records_them(smtp_server, kip
     stopping = threading.Event()
     sender = Sender(engine="t", batch_size=5, stats=Stats())
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(sender.drain(stopping)))
+
+    def run() -> None:
+        try:
+            result.append(sender.drain(stopping))
+        finally:
+            sender.close()  # in the thread that used them: its database connections
+
+    thread = threading.Thread(target=run)
     thread.start()
     try:
         server.wait_for(3, timeout=10)
+    finally:
         stopping.set()
         thread.join(10)
-        assert not thread.is_alive()
-    finally:
-        sender.close()
+    assert not thread.is_alive()
     status = Counter(OutboxEmail.objects.filter(pk__in=ids).values_list("status", flat=True))
     # Nothing claimed is left behind: what was sent is recorded, the rest was never taken.
     assert set(status) == {Status.SENT, Status.QUEUED}
