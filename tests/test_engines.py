@@ -3,6 +3,7 @@ with a circuit breaker, lifetimes — against real local SMTP servers."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -256,3 +257,19 @@ def test_thread_engine_delivers_queued_and_due_rows(sink_provider, settings):
         thread_module._engine, thread_module._pid = previous
     assert not engine.alive
     assert len(sink_provider.wait_for(2)) == 2
+
+
+def _exit_with(code: int) -> None:
+    time.sleep(os.getpid() % 3 * 0.3)  # the processes end at different times
+    os._exit(code)
+
+
+def test_prefork_once_counts_each_failed_process_once():
+    """With ``once`` a process that failed is reported, once, and not started again; one
+    that drained (exit 0) is not a failure."""
+    from functools import partial
+
+    from kipekee.engines.worker import Prefork
+
+    assert Prefork(3, partial(_exit_with, 3), once=True).run() == 3
+    assert Prefork(2, partial(_exit_with, 0), once=True).run() == 0

@@ -152,20 +152,22 @@ class Prefork:
         connections.close_all()  # each child opens its own; a shared socket would be corrupted
         self._children = [self._start(i) for i in range(self.processes)]
         started = [time.monotonic()] * self.processes
+        finished: set[int] = set()  # with once: slots whose process is done, for good
         failed = 0
         while not self._stopping.is_set():
             for i, child in enumerate(self._children):
-                if child.is_alive() or (self.once and child.exitcode == 0):
+                if child.is_alive() or i in finished:
                     continue
                 if child.exitcode:
                     failed += 1
-                if self.once and child.exitcode:
-                    continue  # not restarted: a cron run reports it
+                if self.once:
+                    finished.add(i)  # drained, or failed: not restarted; a cron run reports it
+                    continue
                 logger.error("kipekee worker process %s exited with %s; starting another",
                              child.pid, child.exitcode)
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - started[i])))
                 self._children[i], started[i] = self._start(i), time.monotonic()
-            if self.once and not any(c.is_alive() for c in self._children):
+            if len(finished) == self.processes:
                 break
             self._stopping.wait(0.2)
         for child in self._children:
