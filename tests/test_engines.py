@@ -264,6 +264,9 @@ def _exit_with(code: int) -> None:
     os._exit(code)
 
 
+# The test process runs server threads; kipekee_worker forks before it starts any (the
+# PostgreSQL tests run it as a real command). Python 3.12 warns about forking here.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_prefork_once_counts_each_failed_process_once():
     """With ``once`` a process that failed is reported, once, and not started again; one
     that drained (exit 0) is not a failure."""
