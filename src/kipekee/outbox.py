@@ -318,13 +318,17 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
         if again and again_at is not None:
             follow_up.extend(_follow_up(row, outcome, again, again_at, db))
 
-    done = _finish(row, outcome, status=Status.SENT, changes={
-        "sent_at": outcome.finished_at, "sent_by": outcome.provider,
-        "error_kind": "", "last_error": "", "refused": outcome.refused,
-    }, signal=signals.sent, then=write_follow_up)
+    done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
+                   signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
         signals.queued.send(sender=OutboxEmail, email=copy)
     return done
+
+
+def _sent_changes(outcome: Outcome) -> dict[str, Any]:
+    """What a sent row's fields become (besides its status and claim)."""
+    return {"sent_at": outcome.finished_at, "sent_by": outcome.provider,
+            "error_kind": "", "last_error": "", "refused": outcome.refused}
 
 
 def _envelope_key(address: str) -> str:
@@ -426,12 +430,17 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
         _write_attempts(db, [(row, outcome)])
         if then is not None:  # more writes that stand or fall with this result
             then(db)
-    row.status = status
-    row.lease_until = None
+    _finished(row, outcome, status=status, changes=changes, signal=signal)
+    return True
+
+
+def _finished(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
+              signal: Any) -> None:
+    """After the write: the row in hand as the database now has it, then the signal."""
+    row.status, row.lease_until, row.claimed_by = status, None, ""
     for name, value in changes.items():
         setattr(row, name, value)
     signal.send(sender=OutboxEmail, email=row, outcome=outcome)
-    return True
 
 
 def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> None:
@@ -493,8 +502,10 @@ def mark_sent_many(results: Sequence[tuple[OutboxEmail, Outcome]]) -> list[bool]
                 OutboxEmail.objects.using(db)
                 .filter(pk__in=[row.pk for row, _ in results], status=Status.SENDING,
                         claimed_by=token)
-                .update(status=Status.SENT, lease_until=None, claimed_by="", sent_at=sent_at,
-                        sent_by=providers.pop(), error_kind="", last_error="", refused={})
+                # The same provider and no refusals throughout (checked above): the first
+                # outcome's changes hold for every row but sent_at.
+                .update(status=Status.SENT, lease_until=None, claimed_by="",
+                        **{**_sent_changes(results[0][1]), "sent_at": sent_at})
             )
             if updated != len(results):
                 raise _Moved  # undo the bulk write; each row on its own below
@@ -502,11 +513,8 @@ def mark_sent_many(results: Sequence[tuple[OutboxEmail, Outcome]]) -> list[bool]
     except _Moved:
         return [mark_sent(row, outcome) for row, outcome in results]
     for row, outcome in results:
-        row.status, row.lease_until, row.claimed_by = Status.SENT, None, ""
-        row.sent_at, row.sent_by = outcome.finished_at, outcome.provider
-        row.error_kind = row.last_error = ""
-        row.refused = {}
-        signals.sent.send(sender=OutboxEmail, email=row, outcome=outcome)
+        _finished(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
+                  signal=signals.sent)
     return [True] * len(results)
 
 
