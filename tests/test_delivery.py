@@ -8,7 +8,6 @@ from django.utils import timezone
 
 import kipekee
 from kipekee import outbox
-from kipekee.backends.smtp import DEFAULT_TIMEOUT, EmailBackend
 from kipekee.delivery import Deliverer
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
 from kipekee.testing import Faults, self_signed_context
@@ -100,21 +99,6 @@ def test_ipv4_only(smtp_server, kipekee_settings):
     # With ipv4_only the IPv6 literal has no IPv4 address to connect to.
     assert receipt.error_kind == ErrorKind.TRANSIENT and "gaierror" in receipt.error
     assert len(server.messages) == 1
-
-
-def test_backend_defaults_and_option_checks():
-    backend = EmailBackend(host="smtp.example.com", alias="p")
-    assert backend.timeout == DEFAULT_TIMEOUT and backend.port == 25
-    assert EmailBackend(host="h", use_tls=True).port == 587
-    assert EmailBackend(host="h", use_ssl=True).port == 465
-    from kipekee.exceptions import ConfigurationError
-
-    with pytest.raises(ConfigurationError, match="must define 'host'"):
-        EmailBackend(alias="p")
-    with pytest.raises(ConfigurationError, match="exclude each other"):
-        EmailBackend(host="h", use_tls=True, use_ssl=True)
-    with pytest.raises(TypeError):
-        EmailBackend(host="h", hots="typo")  # type: ignore[call-arg]
 
 
 def test_unknown_option_is_a_configuration_error_on_the_row(smtp_sink, kipekee_settings):

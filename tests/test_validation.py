@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import django
 import hypothesis
 import pytest
 from django.core.mail import EmailMessage
@@ -23,16 +24,19 @@ GOOD = {"subject": "Hi", "text": "body", "to": ["ann@example.com"]}
     [
         ({"subject": "Hi\r\nBcc: victim@example.com"}, "subject contains a line break"),
         ({"subject": "Hi\nthere"}, "subject contains a line break"),
-        ({"to": ["Ann\r\nBcc: x@example.com <ann@example.com>"]}, "to contains a line break"),
-        ({"to": ["not-an-address"]}, "to: invalid address 'not-an-address': .*no domain"),
-        ({"to": ["ann@@example.com"]}, "to: invalid address"),
-        ({"to": ["a@example.com, b@example.com"]}, "must be exactly one address"),
-        ({"cc": ["bad address@example.com"]}, "cc: invalid address"),
+        ({"to": ["Ann\r\nBcc: x@example.com <ann@example.com>"]}, "to: Invalid .*line break"),
+        ({"to": ["not an address"]}, "to: Invalid address 'not an address'"),
+        ({"to": ["ann@@example.com"]}, "to: Invalid address"),
+        ({"to": ["a@example.com, b@example.com"]}, "must be a single address"),
+        ({"to": ["to@other.com <to@example.com>"]}, "to: Invalid address"),
+        ({"to": ["x@"]}, "to: Invalid address 'x@'"),
+        ({"to": [42]}, "an address must be a string, not int"),
+        ({"cc": ["bad address@example.com"]}, "cc: Invalid address"),
         ({"reply_to": ["x@"]}, "reply_to"),
-        ({"from_email": "Shop <shop@example.com>\r\nX-Evil: 1"}, "from_email contains a line break"),
+        ({"from_email": "Shop <shop@example.com>\r\nX-Evil: 1"}, "from_email: Invalid .*line break"),
         ({"headers": {"X-Tag": "a\r\nBcc: x@example.com"}}, "header X-Tag contains a line break"),
         ({"headers": {"Bad Name": "x"}}, "Invalid header name"),
-        ({"headers": {"Reply-To": "nope"}}, "header Reply-To"),
+        ({"headers": {"Reply-To": "@"}}, "header Reply-To"),
         ({"to": []}, "no recipients"),
         ({"mode": "later"}, "mode must be one of"),
     ],
@@ -109,22 +113,85 @@ def test_a_plain_address_is_what_the_header_parser_makes_of_it(address):
     envelope address the SMTP backend derives is the same."""
     from email.headerregistry import AddressHeader
 
-    from kipekee.backends.smtp import _addr_spec
-    from kipekee.message import is_plain_addr_spec
+    from kipekee.message import is_plain_addr_spec, parse_address
 
     if not is_plain_addr_spec(address):
         return
     parsed = AddressHeader.value_parser(address)
     assert not parsed.all_defects and [m.addr_spec for m in parsed.all_mailboxes] == [address]
-    assert _addr_spec(address) == address
+    assert parse_address(address) == address
+
+
+if django.VERSION >= (6, 0):
+    # Django 6's SMTP backend has prep_address (5.2 formats addresses another way).
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(hypothesis.strategies.text(alphabet=_ATOM + ".@-éø \"<>()[]\\,;:\r\n",
+                                                 max_size=30))
+    def test_kipekee_reads_addresses_as_djangos_smtp_backend(address):
+        """Kipekee's address check (Django 5.2 included) accepts what Django 6's SMTP backend
+        accepts, with the same envelope address; it refuses what Django refuses (and, beyond
+        Django, a line break the parser would accept in a quoted local part)."""
+        from django.core.mail.backends.smtp import EmailBackend as DjangoSMTP
+
+        from kipekee.message import parse_address
+
+        backend = DjangoSMTP.__new__(DjangoSMTP)  # prep_address reads no attribute
+        for force_ascii in (True, False):
+            try:
+                expected = backend.prep_address(address, force_ascii=force_ascii)
+            except (ValueError, IndexError):  # Django lets the parser's IndexError out ("x@")
+                expected = None
+            try:
+                got = parse_address(address, force_ascii=force_ascii)
+            except ValueError:
+                got = None
+            if got != expected:
+                assert got is None and ("\r" in address or "\n" in address), (address, got, expected)
+
+
+@pytest.mark.parametrize("address, addr_spec", [
+    ("ann@example.com", "ann@example.com"),
+    ("Ann <ann@example.com>", "ann@example.com"),
+    ('"x y"@example.com', '"x y"@example.com'),  # refused before: a valid quoted local part
+    ("ann@exämple.com", "ann@exämple.com"),
+    ("nø@example.dk", "nø@example.dk"),  # sent with SMTPUTF8
+    ("webmaster", "webmaster"),  # a local mailbox, as Django allows (#15042)
+    ('"to@other.com" <to@example.com>', "to@example.com"),
+])
+def test_validate_address(address, addr_spec):
+    from django.utils.translation import gettext_lazy
+
+    from kipekee.message import validate_address
+
+    assert validate_address(address) == addr_spec
+    assert validate_address(gettext_lazy(address)) == addr_spec  # refused before
+
+
+@pytest.mark.parametrize("text, ok", [("Ann O'Brien", True), ("Ann\r\nBcc: x@example.com", False),
+                                      ("a\u2028b", False), ("nul\x00", False)])
+def test_validate_header_text(text, ok):
+    from kipekee.message import validate_header_text
+
+    if ok:
+        assert validate_header_text(text, field="name") == text
+    else:
+        with pytest.raises(InvalidMessage, match="^name contains"):
+            validate_header_text(text, field="name")
+
+
+def test_an_unusual_but_valid_address_is_accepted_and_sent(sink_provider):
+    receipt = kipekee.send(**{**GOOD, "to": ['"x y"@example.com', "webmaster"]})
+    assert receipt.sent
+    assert sink_provider.wait_for(1)[0].rcpt_tos == ('"x y"@example.com', "webmaster")
 
 
 @pytest.mark.parametrize("address", ["ann@example.com", "a.b+tag@mail.example.org",
                                      "O'Brien@Example.COM", "x_y-z@sub-1.example.io"])
 def test_plain_addresses_take_the_fast_path(address):
-    from kipekee.message import check_address, is_plain_addr_spec
+    from kipekee.message import is_plain_addr_spec, validate_address
 
-    assert is_plain_addr_spec(address) and check_address("to", address) == address
+    assert is_plain_addr_spec(address) and validate_address(address, field="to") == address
 
 
 @pytest.mark.parametrize("address", ["a..b@example.com", "a.@example.com", "a@example",

@@ -1,81 +1,132 @@
 """Drop-in email backend: Django's ``send_mail`` and ``EmailMessage.send()`` go through
 the outbox, unchanged.
 
-Django 5.2::
+Django 5.2 and 6.0::
 
     EMAIL_BACKEND = "kipekee.backend.EmailBackend"
 
-Django 6.1 (``MAILERS``)::
+Django 6.1 (``MAILERS``; ``EMAIL_BACKEND`` is deprecated there)::
 
     MAILERS = {"default": {"BACKEND": "kipekee.backend.EmailBackend",
                            "OPTIONS": {"mode": "hybrid"}}}
 
-``send_messages`` returns how many messages the outbox accepted (delivery outcomes are
-on the rows; a message whose every recipient is on the suppression list is not counted),
-and leaves each message's :class:`~kipekee.dispatch.Receipt` on ``message.kipekee_receipt``. Bad input raises ``InvalidMessage`` and nothing of that call is written.
+It takes Django's keywords as Django's own backends do: ``fail_silently``; an ``alias``
+(Django 6.1); unknown keywords — among them the SMTP ones, ``username``/``password``
+from ``send_mail(auth_user=...)``, which belong to the providers here — are ignored
+(Django 6.1 warns, or raises ``InvalidMailer`` for a ``MAILERS`` entry's OPTIONS).
+
+``send_messages`` takes any iterable, returns how many messages the outbox accepted
+(delivery outcomes are on the rows; a message without recipients is skipped, as Django's
+SMTP backend does, and one whose every recipient is on the suppression list is not
+counted), and leaves each message's :class:`~kipekee.dispatch.Receipt` on
+``message.kipekee_receipt``. Bad input raises ``InvalidMessage`` (a ``ValueError``) and
+nothing of that call is written.
+
+``fail_silently=True`` (``mail_admins`` from Django's error reporting, …) never raises:
+a provider that is down leaves the message queued in the outbox, retried by an engine;
+what cannot even be written (bad input, no database) is logged at ERROR and skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
+import django
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.db import transaction
 
-from . import conf
-from .exceptions import ConfigurationError, InvalidMessage, RoutingLoop
+from . import conf, testmode
+from .delivery import in_delivery
+from .dispatch import Receipt, submit
+from .exceptions import ConfigurationError, KipekeeWarning, RoutingLoop
+from .message import validate
+
+logger = logging.getLogger("kipekee.backend")
+
+# Set while a fail_silently error is being logged: a logging handler that mails (Django's
+# AdminEmailHandler on the root logger) through this backend, failing again, must not
+# log again and again.
+_reporting = threading.local()
 
 
 class EmailBackend(BaseEmailBackend):
-    def __init__(self, *, mode: str | None = None, provider: str = "", alias: str | None = None,
-                 fail_silently: bool = False, username: str | None = None,
-                 password: str | None = None, **kwargs: Any) -> None:
-        # Django 5.2's send_mail() passes username/password (None unless auth_user is
-        # given). Credentials belong to the providers in KIPEKEE, not to this call.
-        if username is not None or password is not None:
-            raise ConfigurationError(
-                "kipekee.backend.EmailBackend takes no credentials: set them in the "
-                'provider OPTIONS of KIPEKEE["PROVIDERS"].'
+    def __init__(self, *, mode: str | None = None, provider: str = "",
+                 fail_silently: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("username") or kwargs.get("password"):
+            # Django's locmem and console backends ignore them silently; here the mail
+            # goes out with a provider's account, not this one: say so.
+            warnings.warn(
+                "kipekee.backend.EmailBackend ignores username/password (send_mail's "
+                "auth_user/auth_password): mail goes out through the providers of "
+                'KIPEKEE["PROVIDERS"], with their credentials.',
+                KipekeeWarning, stacklevel=2,
             )
-        if fail_silently:
-            # An outbox records failures; it never hides them.
-            raise ConfigurationError("kipekee.backend.EmailBackend does not fail silently.")
-        if kwargs:
-            raise ConfigurationError(
-                f"kipekee.backend.EmailBackend: unknown options {sorted(kwargs)} "
-                "(it takes 'mode' and 'provider')."
-            )
-        super().__init__()
-        self.alias = alias
+        if django.VERSION >= (6, 1):
+            # alias, and unknown keywords: an InvalidMailer for a MAILERS entry's OPTIONS,
+            # ignored with Django's deprecation warning otherwise.
+            super().__init__(**kwargs)
+        else:
+            super().__init__()
+            self.alias = kwargs.pop("alias", None)
+            if kwargs and self.alias is not None:
+                # Only Kipekee passes an alias before Django 6.1: its options are checked
+                # as a MAILERS entry's are on 6.1 (and as the SMTP backend checks them).
+                raise ConfigurationError(
+                    f"alias {self.alias!r}: Unknown options {', '.join(map(repr, sorted(kwargs)))}.")
+            # Without an alias Django's backends ignore unknown keywords; so does this.
         if mode is not None and mode not in conf.MODES:
-            raise ConfigurationError(f"kipekee.backend.EmailBackend: mode must be one of {conf.MODES}.")
+            raise ConfigurationError(
+                f"kipekee.backend.EmailBackend: mode must be one of {conf.MODES}, not {mode!r}.")
         self.mode = mode
         self.provider = provider
+        self.fail_silently = fail_silently
 
-    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
-        from .delivery import in_delivery
-        from .dispatch import submit
-        from .message import validate
-
+    def send_messages(self, email_messages: Iterable[EmailMessage]) -> int:
         if in_delivery():
             raise RoutingLoop(
                 "A Kipekee provider sent through Django's default email backend, which is "
                 "Kipekee's drop-in backend: give the provider a real BACKEND."
             )
-        if not email_messages:
+        # Any iterable, once (a generator is used up by the first pass).
+        messages = [message for message in email_messages if message.recipients()]
+        if not messages:
             return 0
-        for message in email_messages:  # all or nothing: check every one first
-            validate(message)
+        if not self.fail_silently:
+            for message in messages:  # all or nothing: check every one first
+                validate(message)
+            with transaction.atomic():
+                return sum(self._submit(message) for message in messages)
         count = 0
-        with transaction.atomic():
-            for message in email_messages:
-                if not message.recipients():
-                    raise InvalidMessage("The message has no recipients.")
-                receipt = submit(message, mode=self.mode, provider=self.provider)
-                # The caller can read what happened (and why it was not sent) here.
-                message.kipekee_receipt = receipt  # type: ignore[attr-defined]
-                if not receipt.suppressed:  # every recipient suppressed: not "sent"
-                    count += 1
+        for message in messages:  # each on its own: one that fails costs only itself
+            try:
+                with transaction.atomic():
+                    validate(message)
+                    count += self._submit(message)
+            except Exception:
+                self._report_silenced(message)
         return count
+
+    def _submit(self, message: EmailMessage) -> int:
+        """Enqueue one validated message; 1 if it counts as sent."""
+        receipt: Receipt = submit(message, mode=self.mode, provider=self.provider)
+        # The caller can read what happened (and why it was not sent) here.
+        message.kipekee_receipt = receipt  # type: ignore[attr-defined]
+        if testmode.active():
+            testmode.remember_mailer(receipt.id, self.alias)
+        return 0 if receipt.suppressed else 1  # every recipient suppressed: not "sent"
+
+    @staticmethod
+    def _report_silenced(message: EmailMessage) -> None:
+        if getattr(_reporting, "active", False):
+            return  # the error being logged below came back here: once is enough
+        _reporting.active = True
+        try:
+            logger.exception("Email %r not accepted into the outbox (fail_silently): "
+                             "nothing was written for it", message.subject)
+        finally:
+            _reporting.active = False

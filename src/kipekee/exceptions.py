@@ -22,6 +22,10 @@ class KipekeeError(Exception):
     """Base class of every exception Kipekee raises itself."""
 
 
+class KipekeeWarning(UserWarning):
+    """Something Kipekee did differently from what the call asked, on purpose."""
+
+
 class InvalidMessage(KipekeeError, ValueError):
     """The message cannot be accepted into the outbox as given."""
 

@@ -4,6 +4,19 @@ Every path into the outbox — ``kipekee.send``, the ``Email`` builder and the d
 ``EMAIL_BACKEND`` — ends in :func:`validate` and :func:`to_fields`, so bad input is refused
 the same way everywhere, before anything is written. Delivery rebuilds the message with
 :func:`from_row`.
+
+Two public checks, for forms and other code that wants to know before sending:
+
+- :func:`validate_address`: one address, as Kipekee will accept it;
+- :func:`validate_header_text`: text that goes into a header (a subject, a name).
+
+Addresses follow Django's SMTP backend (``prep_address`` of Django 6.x), on every Django
+version: ``a@example.com``, ``Name <a@example.com>``, quoted local parts
+(``"a b"@example.com``), internationalised domains, a local mailbox without a domain
+(``webmaster``, Django #15042), lazy translation strings. Kipekee also accepts a non-ASCII
+local part (``nø@example.dk``): it needs SMTPUTF8 on the way out, and the SMTP backend
+refuses it before ``MAIL FROM`` when the server does not offer it. Anything else — two
+addresses in one string, ``to@other.com <to@example.com>``, a line break — is refused.
 """
 
 from __future__ import annotations
@@ -12,18 +25,17 @@ import email.message
 import functools
 import re
 from dataclasses import dataclass
-from email.errors import HeaderParseError
-from email.headerregistry import AddressHeader
+from email.errors import HeaderParseError, NonASCIILocalPartDefect
+from email.headerregistry import Address, AddressHeader
 from email.mime.base import MIMEBase
 from typing import TYPE_CHECKING, Any
 
 import django
 from django.conf import settings
-from django.core.exceptions import ValidationError
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.mail.utils import DNS_NAME
-from django.core.validators import EmailValidator
 from django.utils.encoding import force_str, punycode
+from django.utils.functional import Promise
 
 from .exceptions import InvalidMessage
 
@@ -32,9 +44,9 @@ if TYPE_CHECKING:
 
 # RFC 5322 field name: printable US-ASCII except colon.
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
-_validate_addr_spec = EmailValidator()
 # RFC 2045 type/subtype: tokens of printable ASCII without specials or spaces.
 _MIMETYPE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`{|}~-]+/[A-Za-z0-9!#$%&'*+.^_`{|}~-]+$")
+_ADDRESS_HEADERS = {"to", "cc", "reply-to", "from", "sender"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,25 +59,27 @@ class StoredAttachment:
 
 def validate(message: EmailMessage) -> None:
     """Raise ``InvalidMessage`` naming the first problem; return quietly if there is none."""
-    _check_text("subject", force_str(message.subject))
+    validate_header_text(message.subject, field="subject")
     from_email = message.from_email or settings.DEFAULT_FROM_EMAIL
-    check_address("from_email", from_email)
+    validate_address(from_email, field="from_email")
     for field in ("to", "cc", "bcc", "reply_to"):
         value = getattr(message, field, [])
-        if isinstance(value, str):
+        if isinstance(value, (str, Promise)):
             raise InvalidMessage(f"{field} must be a list of addresses, not a string.")
         for address in value:
-            check_address(field, address)
+            if address in ("", None):
+                continue  # Django leaves empty entries out (EmailMessage.recipients())
+            validate_address(address, field=field)
     if not message.recipients():
         raise InvalidMessage("The message has no recipients (to, cc and bcc are empty).")
     for name, value in (message.extra_headers or {}).items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise InvalidMessage(f"Invalid header name {name!r}.")
-        if name.lower() in {"to", "cc", "reply-to", "from", "sender"}:
+        if name.lower() in _ADDRESS_HEADERS:
             for address in _split_addresses(force_str(value)):
-                check_address(f"header {name}", address)
+                validate_address(address, field=f"header {name}")
         else:
-            _check_text(f"header {name}", force_str(value))
+            validate_header_text(value, field=f"header {name}")
     for attachment in message.attachments:
         if isinstance(attachment, (MIMEBase, email.message.Message)):
             filename = attachment.get_filename() or ""
@@ -78,7 +92,7 @@ def validate(message: EmailMessage) -> None:
                 raise InvalidMessage(
                     f"Attachment {filename!r}: invalid MIME type {mimetype!r} (want type/subtype)."
                 )
-        _check_text("attachment filename", force_str(filename))
+        validate_header_text(filename, field="attachment filename")
 
 
 # Every character str.splitlines() breaks on: the email package (Django 6's modern policy,
@@ -87,18 +101,26 @@ def validate(message: EmailMessage) -> None:
 _LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
-def _check_text(field: str, value: str) -> None:
-    if _LINE_BREAKS.search(value):
-        raise InvalidMessage(f"{field} contains a line break (CR/LF), refused: {value!r}")
-    if "\x00" in value:
-        raise InvalidMessage(f"{field} contains a NUL character, refused: {value!r}")
+def validate_header_text(value: Any, *, field: str = "header") -> str:
+    """Check text meant for a header (a subject, a display name, a header's value).
+
+    Return it as ``str`` (lazy translation strings are fine); raise ``InvalidMessage``
+    (a ``ValueError``) if it holds a line break or a NUL: a CR/LF in user data would
+    otherwise let it add headers (``Bcc:``) to the email.
+    """
+    text = force_str(value)
+    if _LINE_BREAKS.search(text):
+        raise InvalidMessage(f"{field} contains a line break (CR/LF), refused: {text!r}")
+    if "\x00" in text:
+        raise InvalidMessage(f"{field} contains a NUL character, refused: {text!r}")
+    return text
 
 
 def _split_addresses(value: str) -> list[str]:
     try:
         parsed = AddressHeader.value_parser(value)
     except (HeaderParseError, IndexError, ValueError):
-        return [value]  # check_address reports it
+        return [value]  # validate_address reports it
     return [str(mb) for mb in parsed.all_mailboxes] or [value]
 
 
@@ -117,49 +139,70 @@ def is_plain_addr_spec(address: str) -> bool:
     return _PLAIN_ADDR_SPEC.fullmatch(address) is not None
 
 
-def check_address(field: str, address: Any) -> str:
-    """Validate one address (``a@b.c`` or ``Name <a@b.c>``); return its addr-spec."""
-    if not isinstance(address, str):
-        raise InvalidMessage(f"{field}: an address must be a string, not {type(address).__name__}.")
-    return _check_address(field, address)
+def validate_address(address: Any, *, field: str = "address") -> str:
+    """Check one address as Kipekee will accept it for sending; return its addr-spec.
+
+    ``a@example.com``, ``Name <a@example.com>``, ``"a b"@example.com``, ``a@exämple.com``,
+    ``nø@example.dk`` (sent with SMTPUTF8), ``webmaster`` (a local mailbox, as Django
+    allows) and lazy translation strings pass. Raise ``InvalidMessage`` (a ``ValueError``)
+    for anything else: not one address, a line break, a malformed address. The addr-spec
+    returned keeps a Unicode domain as given (the SMTP envelope punycodes it).
+
+    A form that wants a full address with a domain checks ``"@" in`` the result (or uses
+    Django's ``EmailField``, which is stricter than email itself).
+    """
+    if not isinstance(address, (str, Promise)):
+        raise InvalidMessage(
+            f"{field}: an address must be a string, not {type(address).__name__}.")
+    try:
+        return parse_address(force_str(address), force_ascii=False)
+    except ValueError as exc:
+        raise InvalidMessage(f"{field}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=4096)
-def _check_address(field: str, address: str) -> str:
-    # Cached: the same From (and often the same To) on every message of an app, and the
-    # header parser costs about 0.1 ms a call. Refusals raise, and are not cached.
+def parse_address(address: str, *, force_ascii: bool = True) -> str:
+    """The addr-spec of one address, as Django 6's SMTP backend reads it (``prep_address``).
+
+    Raise ``ValueError("Invalid address ...")`` for invalid addresses, line breaks, and
+    anything that is not exactly one mailbox. A local mailbox without a domain is valid.
+    With ``force_ascii`` (the SMTP envelope without SMTPUTF8) a non-ASCII domain is
+    IDNA-encoded and a non-ASCII local part is invalid; without it both stay Unicode.
+
+    Cached: the same sender (and often the same recipients) on every message, and the
+    header parser costs about 0.1 ms a call. Invalid addresses raise, and are not cached.
+    """
     if is_plain_addr_spec(address):
-        try:
-            _validate_addr_spec(address)
-        except ValidationError:
-            raise InvalidMessage(f"{field}: invalid address {address!r}.") from None
-        return address
-    _check_text(field, address)
+        return address  # each recipient is new to the cache: skip the parser
+    if _LINE_BREAKS.search(address) or "\x00" in address:
+        raise ValueError(f"Invalid address {address!r}: contains a line break or a NUL")
     try:
         parsed = AddressHeader.value_parser(address)
     except (HeaderParseError, IndexError, ValueError) as exc:
         # The stdlib parser raises (even IndexError, for "x@") on some malformed input.
-        raise InvalidMessage(f"{field}: invalid address {address!r}: {exc or 'unparsable'}") from None
-    defects = [str(d) for d in parsed.all_defects]
+        raise ValueError(f"Invalid address {address!r}: {exc or 'unparsable'}") from None
+    defects = sorted({
+        str(defect) for defect in parsed.all_defects
+        # Django allows local mailboxes like "From: webmaster" (#15042).
+        if str(defect) != "addr-spec local part with no domain"
+        # Valid with SMTPUTF8; decided below.
+        and not isinstance(defect, NonASCIILocalPartDefect)
+    })
+    if defects:
+        raise ValueError(f"Invalid address {address!r}: {'; '.join(defects)}")
     mailboxes = parsed.all_mailboxes
-    if len(mailboxes) == 1 and not (mailboxes[0].local_part or "").isascii():
-        # Deliberate: an internationalised local part needs SMTPUTF8 end to end (RFC
-        # 6531), which Kipekee does not send. Refused here, not at delivery.
-        raise InvalidMessage(
-            f"{field}: address {address!r} has a non-ASCII local part (before the @), which "
-            "needs SMTPUTF8; Kipekee does not send SMTPUTF8. Non-ASCII domains are fine."
-        )
-    if defects or len(mailboxes) != 1:
-        problem = "; ".join(defects) or "must be exactly one address"
-        raise InvalidMessage(f"{field}: invalid address {address!r}: {problem}")
+    if len(mailboxes) != 1:
+        raise ValueError(f"Invalid address {address!r}: must be a single address")
     mailbox = mailboxes[0]
-    if not mailbox.domain:
-        raise InvalidMessage(f"{field}: address {address!r} has no domain.")
-    addr_spec = f"{mailbox.local_part}@{punycode(mailbox.domain)}"
-    try:
-        _validate_addr_spec(addr_spec)
-    except ValidationError:
-        raise InvalidMessage(f"{field}: invalid address {address!r}.") from None
+    local_part = mailbox.local_part or ""
+    if not local_part:
+        raise ValueError(f"Invalid address {address!r}: no local part")
+    if not force_ascii:
+        return str(mailbox.addr_spec)
+    if not local_part.isascii():
+        raise ValueError(f"Invalid address {address!r}: local-part contains non-ASCII characters")
+    if mailbox.domain and not mailbox.domain.isascii():
+        return str(Address(username=local_part, domain=punycode(mailbox.domain)))
     return str(mailbox.addr_spec)
 
 
@@ -171,11 +214,12 @@ def to_fields(message: EmailMessage) -> tuple[dict[str, Any], list[StoredAttachm
     ]
     headers = {str(k): force_str(v) for k, v in (message.extra_headers or {}).items()}
     fields = {
-        "from_email": message.from_email or settings.DEFAULT_FROM_EMAIL,
-        "to": list(message.to),
-        "cc": list(message.cc),
-        "bcc": list(message.bcc),
-        "reply_to": list(message.reply_to),
+        # force_str: lazy translation strings are valid addresses (Django #24416).
+        "from_email": force_str(message.from_email or settings.DEFAULT_FROM_EMAIL),
+        "to": _address_list(message.to),
+        "cc": _address_list(message.cc),
+        "bcc": _address_list(message.bcc),
+        "reply_to": _address_list(message.reply_to),
         "subject": force_str(message.subject),
         "body": force_str(message.body),
         "content_subtype": message.content_subtype,
@@ -183,6 +227,11 @@ def to_fields(message: EmailMessage) -> tuple[dict[str, Any], list[StoredAttachm
         "headers": headers,
     }
     return fields, [_store_attachment(a) for a in message.attachments]
+
+
+def _address_list(addresses: Any) -> list[str]:
+    # Django leaves empty entries out of the recipients (EmailMessage.recipients()).
+    return [force_str(address) for address in addresses if address not in ("", None)]
 
 
 def _store_attachment(attachment: Any) -> StoredAttachment:

@@ -337,7 +337,7 @@ def _envelope_key(address: str) -> str:
 
     local, _, domain = suppression.normalize(address).rpartition("@")
     try:
-        domain = punycode(domain)  # as message.check_address and the SMTP backend do
+        domain = punycode(domain)  # as message.parse_address and the SMTP backend do
     except UnicodeError:  # not encodable: then the envelope could not have named it either
         pass
     return f"{local}@{domain}"

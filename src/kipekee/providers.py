@@ -31,7 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils.module_loading import import_string
 
-from . import conf, limits
+from . import conf, limits, testmode
 from .exceptions import ConfigurationError, RoutingLoop
 from .limits import ProviderLimits
 from .models import ErrorKind
@@ -78,8 +78,14 @@ def build(alias: str) -> BaseEmailBackend:
     """A new, unopened backend for provider ``alias``."""
     config = conf.get().provider(alias)
     cls = _backend_class(config.backend)
+    if testmode.active():
+        # Under Django's test runner every provider is Django's locmem backend, as the
+        # runner makes EMAIL_BACKEND: mail lands in django.core.mail.outbox.
+        return testmode.OutboxBackend(alias=alias)
+    # A backend's defaults for when Kipekee builds it (Kipekee's SMTP backend: a timeout).
+    options = {**getattr(cls, "provider_defaults", {}), **config.options}
     try:
-        return cls(alias=alias, **config.options)
+        return cls(alias=alias, **options)
     except (TypeError, ValueError, ImproperlyConfigured) as exc:
         # Redacted, and not chained: a backend may put its options (secrets) in the error.
         raise ConfigurationError(

@@ -99,11 +99,15 @@ def run(tests: Path, mode: str, labels: list[str], verbose: bool) -> dict[str, t
 
 
 def load_differences(version: tuple[int, int]) -> dict[str, str]:
-    """The listed deliberate differences for this Django version: test id -> reason."""
-    listed = tomllib.loads(DIFFERENCES.read_text())["difference"]
+    """The listed tests for this Django version: test id -> why it fails."""
+    listed = tomllib.loads(DIFFERENCES.read_text())
     wanted = f"{version[0]}.{version[1]}"
-    return {entry["test"]: entry["reason"] for entry in listed
-            if wanted in entry["django"]}
+    return {
+        entry["test"]: f"{kind.replace('_', ' ')}: {entry['reason']}"
+        for kind in ("difference", "not_applicable")
+        for entry in listed.get(kind, [])
+        if wanted in entry["django"]
+    }
 
 
 def main() -> int:
@@ -134,10 +138,10 @@ def main() -> int:
         listed_failing = [t for t in failed if t in differences]
         now_passing = [t for t in passed if t in differences]
         print(f"Django {django.get_version()} {mode}: {len(passed)} passed, "
-              f"{len(listed_failing)} listed differences, {len(unlisted)} unlisted failures, "
+              f"{len(listed_failing)} listed, {len(unlisted)} unlisted failures, "
               f"{len(skipped)} skipped, of {len(outcomes)} ({elapsed:.1f} s)")
         for test in sorted(listed_failing):
-            print(f"  difference: {test}")
+            print(f"  listed: {test}: {differences[test].split(':')[0]}")
         for test in sorted(skipped):
             print(f"  skipped: {test}: {outcomes[test][1]}")
         for test, detail in sorted(unlisted.items()):

@@ -1,16 +1,28 @@
-"""Kipekee's SMTP backend: Django's, with the defaults a production sender needs.
+"""Kipekee's SMTP backend: Django's, with what a production sender needs.
 
-Differences from ``django.core.mail.backends.smtp.EmailBackend``:
+It is a drop-in for ``django.core.mail.backends.smtp.EmailBackend`` on Django 5.2, 6.0
+and 6.1: the same keywords (``host``, ``port``, ``username``, ``password``, ``use_tls``,
+``use_ssl``, ``timeout``, ``ssl_keyfile``, ``ssl_certfile``, ``fail_silently``), the same
+``EMAIL_*`` settings as defaults when Django builds it (``EMAIL_BACKEND``,
+``get_connection()``), the same address checks (``prep_address``: ``ValueError`` before
+``MAIL FROM``), the same exceptions. Built with an ``alias`` — a ``MAILERS`` entry on
+Django 6.1, or a Kipekee provider (``KIPEKEE["PROVIDERS"]``) on any version — it reads
+its ``OPTIONS`` only, as Django 6.1 does: ``host`` is required, the port follows the
+security (465 SSL, 587 STARTTLS, else 25), ``EMAIL_*`` settings are ignored, and an
+unknown option is an error.
 
-- a default ``timeout`` (Django's is none: a stalled server hangs the worker forever);
-- TLS verified against certifi's CA bundle by default, or the ``ca_file`` you trust;
+What it adds:
+
+- TLS verified against certifi's CA bundle (or the ``ca_file`` you trust), where the OS
+  CA store may be missing or stale;
 - ``ipv4_only`` for hosts whose IPv6 route is broken (the payments seed forced this by
   patching ``socket.getaddrinfo`` for the whole process; here it is per provider);
-- per-recipient refusals are kept on the message as ``message.refused_recipients``
-  (Django's backend drops what ``smtplib.sendmail`` returns);
-- options are checked: an unknown option is an error, not silently ignored, on every
-  Django version;
-- it never fails silently.
+- ``local_hostname``: the name sent in EHLO (some relays check it);
+- per-recipient refusals kept on the message as ``message.refused_recipients`` (Django's
+  backend drops what ``smtplib.sendmail`` returns);
+- as a Kipekee provider, a ``timeout`` of 15 s unless its OPTIONS set one
+  (:attr:`EmailBackend.provider_defaults`; Django's default is none: a stalled server
+  hangs the sender forever). Built by Django, it keeps Django's default.
 
 The connection is reused across ``send_messages`` calls while it is open (``open()`` …
 ``close()``), as with Django's backend.
@@ -19,22 +31,30 @@ The connection is reused across ``send_messages`` calls while it is open (``open
 from __future__ import annotations
 
 import email.policy
-import functools
 import smtplib
 import socket
 import ssl
-from email.headerregistry import AddressHeader
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
 import certifi
 import django
+from django.conf import settings
 from django.core.mail import EmailMessage
+from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
-from django.utils.encoding import punycode
+from django.utils.encoding import force_str
 from django.utils.functional import cached_property
 
 from ..exceptions import ConfigurationError
-from ..message import is_plain_addr_spec
+from ..message import parse_address
+
+if django.VERSION >= (6, 1):
+    from django.core.mail import InvalidMailer
+    from django.utils.deprecation import RemovedInDjango2028Warning, warn_about_external_use
+
+#: Django 6.1 introduced MAILERS: an alias means "configured by OPTIONS only".
+_MAILERS = django.VERSION >= (6, 1)
 
 DEFAULT_TIMEOUT = 15.0
 
@@ -49,7 +69,8 @@ class _IPv4Mixin:
         ):
             sock = socket.socket(family, type_, proto)
             try:
-                sock.settimeout(timeout)
+                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                    sock.settimeout(timeout)  # smtplib's "none given" keeps the default
                 sock.connect(addr)
                 return sock
             except OSError as exc:
@@ -78,44 +99,105 @@ def _wire_bytes(email_message: EmailMessage) -> bytes:
 class EmailBackend(DjangoSMTPBackend):
     """SMTP with STARTTLS (``use_tls``) or implicit TLS (``use_ssl``), AUTH and reuse."""
 
+    #: Options Kipekee gives this backend when it builds it as a provider and the
+    #: provider's OPTIONS leave them out. (Built by Django it has Django's defaults.)
+    provider_defaults: ClassVar[dict[str, Any]] = {"timeout": DEFAULT_TIMEOUT}
+
+    # Django's keywords, in Django's order (they may be passed by position).
     def __init__(
         self,
-        *,
         host: str | None = None,
         port: int | None = None,
         username: str | None = None,
         password: str | None = None,
-        use_tls: bool = False,
-        use_ssl: bool = False,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        use_tls: bool | None = None,
+        fail_silently: bool = False,
+        use_ssl: bool | None = None,
+        timeout: float | None = None,
         ssl_keyfile: str | None = None,
         ssl_certfile: str | None = None,
+        *,
         ca_file: str | None = None,
         ipv4_only: bool = False,
         local_hostname: str | None = None,
-        alias: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        where = f"provider {alias!r}" if alias else "kipekee SMTP backend"
-        if not host:
-            raise ConfigurationError(f"{where}: OPTIONS must define 'host'.")
-        if use_tls and use_ssl:
-            raise ConfigurationError(f"{where}: 'use_tls' (STARTTLS) and 'use_ssl' exclude each other.")
-        if bool(username) != bool(password):
-            raise ConfigurationError(f"{where}: set both 'username' and 'password', or neither.")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"{where}: 'timeout' must be > 0 seconds.")
-        if port is None:
-            port = 465 if use_ssl else 587 if use_tls else 25
-        # Explicit values for everything, so Django 5.2 never falls back to EMAIL_* settings.
-        super().__init__(
-            host=host, port=port, username=username or "", password=password or "",
-            use_tls=use_tls, use_ssl=use_ssl, timeout=timeout,
-            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, alias=alias,
-        )
-        self.alias = alias
+        alias = kwargs.get("alias")
+        if _MAILERS and alias is None:
+            # Django 6.1's own warning, attributed (as Django's is) to the code that
+            # built the backend, not to this subclass: get_connection() builds it quietly.
+            warn_about_external_use(
+                "Directly creating EmailBackend instances is deprecated. "
+                "Use mail.mailers instead.",
+                RemovedInDjango2028Warning, skip_name_prefixes=f"{__name__}.",
+            )
+        # Django's BaseEmailBackend, not Django's SMTP __init__: the settings and options
+        # are read below, for every Django version the same way.
+        if _MAILERS:
+            # alias, and unknown keywords: InvalidMailer, or ignored with a warning.
+            BaseEmailBackend.__init__(self, **kwargs)
+        else:
+            BaseEmailBackend.__init__(self, fail_silently=fail_silently)
+            self.alias = alias
+            unknown = sorted(set(kwargs) - {"alias"})
+            if unknown and alias is not None:
+                self._invalid(f"Unknown options {', '.join(map(repr, unknown))}.")
+            # Without an alias Django (before 6.1) ignores unknown keywords; so does this.
+        self.fail_silently = fail_silently
+        self.connection: Any = None
+        self._partial_connection: Any = None
+        self._lock = threading.RLock()
         self.ca_file = ca_file
         self.ipv4_only = ipv4_only
         self.local_hostname = local_hostname
+
+        if self.alias is None:
+            # Django's compatibility mode: EMAIL_* settings fill what is not given.
+            self.host = host or settings.EMAIL_HOST
+            self.port = port or settings.EMAIL_PORT
+            self.username = settings.EMAIL_HOST_USER if username is None else username
+            self.password = settings.EMAIL_HOST_PASSWORD if password is None else password
+            self.use_tls = settings.EMAIL_USE_TLS if use_tls is None else use_tls
+            self.use_ssl = settings.EMAIL_USE_SSL if use_ssl is None else use_ssl
+            self.timeout = settings.EMAIL_TIMEOUT if timeout is None else timeout
+            self.ssl_keyfile = settings.EMAIL_SSL_KEYFILE if ssl_keyfile is None else ssl_keyfile
+            self.ssl_certfile = (
+                settings.EMAIL_SSL_CERTFILE if ssl_certfile is None else ssl_certfile
+            )
+            if self.use_ssl and self.use_tls:
+                raise ValueError(
+                    "EMAIL_USE_TLS/EMAIL_USE_SSL are mutually exclusive, so only set "
+                    "one of those settings to True."
+                )
+            return
+
+        # Configured by OPTIONS alone (a MAILERS entry or a Kipekee provider).
+        self.host = host  # type: ignore[assignment]
+        self.username = username  # type: ignore[assignment]
+        self.password = password  # type: ignore[assignment]
+        self.use_tls = bool(use_tls)
+        self.use_ssl = bool(use_ssl)
+        self.timeout = timeout
+        self.ssl_keyfile = ssl_keyfile
+        self.ssl_certfile = ssl_certfile
+        if not host:
+            self._invalid("OPTIONS must define 'host'.")
+        if self.use_ssl and self.use_tls:
+            self._invalid("The 'use_ssl' and 'use_tls' OPTIONS are incompatible. "
+                          "Set at most one of them to True.")
+        self.port = port or (465 if self.use_ssl else 587 if self.use_tls else 25)
+        # Kipekee's own checks of a configuration, which Django makes at the first send
+        # at best (a lone username never logs in; the server then refuses with 530).
+        if bool(username) != bool(password):
+            self._invalid("Set both 'username' and 'password', or neither.")
+        if timeout is not None and timeout <= 0:
+            self._invalid("'timeout' must be > 0 seconds (or None: no timeout).")
+
+    def _invalid(self, message: str) -> None:
+        """Refuse this configuration, as Django 6.1 does a MAILERS entry's."""
+        if _MAILERS:
+            raise InvalidMailer(message, alias=self.alias)
+        raise ConfigurationError(f"provider {self.alias!r}: {message}")
 
     @property
     def connection_class(self) -> Any:
@@ -135,44 +217,39 @@ class EmailBackend(DjangoSMTPBackend):
 
     @cached_property
     def ssl_context(self) -> ssl.SSLContext:
-        # Verified TLS (hostname and chain) against certifi's bundle, or the CA file the
-        # user chose to trust (a private relay with its own CA or a self-signed cert).
-        context = ssl.create_default_context(cafile=self.ca_file or certifi.where())
+        # Verified TLS (hostname and chain: PROTOCOL_TLS_CLIENT's defaults) against
+        # certifi's bundle, or the CA file the user chose to trust (a private relay with
+        # its own CA or a self-signed certificate). Built as Django builds its context.
+        context = ssl.SSLContext(protocol=ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=self.ca_file or certifi.where())
         if self.ssl_certfile or self.ssl_keyfile:
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)  # type: ignore[arg-type]
         return context
 
+    def prep_address(self, address: Any, force_ascii: bool = True) -> str:
+        """The envelope address (addr-spec) of ``address``, as Django 6's backend makes it.
+
+        ``ValueError`` for an invalid address (before any SMTP command of the message).
+        With ``force_ascii`` a non-ASCII domain is IDNA-encoded and a non-ASCII local part
+        is invalid; without it (SMTPUTF8) both are kept.
+        """
+        return parse_address(force_str(address), force_ascii=force_ascii)
+
     def _send(self, email_message: EmailMessage) -> bool:
         if not email_message.recipients():
             return False
-        from_email = self._addr_spec(email_message.from_email)
-        recipients = [self._addr_spec(addr) for addr in email_message.recipients()]
+        from_email = self.prep_address(email_message.from_email)
+        recipients = [self.prep_address(addr) for addr in email_message.recipients()]
         assert self.connection is not None
-        refused: dict[str, tuple[int, bytes]] = self.connection.sendmail(
-            from_email, recipients, _wire_bytes(email_message)
-        )
+        try:
+            refused: dict[str, tuple[int, bytes]] = self.connection.sendmail(
+                from_email, recipients, _wire_bytes(email_message)
+            )
+        except smtplib.SMTPException:
+            if not self.fail_silently:
+                raise
+            return False
         email_message.refused_recipients = {  # type: ignore[attr-defined]
             addr: f"{code} {text.decode('utf-8', 'replace')}" for addr, (code, text) in refused.items()
         }
         return True
-
-    @staticmethod
-    def _addr_spec(address: Any) -> str:
-        """The envelope address: the addr-spec, IDNA-encoded domain. ValueError if invalid."""
-        return _addr_spec(str(address))
-
-
-@functools.lru_cache(maxsize=4096)
-def _addr_spec(address: str) -> str:
-    # Cached: the same sender (and often the same recipients) on every message, and the
-    # header parser costs about 0.1 ms a call. Invalid addresses raise, and are not cached.
-    if is_plain_addr_spec(address):
-        return address  # each recipient is new to the cache: skip the parser
-    parsed = AddressHeader.value_parser(address)
-    mailboxes = parsed.all_mailboxes
-    if len(mailboxes) != 1 or "\n" in address or "\r" in address:
-        raise ValueError(f"Invalid address {address!r}")
-    box = mailboxes[0]
-    if box.domain and not box.domain.isascii():
-        return f"{box.local_part}@{punycode(box.domain)}"
-    return str(box.addr_spec)
