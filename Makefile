@@ -1,8 +1,9 @@
 # The two commands of the README:
 #   make demo   the demo site (four seed systems, dev inbox) on http://127.0.0.1:8000/
 #               (make demo-script: the one-shot version that prints outbox rows)
-#   make test   the whole test suite on Django 5.2 LTS (Python 3.11) and Django 6.1 (Python 3.12),
-#               both on SQLite, then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
+#   make test   the whole test suite on Django 5.2 LTS (Python 3.11), 6.0 and 6.1 (Python 3.13),
+#               on SQLite, each with Django's own mail tests against Kipekee's backends
+#               (tests/django_gate), then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
 #               (where the multi-process worker tests run)
 #   make bench  Kipekee against smtplib, Django's SMTP backend and django-post-office on
 #               one machine, workload and sink (bench/compare.py; BENCH_ARGS=... for flags);
@@ -12,7 +13,8 @@
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo demo-script test test-django52 test-django61 test-postgres clean chromium bench
+.PHONY: demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
+	chromium bench
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -59,11 +61,17 @@ demo-script: $(VENVS)/django52/.installed
 chromium:
 	scripts/ensure-chromium
 
-test-django52: $(VENVS)/django52/.installed chromium
-	$(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
+# Django's own mail tests against Kipekee's backends, for the venv's Django version
+# (fetches that Django's source distribution once, into .venvs/django-src/).
+django-gate-%: $(VENVS)/%/.installed
+	$(VENVS)/$*/bin/python tests/django_gate/run.py
 
-test-django61: $(VENVS)/django61/.installed chromium
-	$(VENVS)/django61/bin/python -m pytest $(PYTEST_ARGS)
+# The suite, then the gate; both always run, the target fails if either failed.
+test-django52 test-django60 test-django61: test-%: $(VENVS)/%/.installed chromium
+	@status=0; \
+	$(VENVS)/$*/bin/python -m pytest $(PYTEST_ARGS) || status=1; \
+	$(MAKE) --no-print-directory django-gate-$* || status=1; \
+	exit $$status
 
 test-postgres: $(VENVS)/django52/.installed chromium
 	KIPEKEE_TEST_DATABASE=postgres $(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
@@ -72,7 +80,8 @@ test-postgres: $(VENVS)/django52/.installed chromium
 test:
 	@status=0; \
 	echo "=== Django 5.2 LTS on Python 3.11, SQLite ==="; $(MAKE) --no-print-directory test-django52 || status=1; \
-	echo "=== Django 6.1 on Python 3.12, SQLite ==="; $(MAKE) --no-print-directory test-django61 || status=1; \
+	echo "=== Django 6.0 on Python 3.13, SQLite ==="; $(MAKE) --no-print-directory test-django60 || status=1; \
+	echo "=== Django 6.1 on Python 3.13, SQLite ==="; $(MAKE) --no-print-directory test-django61 || status=1; \
 	echo "=== Django 5.2 LTS on Python 3.11, PostgreSQL ==="; $(MAKE) --no-print-directory test-postgres || status=1; \
 	exit $$status
 

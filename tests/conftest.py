@@ -64,17 +64,6 @@ def unused_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _deliver_through_the_test_servers():
-    """Kipekee's own tests deliver to real local servers. Under Django's test runner (and
-    pytest-django) Kipekee would otherwise deliver to django.core.mail.outbox
-    (kipekee.testmode); tests of that mode turn it back on."""
-    from kipekee import testmode
-
-    with testmode.deliver_through_providers():
-        yield
-
-
 @pytest.fixture(autouse=True)
 def _no_thread_engine_left_running():
     """A test that starts the in-process engine (directly, or through a request with

@@ -17,6 +17,7 @@ from pathlib import Path
 import django
 import pytest
 from django.core import mail
+from django.test import override_settings
 
 import kipekee
 from kipekee import providers, testmode
@@ -33,24 +34,30 @@ def test_a_projects_tests_under_djangos_runner_see_the_mail(smtp_sink):
     completed = subprocess.run(
         [sys.executable, "-m", "django", "test", "tests.django_runner.cases", "--noinput",
          "-v", "2", "--settings", "tests.django_runner.settings"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "KIPEKEE_RUNNER_SMTP_PORT": str(smtp_sink.port),
              "PYTHONWARNINGS": "error::RuntimeWarning"},
     )
     report = completed.stderr
     assert completed.returncode == 0, report
-    assert "Ran 8 tests" in report and "\nOK\n" in report, report
+    assert "Ran 9 tests" in report and "\nOK\n" in report, report
     # The project's provider, a real SMTP server, saw nothing.
     assert smtp_sink.connections == 0 and smtp_sink.messages == []
 
 
-@pytest.mark.django_db(transaction=True)
-def test_the_test_mode_follows_djangos_test_environment(smtp_sink, kipekee_settings):
-    """pytest-django sets Django's test environment up too: the mode is on, unless a test
-    asks for the providers (as tests/conftest.py does for all of Kipekee's own tests)."""
-    kipekee_settings(primary=smtp_provider(smtp_sink))
+def test_the_mode_follows_djangos_test_environment_and_the_settings_file(settings, smtp_sink):
+    """pytest-django sets Django's test environment up, as Django's runner does: the
+    providers of the settings file deliver to mail.outbox; providers a test sets are used
+    as set (as Django uses an EMAIL_BACKEND a test sets)."""
     assert testmode.django_test_environment()
-    assert not testmode.active() and not isinstance(providers.build("primary"), OutboxBackend)
+    assert testmode.active()  # tests/settings.py's KIPEKEE
+    settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"primary": smtp_provider(smtp_sink)}}
+    assert testmode.set_by_a_test() and not testmode.active()
+    assert not isinstance(providers.build("primary"), OutboxBackend)
+    with override_settings(KIPEKEE={"ENGINE": None, "PROVIDERS": {}}):
+        assert not testmode.active()
+    del settings.KIPEKEE
+    assert not testmode.active()  # deleted by a test: still the test's choice
 
 
 @pytest.mark.django_db(transaction=True)

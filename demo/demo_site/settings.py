@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import django
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-not-secret")
 DEBUG = True
@@ -81,8 +83,12 @@ def _database(url: str) -> dict:
 
 DATABASES = {"default": _database(os.environ.get("KIPEKEE_DEMO_DATABASE", ""))}
 
-# Django's own send_mail() goes through the outbox too.
-EMAIL_BACKEND = "kipekee.backend.EmailBackend"
+# Django's own send_mail() goes through the outbox too (MAILERS on Django 6.1, where
+# EMAIL_BACKEND is deprecated).
+if django.VERSION >= (6, 1):
+    MAILERS = {"default": {"BACKEND": "kipekee.backend.EmailBackend"}}
+else:
+    EMAIL_BACKEND = "kipekee.backend.EmailBackend"
 
 _engine = os.environ.get("KIPEKEE_DEMO_ENGINE", "thread")
 if _engine not in ("thread", "worker", "celery"):

@@ -107,7 +107,7 @@ class EmailBackend(BaseEmailBackend):
                 with transaction.atomic():
                     validate(message)
                     count += self._submit(message)
-            except Exception:
+            except Exception:  # noqa: BLE001 - fail_silently: logged below, never raised
                 self._report_silenced(message)
         return count
 

@@ -1,34 +1,30 @@
 """Kipekee under Django's test runner: what it delivers lands in ``django.core.mail.outbox``.
 
-Django's test runner (``manage.py test``; pytest-django does the same) replaces the email
-backend with its locmem backend for the whole run, so that no test sends real email and
-each test reads what was sent from ``django.core.mail.outbox``. Kipekee does the same
-with its providers: while Django's test environment is set up, every provider of
-``KIPEKEE["PROVIDERS"]`` delivers through Django's locmem backend instead of its own
-``BACKEND``. Everything before that is unchanged — the outbox row, the mode, retries,
+Django's test runner (``manage.py test``; pytest-django does the same) replaces the
+project's email backend with its locmem backend for the whole run, so that no test sends
+real email and each test reads what was sent from ``django.core.mail.outbox``; a test that
+sets ``EMAIL_BACKEND`` itself gets the backend it sets. Kipekee does the same with its
+providers: while Django's test environment is set up, the providers of the settings file
+(``KIPEKEE["PROVIDERS"]``) deliver through Django's locmem backend instead of their own
+``BACKEND``; a test that sets ``KIPEKEE`` itself (``override_settings``, pytest-django's
+``settings`` fixture) gets the providers it sets — a local SMTP server, a provider that
+is down. Everything before delivery is unchanged — the outbox row, the mode, retries,
 the receipt — so a test runs what production runs, up to the wire. This holds for
 ``kipekee.send``, ``kipekee.notify`` and Django's ``send_mail()`` through the drop-in.
-
-For integration tests against real (local) servers — Kipekee's own test suite sends to
-``kipekee.testing.LocalSMTPServer`` — :func:`deliver_through_providers` keeps the
-configured providers, as a context manager or a decorator.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
+from django.conf import UserSettingsHolder, settings
 from django.core.mail import EmailMessage
 from django.core.mail.backends import locmem
 from django.core.mail.backends.base import BaseEmailBackend
 
-_lock = threading.Lock()
-# None: follow Django's test environment; True/False: forced (deliver_through_providers).
-_forced: bool | None = None
 # Outbox row id -> the alias of the drop-in (a MAILERS entry) that accepted it, for
 # locmem's ``sent_using`` (Django 6.1). Only written while the test mode is active.
 _mailers: dict[int, str | None] = {}
@@ -46,26 +42,25 @@ def django_test_environment() -> bool:
     return state is not None and hasattr(state, "saved_data")
 
 
+def set_by_a_test() -> bool:
+    """Whether ``KIPEKEE`` comes from a test's ``override_settings``, not the settings file.
+
+    Each ``override_settings`` wraps the settings in a ``UserSettingsHolder`` over the
+    previous ones; ``settings.configure()`` makes one over Django's global defaults (a
+    module), which is the settings "file" of a configured project, not a test's.
+    """
+    holder: Any = getattr(settings, "_wrapped", None)
+    while isinstance(holder, UserSettingsHolder) and not isinstance(
+            holder.default_settings, ModuleType):
+        if "KIPEKEE" in holder.__dict__ or "KIPEKEE" in holder._deleted:
+            return True
+        holder = holder.default_settings
+    return False
+
+
 def active() -> bool:
     """Deliver to ``django.core.mail.outbox`` instead of through the providers?"""
-    return django_test_environment() if _forced is None else _forced
-
-
-@contextmanager
-def deliver_through_providers() -> Iterator[None]:
-    """Deliver through the configured providers even under Django's test runner.
-
-    For tests that check real delivery, e.g. to a ``kipekee.testing.LocalSMTPServer``.
-    Process-wide (engine threads deliver too) while it is entered.
-    """
-    global _forced
-    with _lock:
-        previous, _forced = _forced, False
-    try:
-        yield
-    finally:
-        with _lock:
-            _forced = previous
+    return django_test_environment() and not set_by_a_test()
 
 
 def remember_mailer(row_id: int, alias: str | None) -> None:

@@ -10,9 +10,12 @@ the production path (the outbox row, delivery on commit) puts the drop-in back w
 ``use_drop_in()``.
 """
 
+import io
+
 import django
 from django.core import mail
 from django.core.mail import EmailMessage, send_mail
+from django.core.management import call_command
 from django.db import transaction
 from django.test import TestCase, TransactionTestCase, override_settings
 
@@ -76,6 +79,13 @@ class CommittedTransactions(TransactionTestCase):
             kipekee.send(subject="Committed", text="b", to="ann@example.com")
             self.assertEqual(mail.outbox, [])  # not before the commit
         self.assertEqual([m.subject for m in mail.outbox], ["Committed"])
+
+    def test_queued_mail_is_delivered_by_an_engine(self):
+        receipt = kipekee.send(subject="Later", text="b", to="ann@example.com", mode="queue")
+        self.assertEqual(mail.outbox, [])
+        call_command("kipekee_worker", "--once", stdout=io.StringIO(), stderr=io.StringIO())
+        self.assertEqual([m.subject for m in mail.outbox], ["Later"])
+        self.assertTrue(receipt.refresh().sent)
 
     def test_rolled_back_mail_is_never_delivered(self):
         try:

@@ -13,10 +13,10 @@ The classes may query the database (the outbox): ``databases = {"default"}``.
 import django
 from django.core import mail
 from django.test import SimpleTestCase, override_settings
-
-from kipekee.backend import EmailBackend as DropIn
 from logging_tests import tests as logging_tests
 from middleware import tests as middleware_tests
+
+from kipekee.backend import EmailBackend as DropIn
 
 DROP_IN = "kipekee.backend.EmailBackend"
 LOCMEM = "django.core.mail.backends.locmem.EmailBackend"
@@ -71,7 +71,7 @@ def with_drop_in(cls):
     subclass = type(cls.__name__, (cls,), {
         "__module__": __name__,
         "__qualname__": cls.__name__,
-        "databases": {"default"},
+        "databases": frozenset({"default"}),
         "setUpClass": classmethod(setUpClass),
     })
     return subclass
@@ -87,7 +87,7 @@ class DropInBackendTests(SharedTests, SimpleTestCase):
 
     email_backend = DROP_IN  # Django 5.2 and 6.0
     backend_class = DropIn  # Django 6.1
-    databases = {"default"}
+    databases = frozenset({"default"})
 
     get_mailbox_content = LocmemTests.get_mailbox_content
     flush_mailbox = LocmemTests.flush_mailbox

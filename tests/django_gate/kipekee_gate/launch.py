@@ -44,4 +44,4 @@ else:
 # As if started as ``python runtests.py``: its directory first on sys.path.
 sys.path[0] = RUNTESTS_DIR
 sys.argv[0] = RUNTESTS
-exec(compile(source, RUNTESTS, "exec"), {"__name__": "__main__", "__file__": RUNTESTS})
+exec(compile(source, RUNTESTS, "exec"), {"__name__": "__main__", "__file__": RUNTESTS})  # noqa: S102 - runtests.py, as Django ships it

@@ -10,6 +10,7 @@ A test with a failing subtest counts as failed.
 import json
 import os
 import unittest
+from typing import ClassVar
 
 from django.test.runner import DiscoverRunner
 
@@ -21,7 +22,8 @@ def _test_id(test):
 
 
 class RecordingResult(unittest.TextTestResult):
-    outcomes = {}
+    # Every test of the run, across the result objects runtests may create.
+    outcomes: ClassVar[dict] = {}
 
     def _record(self, test, outcome, detail=""):
         test_id = _test_id(test)

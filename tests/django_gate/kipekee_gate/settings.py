@@ -1,6 +1,6 @@
 """Django's own test settings (``test_sqlite``), plus what Kipekee's runs need."""
 
-from test_sqlite import *  # noqa: F403 - Django's settings for its test suite
+from test_sqlite import *  # Django's settings for its own test suite
 
 TEST_RUNNER = "kipekee_gate.runner.GateRunner"
 
