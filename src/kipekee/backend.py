@@ -40,10 +40,13 @@ from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.db import transaction
 
+if django.VERSION >= (6, 1):
+    from django.core.mail import InvalidMailer as DjangoInvalidMailer
+
 from . import conf, testmode
 from .delivery import in_delivery
 from .dispatch import Receipt, submit
-from .exceptions import ConfigurationError, KipekeeWarning, RoutingLoop
+from .exceptions import ConfigurationError, InvalidMailer, KipekeeWarning, RoutingLoop
 from .message import validate
 
 logger = logging.getLogger("kipekee.backend")
@@ -69,15 +72,18 @@ class EmailBackend(BaseEmailBackend):
         if django.VERSION >= (6, 1):
             # alias, and unknown keywords: an InvalidMailer for a MAILERS entry's OPTIONS,
             # ignored with Django's deprecation warning otherwise.
-            super().__init__(**kwargs)
+            try:
+                super().__init__(**kwargs)
+            except DjangoInvalidMailer as exc:
+                raise InvalidMailer(str(exc)) from None  # also a ConfigurationError
         else:
             super().__init__()
             self.alias = kwargs.pop("alias", None)
             if kwargs and self.alias is not None:
-                # Only Kipekee passes an alias before Django 6.1: its options are checked
-                # as a MAILERS entry's are on 6.1 (and as the SMTP backend checks them).
-                raise ConfigurationError(
-                    f"alias {self.alias!r}: Unknown options {', '.join(map(repr, sorted(kwargs)))}.")
+                # Django passes no alias before 6.1: whoever does gets 6.1's check (as
+                # from Kipekee's SMTP backend).
+                raise InvalidMailer(
+                    f"Unknown options {', '.join(map(repr, sorted(kwargs)))}.", alias=self.alias)
             # Without an alias Django's backends ignore unknown keywords; so does this.
         if mode is not None and mode not in conf.MODES:
             raise ConfigurationError(

@@ -15,6 +15,7 @@ and readable on the ``Receipt``.
 
 from __future__ import annotations
 
+import django
 from django.core.exceptions import ImproperlyConfigured
 
 
@@ -36,6 +37,25 @@ class TemplateError(InvalidMessage):
 
 class ConfigurationError(KipekeeError, ImproperlyConfigured):
     """The KIPEKEE setting (or a provider it names) cannot work."""
+
+
+if django.VERSION >= (6, 1):
+    from django.core.mail import InvalidMailer as _DjangoInvalidMailer
+else:
+
+    class _DjangoInvalidMailer(ImproperlyConfigured):  # type: ignore[no-redef]
+        # Django 6.1's, for older Djangos (which have no MAILERS: the alias is a
+        # Kipekee provider's).
+        def __init__(self, msg: str, *, alias: str | None = None) -> None:
+            super().__init__(f"{alias!r}: {msg}" if alias is not None else msg)
+
+
+class InvalidMailer(ConfigurationError, _DjangoInvalidMailer):
+    """A backend's OPTIONS cannot work: Django 6.1's ``InvalidMailer`` (raised where
+    Django raises it, with Django's message) and a ``ConfigurationError``."""
+
+    def __init__(self, msg: str, *, alias: str | None = None) -> None:
+        _DjangoInvalidMailer.__init__(self, msg, alias=alias)
 
 
 class UnknownProvider(ConfigurationError, KeyError):

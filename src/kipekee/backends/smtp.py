@@ -46,11 +46,11 @@ from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.utils.encoding import force_str
 from django.utils.functional import cached_property
 
-from ..exceptions import ConfigurationError
+from ..exceptions import InvalidMailer
 from ..message import parse_address
 
 if django.VERSION >= (6, 1):
-    from django.core.mail import InvalidMailer
+    from django.core.mail import InvalidMailer as DjangoInvalidMailer
     from django.utils.deprecation import RemovedInDjango2028Warning, warn_about_external_use
 
 #: Django 6.1 introduced MAILERS: an alias means "configured by OPTIONS only".
@@ -135,7 +135,10 @@ class EmailBackend(DjangoSMTPBackend):
         # are read below, for every Django version the same way.
         if _MAILERS:
             # alias, and unknown keywords: InvalidMailer, or ignored with a warning.
-            BaseEmailBackend.__init__(self, **kwargs)
+            try:
+                BaseEmailBackend.__init__(self, **kwargs)
+            except DjangoInvalidMailer as exc:
+                raise InvalidMailer(str(exc)) from None  # also a ConfigurationError
         else:
             BaseEmailBackend.__init__(self, fail_silently=fail_silently)
             self.alias = alias
@@ -195,9 +198,7 @@ class EmailBackend(DjangoSMTPBackend):
 
     def _invalid(self, message: str) -> None:
         """Refuse this configuration, as Django 6.1 does a MAILERS entry's."""
-        if _MAILERS:
-            raise InvalidMailer(message, alias=self.alias)
-        raise ConfigurationError(f"provider {self.alias!r}: {message}")
+        raise InvalidMailer(message, alias=self.alias)
 
     @property
     def connection_class(self) -> Any:
