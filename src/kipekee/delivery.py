@@ -202,8 +202,10 @@ class Deliverer:
                     breaker.success()  # the provider answered: it is up
                 else:
                     breaker.failure()
-                logger.info("Provider %r: %s (%s) for outbox email %s",
-                            alias, failure.error, failure.kind, row.pk)
+                # A misconfigured provider (bad key, unverified sender) is an alarm.
+                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
+                           else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
+                           alias, failure.error, failure.kind, row.pk)
                 if failure.kind == ErrorKind.PERMANENT:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
@@ -211,7 +213,7 @@ class Deliverer:
                 failures.append((alias, failure))
                 continue
             breaker.success()
-            return self._sent(started, alias, message, failures, refused)
+            return self._sent(started, alias, message, failures, refused, backend)
         if not failures:
             return self._outcome(started, "", Failure(
                 kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
@@ -231,14 +233,13 @@ class Deliverer:
 
     @staticmethod
     def _sent(started: datetime, alias: str, message: EmailMessage,
-              failures: list[tuple[str, Failure]], refused: dict[str, str]) -> Outcome:
+              failures: list[tuple[str, Failure]], refused: dict[str, str],
+              backend: Any = None) -> Outcome:
+        ids, refused_now = providers.sent_details(message, backend)
         return Outcome(ok=True, provider=alias, started_at=started, finished_at=timezone.now(),
                        # Kept on the attempt: why the earlier providers were passed over.
                        error="; ".join(f"{a}: {f.error}" for a, f in failures),
-                       refused={**refused,
-                                **(getattr(message, "refused_recipients", None) or {})},
-                       provider_message_ids=dict(
-                           getattr(message, "provider_message_ids", None) or {}))
+                       refused={**refused, **refused_now}, provider_message_ids=ids)
 
     def deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
         """Deliver several claimed rows; one outcome per row, in order.
@@ -352,7 +353,8 @@ class Deliverer:
             breaker.success()
             for (p, _), result in zip(chunk, results):
                 if result is None:
-                    outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused)
+                    outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused,
+                                                   backend)
                 else:
                     outcomes[p.index] = self._after(p, alias, classify(result, backend))
 
