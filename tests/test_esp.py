@@ -309,3 +309,53 @@ def test_webhook_with_a_bad_signature_changes_nothing(sent):
         tampered = body.replace(b'"signature": "', b'"signature": "0')
     assert _post(spec, tampered, headers).status_code == 400
     assert not Suppression.objects.exists()
+
+
+# --- PROVIDERS naming a Django 6.1 MAILERS entry -------------------------------------------
+
+
+def test_a_provider_may_name_a_mailers_alias(kipekee_settings, settings, recwarn):
+    import warnings
+
+    import django
+
+    from kipekee.conf import get as kipekee_conf
+
+    with LocalPostmarkServer(tokens={"pm-token"}) as server:
+        settings.MAILERS = {
+            "default": {"BACKEND": "kipekee.backend.EmailBackend"},
+            "transactional": {"BACKEND": "anymail.backends.postmark.EmailBackend",
+                              "OPTIONS": {"server_token": "pm-token", "api_url": server.api_url}},
+        }
+        kipekee_settings(postmark={"MAILER": "transactional", "LIMITS": {"RATE": "50/s"}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the README's configuration warns of nothing
+            config = kipekee_conf().provider("postmark")
+            assert config.backend == "anymail.backends.postmark.EmailBackend"
+            assert config.rate == "50/s"
+            receipt = kipekee.send(**MAIL, mode="now")
+            assert receipt.sent and receipt.provider == "postmark", receipt
+            if django.VERSION >= (6, 1):
+                # The same entry serves Django's own mailers, and its drop-in default
+                # routes Django's send_mail() through the outbox.
+                from django.core.mail import mailers, send_mail
+
+                assert mailers["transactional"].server_token == "pm-token"
+                send_mail("Hi", "Through the outbox", SENDER, ["bob@example.com"])
+                assert OutboxEmail.objects.filter(to=["bob@example.com"]).exists()
+        assert len(server.wait_for(1)) >= 1
+    assert not [w for w in recwarn.list if issubclass(w.category, DeprecationWarning)]
+
+
+def test_a_mailers_alias_that_does_not_exist_is_a_clear_error(settings):
+    from kipekee.conf import parse
+    from kipekee.exceptions import ConfigurationError
+
+    settings.MAILERS = {"default": {"BACKEND": "kipekee.backend.EmailBackend"}}
+    with pytest.raises(ConfigurationError, match=r"'nope', which is not an alias of "
+                                                 r"settings.MAILERS \(its aliases: \['default'\]\)"):
+        parse({"PROVIDERS": {"p": {"MAILER": "nope"}}})
+    with pytest.raises(ConfigurationError, match="routes back|drop-in"):
+        parse({"PROVIDERS": {"p": {"MAILER": "default"}}})  # the drop-in itself: a loop
+    with pytest.raises(ConfigurationError, match="only 'MAILER' and 'LIMITS'"):
+        parse({"PROVIDERS": {"p": {"MAILER": "default", "OPTIONS": {}}}})
