@@ -413,3 +413,15 @@ def sent_details(message: Any, backend: Any = None) -> tuple[dict[str, str], dic
         if refused is None:
             refused = anymail_refusals(message, backend.esp_name)
     return dict(ids or {}), dict(refused or {})
+
+
+def merge_batch(backend: Any) -> Any:
+    """``backend`` as a batch backend of identical messages to one recipient each, if it
+    is an anymail backend whose ESP has a batch API (:mod:`kipekee.backends.merge_batch`);
+    else ``None``."""
+    if anymail_errors is None:
+        return None
+    # Lazy: the module needs the optional anymail extra (and imports nothing of ours).
+    from .backends import merge_batch
+
+    return merge_batch.for_backend(backend)

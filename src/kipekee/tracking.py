@@ -198,9 +198,19 @@ def _apply(event: _Event, provider: str) -> int:
 
 
 def _email_for(event: _Event) -> int | None:
+    """The outbox row an event is about: by the provider's id for the message (for this
+    recipient first: a batch request may share one id), else by the message's own
+    Message-ID (an ESP that reports the MIME header, as Mailgun does when it is set),
+    else by the ``kipekee_id`` metadata."""
     if event.message_id:
-        found = (ProviderMessage.objects.filter(message_id=event.message_id)
-                 .values_list("email_id", flat=True).first())
+        ids = ProviderMessage.objects.filter(message_id=event.message_id).order_by("-id")
+        found = (ids.filter(recipient=event.recipient).values_list("email_id", flat=True).first()
+                 or ids.values_list("email_id", flat=True).first())
+        if found is not None:
+            return int(found)
+        mime_id = event.message_id if event.message_id.startswith("<") else f"<{event.message_id}>"
+        found = (OutboxEmail.objects.filter(message_id=mime_id).order_by("-id")
+                 .values_list("pk", flat=True).first())
         if found is not None:
             return int(found)
     if event.kipekee_id is not None and OutboxEmail.objects.filter(pk=event.kipekee_id).exists():

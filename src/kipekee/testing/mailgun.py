@@ -123,7 +123,10 @@ class LocalMailgunServer(ContractServer):
         batch = form.get("recipient-variables")
         if batch:
             variables = json.loads(batch[0])
-            self.accept(*({**message, "to": [a], "recipient_variables": variables.get(a, {})}
+            self.accept(*({**message, "to": [a], "recipient_variables": variables.get(a, {}),
+                           # Mailgun fills %recipient.<name>% in for each copy.
+                           "headers": {k: _fill(v, variables.get(a, {}))
+                                       for k, v in message["headers"].items()}}
                           for a in recipients["to"]))
         else:
             self.accept({**message, "to": recipients["to"], "cc": recipients["cc"],
@@ -158,6 +161,10 @@ class LocalMailgunServer(ContractServer):
         body = {"signature": {"timestamp": timestamp, "token": token, "signature": signature},
                 "event-data": data}
         return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def _fill(value: str, variables: dict[str, Any]) -> str:
+    return re.sub(r"%recipient\.([^%]+)%", lambda m: str(variables.get(m[1], "")), value)
 
 
 def _form(content_type: str, body: bytes) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
