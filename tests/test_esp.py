@@ -303,7 +303,7 @@ def test_webhook_without_the_secret_changes_nothing(sent):
 
 @pytest.mark.parametrize("esp", ["sendgrid", "mailgun"], indirect=True)
 def test_webhook_with_a_bad_signature_changes_nothing(sent):
-    spec, server, receipt, mid = sent
+    spec, server, _, mid = sent
     body, headers = spec.webhook(server, "hard", mid, "ann@example.com")
     tampered = body.replace(b"ann@example.com", b"bob@example.com")
     if spec.name == "Mailgun":  # Mailgun signs its token and timestamp: re-use one
@@ -463,3 +463,20 @@ def test_a_webhook_about_a_shared_batch_id_finds_its_recipients_row(esp, kipekee
     assert _post(spec, *spec.webhook(server, "hard", mid, "guest1@example.com")).status_code == 200
     bounced = OutboxEmail.objects.get(delivery__has_key="guest1@example.com")
     assert bounced.pk == ids[1]
+
+
+def test_anymails_own_ses_backend_retries_inside_a_send_and_a_check_says_so(kipekee_settings):
+    from django.core.checks import run_checks
+
+    with LocalSESServer(credentials={"AKIDTEST": "ses-secret"}) as server:
+        server.faults = ESPFaults(statuses=[429, 429, 429], retry_after=1800)
+        kipekee_settings(ses={"BACKEND": "anymail.backends.amazon_ses.EmailBackend",
+                              "OPTIONS": {"client_params": server.client_params()}})
+        assert [m.id for m in run_checks() if m.id.startswith("kipekee.W013")] == ["kipekee.W013"]
+        receipt = kipekee.send(**MAIL, mode="hybrid")
+        # The control for kipekee.backends.amazon_ses: boto3 tried again by itself.
+        assert receipt.attempts == 1 and len(server.requests) >= 3
+
+        server.faults = ESPFaults(statuses=[429], retry_after=1800)
+        kipekee_settings(ses=ESPS["amazon_ses"].provider(server, True))
+        assert not [m for m in run_checks() if m.id == "kipekee.W013"]

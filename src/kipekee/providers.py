@@ -49,11 +49,11 @@ from .redact import configured_secrets, redact
 try:  # the optional anymail extras ("mailtrap", "esp"): only its backends raise these
     from anymail import exceptions as anymail_errors
 except ImportError:  # pragma: no cover - the test extra installs it
-    anymail_errors = None  # type: ignore[assignment]
+    anymail_errors = None  # type: ignore[assignment,unused-ignore]
 try:  # boto3, through anymail's Amazon SES backend ("esp" extra)
     from botocore import exceptions as botocore_errors
 except ImportError:  # pragma: no cover - the test extra installs it
-    botocore_errors = None  # type: ignore[assignment]
+    botocore_errors = None  # type: ignore[assignment,unused-ignore]
 
 # SMTP replies that say "you (the client) are not set up right", not "this message is bad".
 _CONFIGURATION_CODES = {530, 534, 535, 538}
@@ -171,9 +171,9 @@ def classify(exc: BaseException, backend: Any = None) -> Failure:
 def _classify(exc: BaseException, backend: Any) -> Failure:
     hook = getattr(backend, "classify_error", None)
     if hook is not None:
-        failure = hook(exc)
-        if failure is not None:
-            return failure
+        hooked: Failure | None = hook(exc)
+        if hooked is not None:
+            return hooked
     failure = classify_anymail(exc, backend)
     if failure is not None:
         return failure

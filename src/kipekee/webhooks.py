@@ -102,7 +102,7 @@ class TrackingWebhookMixin:
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         try:
-            response: HttpResponse = super().post(request, *args, **kwargs)  # type: ignore[misc]
+            response: HttpResponse = super().post(request, *args, **kwargs)  # type: ignore[misc,unused-ignore]
         except AnymailWebhookValidationFailure:
             raise  # Django answers 400 and logs it to django.security
         except MALFORMED as exc:
@@ -114,7 +114,7 @@ class TrackingWebhookMixin:
         return response
 
     def parse_events(self, request: HttpRequest) -> list[Any]:
-        events = list(super().parse_events(request))  # type: ignore[misc]
+        events = list(super().parse_events(request))  # type: ignore[misc,unused-ignore]
         tracking.apply([e for e in events if isinstance(e, AnymailTrackingEvent)],
                        provider=self.esp_name)
         # Only now, with the events recorded, anymail's view sends them to receivers.

@@ -115,7 +115,7 @@ class LocalMailgunServer(ContractServer):
         self.refused_recipient(everyone)
         message_id = (f"<{datetime.now(UTC):%Y%m%d%H%M%S}.{secrets.token_hex(8)}"
                       f"@{domain}>")
-        message = {"from": sender[0], "subject": (form.get("subject") or [""])[0],
+        message: dict[str, Any] = {"from": sender[0], "subject": (form.get("subject") or [""])[0],
                    "text": (form.get("text") or [""])[0], "html": (form.get("html") or [""])[0],
                    "headers": {k[2:]: v[-1] for k, v in form.items() if k.startswith("h:")},
                    "variables": {k[2:]: v[-1] for k, v in form.items() if k.startswith("v:")},
@@ -177,7 +177,9 @@ def _form(content_type: str, body: bytes) -> tuple[dict[str, list[str]], list[di
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
             filename = part.get_filename()
-            payload = part.get_payload(decode=True) or b""
+            payload = part.get_payload(decode=True)
+            if not isinstance(payload, bytes):
+                payload = b""
             if filename is not None:
                 files.append({"field": name, "filename": filename, "content": payload,
                               "content_type": part.get_content_type()})

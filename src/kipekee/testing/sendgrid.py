@@ -36,7 +36,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .esp import ContractServer, ESPFaults, Refused, Reply
+from .esp import ContractServer, ESPFaults, Reply
 
 __all__ = ["LocalSendGridServer"]
 
