@@ -125,9 +125,9 @@ class _Event:
         if timestamp is not None and timezone.is_naive(timestamp):
             timestamp = timestamp.replace(tzinfo=UTC)
         self.occurred = timestamp or timezone.now()
-        self.detail = (_text(event.mta_response, "mta_response", None)
-                       or _text(event.description, "description", None)
-                       or (str(event.reject_reason) if event.reject_reason else ""))
+        # Free text, for people: taken as it comes.
+        self.detail = next((str(v) for v in (event.mta_response, event.description,
+                                            event.reject_reason) if v), "")
         event_id = _text(event.event_id, "event_id", None)
         if not event_id or len(event_id) > _MAX_ID:
             # No id from the provider (or one too long to keep): the event's own facts

@@ -3,7 +3,7 @@
 Anymail's Amazon SES backend talks to SES through boto3; point boto3 at this server with
 ``endpoint_url``::
 
-    with LocalSESServer(credentials={"AKIDTEST": "secret"}) as server:
+    with LocalSESServer(credentials={KEY_ID: SECRET_KEY}) as server:
         ...  # OPTIONS: {"client_params": server.client_params()}
 
 The contract (the SES v2 API reference, "SendEmail" and "Common Errors", and the AWS

@@ -1,7 +1,7 @@
 """A local HTTP server that follows Mailgun's documented Messages API, for tests.
 
-    with LocalMailgunServer(api_keys={"key-1"}, domains={"mg.example.com"}) as server:
-        ...  # OPTIONS: {"api_key": "key-1", "api_url": server.api_url,
+    with LocalMailgunServer(api_keys={KEY}, domains={"mg.example.com"}) as server:
+        ...  # OPTIONS: {"api_key": KEY, "api_url": server.api_url,
              #           "sender_domain": "mg.example.com"}
 
 The contract (documentation.mailgun.com, "Messages" and "API Response Codes"):

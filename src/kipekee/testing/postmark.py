@@ -1,7 +1,7 @@
 """A local HTTP server that follows Postmark's documented email API, for tests and demos.
 
-    with LocalPostmarkServer(tokens={"server-token"}) as server:
-        ...  # the provider's OPTIONS: {"server_token": "server-token", "api_url": server.api_url}
+    with LocalPostmarkServer(tokens={TOKEN}) as server:
+        ...  # the provider's OPTIONS: {"server_token": TOKEN, "api_url": server.api_url}
 
 The contract (postmarkapp.com/developer/api/email-api and the API overview's error codes):
 

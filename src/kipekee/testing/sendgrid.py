@@ -1,7 +1,7 @@
 """A local HTTP server that follows SendGrid's documented v3 Mail Send API, for tests.
 
-    with LocalSendGridServer(api_keys={"SG.key"}) as server:
-        ...  # the provider's OPTIONS: {"api_key": "SG.key", "api_url": server.api_url}
+    with LocalSendGridServer(api_keys={KEY}) as server:
+        ...  # the provider's OPTIONS: {"api_key": KEY, "api_url": server.api_url}
 
 The contract (docs.sendgrid.com, "Mail Send" v3 and its errors reference):
 
