@@ -372,8 +372,9 @@ class Deliverer:
             except Exception as exc:  # noqa: BLE001 - classified, recorded on every row
                 failure = classify(exc, backend)
                 self._discard(alias)
-                logger.info("Provider %r: batch of %s failed: %s (%s)",
-                            alias, len(chunk), failure.error, failure.kind)
+                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
+                           else logging.INFO, "Provider %r: batch of %s failed: %s (%s)",
+                           alias, len(chunk), failure.error, failure.kind)
                 if failure.kind == ErrorKind.PERMANENT:
                     breaker.success()  # the provider answered: it is up
                 else:
