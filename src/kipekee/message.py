@@ -7,8 +7,8 @@ the same way everywhere, before anything is written. Delivery rebuilds the messa
 
 Two public checks, for forms and other code that wants to know before sending:
 
-- :func:`validate_address`: one address, as Kipekee will accept it;
-- :func:`validate_header_text`: text that goes into a header (a subject, a name).
+- :func:`check_address`: one address, as Kipekee will accept it;
+- :func:`check_header_text`: text that goes into a header (a subject, a name).
 
 Addresses follow Django's SMTP backend (``prep_address`` of Django 6.x), on every Django
 version: ``a@example.com``, ``Name <a@example.com>``, quoted local parts
@@ -59,9 +59,9 @@ class StoredAttachment:
 
 def validate(message: EmailMessage) -> None:
     """Raise ``InvalidMessage`` naming the first problem; return quietly if there is none."""
-    validate_header_text(message.subject, field="subject")
+    check_header_text("subject", message.subject)
     from_email = message.from_email or settings.DEFAULT_FROM_EMAIL
-    validate_address(from_email, field="from_email")
+    check_address("from_email", from_email)
     for field in ("to", "cc", "bcc", "reply_to"):
         value = getattr(message, field, [])
         if isinstance(value, (str, Promise)):
@@ -69,7 +69,7 @@ def validate(message: EmailMessage) -> None:
         for address in value:
             if address in ("", None):
                 continue  # Django leaves empty entries out (EmailMessage.recipients())
-            validate_address(address, field=field)
+            check_address(field, address)
     if not message.recipients():
         raise InvalidMessage("The message has no recipients (to, cc and bcc are empty).")
     for name, value in (message.extra_headers or {}).items():
@@ -77,9 +77,9 @@ def validate(message: EmailMessage) -> None:
             raise InvalidMessage(f"Invalid header name {name!r}.")
         if name.lower() in _ADDRESS_HEADERS:
             for address in _split_addresses(force_str(value)):
-                validate_address(address, field=f"header {name}")
+                check_address(f"header {name}", address)
         else:
-            validate_header_text(value, field=f"header {name}")
+            check_header_text(f"header {name}", value)
     for attachment in message.attachments:
         if isinstance(attachment, (MIMEBase, email.message.Message)):
             filename = attachment.get_filename() or ""
@@ -92,7 +92,7 @@ def validate(message: EmailMessage) -> None:
                 raise InvalidMessage(
                     f"Attachment {filename!r}: invalid MIME type {mimetype!r} (want type/subtype)."
                 )
-        validate_header_text(filename, field="attachment filename")
+        check_header_text("attachment filename", filename)
 
 
 # Every character str.splitlines() breaks on: the email package (Django 6's modern policy,
@@ -101,7 +101,7 @@ def validate(message: EmailMessage) -> None:
 _LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
-def validate_header_text(value: Any, *, field: str = "header") -> str:
+def check_header_text(field: str, value: Any) -> str:
     """Check text meant for a header (a subject, a display name, a header's value).
 
     Return it as ``str`` (lazy translation strings are fine); raise ``InvalidMessage``
@@ -116,11 +116,15 @@ def validate_header_text(value: Any, *, field: str = "header") -> str:
     return text
 
 
+# The name of this check before it was public (kept for code that calls it).
+_check_text = check_header_text
+
+
 def _split_addresses(value: str) -> list[str]:
     try:
         parsed = AddressHeader.value_parser(value)
     except (HeaderParseError, IndexError, ValueError):
-        return [value]  # validate_address reports it
+        return [value]  # check_address reports it
     return [str(mb) for mb in parsed.all_mailboxes] or [value]
 
 
@@ -139,7 +143,7 @@ def is_plain_addr_spec(address: str) -> bool:
     return _PLAIN_ADDR_SPEC.fullmatch(address) is not None
 
 
-def validate_address(address: Any, *, field: str = "address") -> str:
+def check_address(field: str, address: Any) -> str:
     """Check one address as Kipekee will accept it for sending; return its addr-spec.
 
     ``a@example.com``, ``Name <a@example.com>``, ``"a b"@example.com``, ``a@exämple.com``,
