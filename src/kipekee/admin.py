@@ -305,8 +305,13 @@ class OutboxEmailAdmin(admin.ModelAdmin):
         elif action == "cancel" and outbox.cancel(obj.pk):
             self.message_user(request, "Cancelled.")
         elif action == "resend" and obj.status in _FINAL:
-            target = outbox.resend(obj.pk).pk
-            self.message_user(request, f"Resent as a new message (#{target}): an engine sends it.")
+            try:
+                target = outbox.resend(obj.pk).pk
+            except InvalidMessage as exc:  # nothing to send it to: say why
+                self.message_user(request, f"Not resent: {exc}", messages.WARNING)
+            else:
+                self.message_user(request,
+                                  f"Resent as a new message (#{target}): an engine sends it.")
         else:
             self.message_user(request,
                               f"Cannot {action or 'do that'}: the message is {obj.status}.",
@@ -337,15 +342,24 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend selected as new messages", permissions=["change"])
     def resend_selected(self, request: HttpRequest, queryset: QuerySet[OutboxEmail]) -> None:
+        reasons: list[str] = []
+
         def resend(pk: int) -> bool:
             try:
                 outbox.resend(pk)
-            except InvalidMessage:
+            except InvalidMessage as exc:  # still going out, or no recipient left
+                reasons.append(str(exc))
                 return False
             return True
 
-        self._act(request, queryset, resend, "copied as new queued messages: an engine sends them",
-                  "not resent (still going out)")
+        changed = sum(1 for pk in queryset.values_list("pk", flat=True) if resend(pk))
+        self.message_user(request,
+                          f"{changed} copied as new queued messages: an engine sends them.",
+                          messages.SUCCESS if changed else messages.WARNING)
+        if reasons:
+            shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more"
+                                              if len(reasons) > 5 else "")
+            self.message_user(request, f"{len(reasons)} not resent: {shown}", messages.WARNING)
 
 
 def render_preview(obj: OutboxEmail) -> str:

@@ -168,12 +168,19 @@ class Deliverer:
             message.cc = [a for a in message.cc if a not in now_suppressed]
             message.bcc = [a for a in message.bcc if a not in now_suppressed]
             refused.update(now_suppressed)
-            if not message.recipients():
+        if not message.recipients():
+            # Nothing to send. Never handed to a provider: an empty envelope is no
+            # message, and its refusal would count against the provider's breaker.
+            if refused:
                 return Outcome(
                     ok=False, provider="", started_at=started, finished_at=timezone.now(),
                     kind=ErrorKind.PERMANENT, suppressed=True, refused=refused,
                     error="not sent, every recipient is on the suppression list: "
-                          + "; ".join(f"{a} ({why})" for a, why in now_suppressed.items()))
+                          + "; ".join(f"{a} ({why})" for a, why in refused.items()))
+            return Outcome(ok=False, provider="", started_at=started, finished_at=timezone.now(),
+                           kind=ErrorKind.PERMANENT,
+                           error="not sent: the message has no recipients (to, cc and bcc "
+                                 "are empty)")
         return message, refused
 
     def _through(self, p: _Pending, aliases: Sequence[str],
