@@ -211,7 +211,7 @@ class Deliverer:
                     breaker.failure()
                 logger.info("Provider %r: %s (%s) for outbox email %s",
                             alias, failure.error, failure.kind, row.pk)
-                if failure.kind == ErrorKind.PERMANENT:
+                if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
                     return self._outcome(started, alias, failure, refused)
@@ -223,9 +223,11 @@ class Deliverer:
             return self._outcome(started, "", Failure(
                 kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
                 refused)
-        kind = (ErrorKind.CONFIGURATION
-                if all(f.kind == ErrorKind.CONFIGURATION for _, f in failures)
-                else ErrorKind.TRANSIENT)
+        # Later when any provider may take it later (transient) or once one is fixed
+        # (configuration); failed only when every provider refused it for good.
+        kinds = {f.kind for _, f in failures}
+        kind = next((k for k in (ErrorKind.TRANSIENT, ErrorKind.CONFIGURATION) if k in kinds),
+                    ErrorKind.PERMANENT)
         hints = [f.retry_after for _, f in failures if f.retry_after is not None]
         last_alias, last = failures[-1]
         return self._outcome(started, last_alias, Failure(
@@ -365,7 +367,7 @@ class Deliverer:
 
     def _after(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
         """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
-        if failure.kind == ErrorKind.PERMANENT:
+        if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
             return self._outcome(p.started, alias, failure, p.refused)
         return self._through(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
 
