@@ -18,6 +18,7 @@ import base64
 import re
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.paginator import Paginator
 from django.db import connections
@@ -30,6 +31,7 @@ from django.utils.functional import cached_property
 from django.utils.html import escape, format_html, format_html_join
 
 from . import conf, outbox
+from .addresses import canonical
 from .exceptions import InvalidMessage
 from .models import (
     FINAL_STATUSES,
@@ -383,16 +385,37 @@ def render_preview(obj: OutboxEmail) -> str:
     return html
 
 
+class SuppressionForm(forms.ModelForm):
+    """The address in its canonical spelling before the uniqueness check, so another
+    spelling of a listed mailbox is reported as already listed (not a 500 on save)."""
+
+    class Meta:
+        model = Suppression
+        fields = ["address", "reason", "source", "detail"]
+
+    def clean_address(self) -> str:
+        return canonical(self.cleaned_data["address"])
+
+
 @admin.register(Suppression)
 class SuppressionAdmin(admin.ModelAdmin):
     """The suppression list, editable: add an address by hand, or remove one to send to it
     again (say, after a person asked to be subscribed back)."""
 
+    form = SuppressionForm
     list_display = ["address", "reason", "source", "created_at"]
     list_filter = ["reason", "source"]
     search_fields = ["address", "detail"]
+    search_help_text = "Part of an address or of the detail, or a whole address in any spelling."
     fields = ["address", "reason", "source", "detail", "created_at"]
     readonly_fields = ["created_at"]
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Suppression],
+                           search_term: str) -> tuple[QuerySet[Suppression], bool]:
+        found, duplicates = super().get_search_results(request, queryset, search_term)
+        if "@" in search_term:  # stored canonical: "User@Bücher.example" finds xn--bcher-kva
+            found = found | queryset.filter(address=canonical(search_term))
+        return found, duplicates
 
 
 @admin.register(WebhookEvent)

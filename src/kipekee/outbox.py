@@ -30,9 +30,9 @@ from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
-from django.utils.encoding import punycode
 
 from . import conf, signals, suppression
+from .addresses import canonical
 from .message import make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
@@ -331,12 +331,7 @@ def _sent_changes(outcome: Outcome) -> dict[str, Any]:
 
 def _envelope_key(address: str) -> str:
     """``address`` as an SMTP envelope names it: lower-cased addr-spec, IDNA domain."""
-    local, _, domain = suppression.normalize(address).rpartition("@")
-    try:
-        domain = punycode(domain)  # as message.check_address and the SMTP backend do
-    except UnicodeError:  # not encodable: then the envelope could not have named it either
-        pass
-    return f"{local}@{domain}"
+    return canonical(address)
 
 
 def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,

@@ -25,6 +25,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from . import outbox, suppression
+from .addresses import canonical
 from .models import OutboxEmail, ProviderMessage, SuppressionReason, WebhookEvent
 
 logger = logging.getLogger("kipekee.webhooks")
@@ -46,7 +47,7 @@ def on_tracking(sender: Any, event: AnymailTrackingEvent, esp_name: str, **kwarg
 
 def handle(event: AnymailTrackingEvent, *, provider: str) -> bool:
     """Apply one event; False if it was seen before (nothing changes then)."""
-    recipient = suppression.normalize(event.recipient or "")
+    recipient = canonical(event.recipient or "")
     occurred = event.timestamp or timezone.now()
     detail = event.mta_response or (str(event.reject_reason) if event.reject_reason else "")
     with transaction.atomic():
