@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from . import conf, signals, suppression
 from .addresses import canonical
-from .message import make_message_id, to_fields, validate
+from .message import check_size, make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
     Attachment,
@@ -88,6 +88,7 @@ def enqueue(
     ``InvalidMessage`` / ``UnknownProvider`` before writing anything.
     """
     validate(message)
+    check_size(message, conf.get().max_message_size)
     if provider:
         conf.get().provider(provider)  # raises UnknownProvider at the call site
     if send_at is not None and timezone.is_naive(send_at):
