@@ -340,8 +340,10 @@ class OutboxEmailAdmin(admin.ModelAdmin):
             return False
         return bool(super().lookup_allowed(lookup, value, request))
 
-    def response_action(self, request: HttpRequest, queryset: QuerySet[OutboxEmail]) -> Any:
-        # Django filters pk__in=<the posted ids> and a non-number raises (500).
+    def response_action(self, request: HttpRequest, queryset: QuerySet[OutboxEmail],
+                        *args: Any, **kwargs: Any) -> Any:
+        # Django filters pk__in=<the posted ids> and a non-number raises (500). (Django 6.1
+        # passes more arguments: handed on as they come.)
         for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
             try:
                 OutboxEmail._meta.pk.to_python(value)
@@ -349,7 +351,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Nothing done: {value!r} is not a message id.",
                                   messages.WARNING)
                 return None  # Django redirects back to the list
-        return super().response_action(request, queryset)
+        return super().response_action(request, queryset, *args, **kwargs)
 
     # --- search --------------------------------------------------------------------------
 

@@ -151,9 +151,9 @@ def _provider_level(exc: smtplib.SMTPResponseException, reply: str) -> bool:
     - Any 5xx to ``MAIL FROM``: at that point the server knows only the sender and the
       size smtplib declares (``SIZE=``, RFC 1870). RFC 5321 gives 550/553 for a sender
       it will not take and 552 for the size; submission services answer there "sender
-      not owned by this account" / "not a verified sender" (Postfix
-      ``reject_sender_login_mismatch``, SendGrid, Mailgun) or refuse the client (554).
-      Another account, another service, may take it. (530/535 are configuration.)
+      not owned by this account", "unauthenticated senders not allowed", "sender not
+      verified", or refuse the client (554). Another account, another service, may take
+      it. (530/535 are configuration.)
     - A size refusal after the data (552, or X.3.4 / X.2.3): the message is over this
       provider's limit; another's may be higher (Mailgun 25 MB, SES 40 MB …).
 

@@ -40,10 +40,15 @@ _LINES_PER_PIECE = 1024
 
 def _django_bytes(message: EmailMessage) -> bytes:
     """The message's bytes as Django builds them (CRLF line ends)."""
+    built: Any
     if django.VERSION >= (6, 0):
         # Django 6 builds a modern email.message.EmailMessage under a policy.
-        return message.message(policy=email.policy.SMTP).as_bytes()  # type: ignore[call-arg]
-    return message.message().as_bytes(linesep="\r\n")
+        built = message.message(policy=email.policy.SMTP)  # type: ignore[call-arg]
+        data: bytes = built.as_bytes()
+    else:
+        built = message.message()
+        data = built.as_bytes(linesep="\r\n")
+    return data
 
 
 def _streamable(attachment: Any) -> bool:
