@@ -212,7 +212,7 @@ def test_migration_canonicalises_existing_entries(django_db_blocker):
     from django.utils import timezone
 
     executor = MigrationExecutor(connection)
-    before = [("kipekee", "0006_operations")]
+    before = [("kipekee", "0007_provider_message_per_recipient")]
     after = executor.loader.graph.leaf_nodes("kipekee")
     executor.migrate(before)
     try:

@@ -36,6 +36,6 @@ def canonicalise(apps: Any, schema_editor: Any) -> None:
 
 
 class Migration(migrations.Migration):
-    dependencies = [("kipekee", "0006_operations")]
+    dependencies = [("kipekee", "0007_provider_message_per_recipient")]
 
     operations = [migrations.RunPython(canonicalise, migrations.RunPython.noop, elidable=True)]
