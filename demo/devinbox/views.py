@@ -95,7 +95,8 @@ def html(request: HttpRequest, pk: int) -> HttpResponse:
         part = by_cid.get(match.group(1))
         if part is None or part.get_content_type() not in _IMAGES:
             return match.group(0)
-        data = base64.b64encode(part.get_payload(decode=True) or b"").decode()
+        payload = part.get_payload(decode=True)
+        data = base64.b64encode(payload if isinstance(payload, bytes) else b"").decode()
         return f"data:{part.get_content_type()};base64,{data}"
 
     response = HttpResponse(_CID.sub(inline, body.get_content()), content_type="text/html; charset=utf-8")

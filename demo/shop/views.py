@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import authenticate, login
 from django.contrib.auth.decorators import login_required
@@ -46,7 +47,7 @@ OTP_ATTEMPTS = 5
 
 
 def home(request: HttpRequest) -> HttpResponse:
-    return render(request, "shop/home.html")
+    return render(request, "shop/home.html", {"debug": settings.DEBUG})
 
 
 M = TypeVar("M", bound=models.Model)
