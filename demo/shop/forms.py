@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Self
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.http import HttpRequest
 
 from kipekee.forms import EmailAddressField, HeaderTextField
 
@@ -32,6 +33,23 @@ class OnceForm(forms.Form):
     def key(self) -> uuid.UUID:
         value: uuid.UUID = self.cleaned_data["submission"]
         return value
+
+    @classmethod
+    def from_request(cls, request: HttpRequest) -> Self:
+        """Bound to a POST, or fresh with a new key. The session remembers the key of the
+        form it was last shown, too: a POST without the hidden field (a script that sends
+        only the fields it knows about) counts as a submission of that form, so sending it
+        twice is still one submission. A browser, which sends the field, is unaffected
+        (two tabs, two forms, two keys)."""
+        slot = f"form-key:{cls.__name__}"
+        if request.method == "POST":
+            data = request.POST.copy()
+            if not data.get("submission") and request.session.get(slot):
+                data["submission"] = request.session[slot]
+            return cls(data, request.FILES or None)
+        key = uuid.uuid4()
+        request.session[slot] = str(key)
+        return cls(initial={"submission": key})
 
 
 class Honeypot(forms.Form):

@@ -81,7 +81,7 @@ def once(model: type[M], key: uuid.UUID, write: Callable[[], M], **mine: object)
 @rate_limited("quote")
 def tours(request: HttpRequest) -> HttpResponse:
     owner = visitor(request)
-    form = QuoteForm(request.POST or None)
+    form = QuoteForm.from_request(request)
     if request.method == "POST" and form.is_valid():
         if form.is_spam:  # a bot: look like success, write and send nothing
             return render(request, "shop/thanks.html")
@@ -111,7 +111,7 @@ def quote_sent(request: HttpRequest, pk: int) -> HttpResponse:
 
 @rate_limited("careers")
 def careers(request: HttpRequest) -> HttpResponse:
-    form = ApplicationForm(request.POST or None, request.FILES or None)
+    form = ApplicationForm.from_request(request)
     if request.method == "POST" and form.is_valid():
         if form.is_spam:
             return render(request, "shop/thanks.html")
@@ -165,7 +165,7 @@ def _otp_hash(code: str) -> str:
 
 @rate_limited("login")
 def payments_login(request: HttpRequest) -> HttpResponse:
-    form = LoginForm(request.POST or None)
+    form = LoginForm.from_request(request)
     if request.method == "POST" and form.is_valid():
         user = authenticate(request, username=form.cleaned_data["username"],
                             password=form.cleaned_data["password"])
@@ -232,7 +232,7 @@ def payments_code(request: HttpRequest) -> HttpResponse:
 
 @login_required(login_url="payments_login")
 def payments(request: HttpRequest) -> HttpResponse:
-    form = NoticeForm(request.POST or None)
+    form = NoticeForm.from_request(request)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         # The form's key makes the outbox row's: the form sent twice is one notification.
@@ -262,7 +262,7 @@ TRANSITIONS = {  # action → (from statuses, to status, event)
 @rate_limited("order")
 def market(request: HttpRequest) -> HttpResponse:
     owner = visitor(request)
-    form = OrderForm(request.POST or None)
+    form = OrderForm.from_request(request)
     if request.method == "POST" and form.is_valid():
         if form.is_spam:
             return render(request, "shop/thanks.html")
@@ -317,7 +317,7 @@ def order_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
 @rate_limited("booking")
 def cinema(request: HttpRequest) -> HttpResponse:
     owner = visitor(request)
-    form = BookingForm(request.POST or None)
+    form = BookingForm.from_request(request)
     if request.method == "POST" and form.is_valid():
         if form.is_spam:
             return render(request, "shop/thanks.html")
