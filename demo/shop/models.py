@@ -12,6 +12,7 @@ import secrets
 from django.conf import settings
 from django.db import models
 
+
 def owner_field() -> models.CharField:
     return models.CharField(max_length=64, blank=True, db_index=True, editable=False)
 

@@ -16,9 +16,9 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
