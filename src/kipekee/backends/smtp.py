@@ -33,6 +33,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+import sys
 import threading
 from typing import Any, ClassVar
 
@@ -220,6 +221,10 @@ class EmailBackend(DjangoSMTPBackend):
         # certifi's bundle, or the CA file the user chose to trust (a private relay with
         # its own CA or a self-signed certificate). Built as Django builds its context.
         context = ssl.SSLContext(protocol=ssl.PROTOCOL_TLS_CLIENT)
+        if sys.version_info >= (3, 13):
+            # As ssl.create_default_context() does from Python 3.13 on: strict X.509
+            # checks, and a chain may end at a trusted intermediate.
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
         context.load_verify_locations(cafile=self.ca_file or certifi.where())
         if self.ssl_certfile or self.ssl_keyfile:
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)  # type: ignore[arg-type]
