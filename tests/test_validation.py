@@ -140,7 +140,9 @@ if django.VERSION >= (6, 0):
         for force_ascii in (True, False):
             try:
                 expected = backend.prep_address(address, force_ascii=force_ascii)
-            except (ValueError, IndexError):  # Django lets the parser's IndexError out ("x@")
+            except (ValueError, IndexError, AttributeError):
+                # Django lets the stdlib parser's IndexError ("x@") and AttributeError
+                # ("0@[") out; Kipekee says ValueError("Invalid address ...").
                 expected = None
             try:
                 got = parse_address(address, force_ascii=force_ascii)
@@ -148,6 +150,21 @@ if django.VERSION >= (6, 0):
                 got = None
             if got != expected:
                 assert got is None and ("\r" in address or "\n" in address), (address, got, expected)
+
+
+@pytest.mark.parametrize("address", ["0@[", "x@", "a@[1.2"])
+def test_what_trips_the_stdlib_parser_is_an_invalid_address(address):
+    """The stdlib's header parser raises IndexError or AttributeError on some input (and
+    Django's prep_address lets them out): Kipekee says "Invalid address", everywhere."""
+    from kipekee.message import check_address, parse_address, validate
+
+    with pytest.raises(ValueError, match="Invalid address"):
+        parse_address(address)
+    with pytest.raises(InvalidMessage, match="Invalid address"):
+        check_address("to", address)
+    message = kipekee.Email(**{**GOOD, "headers": {"Reply-To": address}}).build()
+    with pytest.raises(InvalidMessage, match="header Reply-To: Invalid address"):
+        validate(message)
 
 
 @pytest.mark.parametrize("address, addr_spec", [

@@ -121,10 +121,15 @@ def check_header_text(field: str, value: Any) -> str:
 _check_text = check_header_text
 
 
+# What the stdlib's header parser raises on some malformed input, besides its own
+# HeaderParseError: IndexError ("x@"), AttributeError ("0@[", Python 3.11 to 3.13).
+_PARSER_ERRORS = (HeaderParseError, IndexError, ValueError, AttributeError)
+
+
 def _split_addresses(value: str) -> list[str]:
     try:
         parsed = AddressHeader.value_parser(value)
-    except (HeaderParseError, IndexError, ValueError):
+    except _PARSER_ERRORS:
         return [value]  # check_address reports it
     return [str(mb) for mb in parsed.all_mailboxes] or [value]
 
@@ -183,8 +188,7 @@ def parse_address(address: str, *, force_ascii: bool = True) -> str:
         raise ValueError(f"Invalid address {address!r}: contains a line break or a NUL")
     try:
         parsed = AddressHeader.value_parser(address)
-    except (HeaderParseError, IndexError, ValueError) as exc:
-        # The stdlib parser raises (even IndexError, for "x@") on some malformed input.
+    except _PARSER_ERRORS as exc:
         raise ValueError(f"Invalid address {address!r}: {exc or 'unparsable'}") from None
     defects = sorted({
         str(defect) for defect in parsed.all_defects
