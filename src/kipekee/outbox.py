@@ -400,6 +400,16 @@ def defer(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
     }, signal=signals.deferred)
 
 
+def postpone(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
+    """No provider was tried (every circuit was open): ``sending → deferred`` until
+    ``due_at``, and the claim not counted as an attempt (nor written to the attempt log),
+    as :func:`release` does for a row not tried at all."""
+    return _finish(row, outcome, status=Status.DEFERRED, changes={
+        "due_at": due_at, "attempts": row.attempts - 1, "error_kind": outcome.kind,
+        "last_error": outcome.error, "refused": outcome.refused,
+    }, signal=signals.deferred, attempted=False)
+
+
 def fail(row: OutboxEmail, outcome: Outcome) -> bool:
     """Record a final failure: ``sending → failed``."""
     return _finish(row, outcome, status=Status.FAILED, changes={
@@ -409,7 +419,8 @@ def fail(row: OutboxEmail, outcome: Outcome) -> bool:
 
 
 def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
-            signal: Any, then: Callable[[str], None] | None = None) -> bool:
+            signal: Any, then: Callable[[str], None] | None = None,
+            attempted: bool = True) -> bool:
     db = row._state.db or db_for_write()
     if changes.get("last_error"):  # redacted again: a custom engine may build an Outcome
         changes["last_error"] = redact(changes["last_error"])
@@ -427,7 +438,8 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
                 row.attempts, row.pk,
             )
             return False
-        _write_attempts(db, [(row, outcome)])
+        if attempted:
+            _write_attempts(db, [(row, outcome)])
         if then is not None:  # more writes that stand or fall with this result
             then(db)
     _finished(row, outcome, status=status, changes=changes, signal=signal)
