@@ -149,9 +149,10 @@ def enqueue(
                 for a in attachments
             )
     if row.status == Status.SUPPRESSED:
-        signals.suppressed.send(sender=OutboxEmail, email=row, outcome=None)
+        signals.send_on_commit(signals.suppressed, using=db, sender=OutboxEmail, email=row,
+                               outcome=None)
     else:
-        signals.queued.send(sender=OutboxEmail, email=row)
+        signals.send_on_commit(signals.queued, using=db, sender=OutboxEmail, email=row)
     return row, True
 
 
@@ -321,7 +322,8 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
     done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
                    signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
-        signals.queued.send(sender=OutboxEmail, email=copy)
+        signals.send_on_commit(signals.queued, using=copy._state.db or db_for_write(),
+                               sender=OutboxEmail, email=copy)
     return done
 
 
@@ -448,11 +450,13 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
 
 def _finished(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
               signal: Any) -> None:
-    """After the write: the row in hand as the database now has it, then the signal."""
+    """After the write: the row in hand as the database now has it, then the signal
+    (once the write is committed: an engine records a batch in one transaction)."""
     row.status, row.lease_until, row.claimed_by = status, None, ""
     for name, value in changes.items():
         setattr(row, name, value)
-    signal.send(sender=OutboxEmail, email=row, outcome=outcome)
+    signals.send_on_commit(signal, using=row._state.db or db_for_write(), sender=OutboxEmail,
+                           email=row, outcome=outcome)
 
 
 def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> None:
@@ -539,7 +543,8 @@ def cancel(pk: int, *, using: str | None = None) -> bool:
         .update(status=Status.CANCELLED, lease_until=None, claimed_by="")
     )
     if updated:
-        signals.cancelled.send(sender=OutboxEmail, email=OutboxEmail.objects.using(db).get(pk=pk))
+        signals.send_on_commit(signals.cancelled, using=db, sender=OutboxEmail,
+                               email=OutboxEmail.objects.using(db).get(pk=pk))
     return bool(updated)
 
 
@@ -634,5 +639,5 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
         copy = _copy(original, db, mode=mode, created_at=now, due_at=now,
                      message_id=make_message_id(original.from_email, conf.get().message_id_domain),
                      metadata={**original.metadata, "resent_from": pk})
-    signals.queued.send(sender=OutboxEmail, email=copy)
+    signals.send_on_commit(signals.queued, using=db, sender=OutboxEmail, email=copy)
     return copy
