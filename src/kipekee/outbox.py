@@ -548,11 +548,13 @@ def cancel(pk: int, *, using: str | None = None) -> bool:
     return bool(updated)
 
 
-def reschedule(pk: int, due_at: datetime, *, using: str | None = None) -> bool:
+def reschedule(pk: int, due_at: datetime, *, metadata: dict[str, Any] | None = None,
+               using: str | None = None) -> bool:
     """Move a message that has not gone out to ``due_at`` (a reminder whose booking moved).
 
-    Only ``queued|deferred`` rows move, in one conditional UPDATE; a row being sent, sent
-    or cancelled stays as it is and ``False`` is returned.
+    Only ``queued|deferred`` rows move, in one conditional UPDATE (which also replaces
+    the row's ``metadata``, when given); a row being sent, sent or cancelled stays as it
+    is and ``False`` is returned.
     """
     if timezone.is_naive(due_at):
         from .exceptions import InvalidMessage
@@ -562,7 +564,7 @@ def reschedule(pk: int, due_at: datetime, *, using: str | None = None) -> bool:
     updated = (
         OutboxEmail.objects.using(db)
         .filter(pk=pk, status__in=WAITING_STATUSES)
-        .update(due_at=due_at)
+        .update(due_at=due_at, **({"metadata": metadata} if metadata is not None else {}))
     )
     return bool(updated)
 
