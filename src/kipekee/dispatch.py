@@ -117,6 +117,8 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
+        send_at = outbox.stored_time(send_at, "send_at")
     # One transaction for the row and the NOTIFY when the caller has none: on PostgreSQL
     # a NOTIFY of its own is a second commit, flushed to disk like the first. Inside the
     # caller's transaction nothing is added (an error must not mark it for rollback).
@@ -136,7 +138,6 @@ def submit(
         receipt = Receipt(row, created=created)
         if not created or receipt.suppressed:  # nothing (new) to deliver
             return receipt
-        # (send_at was checked by enqueue: aware, so comparable.)
         if mode == "queue" or (send_at is not None and send_at > timezone.now()):
             # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
             notify_if_listening(db)

@@ -294,8 +294,8 @@ def _sync_reminder(notification: Notification, message: Message, obj: models.Mod
                 if r.metadata.get("notification") == message.name]
     waiting = [r for r in existing if r.status in WAITING_STATUSES]
     due = message.at(obj) if message.when is None or message.when(obj) else None
-    if due is not None and timezone.is_naive(due):
-        raise InvalidMessage(f"Reminder {notification.event!r}: at() returned a naive datetime.")
+    if due is not None:
+        due = outbox.stored_time(due, f"Reminder {notification.event!r}: at()")
     latest = existing[-1] if existing else None
     if due is not None and latest is not None and _reminder_time(latest) == due:
         # Already written for this time: waiting (due or not), deferred after a failed

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.expressions import RawSQL
@@ -33,6 +34,7 @@ from django.utils import timezone
 from django.utils.encoding import punycode
 
 from . import conf, signals
+from .exceptions import InvalidMessage
 from .message import make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
@@ -56,6 +58,18 @@ logger = logging.getLogger("kipekee.outbox")
 
 def db_for_write() -> str:
     return router.db_for_write(OutboxEmail)
+
+
+def stored_time(value: datetime, name: str) -> datetime:
+    """``value`` as the outbox stores and compares times, as Django's ``DateTimeField``
+    does: with ``USE_TZ``, aware (a naive one is refused: which zone it meant would be
+    a guess); without, naive wall-clock time in ``TIME_ZONE`` (an aware one is
+    converted to it). Raises ``InvalidMessage`` naming ``name``."""
+    if settings.USE_TZ:
+        if timezone.is_naive(value):
+            raise InvalidMessage(f"{name} must be an aware datetime (USE_TZ is True).")
+        return value
+    return timezone.make_naive(value) if timezone.is_aware(value) else value
 
 
 def enqueue(
@@ -90,13 +104,9 @@ def enqueue(
     validate(message)
     if provider:
         conf.get().provider(provider)  # raises UnknownProvider at the call site
-    if send_at is not None and timezone.is_naive(send_at):
-        from .exceptions import InvalidMessage
-
-        raise InvalidMessage("send_at must be an aware datetime.")
+    if send_at is not None:
+        send_at = stored_time(send_at, "send_at")
     if target is not None and target.pk is None:
-        from .exceptions import InvalidMessage
-
         raise InvalidMessage(f"The email's target {target!r} is not saved (it has no pk).")
     fields, attachments = to_fields(message)
     headers: dict[str, str] = fields.pop("headers")
@@ -556,10 +566,7 @@ def reschedule(pk: int, due_at: datetime, *, metadata: dict[str, Any] | None = N
     the row's ``metadata``, when given); a row being sent, sent or cancelled stays as it
     is and ``False`` is returned.
     """
-    if timezone.is_naive(due_at):
-        from .exceptions import InvalidMessage
-
-        raise InvalidMessage("due_at must be an aware datetime.")
+    due_at = stored_time(due_at, "due_at")
     db = using or db_for_write()
     updated = (
         OutboxEmail.objects.using(db)
