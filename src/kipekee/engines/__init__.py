@@ -172,6 +172,15 @@ def _beat(name: str, kind: str, stats: Stats, *, stopped: bool) -> None:
     )
 
 
+def start() -> None:
+    """Start the engine that runs in this process, if any (the thread engine), without
+    waking it: it looks for due rows once as it starts (a web process's first request)."""
+    if conf.get().engine == "thread":
+        from .thread import engine
+
+        engine().start()
+
+
 def wake(ids: list[int] | None = None) -> None:
     """Tell the engine that rows are waiting (called after commit; ``ids`` when known)."""
     kind = conf.get().engine

@@ -2,8 +2,9 @@
 
 For a single deployment (the tours seed ran exactly one): no extra service, yet queued
 and deferred rows are delivered with retries. The thread starts on the first enqueue or
-the first request of the process, wakes when a transaction that enqueued commits, and
-otherwise sleeps until the next row falls due. Several gunicorn workers each run one;
+the first request of the process, wakes when a transaction that enqueued commits (and
+only then: a request that queued nothing costs it nothing), and otherwise sleeps until
+the next row falls due. Several gunicorn workers each run one;
 claims are atomic, so they share the outbox safely. A forked child starts its own.
 """
 
@@ -40,7 +41,8 @@ class ThreadEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
-        self._ensure_started()
+        """Rows are waiting (a commit queued mail): look now, not at the next due time."""
+        self.start()
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -49,7 +51,9 @@ class ThreadEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _ensure_started(self) -> None:
+    def start(self) -> None:
+        """Start the thread if it is not running; it looks for due rows once, then
+        sleeps until the next due time or a :meth:`wake`."""
         if self.alive:
             return
         with self._lock:
