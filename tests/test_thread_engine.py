@@ -4,16 +4,25 @@ Requests through Django's test client; the exit in a real subprocess."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from django.db import connection
 from django.db.backends.signals import connection_created
 from django.test import Client
 
 from kipekee.engines import thread
+from kipekee.engines.worker import Worker
 from kipekee.models import OutboxEmail, Status
+from kipekee.testing import Faults
 
 from .conftest import smtp_provider
 
@@ -64,3 +73,61 @@ def test_requests_that_queue_nothing_do_not_wake_the_engine(smtp_sink, settings,
         assert time.monotonic() - started < 10, "the commit did not wake the engine"
         time.sleep(0.02)
     assert len(smtp_sink.wait_for(1)) == 1
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A web process in miniature: it queues three mails for its thread engine, waits until
+# the engine holds them, and exits normally (as gunicorn's worker does, with sys.exit).
+EXITING_PROCESS = """
+import sys, time
+import django
+django.setup()
+import kipekee
+from kipekee.models import OutboxEmail
+ids = [kipekee.send(subject=f"Order {i}", text="thanks", to=["ann@example.com"],
+                    mode="queue").id for i in range(3)]
+deadline = time.monotonic() + 20
+while not OutboxEmail.objects.filter(pk__in=ids, status="sending").exists():
+    assert time.monotonic() < deadline, "the engine never claimed the rows"
+    time.sleep(0.005)
+print("claimed; exiting", flush=True)
+sys.exit(0)
+"""
+
+
+def run_child(script: str, kipekee_settings: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``script`` in a new Python process on the test's database and settings."""
+    name = connection.settings_dict["NAME"]
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "KIPEKEE_TEST_SETTINGS": json.dumps(kipekee_settings),
+           "KIPEKEE_PG_NAME" if connection.vendor == "postgresql" else "KIPEKEE_SQLITE_NAME": name}
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def test_a_normal_exit_finishes_what_the_engine_holds(smtp_server, kipekee_settings, settings):
+    """Before: the daemon thread died with the interpreter; the three rows it held stayed
+    ``sending`` until their lease ended, and the one being sent went out twice. Now what
+    it was sending is recorded and what it had claimed ahead is given back: the next
+    engine sends each message once, without waiting for a lease."""
+    slow = smtp_server(faults=Faults(stall_before_data_reply=0.3))
+    kipekee_settings(primary=smtp_provider(slow))  # the test's, after the child's
+    started = time.monotonic()
+    child = run_child(EXITING_PROCESS, {**settings.KIPEKEE, "ENGINE": "thread"})
+    assert child.returncode == 0, child.stdout + child.stderr
+    assert "claimed; exiting" in child.stdout
+    assert time.monotonic() - started < 30  # the wait at exit is bounded
+    rows = OutboxEmail.objects.all()
+    status = Counter(rows.values_list("status", flat=True))
+    assert sum(status.values()) == 3 and Status.SENDING not in status, status
+    assert status[Status.SENT] >= 1  # the batch in hand was finished and recorded
+    sent = set(rows.filter(status=Status.SENT).values_list("message_id", flat=True))
+    assert {m.message_id for m in slow.messages} == sent and len(slow.messages) == len(sent)
+    given_back = rows.filter(status=Status.QUEUED)
+    assert set(given_back.values_list("attempts", flat=True)) <= {0}
+    # The next engine (here: a worker) finds them due now, and sends each message once.
+    Worker(concurrency=1, poll_interval=0.02, once=True).run()
+    assert Counter(rows.values_list("status", flat=True)) == {Status.SENT: 3}
+    received = Counter(m.message_id for m in slow.wait_for(3))
+    assert set(received.values()) == {1}

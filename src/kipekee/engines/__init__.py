@@ -80,28 +80,54 @@ class Sender:
         batch's outcomes and claims the next batch, so the provider connection does not
         wait on the database between batches. The cost: a process killed mid-way may
         have sent two batches per sender whose outcomes are not committed yet (they are
-        sent again after their lease, with the same Message-IDs), not one. A batch
-        claimed ahead when ``stopping`` is set is still sent: it is in hand.
+        sent again after their lease, with the same Message-IDs), not one.
+
+        A batch claimed ahead but not sent yet is given back at once (``outbox.release``:
+        due now, its claim not counted) when ``stopping`` is set or when anything failed
+        on the way (then the error is raised once every batch that was sent had its
+        record attempted); it does not wait for its lease to end. A batch whose sending
+        raised stays leased: which of its messages went out is not known.
         """
         if self._books is None:
             self._books = ThreadPoolExecutor(1, thread_name_prefix="kipekee-books")
         books = self._books
         handled = 0
-        recording: Future[None] | None = None
+        recording: list[Future[None]] = []  # records submitted, oldest first
+        upcoming: Future[list[OutboxEmail]] | None = None
         try:
             rows = self._claim()
             while rows:
                 upcoming = None if stopping.is_set() else books.submit(self._claim)
                 outcomes = self.deliverer.deliver_many(rows)
-                if recording is not None:
-                    recording.result()  # in order: batch n is recorded before n + 1
-                recording = books.submit(self._record, rows, outcomes)
+                # The books run in order: batch n is recorded before n + 1.
+                recording.append(books.submit(self._record, rows, outcomes))
                 handled += len(rows)
-                rows = upcoming.result() if upcoming is not None else []
+                if len(recording) > 1:
+                    recording.pop(0).result()  # raises what recording batch n - 1 raised
+                rows = []
+                if upcoming is not None:
+                    rows, upcoming = upcoming.result(), None
+                    if stopping.is_set():
+                        self._release(rows)  # claimed ahead, not sent: back to the queue
+                        rows = []
         finally:
-            if recording is not None:
-                recording.result()  # what was sent is recorded before returning
+            if upcoming is not None:
+                self._release_claimed(upcoming)
+            _wait_all(recording)  # what was sent is recorded (or failed to) before returning
         return handled
+
+    def _release_claimed(self, claim: Future[list[OutboxEmail]]) -> None:
+        try:
+            rows = claim.result()
+        except Exception:  # noqa: BLE001 - a claim that failed holds nothing; logged
+            logger.exception("%s: claiming the next batch failed", self.engine)
+            return
+        self._release(rows)
+
+    def _release(self, rows: list[OutboxEmail]) -> None:
+        if rows:
+            released = sum(outbox.release(row) for row in rows)
+            logger.info("%s: %d row(s) claimed ahead given back unsent", self.engine, released)
 
     def _claim(self, ids: list[int] | None = None) -> list[OutboxEmail]:
         return outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
@@ -135,6 +161,18 @@ class Sender:
             self._books.shutdown()
             self._books = None
         connections.close_all()  # this thread's database connections
+
+
+def _wait_all(futures: list[Future[None]]) -> None:
+    """Wait for every future, then raise the first error among them (if any)."""
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001 - re-raised below once all have finished
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _drop_broken_connections() -> None:
