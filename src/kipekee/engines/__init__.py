@@ -220,13 +220,23 @@ def start() -> None:
 
 
 def wake(ids: list[int] | None = None) -> None:
-    """Tell the engine that rows are waiting (called after commit; ``ids`` when known)."""
+    """Tell the engine that rows are waiting (called after commit; ``ids`` when known).
+
+    Never raises: it runs in the caller's ``on_commit``, after the rows are safe in the
+    outbox, where an exception would reach the caller and skip the application's later
+    on_commit hooks. A wake that fails (a Celery broker that is down) is logged; the
+    rows wait for the next sweep or poll.
+    """
     kind = conf.get().engine
-    if kind == "thread":
-        from .thread import engine
+    try:
+        if kind == "thread":
+            from .thread import engine
 
-        engine().wake()
-    elif kind == "celery" and ids:
-        from ..contrib.celery import send_ids
+            engine().wake()
+        elif kind == "celery" and ids:
+            from ..contrib.celery import send_ids
 
-        send_ids(ids)
+            send_ids(ids)
+    except Exception:  # noqa: BLE001 - the rows are committed; logged, left to the sweep
+        logger.warning("Could not wake the %s engine for outbox email(s) %s; they stay "
+                       "queued for its next sweep or poll", kind, ids, exc_info=True)
