@@ -138,10 +138,14 @@ def submit(
         receipt = Receipt(row, created=created)
         if not created or receipt.suppressed:  # nothing (new) to deliver
             return receipt
-        if mode == "queue" or (send_at is not None and send_at > timezone.now()):
+        later = send_at is not None and send_at > timezone.now()
+        if mode == "queue" or later:
             # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
             notify_if_listening(db)
-            transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
+            # The ids only for rows due now: a task for a row written for later would find
+            # it not due (the sweep hands it out when it is); the thread engine still
+            # wakes to sleep until its time.
+            transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
         else:
             transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt

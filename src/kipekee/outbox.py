@@ -266,13 +266,16 @@ def due_ids(limit: int, *, queued_grace: timedelta = timedelta(0),
             using: str | None = None) -> list[int]:
     """Ids of rows an engine may claim now (without claiming them), oldest due first.
 
-    ``queued_grace``: pass over ``queued`` rows that fell due less than this long ago
-    (a task was sent for them on commit and is probably still in a queue).
+    ``queued_grace``: pass over ``queued`` rows that were due when they were written and
+    fell due less than this long ago (a task was sent for them on commit and is probably
+    still in a queue). Rows written for later (``send_at``, a request's hold) and rows
+    queued again (released, retried by a person) have no task coming: no grace.
     """
     now = timezone.now()
     rows = OutboxEmail.objects.using(using or db_for_write()).filter(
         Q(status=Status.DEFERRED, due_at__lte=now)
-        | Q(status=Status.QUEUED, due_at__lte=now - queued_grace)
+        | (Q(status=Status.QUEUED, due_at__lte=now)
+           & (Q(due_at__lte=now - queued_grace) | Q(due_at__gt=F("created_at"))))
         | Q(status=Status.SENDING, lease_until__lt=now)
     )
     return list(rows.order_by("due_at", "pk").values_list("pk", flat=True)[:limit])
