@@ -4,8 +4,6 @@ Requests through Django's test client; the exit in a real subprocess."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.db import connection
 from django.db.backends.signals import connection_created
 from django.test import Client
 
@@ -24,7 +21,7 @@ from kipekee.engines.worker import Worker
 from kipekee.models import OutboxEmail, Status
 from kipekee.testing import Faults
 
-from .conftest import smtp_provider
+from .conftest import smtp_provider, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -98,12 +95,8 @@ sys.exit(0)
 
 def run_child(script: str, kipekee_settings: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ``script`` in a new Python process on the test's database and settings."""
-    name = connection.settings_dict["NAME"]
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "KIPEKEE_TEST_SETTINGS": json.dumps(kipekee_settings),
-           "KIPEKEE_PG_NAME" if connection.vendor == "postgresql" else "KIPEKEE_SQLITE_NAME": name}
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=timeout,
+                          env=subprocess_env(kipekee_settings), capture_output=True, text=True)
 
 
 def test_a_normal_exit_finishes_what_the_engine_holds(smtp_server, kipekee_settings, settings):

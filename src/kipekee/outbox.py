@@ -262,6 +262,15 @@ def release(row: OutboxEmail) -> bool:
     )
 
 
+def renew_lease(token: str, pks: Sequence[int], *, using: str | None = None) -> int:
+    """Extend by a whole lease the rows of claim ``token`` still being sent (a delivery
+    that takes longer than the lease); how many still were. Fenced by the claim's token:
+    a row taken over by another engine, or finished, is left alone."""
+    return (OutboxEmail.objects.using(using or db_for_write())
+            .filter(pk__in=list(pks), status=Status.SENDING, claimed_by=token)
+            .update(lease_until=timezone.now() + conf.get().lease))
+
+
 def due_ids(limit: int, *, queued_grace: timedelta = timedelta(0),
             using: str | None = None) -> list[int]:
     """Ids of rows an engine may claim now (without claiming them), oldest due first.

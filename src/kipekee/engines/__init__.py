@@ -23,6 +23,7 @@ from django.utils import timezone
 from .. import conf, outbox
 from ..delivery import Deliverer, Outcome
 from ..models import EngineHeartbeat, OutboxEmail, Status
+from . import leases
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -64,14 +65,20 @@ class Sender:
         self.stats = stats
         self.deliverer = Deliverer()
         self._books: ThreadPoolExecutor | None = None
+        # Claim tokens whose leases are being renewed (claimed in either thread).
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
 
     def run_once(self, ids: list[int] | None = None) -> int:
         """Handle one batch (of ``ids`` only, if given); return how many rows it held
         (0: nothing was due)."""
-        rows = self._claim(ids)
-        if rows:
-            self._record(rows, self.deliverer.deliver_many(rows))
-        return len(rows)
+        try:
+            rows = self._claim(ids)
+            if rows:
+                self._record(rows, self.deliverer.deliver_many(rows))
+            return len(rows)
+        finally:
+            self._let_go()
 
     def drain(self, stopping: threading.Event) -> int:
         """Handle batches until none is due or ``stopping`` is set; return how many rows.
@@ -111,9 +118,12 @@ class Sender:
                         self._release(rows)  # claimed ahead, not sent: back to the queue
                         rows = []
         finally:
-            if upcoming is not None:
-                self._release_claimed(upcoming)
-            _wait_all(recording)  # what was sent is recorded (or failed to) before returning
+            try:
+                if upcoming is not None:
+                    self._release_claimed(upcoming)
+                _wait_all(recording)  # what was sent is recorded (or failed to) first
+            finally:
+                self._let_go()  # a batch whose sending raised: its lease may now end
         return handled
 
     def _release_claimed(self, claim: Future[list[OutboxEmail]]) -> None:
@@ -126,24 +136,48 @@ class Sender:
 
     def _release(self, rows: list[OutboxEmail]) -> None:
         if rows:
+            tokens = {row.claimed_by for row in rows}
             released = sum(outbox.release(row) for row in rows)
+            self._drop(tokens)
             logger.info("%s: %d row(s) claimed ahead given back unsent", self.engine, released)
 
     def _claim(self, ids: list[int] | None = None) -> list[OutboxEmail]:
-        return outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
+        rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
+        # Their leases renewed until they are recorded or given back (engines.leases).
+        tokens = leases.keeper().hold(rows)
+        with self._held_lock:
+            self._held |= tokens
+        return rows
 
     def _record(self, rows: list[OutboxEmail], outcomes: list[Outcome]) -> None:
         from ..dispatch import record_many
 
+        tokens = {row.claimed_by for row in rows}  # (recording clears them on the rows)
         # The batch's outcomes in one transaction: one commit (one flush to disk on
         # PostgreSQL) per batch instead of one per message, the plain successes in one
         # fenced UPDATE. Should the process die before the commit, the batch's rows are
         # taken again after their lease, as rows not yet recorded always were.
-        with transaction.atomic(using=rows[0]._state.db):
-            recorded = record_many(rows, outcomes)
+        try:
+            with transaction.atomic(using=rows[0]._state.db):
+                recorded = record_many(rows, outcomes)
+        finally:
+            self._drop(tokens)  # recorded, or given up on: the lease may end
         for row, done in zip(rows, recorded, strict=True):
             if done:
                 self.stats.add(row.status)
+
+    def _drop(self, tokens: set[str]) -> None:
+        leases.keeper().drop(tokens)
+        with self._held_lock:
+            self._held -= tokens
+
+    def _let_go(self) -> None:
+        """Stop renewing whatever this sender still holds (nothing, unless a batch's
+        sending raised: what went out of it is unknown, so it waits for its lease)."""
+        with self._held_lock:
+            held = set(self._held)
+        if held:
+            self._drop(held)
 
     def recover(self) -> None:
         """After a failed batch: drop this sender's database connections that broke (a
