@@ -128,16 +128,17 @@ def recording_refused():
     from django.db import connection
 
     if connection.vendor == "postgresql":
-        create = ["CREATE FUNCTION kipekee_test_refuse() RETURNS trigger AS $$ BEGIN "
-                  "RAISE EXCEPTION 'recording refused by the test'; END $$ LANGUAGE plpgsql",
-                  "CREATE TRIGGER kipekee_test_no_sent BEFORE UPDATE ON kipekee_outboxemail "
-                  "FOR EACH ROW WHEN (NEW.status = 'sent') EXECUTE FUNCTION kipekee_test_refuse()"]
+        create = [("CREATE FUNCTION kipekee_test_refuse() RETURNS trigger AS $$ BEGIN "
+                   "RAISE EXCEPTION 'recording refused by the test'; END $$ LANGUAGE plpgsql"),
+                  ("CREATE TRIGGER kipekee_test_no_sent BEFORE UPDATE ON kipekee_outboxemail "
+                   "FOR EACH ROW WHEN (NEW.status = 'sent') "
+                   "EXECUTE FUNCTION kipekee_test_refuse()")]
         drop = ["DROP TRIGGER kipekee_test_no_sent ON kipekee_outboxemail",
                 "DROP FUNCTION kipekee_test_refuse()"]
     else:
-        create = ["CREATE TRIGGER kipekee_test_no_sent BEFORE UPDATE OF status ON "
-                  "kipekee_outboxemail WHEN NEW.status = 'sent' BEGIN "
-                  "SELECT RAISE(ABORT, 'recording refused by the test'); END"]
+        create = [("CREATE TRIGGER kipekee_test_no_sent BEFORE UPDATE OF status ON "
+                   "kipekee_outboxemail WHEN NEW.status = 'sent' BEGIN "
+                   "SELECT RAISE(ABORT, 'recording refused by the test'); END")]
         drop = ["DROP TRIGGER kipekee_test_no_sent"]
     with connection.cursor() as cursor:
         for sql in create:

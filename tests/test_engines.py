@@ -3,6 +3,7 @@ with a circuit breaker, lifetimes — against real local SMTP servers."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -338,7 +339,7 @@ def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_serv
     schedule_allows = 1 + int((4 - policy.delay(1)) // policy.delay(2)) + 1
     for pk, attempts in _attempts_per_row(ids).items():
         assert len(attempts) <= schedule_allows, (pk, len(attempts))
-        for before, after in zip(attempts, attempts[1:]):
+        for before, after in itertools.pairwise(attempts):
             waited = (after.started_at - before.finished_at).total_seconds()
             assert waited >= policy.delay(before.number) - 0.001, (pk, before.number, waited)
     assert not server.messages

@@ -68,7 +68,7 @@ def test_an_aware_send_at_is_converted_to_the_local_time(sink_provider):
 def test_with_time_zone_support_a_naive_send_at_is_still_refused(sink_provider, settings):
     settings.USE_TZ = True
     with pytest.raises(InvalidMessage, match="aware"):
-        kipekee.send(**MAIL, send_at=datetime.now() + timedelta(hours=1))  # noqa: DTZ005
+        kipekee.send(**MAIL, send_at=datetime.now() + timedelta(hours=1))
 
 
 def test_a_deferred_row_is_retried_and_sent(smtp_server, kipekee_settings):

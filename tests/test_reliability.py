@@ -147,29 +147,29 @@ def test_worker_slower_than_its_lease_is_fenced(smtp_server, kipekee_settings, s
                        on_message=lambda m: accepted.set())
     kipekee_settings(primary=smtp_provider(slow, timeout=10), _extra={"LEASE_SECONDS": 1})
     [message_id] = queue(1)
-    log = tempfile.TemporaryFile(mode="w+")
-    engine_a = subprocess.Popen(
-        [sys.executable, "-m", "django", "kipekee_worker", "--once", "--concurrency", "1",
-         "--batch-size", "1", "--name", "slow-a"],
-        cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(settings.KIPEKEE),
-        stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert accepted.wait(20)  # the server has A's copy and holds its reply
-        engine_a.send_signal(signal.SIGSTOP)
-        row = OutboxEmail.objects.get()
-        while timezone.now() <= row.lease_until:  # A's lease runs out while it is frozen
-            time.sleep(0.05)
-            row.refresh_from_db()
-        slow.faults.stall_before_data_reply = 0  # the server is already stalling A
-        drain("fast-b")
-        engine_a.send_signal(signal.SIGCONT)
-        assert engine_a.wait(20) == 0
-    finally:
-        if engine_a.poll() is None:
-            engine_a.kill()
-            engine_a.wait()
-    log.seek(0)
-    output = log.read()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        engine_a = subprocess.Popen(
+            [sys.executable, "-m", "django", "kipekee_worker", "--once", "--concurrency", "1",
+             "--batch-size", "1", "--name", "slow-a"],
+            cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(settings.KIPEKEE),
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert accepted.wait(20)  # the server has A's copy and holds its reply
+            engine_a.send_signal(signal.SIGSTOP)
+            row = OutboxEmail.objects.get()
+            while timezone.now() <= row.lease_until:  # A's lease runs out while it is frozen
+                time.sleep(0.05)
+                row.refresh_from_db()
+            slow.faults.stall_before_data_reply = 0  # the server is already stalling A
+            drain("fast-b")
+            engine_a.send_signal(signal.SIGCONT)
+            assert engine_a.wait(20) == 0
+        finally:
+            if engine_a.poll() is None:
+                engine_a.kill()
+                engine_a.wait()
+        log.seek(0)
+        output = log.read()
     row.refresh_from_db()
     assert row.status == Status.SENT and row.attempts == 2, output
     # One attempt row: B's. A's late success was fenced off, not recorded over it.

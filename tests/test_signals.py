@@ -153,10 +153,9 @@ def test_receivers_run_after_the_commit_and_not_for_a_rollback(sink_provider):
 
     signals.queued.connect(on_queued)
     try:
-        with pytest.raises(RuntimeError):
-            with transaction.atomic():
-                kipekee.send(**MAIL, mode="queue")
-                raise RuntimeError("the business write failed")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            kipekee.send(**MAIL, mode="queue")
+            raise RuntimeError("the business write failed")
         assert seen == []  # a row that never existed is not announced
         with transaction.atomic():
             receipt = kipekee.send(**MAIL, mode="queue")

@@ -95,7 +95,7 @@ sys.exit(0)
 
 def run_child(script: str, kipekee_settings: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ``script`` in a new Python process on the test's database and settings."""
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=timeout,
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=timeout, check=False,
                           env=subprocess_env(kipekee_settings), capture_output=True, text=True)
 
 

@@ -41,11 +41,10 @@ def test_a_broker_that_is_down_does_not_fail_the_commit(smtp_sink, settings, bro
     settings.KIPEKEE = {"ENGINE": "celery", "PROVIDERS": {"primary": smtp_provider(smtp_sink)}}
     ran: list[str] = []
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="kipekee.engines"):
-        with transaction.atomic():
-            receipt = kipekee.send(subject="Order", text="thanks", to=["ann@example.com"],
-                                   mode="queue")
-            transaction.on_commit(lambda: ran.append("the application's hook"))
+    with caplog.at_level(logging.WARNING, logger="kipekee.engines"), transaction.atomic():
+        receipt = kipekee.send(subject="Order", text="thanks", to=["ann@example.com"],
+                               mode="queue")
+        transaction.on_commit(lambda: ran.append("the application's hook"))
     assert ran == ["the application's hook"]
     assert OutboxEmail.objects.get(pk=receipt.id).status == Status.QUEUED  # for the sweep
     assert any("sweep" in r.getMessage() and r.exc_info for r in caplog.records
