@@ -292,6 +292,25 @@ def _attempts_per_row(ids: list[int]) -> dict[int, list[Attempt]]:
     return per_row
 
 
+def test_a_half_open_circuit_with_its_trial_out_is_a_cool_down_from_the_next():
+    """The breaker's answer to "when may a passed-over message come back?" while its one
+    trial is in flight: not 0 s (it used to be: the row was back before the trial had
+    even answered), but the next trial should this one fail."""
+    from kipekee.circuit import CircuitBreaker
+
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, cooldown=30, clock=lambda: now[0])
+    breaker.failure()
+    now[0] = 10.0
+    assert (breaker.allow(), breaker.retry_in()) == (False, 20.0)
+    now[0] = 31.0
+    assert breaker.allow() is True  # the trial
+    assert (breaker.allow(), breaker.state, breaker.retry_in()) == (False, "half-open", 30.0)
+    assert 30.0 <= breaker.postpone_for() <= 60.0  # spread over the cool-down after it
+    breaker.success()
+    assert (breaker.allow(), breaker.retry_in()) == (True, 0.0)
+
+
 def test_a_10_s_outage_costs_each_mail_a_few_attempts_and_fails_none(smtp_server,
                                                                      kipekee_settings):
     """A provider answering 421 for 10 s, the breaker's cool-down 1 s: while the circuit
@@ -336,9 +355,12 @@ def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_serv
     with running_worker(concurrency=2):
         time.sleep(4)
     assert not OutboxEmail.objects.filter(status=Status.FAILED).exists()
-    schedule_allows = 1 + int((4 - policy.delay(1)) // policy.delay(2)) + 1
-    for pk, attempts in _attempts_per_row(ids).items():
-        assert len(attempts) <= schedule_allows, (pk, len(attempts))
+    per_row = _attempts_per_row(ids)
+    # Not vacuous: the breaker's trials did reach the provider, again and again.
+    assert max(len(attempts) for attempts in per_row.values()) >= 3
+    for pk, attempts in per_row.items():
+        # So no more attempts than the policy's schedule allows in the time: each one
+        # waited at least the policy's delay after the one before.
         for before, after in itertools.pairwise(attempts):
             waited = (after.started_at - before.finished_at).total_seconds()
             assert waited >= policy.delay(before.number) - 0.001, (pk, before.number, waited)
