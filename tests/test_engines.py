@@ -335,6 +335,8 @@ def test_a_10_s_outage_costs_each_mail_a_few_attempts_and_fails_none(smtp_server
     # The attempt log agrees with the rows: no attempt counted that was not made.
     assert all(OutboxEmail.objects.get(pk=pk).attempts == len(a) for pk, a in per_row.items())
     assert Counter(m.message_id for m in server.messages).most_common(1)[0][1] == 1
+    print(f"10 s outage: at most {worst} attempts per mail, "
+          f"{sum(len(a) for a in per_row.values())} in all for 60 mails, none failed")
 
 
 def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_server,
