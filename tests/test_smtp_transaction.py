@@ -241,6 +241,21 @@ def test_an_outside_deadline_bounds_connect_and_transaction(smtp_server):
         assert time.monotonic() - started < 1.5
 
 
+@db
+@pytest.mark.parametrize("mode", ["hybrid", "now"])
+def test_in_request_delivery_returns_within_the_time_budget(smtp_server, kipekee_settings,
+                                                            mode):
+    server = smtp_server(faults=Faults(trickle_replies=0.05))
+    kipekee_settings(primary=smtp_provider(server, timeout=2),
+                     _extra={"NOW_TIME_BUDGET": 0.5, "NOW_RETRY_DELAYS": [0.1, 0.1]})
+    started = time.monotonic()
+    receipt = kipekee.send(subject="x", text="x", to=["a@example.com"], mode=mode)
+    assert time.monotonic() - started < 1.5
+    # Left to an engine, as any transient failure is.
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+    assert "deadline" in receipt.error
+
+
 # --- SMTPUTF8 -----------------------------------------------------------------------------
 
 
