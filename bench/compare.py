@@ -109,6 +109,7 @@ class Drain:
     duplicated: int = 0
     unexpected: int = 0
     note: str = ""
+    rtt: bool = False  # the delay is on every reply (a round trip), not on the final dot's
 
     @property
     def rate(self) -> float:
@@ -126,8 +127,9 @@ class Report:
     bars: list[tuple[str, str, str, bool]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def rate(self, system: str, delay_ms: int) -> float:
-        return next(d.rate for d in self.drains if d.system == system and d.delay_ms == delay_ms)
+    def rate(self, system: str, delay_ms: int, rtt: bool = False) -> float:
+        return next(d.rate for d in self.drains
+                    if d.system == system and d.delay_ms == delay_ms and d.rtt == rtt)
 
     def bar(self, name: str, measured: float, needed: str, ok: bool, fmt: str = "{:.2f}×") -> None:
         self.bars.append((name, fmt.format(measured), needed, ok))
@@ -408,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages-20", type=int, default=1000, help="N at 20 ms (1000)")
     parser.add_argument("--messages-0", type=int, default=2000, help="N at 0 ms (2000)")
+    parser.add_argument("--messages-rtt", type=int, default=800,
+                        help="N with every reply 20 ms away (800)")
     parser.add_argument("--connections", type=int, default=4, help="K (4)")
     parser.add_argument("--wide", type=int, default=16, help="Kipekee's wide row (16)")
     parser.add_argument("--batch", type=int, default=10, help="rows a Kipekee sender claims (10)")
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-seconds", type=float, default=40.0)
     parser.add_argument("--mailtrap-messages", type=int, default=10_000)
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["drain", "enqueue", "scale", "rss", "mailtrap"])
+                        choices=["drain", "rtt", "enqueue", "scale", "rss", "mailtrap"])
     parser.add_argument("--output", default=str(ROOT / "bench" / "COMPARISON.md"),
                         help="where the table goes ('-': nowhere)")
     parser.add_argument("--runner", choices=["enqueue"], help=argparse.SUPPRESS)
@@ -447,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     K, wide = args.connections, args.wide
 
     def measure(system: str, delay_ms: int, items: list[Item],
-                run: Callable[[], float | tuple[float, list[str]]], note: str = "") -> Drain:
+                run: Callable[[], float | tuple[float, list[str]]], note: str = "",
+                rtt: bool = False) -> Drain:
         sink.reset()
         result = run()
         seconds, expected = result if isinstance(result, tuple) else (
@@ -455,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.3)  # anything late (a duplicate) lands before the count
         missing, duplicated, unexpected = sink.check(expected)
         drain = Drain(system, delay_ms, len(items), seconds, missing, duplicated, unexpected,
-                      note)
+                      note, rtt)
         report.drains.append(drain)
-        print(f"  {system:<48} {delay_ms:>2} ms  {drain.rate:8.0f} msg/s  "
+        print(f"  {system:<48} {delay_ms:>2} ms{' RTT' if rtt else ''}  {drain.rate:8.0f} msg/s  "
               f"({seconds:.1f} s; missing {missing}, duplicated {duplicated}, "
               f"unexpected {unexpected})", flush=True)
         if not drain.exact:
@@ -532,6 +537,46 @@ def main(argv: list[str] | None = None) -> int:
                          / r("post_office send_queued_mail, default (1×5)", 0))
                 report.bar(f"0 ms: Kipekee {conns} conns (best split) / post_office default",
                            ratio, "≥ 2×", ratio >= 2)
+
+        if "rtt" not in args.skip:
+            # Every reply 20 ms away: the round trips a message costs decide the rate.
+            # smtplib waits for MAIL, RCPT, DATA and the final dot (4 round trips); Kipekee
+            # pipelines the envelope with DATA (2), or falls back to smtplib's 4 when the
+            # server does not offer PIPELINING.
+            n = args.messages_rtt
+            sink.set_delay(0)
+            sink.set_latency(0.02)
+            print(f"drain, {n} messages, every reply 20 ms away (PostgreSQL)", flush=True)
+            try:
+                measure(f"raw smtplib, {K} connections", 20, w := workload(f"rttr{K}", n),
+                        lambda w=w: run_raw_smtplib(w, sink.port, K), rtt=True)
+                for offered in (True, False):
+                    sink.set_pipelining(offered)
+                    attempts = [0]
+
+                    def kip_rtt(w: list[Item], a: list[int] = attempts) -> float:
+                        seconds, a[0] = run_kipekee(w, sink.port, processes=1, concurrency=K,
+                                                    batch=args.batch, log_dir=log_dir)
+                        return seconds
+
+                    d = measure(f"Kipekee kipekee_worker, {K} connections, "
+                                + ("PIPELINING" if offered else "server without PIPELINING"),
+                                20, w := workload(f"rttk{K}{offered:d}", n),
+                                lambda w=w, f=kip_rtt: f(w), rtt=True)
+                    if attempts[0] != n:
+                        report.failures.append(f"{d.system}: {attempts[0]} attempts for {n}")
+            finally:
+                sink.set_pipelining(True)
+                sink.set_latency(0)
+            r = report.rate
+            ratio = r(f"Kipekee kipekee_worker, {K} connections, PIPELINING", 20, True) / r(
+                f"raw smtplib, {K} connections", 20, True)
+            report.bar(f"20 ms RTT: Kipekee {K} conns, pipelined / raw smtplib {K} conns",
+                       ratio, "≥ 1.6×", ratio >= 1.6)
+            ratio = r(f"Kipekee kipekee_worker, {K} connections, PIPELINING", 20, True) / r(
+                f"Kipekee kipekee_worker, {K} connections, server without PIPELINING", 20, True)
+            report.extra.append((f"20 ms RTT, {K} connections: Kipekee pipelined / not "
+                                 "pipelined", f"{ratio:.2f}×"))
 
         if "enqueue" not in args.skip:
             print(f"enqueue, {args.enqueue_calls} calls each, alternating", flush=True)
@@ -672,7 +717,8 @@ def render(report: Report, started_at: datetime, command: str, args: argparse.Na
             name = f"{d.system} ({d.note})" if d.note else d.system
             exact = "yes" if d.exact else (f"**no**: missing {d.missing}, duplicated "
                                            f"{d.duplicated}, unexpected {d.unexpected}")
-            out.append(f"| {name} | {d.delay_ms} ms | {d.messages} | {d.seconds:.2f} | "
+            delay = f"{d.delay_ms} ms RTT" if d.rtt else f"{d.delay_ms} ms"
+            out.append(f"| {name} | {delay} | {d.messages} | {d.seconds:.2f} | "
                        f"{d.rate:,.0f} | {exact} |")
     if report.extra:
         out += ["", "## Other measurements", "", "| | |", "|---|---|"]
