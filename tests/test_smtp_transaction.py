@@ -5,15 +5,20 @@ resumption and the queue id of the DATA reply."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 import time
 from typing import Any
 
 import pytest
 from django.core.mail import EmailMessage
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 import kipekee
 from kipekee import deadlines, outbox
+from kipekee.backends import smtp_client
 from kipekee.backends.smtp import EmailBackend
 from kipekee.delivery import Deliverer
 from kipekee.models import ErrorKind, OutboxEmail, ProviderMessage, Status
@@ -349,3 +354,28 @@ def test_one_connection_per_deliverer_still(smtp_sink, kipekee_settings):
     assert smtp_sink.connections == 1
     assert transaction_groups(smtp_sink) == [("MAIL", "RCPT", "DATA")] * 3
 
+
+
+# --- the content writer ----------------------------------------------------------------
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"x", b"\r\n", b"\n", b".\r\n", b"ab" * 700]),
+                max_size=400))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_content_is_dot_stuffed_in_pieces_as_a_whole(parts):
+    content = b"".join(parts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(smtp_client, "_PIECE", 64)  # many pieces, lines longer than one
+        pieces = list(smtp_client._stuffed(content))
+    assert b"".join(pieces) == re.sub(rb"(?m)^\.", b"..", content)
+    assert all(pieces)
+
+
+def test_a_large_message_with_dot_lines_arrives_byte_for_byte(smtp_sink):
+    # Over the 64 KiB piece size, with lines starting with a dot at piece boundaries.
+    body = "".join(f".line {i}\n" if i % 3 == 0 else f"line {i} " + "y" * 60 + "\n"
+                   for i in range(4000))
+    message = EmailMessage("dots", body, SENDER, ["a@example.com"])
+    with backend_for(smtp_sink) as backend:
+        backend.send_messages([message])
+    assert smtp_sink.wait_for(1)[0].message.get_content() == body
