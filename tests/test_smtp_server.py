@@ -628,16 +628,16 @@ def test_reply_latency_delays_each_reply_but_not_the_server(smtp_sink: LocalSMTP
     smtp_sink.faults.reply_latency = latency
     envelope = (b"MAIL FROM:<" + SENDER.encode() + b">\r\nRCPT TO:<bob@example.test>\r\n"
                 b"DATA\r\n")
+    started = time.monotonic()
     with socket.create_connection((smtp_sink.host, smtp_sink.port), timeout=TIMEOUT) as sock:
         reader = sock.makefile("rb")
-        started = time.monotonic()
         assert reader.readline().startswith(b"220 ")  # the banner is a reply too
         assert time.monotonic() - started >= latency
         sock.sendall(b"EHLO client.test\r\n")
         while reader.readline()[3:4] == b"-":
             pass
-        sock.sendall(envelope)
         started = time.monotonic()
+        sock.sendall(envelope)
         replies = [reader.readline()[:3] for _ in range(3)]
         # Three pipelined commands: one latency for all their replies.
         elapsed = time.monotonic() - started
@@ -648,3 +648,34 @@ def test_reply_latency_delays_each_reply_but_not_the_server(smtp_sink: LocalSMTP
         sock.sendall(b"QUIT\r\n")
         assert reader.readline().startswith(b"221 ")  # delivered before the session ends
     assert len(smtp_sink.wait_for(1)) == 1
+
+
+def test_chunking_bdat_in_chunks_and_refused_without_a_transaction(
+    smtp_server: SMTPServerFactory,
+) -> None:
+    server = smtp_server(chunking=True)
+    with smtplib.SMTP(server.host, server.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("chunking")
+    data = make_message().as_bytes().replace(b"\n", b"\r\n")
+    half = len(data) // 2
+    replies = raw_exchange(
+        server,
+        # Without a transaction the chunk is read all the same, then refused.
+        b"BDAT 5 LAST\r\nhello",
+        b"MAIL FROM:<" + SENDER.encode() + b">\r\nRCPT TO:<bob@example.test>\r\n"
+        + b"BDAT %d\r\n" % half + data[:half] + b"BDAT %d LAST\r\n" % (len(data) - half)
+        + data[half:],
+        replies=5,
+    )
+    assert [r[:3] for r in replies] == [b"503", b"250", b"250", b"250", b"250"]
+    [received] = server.wait_for(1)
+    assert received.data == data and replies[-1].rstrip().endswith(received.queue_id.encode())
+    assert server.command_groups[-1] == ("MAIL", "RCPT", "BDAT", "BDAT")
+
+
+def test_bdat_is_unknown_unless_chunking_is_offered(smtp_sink: LocalSMTPServer) -> None:
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert not client.has_extn("chunking")
+        assert client.docmd("BDAT", "0 LAST")[0] == 500

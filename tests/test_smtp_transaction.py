@@ -39,6 +39,16 @@ def mail(to: list[str], subject: str = "Hello", **kwargs: Any) -> EmailMessage:
                         **kwargs)
 
 
+# The four ways a transaction can cross the wire, by what the server offers.
+WIRES = {
+    "pipelined": {"pipelining": True},
+    "one-by-one": {"pipelining": False},
+    "chunked": {"pipelining": True, "chunking": True},
+    "chunked-one-by-one": {"pipelining": False, "chunking": True},
+}
+wires = pytest.mark.parametrize("wire", WIRES.values(), ids=WIRES.keys())
+
+
 def transaction_groups(server: LocalSMTPServer) -> list[tuple[str, ...]]:
     """The command groups of the server, without the session's opening and closing."""
     return [g for g in server.command_groups if g[0] not in {"EHLO", "HELO", "QUIT", "NOOP",
@@ -70,9 +80,9 @@ def test_without_pipelining_each_command_waits_for_its_reply(smtp_server):
     assert transaction_groups(server) == [("MAIL",), ("RCPT",), ("RCPT",), ("DATA",)]
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
-def test_partial_refusals_are_kept_per_recipient(smtp_server, pipelining):
-    server = smtp_server(pipelining=pipelining, faults=Faults(refuse_recipients={
+@wires
+def test_partial_refusals_are_kept_per_recipient(smtp_server, wire):
+    server = smtp_server(**wire, faults=Faults(refuse_recipients={
         "b@example.com": "550 5.1.1 no such user", "c@example.com": "451 4.2.1 busy"}))
     message = mail(["a@example.com", "b@example.com", "c@example.com", "d@example.com"])
     with backend_for(server) as backend:
@@ -82,10 +92,9 @@ def test_partial_refusals_are_kept_per_recipient(smtp_server, pipelining):
     assert server.wait_for(1)[0].rcpt_tos == ("a@example.com", "d@example.com")
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
-def test_all_refused_raises_recipients_refused_and_the_next_message_goes_through(
-        smtp_server, pipelining):
-    server = smtp_server(pipelining=pipelining, faults=Faults(refuse_recipients={
+@wires
+def test_all_refused_raises_recipients_refused_and_the_next_message_goes_through(smtp_server, wire):
+    server = smtp_server(**wire, faults=Faults(refuse_recipients={
         "x@example.com": "550 5.1.1 no such user", "y@example.com": "450 4.2.1 busy"}))
     with backend_for(server) as backend:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
@@ -97,9 +106,9 @@ def test_all_refused_raises_recipients_refused_and_the_next_message_goes_through
     assert server.connections == 1
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
-def test_refused_sender_raises_and_leaves_no_transaction_open(smtp_server, pipelining):
-    server = smtp_server(pipelining=pipelining,
+@wires
+def test_refused_sender_raises_and_leaves_no_transaction_open(smtp_server, wire):
+    server = smtp_server(**wire,
                          faults=Faults(mail_reply="553 5.7.1 sender not owned by this account"))
     with backend_for(server) as backend:
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
@@ -111,9 +120,9 @@ def test_refused_sender_raises_and_leaves_no_transaction_open(smtp_server, pipel
     assert server.connections == 1
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
-def test_data_refused_after_354_is_an_smtp_data_error(smtp_server, pipelining):
-    server = smtp_server(pipelining=pipelining,
+@wires
+def test_message_refused_at_its_end_is_an_smtp_data_error(smtp_server, wire):
+    server = smtp_server(**wire,
                          faults=Faults(data_replies=["554 5.7.1 rejected as spam"]))
     with backend_for(server) as backend:
         with pytest.raises(smtplib.SMTPDataError) as refused:
@@ -122,6 +131,32 @@ def test_data_refused_after_354_is_an_smtp_data_error(smtp_server, pipelining):
             554, b"5.7.1 rejected as spam")
         assert backend.send_messages([mail(["a@example.com"], "after")]) == 1
     assert [m.subject for m in server.wait_for(1)] == ["after"]
+
+
+def test_with_chunking_a_message_and_its_envelope_go_in_one_write(smtp_server):
+    server = smtp_server(chunking=True)
+    to = ["a@example.com", "b@example.com"]
+    with backend_for(server) as backend:
+        assert backend.send_messages([mail(to, "first"), mail(to, "second")]) == 2
+    first, second = server.wait_for(2)
+    # One round trip a message: BDAT carries the content, no 354 to wait for.
+    assert transaction_groups(server) == [("MAIL", "RCPT", "RCPT", "BDAT")] * 2
+    assert first.rcpt_tos == tuple(to) and first.queue_id
+    # No dot-stuffing with BDAT, and none needed.
+    assert first.message.get_content() == "Hello there.\n.a line that starts with a dot\n"
+
+
+def test_with_chunking_a_large_message_waits_for_its_envelope(smtp_server):
+    # Not sent before the server said yes to the envelope: it may be megabytes.
+    server = smtp_server(chunking=True)
+    message = mail(["a@example.com"], "large")
+    message.attach("data.bin", b"\x00.\n" * 40_000, "application/octet-stream")
+    with backend_for(server) as backend:
+        backend.send_messages([message])
+    [received] = server.wait_for(1)
+    assert [p.get_content() for p in received.message.iter_attachments()] == [
+        b"\x00.\n" * 40_000]
+    assert transaction_groups(server) == [("MAIL", "RCPT"), ("BDAT",)]
 
 
 @db
@@ -152,10 +187,10 @@ def test_recipients_past_the_servers_limit_go_out_in_further_transactions(smtp_s
     assert not OutboxEmail.objects.exclude(pk=receipt.id).exists()  # no follow-up row
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
-def test_a_limit_of_452_without_enhanced_code_is_the_limit_too(smtp_server, pipelining):
+@wires
+def test_a_limit_of_452_without_enhanced_code_is_the_limit_too(smtp_server, wire):
     # RFC 5321 4.5.3.1.10: 452 is the reply to a RCPT past the limit; no enhanced code.
-    server = smtp_server(pipelining=pipelining, max_recipients=2)
+    server = smtp_server(**wire, max_recipients=2)
     message = mail([f"u{i}@example.com" for i in range(5)])
     with backend_for(server) as backend:
         assert backend.send_messages([message]) == 1
@@ -280,10 +315,10 @@ def test_an_ascii_message_does_not_ask_for_smtputf8(smtp_sink):
     assert "SMTPUTF8" not in smtp_sink.wait_for(1)[0].mail_options
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
+@wires
 def test_without_smtputf8_a_non_ascii_local_part_is_refused_before_mail_from(smtp_server,
-                                                                            pipelining):
-    server = smtp_server(smtputf8=False, pipelining=pipelining)
+                                                                            wire):
+    server = smtp_server(smtputf8=False, **wire)
     with backend_for(server) as backend:
         with pytest.raises(ValueError, match="SMTPUTF8"):
             backend.send_messages([mail(["jörg@example.com"])])

@@ -6,7 +6,10 @@ What it changes, and why:
 
 - **PIPELINING** (RFC 2920), when the server offers it: ``MAIL FROM``, every ``RCPT TO``
   and ``DATA`` go in one write and their replies are read together; then the content and
-  its reply. smtplib waits for each reply (five round trips with the content).
+  its reply. smtplib waits for each reply (four round trips with the content).
+- **CHUNKING** (RFC 3030), when offered: ``BDAT`` instead of ``DATA`` (no dot-stuffing,
+  no 354 to wait for); with PIPELINING, a message of up to 64 KiB goes with its envelope
+  in one write, one round trip in all.
 - **The recipient limit of a transaction** (RFC 5321 4.5.3.1.10): recipients refused with
   ``452`` (or ``452``/``552`` with enhanced code ``x.5.3``, "too many recipients") go out
   in further transactions on the same connection, as long as each one delivers to some.
@@ -42,7 +45,7 @@ import ssl
 import threading
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import deadlines
 
@@ -432,8 +435,16 @@ class SMTP(smtplib.SMTP):
                 self._debug("send:", repr(command))
         self._write(b"".join(commands))
 
+    def _final_wait(self, size: int) -> float | None:
+        """The inactivity timeout for the reply to the end of a message of ``size`` bytes:
+        also the time a slow server needs for what the socket buffers may still hold."""
+        idle = self._inactivity()
+        if idle is None:
+            return None
+        return min(idle + size / _SLOWEST_READER, max(idle, _DATA_TERMINATION))
+
     def _send_content(self, content: bytes) -> tuple[int, bytes]:
-        """Send the message content and its final dot; return the reply to it."""
+        """After DATA's 354: the content and its final dot; the reply to them."""
         end = (b"" if content.endswith(_CRLF) else _CRLF) + b"." + _CRLF
         if len(content) <= _PIECE:  # one write (one TCP segment) for most messages
             self._write(b"".join(_stuffed(content)) + end)
@@ -441,10 +452,15 @@ class SMTP(smtplib.SMTP):
             for piece in _stuffed(content):
                 self._write(piece)
             self._write(end)
-        idle = self._inactivity()
-        if idle is not None:
-            idle = min(idle + len(content) / _SLOWEST_READER, max(idle, _DATA_TERMINATION))
-        return self._reply(idle)
+        return self._reply(self._final_wait(len(content)))
+
+    def _send_chunk(self, content: bytes) -> tuple[int, bytes]:
+        """CHUNKING (RFC 3030): ``BDAT <size> LAST`` and the content as it is (no
+        dot-stuffing); the reply to them."""
+        self._write(_bdat(content))
+        for start in range(0, len(content), _PIECE):
+            self._write(content[start: start + _PIECE])
+        return self._reply(self._final_wait(len(content)))
 
     def _reset(self) -> None:
         """RSET after a failed transaction; a connection that fails it is closed."""
@@ -536,23 +552,30 @@ class SMTP(smtplib.SMTP):
         mail = _command(f"MAIL FROM:{smtplib.quoteaddr(from_addr)}", options, encoding)
         rcpts = [_command(f"RCPT TO:{smtplib.quoteaddr(address)}{rcpt_tail}", (), encoding)
                  for address in to_addrs]
+        if not content.endswith(_CRLF):
+            content += _CRLF  # as DATA's final dot needs; the same for BDAT
+        chunking = self.has_extn("chunking")
         if self.has_extn("pipelining"):
-            return self._pipelined(from_addr, list(to_addrs), mail, rcpts, content)
-        return self._one_by_one(from_addr, list(to_addrs), mail, rcpts, content)
+            return self._pipelined(from_addr, list(to_addrs), mail, rcpts, content, chunking)
+        return self._one_by_one(from_addr, list(to_addrs), mail, rcpts, content, chunking)
 
     def _pipelined(self, from_addr: str, to_addrs: list[str], mail: bytes, rcpts: list[bytes],
-                   content: bytes) -> Transaction:
+                   content: bytes, chunking: bool) -> Transaction:
         accepted: list[str] = []
         refused: dict[str, tuple[int, bytes]] = {}
         sender_reply: tuple[int, bytes] | None = None
-        data_reply: tuple[int, bytes] | None = None
+        # What ends the envelope's last group: DATA; or with CHUNKING, BDAT and the whole
+        # content of a small message (one round trip for all), RFC 3030 section 4.2.
+        ending = ([b"DATA\r\n"] if not chunking
+                  else [_bdat(content), content] if len(content) <= _PIECE else [])
+        end_reply: tuple[int, bytes] | None = None
         full = False
         next_rcpt = 0
         while next_rcpt < len(rcpts) and not full:
             group = rcpts[next_rcpt: next_rcpt + _GROUP - 1]
             first = next_rcpt == 0
             last = next_rcpt + len(group) == len(rcpts)
-            self._send_group(([mail] if first else []) + group + ([b"DATA\r\n"] if last else []))
+            self._send_group(([mail] if first else []) + group + (ending if last else []))
             if first:
                 sender_reply = self._reply()
                 if sender_reply[0] == 421:
@@ -569,13 +592,13 @@ class SMTP(smtplib.SMTP):
                     raise smtplib.SMTPRecipientsRefused(refused)
                 full = full or is_recipient_limit(code, text)
             next_rcpt += len(group)
-            if last:
-                data_reply = self._reply()
+            if last and ending:
+                end_reply = self._reply(self._final_wait(len(content)) if chunking else None)
             assert sender_reply is not None
             if sender_reply[0] != 250:
                 break  # no transaction: offer no more recipients
         assert sender_reply is not None
-        if data_reply is not None and data_reply[0] == 354 and (
+        if not chunking and end_reply is not None and end_reply[0] == 354 and (
                 sender_reply[0] != 250 or not accepted):
             # A server that said 354 to a DATA it should have refused: end it empty.
             self._send_group([b".\r\n"])
@@ -586,13 +609,19 @@ class SMTP(smtplib.SMTP):
         if not accepted:
             self._reset()
             raise smtplib.SMTPRecipientsRefused(refused)
-        if data_reply is None:  # not pipelined: the server's limit cut the recipients
+        unsent = to_addrs[next_rcpt:]
+        if chunking:
+            # Not sent with the envelope: a large message (not sent before the envelope is
+            # known to be accepted), or recipients cut by the server's limit.
+            reply = end_reply if end_reply is not None else self._send_chunk(content)
+            return self._accepted(unsent, accepted, refused, reply)
+        if end_reply is None:  # the server's limit cut the recipients before DATA was sent
             self._send_group([b"DATA\r\n"])
-            data_reply = self._reply()
-        return self._content(to_addrs[next_rcpt:], accepted, refused, data_reply, content)
+            end_reply = self._reply()
+        return self._content(unsent, accepted, refused, end_reply, content)
 
     def _one_by_one(self, from_addr: str, to_addrs: list[str], mail: bytes,
-                    rcpts: list[bytes], content: bytes) -> Transaction:
+                    rcpts: list[bytes], content: bytes, chunking: bool) -> Transaction:
         self._send_group([mail])
         code, text = self._reply()
         if code != 250:
@@ -620,27 +649,34 @@ class SMTP(smtplib.SMTP):
         if not accepted:
             self._reset()
             raise smtplib.SMTPRecipientsRefused(refused)
+        if chunking:
+            return self._accepted(to_addrs[offered:], accepted, refused,
+                                  self._send_chunk(content))
         self._send_group([b"DATA\r\n"])
         return self._content(to_addrs[offered:], accepted, refused, self._reply(), content)
 
     def _content(self, unsent: list[str], accepted: list[str],
                  refused: dict[str, tuple[int, bytes]], data_reply: tuple[int, bytes],
                  content: bytes) -> Transaction:
-        code, text = data_reply
-        if code != 354:
-            if code == 421:
-                self.close()
-            else:
-                self._reset()
-            raise smtplib.SMTPDataError(code, text)
-        code, text = self._send_content(content)
-        if code != 250:
-            if code == 421:
-                self.close()
-            else:
-                self._reset()
-            raise smtplib.SMTPDataError(code, text)
-        return Transaction(accepted=accepted, refused=refused, unsent=unsent, reply=(code, text))
+        """After DATA: the content, if the server said 354."""
+        if data_reply[0] != 354:
+            self._refused_content(data_reply)
+        return self._accepted(unsent, accepted, refused, self._send_content(content))
+
+    def _accepted(self, unsent: list[str], accepted: list[str],
+                  refused: dict[str, tuple[int, bytes]], reply: tuple[int, bytes],
+                  ) -> Transaction:
+        """The transaction, if the server took the message (``reply`` to its end)."""
+        if reply[0] != 250:
+            self._refused_content(reply)
+        return Transaction(accepted=accepted, refused=refused, unsent=unsent, reply=reply)
+
+    def _refused_content(self, reply: tuple[int, bytes]) -> NoReturn:
+        if reply[0] == 421:
+            self.close()
+        else:
+            self._reset()
+        raise smtplib.SMTPDataError(*reply)
 
 
 class SMTP_SSL(SMTP):  # noqa: N801 - smtplib's name
@@ -659,6 +695,10 @@ class SMTP_SSL(SMTP):  # noqa: N801 - smtplib's name
 
     def _get_socket(self, host: str, port: int, timeout: Any) -> socket.socket:
         return self._wrap(super()._get_socket(host, port, timeout), self.context)
+
+
+def _bdat(content: bytes) -> bytes:
+    return b"BDAT %d LAST\r\n" % len(content)
 
 
 def _command(line: str, options: Sequence[str], encoding: str) -> bytes:

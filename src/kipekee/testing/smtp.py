@@ -11,8 +11,8 @@ Install with the ``kipekee[testing]`` extra (it needs ``aiosmtpd``)::
 
 The server speaks real SMTP over real sockets (aiosmtpd) in a background thread, so the
 code under test runs its own, unmodified ``smtplib`` client against it. Plain, STARTTLS
-and implicit TLS, AUTH PLAIN/LOGIN, PIPELINING (RFC 2920), SMTPUTF8 (RFC 6531), a
-per-transaction recipient limit, a queue id in each DATA reply, and the faults of
+and implicit TLS, AUTH PLAIN/LOGIN, PIPELINING (RFC 2920), CHUNKING (RFC 3030), SMTPUTF8
+(RFC 6531), a per-transaction recipient limit, a queue id in each DATA reply, and the faults of
 :class:`Faults` (busy banner, refused sender or recipients, temporary DATA failures, a
 connection dropped mid-message, stalls, trickled replies, slow reads, network latency)
 can be switched on per server and changed while it runs. :attr:`LocalSMTPServer.command_groups`
@@ -235,6 +235,11 @@ class _PacedReader:
         await self._pace(len(data))
         return data
 
+    async def readexactly(self, n: int) -> bytes:
+        data = await self._reader.readexactly(n)
+        await self._pace(len(data))
+        return data
+
     async def _pace(self, size: int) -> None:
         rate = self._faults().read_rate
         if rate <= 0:
@@ -253,6 +258,7 @@ class _SessionProtocol(SMTP):
 
     def __init__(self, owner: LocalSMTPServer, **kwargs: Any) -> None:
         self._owner = owner
+        self._chunks: list[bytes] = []  # BDAT chunks of the current transaction
         super().__init__(_Handler(owner), **kwargs)
         self.tls_resumed = False
         # Pipelining, as the server sees it: the commands that were already waiting
@@ -273,6 +279,11 @@ class _SessionProtocol(SMTP):
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
+
+    def _set_post_data_state(self) -> None:
+        # A new transaction (after a message, RSET, EHLO) starts without BDAT chunks.
+        super()._set_post_data_state()
+        self._chunks = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # aiosmtpd calls this again after STARTTLS with the TLS transport; only the
@@ -419,6 +430,53 @@ class _SessionProtocol(SMTP):
         self.abort()
 
 
+    @syntax("BDAT <size> [LAST]")
+    async def smtp_BDAT(self, arg: str) -> None:
+        # CHUNKING (RFC 3030), which aiosmtpd lacks: the message in chunks of a stated
+        # size, no dot-stuffing. A chunk is always read, even when the transaction is
+        # refused: the client may have pipelined it.
+        if not self._owner.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        words = (arg or "").split()
+        if not words or not words[0].isdigit() or len(words) > 2 or (
+                len(words) == 2 and words[1].upper() != "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        size, last = int(words[0]), len(words) == 2
+        try:
+            chunk = await self._reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            return  # the client went away in the middle of the chunk
+        # What follows the chunk, already here, was pipelined behind this command.
+        self._group_left = _complete_lines(self._reader)
+        if self._owner.faults.drop_mid_data:
+            self.abort()
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if envelope.mail_from is None or not envelope.rcpt_tos:
+            self._set_post_data_state()
+            await self.push("554 5.5.1 Error: no valid recipients" if envelope.mail_from
+                            else "503 5.5.1 Error: need MAIL command")
+            return
+        self._chunks.append(chunk)
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        content = b"".join(self._chunks)
+        limit = self.data_size_limit
+        if limit and len(content) > limit:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: message too big")
+            return
+        envelope.original_content = content
+        envelope.content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+
 class _Handler:
     """aiosmtpd handler hooks: recording, the per-command faults, AUTH advertising."""
 
@@ -448,6 +506,8 @@ class _Handler:
             # aiosmtpd reads commands one by one from a buffer, so it honours pipelined
             # commands as they are; it only does not say so.
             responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        if owner.chunking:
+            responses = [*responses[:-1], "250-CHUNKING", responses[-1]]
         return responses
 
     async def handle_MAIL(
@@ -548,8 +608,10 @@ class LocalSMTPServer:
     commands correctly, as real servers do. ``smtputf8``: offer SMTPUTF8 (RFC 6531) and
     accept UTF-8 in commands; without it a non-ASCII command is answered ``500``.
     ``max_recipients``: recipients accepted per transaction; each ``RCPT TO`` past it is
-    answered ``452 4.5.3`` (RFC 5321 4.5.3.1.10). These three are read when used (at EHLO,
-    at connection, at each RCPT), so a test may change them between sessions.
+    answered ``452 4.5.3`` (RFC 5321 4.5.3.1.10). ``chunking``: offer CHUNKING (RFC 3030,
+    ``BDAT``; off by default, as aiosmtpd has none: the server implements it). These are
+    read when used (at EHLO, at connection, at each command), so a test may change them
+    between sessions.
 
     ``on_message`` is called, in the server's thread, with each accepted message before
     it is added to :attr:`messages`; if it raises, the client gets a ``500`` reply and
@@ -572,6 +634,7 @@ class LocalSMTPServer:
         pipelining: bool = True,
         smtputf8: bool = True,
         max_recipients: int | None = None,
+        chunking: bool = False,
     ) -> None:
         if tls not in ("none", "starttls", "ssl"):
             raise ValueError(f"tls must be 'none', 'starttls' or 'ssl', not {tls!r}")
@@ -592,6 +655,7 @@ class LocalSMTPServer:
         self.pipelining = pipelining
         self.smtputf8 = smtputf8
         self.max_recipients = max_recipients
+        self.chunking = chunking
         self.messages: list[ReceivedMessage] = []
         self._groups: list[list[str]] = []
 
