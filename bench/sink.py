@@ -10,7 +10,8 @@ Or, with :meth:`Sink.set_latency`, every reply (banner included) reaches the cli
 ``latency`` seconds after the server wrote it, without holding the server up
 (``Faults.reply_latency``): a provider one round trip away, where a client pays for each
 reply it waits for, and pipelined commands share one. :meth:`Sink.set_pipelining` turns
-the PIPELINING advertisement (on by default) off and on.
+the PIPELINING advertisement (on by default) off and on, :meth:`Sink.set_chunking`
+CHUNKING (BDAT; off by default).
 
 Run in its own process so that its event loop does not compete for the interpreter lock
 of the process being measured. Controlled over a ``multiprocessing`` pipe by
@@ -61,6 +62,9 @@ def _serve(conn: Connection, delay: float) -> None:
             elif command == "pipelining":
                 server.pipelining = bool(args[0])
                 conn.send(None)
+            elif command == "chunking":
+                server.chunking = bool(args[0])
+                conn.send(None)
             elif command == "reset":
                 with lock:
                     counts.clear()
@@ -98,6 +102,9 @@ class Sink:
 
     def set_pipelining(self, offered: bool) -> None:
         self._ask("pipelining", offered)
+
+    def set_chunking(self, offered: bool) -> None:
+        self._ask("chunking", offered)
 
     def reset(self) -> None:
         self._ask("reset")
