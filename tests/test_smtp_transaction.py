@@ -187,6 +187,18 @@ def test_recipients_past_the_servers_limit_go_out_in_further_transactions(smtp_s
     assert not OutboxEmail.objects.exclude(pk=receipt.id).exists()  # no follow-up row
 
 
+@pytest.mark.parametrize("limit", [None, 2])
+def test_an_address_named_twice_is_a_recipient_once(smtp_server, limit):
+    server = smtp_server(max_recipients=limit)
+    message = mail(["a@example.com", "b@example.com"], cc=["a@example.com"],
+                   bcc=["c@example.com", "b@example.com"])
+    with backend_for(server) as backend:
+        assert backend.send_messages([message]) == 1
+    received = server.wait_for(1 if limit is None else 2)
+    assert sorted(r for m in received for r in m.rcpt_tos) == [
+        "a@example.com", "b@example.com", "c@example.com"]
+
+
 @wires
 def test_a_limit_of_452_without_enhanced_code_is_the_limit_too(smtp_server, wire):
     # RFC 5321 4.5.3.1.10: 452 is the reply to a RCPT past the limit; no enhanced code.

@@ -503,7 +503,9 @@ class SMTP(smtplib.SMTP):
         limit and has delivered to at least one recipient, so this ends.
         """
         delivery = Delivery()
-        pending = list(to_addrs)
+        # Each address once: a transaction would name it twice (some servers then deliver
+        # twice), and a second round must not resend to one that has the message.
+        pending = list(dict.fromkeys(to_addrs))
         while pending:
             try:
                 done = self.transaction(from_addr, pending, content, mail_options, rcpt_options)
@@ -541,6 +543,8 @@ class SMTP(smtplib.SMTP):
         ``UnicodeEncodeError`` with nothing sent.
         """
         self.ehlo_or_helo_if_needed()
+        if not content.endswith(_CRLF):
+            content += _CRLF  # as DATA's final dot needs; the same for BDAT
         options = list(mail_options) if self.does_esmtp else []
         if self.does_esmtp and self.has_extn("size"):
             options.insert(0, f"SIZE={len(content)}")
@@ -552,8 +556,6 @@ class SMTP(smtplib.SMTP):
         mail = _command(f"MAIL FROM:{smtplib.quoteaddr(from_addr)}", options, encoding)
         rcpts = [_command(f"RCPT TO:{smtplib.quoteaddr(address)}{rcpt_tail}", (), encoding)
                  for address in to_addrs]
-        if not content.endswith(_CRLF):
-            content += _CRLF  # as DATA's final dot needs; the same for BDAT
         chunking = self.has_extn("chunking")
         if self.has_extn("pipelining"):
             return self._pipelined(from_addr, list(to_addrs), mail, rcpts, content, chunking)
