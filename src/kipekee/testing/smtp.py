@@ -265,9 +265,8 @@ class _SessionProtocol(SMTP):
         # when the server began on the first of them (see LocalSMTPServer.command_groups).
         self._group: list[str] = []
         self._group_left = 0
-        self._smtp_methods = {
-            verb: self._grouped(verb, method) for verb, method in self._smtp_methods.items()
-        }
+        methods: dict[str, Any] = vars(self)["_smtp_methods"]  # aiosmtpd: verb -> handler
+        self._smtp_methods = {verb: self._grouped(verb, method) for verb, method in methods.items()}
         # Replies in flight under Faults.reply_latency: (due time, bytes), in order.
         self._in_flight: collections.deque[tuple[float, bytes]] = collections.deque()
         self._in_flight_task: asyncio.Task[None] | None = None
