@@ -130,6 +130,8 @@ class KipekeeSettings:
     retention: RetentionConfig = RetentionConfig()
     check: CheckConfig = CheckConfig()
     metrics: bool = False
+    # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
+    max_message_size: int | None = 25_000_000
 
     def provider(self, alias: str) -> ProviderConfig:
         for p in self.providers:
@@ -156,6 +158,7 @@ _KNOWN_KEYS = {
     "RETENTION",
     "CHECK",
     "METRICS",
+    "MAX_MESSAGE_SIZE",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -291,8 +294,21 @@ def parse(raw: Any) -> KipekeeSettings:
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
         webhook_secrets=tuple(secrets),
+        max_message_size=_max_message_size(raw),
         **_parse_operations(raw),
     )
+
+
+def _max_message_size(raw: dict[str, Any]) -> int | None:
+    """``MAX_MESSAGE_SIZE``: 25 MB by default, on the wire. Mailgun takes 25 MB, SendGrid
+    30, Gmail and Microsoft 365 about 35, SES 40; Postmark 10 and a default Postfix
+    (10,240,000 bytes) take less: set it to your smallest provider's."""
+    value = raw.get("MAX_MESSAGE_SIZE", 25_000_000)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(
+            f'KIPEKEE["MAX_MESSAGE_SIZE"] must be a number of bytes (an int >= 1) or None '
+            f"(no cap), not {value!r}.")
+    return value
 
 
 #: What Django 6.1 uses for a MAILERS entry without "BACKEND".

@@ -42,7 +42,7 @@ from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.utils.encoding import punycode
 from django.utils.functional import cached_property
 
-from .. import deadlines
+from .. import deadlines, wire
 from ..exceptions import ConfigurationError
 from ..message import is_plain_addr_spec
 from .smtp_client import SMTP, SMTP_SSL
@@ -56,17 +56,17 @@ DEFAULT_EXCHANGE_TIME_LIMIT = 600.0
 
 
 def _wire_bytes(email_message: EmailMessage, *, utf8: bool = False) -> bytes:
-    """The message as bytes with CRLF line ends, as each Django version builds it.
+    """The message as bytes with CRLF line ends, as each Django version builds it, with
+    large attachments encoded once (:mod:`kipekee.wire`).
 
     ``utf8``: for a server that took ``SMTPUTF8``, headers in UTF-8 (RFC 6532) where
-    Django's modern message allows (6.0 and later); Django 5.2 encodes its headers as
-    it builds them, so they stay as they are.
+    Django's modern message allows (6.0 and later), built by Django whole; Django 5.2
+    encodes its headers as it builds them, so they stay as they are.
     """
-    if django.VERSION >= (6, 0):
-        # Django 6 builds a modern email.message.EmailMessage under a policy.
-        policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
-        return email_message.message(policy=policy).as_bytes()  # type: ignore[call-arg]
-    return email_message.message().as_bytes(linesep="\r\n")
+    if utf8 and django.VERSION >= (6, 0):
+        return email_message.message(  # type: ignore[call-arg,no-any-return]
+            policy=email.policy.SMTPUTF8).as_bytes()
+    return wire.message_bytes(email_message)
 
 
 @functools.lru_cache(maxsize=32)
