@@ -52,7 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SETTINGS = "bench.compare_settings"
 FROM = "Tours <desk@tours.example>"
-PG_DB = "kipekee_bench_compare"
+# Its own database, so that runs from different checkouts (each migrating it to its own
+# schema) do not meet: KIPEKEE_BENCH_PG_NAME names another one.
+PG_DB = os.environ.setdefault("KIPEKEE_BENCH_PG_NAME", "kipekee_bench_compare")
 
 
 # --- the workload -------------------------------------------------------------------
@@ -109,6 +111,7 @@ class Drain:
     duplicated: int = 0
     unexpected: int = 0
     note: str = ""
+    rtt: bool = False  # the delay is on every reply (a round trip), not on the final dot's
 
     @property
     def rate(self) -> float:
@@ -126,8 +129,9 @@ class Report:
     bars: list[tuple[str, str, str, bool]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def rate(self, system: str, delay_ms: int) -> float:
-        return next(d.rate for d in self.drains if d.system == system and d.delay_ms == delay_ms)
+    def rate(self, system: str, delay_ms: int, rtt: bool = False) -> float:
+        return next(d.rate for d in self.drains
+                    if d.system == system and d.delay_ms == delay_ms and d.rtt == rtt)
 
     def bar(self, name: str, measured: float, needed: str, ok: bool, fmt: str = "{:.2f}×") -> None:
         self.bars.append((name, fmt.format(measured), needed, ok))
@@ -408,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages-20", type=int, default=1000, help="N at 20 ms (1000)")
     parser.add_argument("--messages-0", type=int, default=2000, help="N at 0 ms (2000)")
+    parser.add_argument("--messages-rtt", type=int, default=400,
+                        help="N per row with every reply 20 ms away (400)")
+    parser.add_argument("--rtt-rounds", type=int, default=3,
+                        help="rounds of the round-trip rows (3)")
     parser.add_argument("--connections", type=int, default=4, help="K (4)")
     parser.add_argument("--wide", type=int, default=16, help="Kipekee's wide row (16)")
     parser.add_argument("--batch", type=int, default=10, help="rows a Kipekee sender claims (10)")
@@ -419,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-seconds", type=float, default=40.0)
     parser.add_argument("--mailtrap-messages", type=int, default=10_000)
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["drain", "enqueue", "scale", "rss", "mailtrap"])
+                        choices=["drain", "rtt", "enqueue", "scale", "rss", "mailtrap"])
     parser.add_argument("--output", default=str(ROOT / "bench" / "COMPARISON.md"),
                         help="where the table goes ('-': nowhere)")
     parser.add_argument("--runner", choices=["enqueue"], help=argparse.SUPPRESS)
@@ -447,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     K, wide = args.connections, args.wide
 
     def measure(system: str, delay_ms: int, items: list[Item],
-                run: Callable[[], float | tuple[float, list[str]]], note: str = "") -> Drain:
+                run: Callable[[], float | tuple[float, list[str]]], note: str = "",
+                rtt: bool = False) -> Drain:
         sink.reset()
         result = run()
         seconds, expected = result if isinstance(result, tuple) else (
@@ -455,9 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.3)  # anything late (a duplicate) lands before the count
         missing, duplicated, unexpected = sink.check(expected)
         drain = Drain(system, delay_ms, len(items), seconds, missing, duplicated, unexpected,
-                      note)
+                      note, rtt)
         report.drains.append(drain)
-        print(f"  {system:<48} {delay_ms:>2} ms  {drain.rate:8.0f} msg/s  "
+        print(f"  {system:<48} {delay_ms:>2} ms{' RTT' if rtt else ''}  {drain.rate:8.0f} msg/s  "
               f"({seconds:.1f} s; missing {missing}, duplicated {duplicated}, "
               f"unexpected {unexpected})", flush=True)
         if not drain.exact:
@@ -532,6 +541,60 @@ def main(argv: list[str] | None = None) -> int:
                          / r("post_office send_queued_mail, default (1×5)", 0))
                 report.bar(f"0 ms: Kipekee {conns} conns (best split) / post_office default",
                            ratio, "≥ 2×", ratio >= 2)
+
+        if "rtt" not in args.skip:
+            # Every reply 20 ms away: the round trips a message costs decide the rate.
+            # smtplib waits for MAIL, RCPT, DATA and the final dot (4 round trips); Kipekee
+            # pipelines the envelope with DATA (2), falls back to smtplib's 4 when the
+            # server does not offer PIPELINING, and sends a small message with its
+            # envelope when it also offers CHUNKING (1). The rows take turns, round after
+            # round, and each ratio is taken within a round: on a shared machine the load
+            # moves more between minutes than between neighbouring rows.
+            n, rounds = args.messages_rtt, args.rtt_rounds
+            kinds = (("PIPELINING", True, False), ("server without PIPELINING", False, False),
+                     ("PIPELINING and CHUNKING", True, True))
+            ratios: dict[str, list[float]] = {label: [] for label, _, _ in kinds}
+            sink.set_delay(0)
+            sink.set_latency(0.02)
+            print(f"drain, {n} messages, every reply 20 ms away, {rounds} rounds (PostgreSQL)",
+                  flush=True)
+            try:
+                for round_ in range(1, rounds + 1):
+                    sink.set_pipelining(True)
+                    sink.set_chunking(False)
+                    raw = measure(f"raw smtplib, {K} connections", 20,
+                                  w := workload(f"rtt{round_}r{K}", n),
+                                  lambda w=w: run_raw_smtplib(w, sink.port, K), rtt=True,
+                                  note=f"round {round_}")
+                    for label, pipelining, chunking in kinds:
+                        sink.set_pipelining(pipelining)
+                        sink.set_chunking(chunking)
+                        attempts = [0]
+
+                        def kip_rtt(w: list[Item], a: list[int] = attempts) -> float:
+                            seconds, a[0] = run_kipekee(w, sink.port, processes=1,
+                                                        concurrency=K, batch=args.batch,
+                                                        log_dir=log_dir)
+                            return seconds
+
+                        d = measure(f"Kipekee kipekee_worker, {K} connections, {label}", 20,
+                                    w := workload(f"rtt{round_}k{pipelining:d}{chunking:d}", n),
+                                    lambda w=w, f=kip_rtt: f(w), rtt=True,
+                                    note=f"round {round_}")
+                        ratios[label].append(d.rate / raw.rate)
+                        if attempts[0] != n:
+                            report.failures.append(f"{d.system}: {attempts[0]} attempts for {n}")
+            finally:
+                sink.set_pipelining(True)
+                sink.set_chunking(False)
+                sink.set_latency(0)
+            for label, values in ratios.items():
+                report.extra.append((f"20 ms RTT, {K} connections: Kipekee ({label}) / raw "
+                                     "smtplib, per round",
+                                     ", ".join(f"{v:.2f}×" for v in values)))
+            ratio = statistics.median(ratios["PIPELINING"])
+            report.bar(f"20 ms RTT: Kipekee {K} conns, pipelined / raw smtplib {K} conns "
+                       f"(median of {rounds} rounds)", ratio, "≥ 1.6×", ratio >= 1.6)
 
         if "enqueue" not in args.skip:
             print(f"enqueue, {args.enqueue_calls} calls each, alternating", flush=True)
@@ -672,7 +735,8 @@ def render(report: Report, started_at: datetime, command: str, args: argparse.Na
             name = f"{d.system} ({d.note})" if d.note else d.system
             exact = "yes" if d.exact else (f"**no**: missing {d.missing}, duplicated "
                                            f"{d.duplicated}, unexpected {d.unexpected}")
-            out.append(f"| {name} | {d.delay_ms} ms | {d.messages} | {d.seconds:.2f} | "
+            delay = f"{d.delay_ms} ms RTT" if d.rtt else f"{d.delay_ms} ms"
+            out.append(f"| {name} | {delay} | {d.messages} | {d.seconds:.2f} | "
                        f"{d.rate:,.0f} | {exact} |")
     if report.extra:
         out += ["", "## Other measurements", "", "| | |", "|---|---|"]

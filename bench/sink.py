@@ -6,6 +6,13 @@ message arrived exactly once. The reply to the final dot of each message waits
 ``delay`` seconds (``Faults.stall_before_data_reply``): one provider round trip per
 message. Banner, EHLO, MAIL and RCPT are answered at once (the server sets ``TCP_NODELAY``).
 
+Or, with :meth:`Sink.set_latency`, every reply (banner included) reaches the client
+``latency`` seconds after the server wrote it, without holding the server up
+(``Faults.reply_latency``): a provider one round trip away, where a client pays for each
+reply it waits for, and pipelined commands share one. :meth:`Sink.set_pipelining` turns
+the PIPELINING advertisement (on by default) off and on, :meth:`Sink.set_chunking`
+CHUNKING (BDAT; off by default).
+
 Run in its own process so that its event loop does not compete for the interpreter lock
 of the process being measured. Controlled over a ``multiprocessing`` pipe by
 :class:`Sink`.
@@ -49,6 +56,15 @@ def _serve(conn: Connection, delay: float) -> None:
             if command == "delay":
                 server.faults.stall_before_data_reply = float(args[0])
                 conn.send(None)
+            elif command == "latency":
+                server.faults.reply_latency = float(args[0])
+                conn.send(None)
+            elif command == "pipelining":
+                server.pipelining = bool(args[0])
+                conn.send(None)
+            elif command == "chunking":
+                server.chunking = bool(args[0])
+                conn.send(None)
             elif command == "reset":
                 with lock:
                     counts.clear()
@@ -80,6 +96,15 @@ class Sink:
 
     def set_delay(self, seconds: float) -> None:
         self._ask("delay", seconds)
+
+    def set_latency(self, seconds: float) -> None:
+        self._ask("latency", seconds)
+
+    def set_pipelining(self, offered: bool) -> None:
+        self._ask("pipelining", offered)
+
+    def set_chunking(self, offered: bool) -> None:
+        self._ask("chunking", offered)
 
     def reset(self) -> None:
         self._ask("reset")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -97,6 +98,21 @@ def test_provider_checks_fail_for_real(smtp_server, smtp_ca_file, kipekee_settin
     assert rows["provider down"][0] == "fail"
     assert rows["provider down"][1].startswith("transient: ConnectionRefusedError")
     assert auth.messages == []
+
+
+def test_provider_probe_is_bounded_by_the_provider_timeout(smtp_server, kipekee_settings):
+    # A server that answers, a byte every 50 ms: each read is within any timeout, but the
+    # banner and EHLO alone take seconds. PROVIDER_TIMEOUT bounds the whole probe.
+    from kipekee.testing import Faults
+
+    server = smtp_server(faults=Faults(trickle_replies=0.05))
+    kipekee_settings(slow=smtp_provider(server, timeout=5),
+                     _extra={"CHECK": {"PROVIDER_TIMEOUT": 0.5}})
+    started = time.monotonic()
+    rows, passed = check()
+    assert time.monotonic() - started < 2
+    assert not passed and rows["provider slow"][0] == "fail"
+    assert "deadline" in rows["provider slow"][1]
 
 
 def test_no_provider_fails(kipekee_settings):

@@ -513,3 +513,169 @@ def test_constructor_rejects_inconsistent_tls_options() -> None:
         LocalSMTPServer(tls="starttls")
     with pytest.raises(ValueError, match="require_starttls"):
         LocalSMTPServer(require_starttls=True)
+
+
+# -- PIPELINING, limits, SMTPUTF8, queue ids, slow links --------------------------------------
+
+
+def raw_exchange(server: LocalSMTPServer, *writes: bytes, replies: int) -> list[bytes]:
+    """Open a session, EHLO, then write each of ``writes`` at once (no waiting between
+    them) and read ``replies`` reply lines; return them."""
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        for data in writes:
+            sock.sendall(data)
+        return [reader.readline() for _ in range(replies)]
+
+
+def test_pipelining_is_advertised_and_pipelined_commands_are_answered_in_order(
+    smtp_sink: LocalSMTPServer,
+) -> None:
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("pipelining")
+    envelope = (b"MAIL FROM:<" + SENDER.encode() + b">\r\nRCPT TO:<bob@example.test>\r\n"
+                b"RCPT TO:<carol@example.test>\r\nDATA\r\n")
+    replies = raw_exchange(smtp_sink, envelope, replies=4)
+    assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354"]
+    assert smtp_sink.command_groups[-1] == ("MAIL", "RCPT", "RCPT", "DATA")
+
+
+def test_command_groups_show_a_client_that_waits_for_each_reply(smtp_sink: LocalSMTPServer) -> None:
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.sendmail(SENDER, ["bob@example.test", "carol@example.test"],
+                        make_message().as_bytes())
+    assert smtp_sink.command_groups == [("EHLO",), ("MAIL",), ("RCPT",), ("RCPT",), ("DATA",),
+                                        ("QUIT",)]
+    smtp_sink.clear()
+    assert smtp_sink.command_groups == []
+
+
+def test_pipelining_can_be_switched_off(smtp_server: SMTPServerFactory) -> None:
+    server = smtp_server(pipelining=False)
+    with smtplib.SMTP(server.host, server.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert not client.has_extn("pipelining")
+
+
+def test_recipient_limit_answers_452_per_transaction(smtp_server: SMTPServerFactory) -> None:
+    server = smtp_server(max_recipients=2)
+    recipients = ["a@example.test", "b@example.test", "c@example.test"]
+    with smtplib.SMTP(server.host, server.port, timeout=TIMEOUT) as client:
+        refused = client.sendmail(SENDER, recipients, make_message().as_bytes())
+        assert refused == {"c@example.test": (452, b"4.5.3 Error: too many recipients")}
+        # The limit is per transaction: the next one takes two again.
+        assert client.sendmail(SENDER, ["c@example.test"], make_message().as_bytes()) == {}
+    assert [m.rcpt_tos for m in server.wait_for(2)] == [("a@example.test", "b@example.test"),
+                                                       ("c@example.test",)]
+
+
+def test_each_data_reply_carries_the_queue_id_it_records(smtp_sink: LocalSMTPServer) -> None:
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt("bob@example.test")
+        code, reply = client.data(make_message().as_bytes())
+    [received] = smtp_sink.wait_for(1)
+    assert code == 250 and received.queue_id
+    assert reply == f"2.0.0 Ok: queued as {received.queue_id}".encode()
+    smtp_sink.faults.data_replies = ["250 OK"]
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.sendmail(SENDER, ["bob@example.test"], make_message().as_bytes())
+    assert smtp_sink.wait_for(2)[1].queue_id == ""
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_smtputf8_on_and_off(smtp_server: SMTPServerFactory, offered: bool) -> None:
+    server = smtp_server(smtputf8=offered)
+    with smtplib.SMTP(server.host, server.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("smtputf8") is offered
+        if offered:
+            client.sendmail(SENDER, ["jörg@example.test"], make_message().as_bytes(),
+                            mail_options=["SMTPUTF8"])
+        else:
+            with pytest.raises(smtplib.SMTPNotSupportedError):
+                client.sendmail(SENDER, ["jörg@example.test"], make_message().as_bytes(),
+                                mail_options=["SMTPUTF8"])
+            # A client that sends UTF-8 anyway is answered 500.
+            client.command_encoding = "utf-8"
+            assert client.docmd("RCPT", "TO:<jörg@example.test>")[0] == 500
+    if offered:
+        [received] = server.wait_for(1)
+        assert received.rcpt_tos == ("jörg@example.test",) and "SMTPUTF8" in received.mail_options
+
+
+def test_read_rate_holds_the_client_back(smtp_sink: LocalSMTPServer) -> None:
+    # 600 kB at 1 MB/s: the reply to the final dot cannot come before the server has
+    # read it all, whatever the socket buffers took at once.
+    smtp_sink.faults.read_rate = 1_000_000
+    body = b"x" * 76 + b"\r\n"
+    data = make_message().as_bytes().replace(b"\n", b"\r\n") + body * 7_700
+    started = time.monotonic()
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.sendmail(SENDER, ["bob@example.test"], data)
+    assert time.monotonic() - started >= 0.5
+    assert len(smtp_sink.wait_for(1)[0].data) >= 600_000
+
+
+def test_reply_latency_delays_each_reply_but_not_the_server(smtp_sink: LocalSMTPServer) -> None:
+    latency = 0.3
+    smtp_sink.faults.reply_latency = latency
+    envelope = (b"MAIL FROM:<" + SENDER.encode() + b">\r\nRCPT TO:<bob@example.test>\r\n"
+                b"DATA\r\n")
+    started = time.monotonic()
+    with socket.create_connection((smtp_sink.host, smtp_sink.port), timeout=TIMEOUT) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")  # the banner is a reply too
+        assert time.monotonic() - started >= latency
+        sock.sendall(b"EHLO client.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        started = time.monotonic()
+        sock.sendall(envelope)
+        replies = [reader.readline()[:3] for _ in range(3)]
+        # Three pipelined commands: one latency for all their replies.
+        elapsed = time.monotonic() - started
+        assert replies == [b"250", b"250", b"354"]
+        assert latency <= elapsed < 2 * latency
+        sock.sendall(make_message().as_bytes().replace(b"\n", b"\r\n") + b".\r\n")
+        assert reader.readline().startswith(b"250 ")
+        sock.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"221 ")  # delivered before the session ends
+    assert len(smtp_sink.wait_for(1)) == 1
+
+
+def test_chunking_bdat_in_chunks_and_refused_without_a_transaction(
+    smtp_server: SMTPServerFactory,
+) -> None:
+    server = smtp_server(chunking=True)
+    with smtplib.SMTP(server.host, server.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("chunking")
+    data = make_message().as_bytes().replace(b"\n", b"\r\n")
+    half = len(data) // 2
+    replies = raw_exchange(
+        server,
+        # Without a transaction the chunk is read all the same, then refused.
+        b"BDAT 5 LAST\r\nhello",
+        b"MAIL FROM:<" + SENDER.encode() + b">\r\nRCPT TO:<bob@example.test>\r\n"
+        + b"BDAT %d\r\n" % half + data[:half] + b"BDAT %d LAST\r\n" % (len(data) - half)
+        + data[half:],
+        replies=5,
+    )
+    assert [r[:3] for r in replies] == [b"503", b"250", b"250", b"250", b"250"]
+    [received] = server.wait_for(1)
+    assert received.data == data and replies[-1].rstrip().endswith(received.queue_id.encode())
+    assert server.command_groups[-1] == ("MAIL", "RCPT", "BDAT", "BDAT")
+
+
+def test_bdat_is_unknown_unless_chunking_is_offered(smtp_sink: LocalSMTPServer) -> None:
+    with smtplib.SMTP(smtp_sink.host, smtp_sink.port, timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert not client.has_extn("chunking")
+        assert client.docmd("BDAT", "0 LAST")[0] == 500

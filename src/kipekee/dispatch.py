@@ -24,7 +24,7 @@ from django.core.mail import EmailMessage
 from django.db import transaction
 from django.utils import timezone
 
-from . import conf, engines, outbox
+from . import conf, deadlines, engines, outbox
 from .delivery import Deliverer, Outcome
 from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
@@ -164,7 +164,10 @@ def deliver_in_request(receipt: Receipt) -> None:
                 # Not due yet (send_at), or an engine holds it: nothing to do here.
                 receipt.refresh()
                 return
-            outcome = deliverer.deliver(row)
+            # The budget bounds the attempt itself too: a backend that honours deadlines
+            # (Kipekee's SMTP backend does) gives up in time and the row is deferred.
+            with deadlines.until(deadline):
+                outcome = deliverer.deliver(row)
             quick = delays[index] if index < len(delays) else None
             if quick is not None and outcome.retry_after is not None:
                 quick = max(quick, outcome.retry_after)

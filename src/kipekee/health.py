@@ -30,7 +30,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.db.models import Count, Min, Q
 from django.utils import timezone
 
-from . import conf, providers
+from . import conf, deadlines, providers
 from .models import WAITING_STATUSES, Attempt, EngineHeartbeat, OutboxEmail, Status
 
 Level = Literal["ok", "warn", "fail"]
@@ -84,14 +84,17 @@ def check_provider(alias: str) -> Result:
         if hasattr(backend, "timeout") and (backend.timeout is None or backend.timeout > limit):
             backend.timeout = limit
         hook = getattr(backend, "check_connection", None)
-        if hook is not None:
-            detail = hook()
-        else:
-            backend.open()
-            try:
-                detail = _describe_session(backend)
-            finally:
-                backend.close()
+        # The whole probe, not only each wait, for backends that honour deadlines (a
+        # server trickling its banner a byte at a time stays within every timeout).
+        with deadlines.within(limit):
+            if hook is not None:
+                detail = hook()
+            else:
+                backend.open()
+                try:
+                    detail = _describe_session(backend)
+                finally:
+                    backend.close()
     except Exception as exc:  # noqa: BLE001 - every failure is the check's result
         failure = providers.classify(exc, backend)
         return Result(name=name, level="fail", detail=f"{failure.kind}: {failure.error}")

@@ -19,10 +19,20 @@ What it adds:
   patching ``socket.getaddrinfo`` for the whole process; here it is per provider);
 - ``local_hostname``: the name sent in EHLO (some relays check it);
 - per-recipient refusals kept on the message as ``message.refused_recipients`` (Django's
-  backend drops what ``smtplib.sendmail`` returns);
+  backend drops what ``smtplib.sendmail`` returns), and the server's queue id
+  ("250 2.0.0 Ok: queued as 4ABC123") as ``message.provider_message_ids``;
 - as a Kipekee provider, a ``timeout`` of 15 s unless its OPTIONS set one
   (:attr:`EmailBackend.provider_defaults`; Django's default is none: a stalled server
-  hangs the sender forever). Built by Django, it keeps Django's default.
+  hangs the sender forever). Built by Django, it keeps Django's default;
+- the wire transaction is :mod:`kipekee.backends.smtp_client`'s: PIPELINING when the
+  server offers it (a message on a warm connection costs two round trips), recipients
+  past the server's per-transaction limit sent in further transactions, ``timeout`` as an
+  inactivity timeout (a large message to a slow server is not cut off), SMTPUTF8 for
+  non-ASCII local parts when offered (refused before ``MAIL FROM`` when not), TLS
+  sessions resumed on reconnect;
+- deadlines: each exchange (opening the session; one message) ends within
+  ``exchange_time_limit`` seconds, however slowly the server trickles, and within the
+  caller's deadline (:mod:`kipekee.deadlines`, e.g. the in-request ``NOW_TIME_BUDGET``).
 
 The connection is reused across ``send_messages`` calls while it is open (``open()`` …
 ``close()``), as with Django's backend.
@@ -30,8 +40,9 @@ The connection is reused across ``send_messages`` calls while it is open (``open
 
 from __future__ import annotations
 
+import email.policy
+import functools
 import smtplib
-import socket
 import ssl
 import sys
 import threading
@@ -46,9 +57,10 @@ from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.utils.encoding import force_str
 from django.utils.functional import cached_property
 
-from .. import wire
+from .. import deadlines, wire
 from ..exceptions import InvalidMailer
 from ..message import parse_address
+from .smtp_client import SMTP, SMTP_SSL
 
 if django.VERSION >= (6, 1):
     from django.core.mail import InvalidMailer as DjangoInvalidMailer
@@ -58,41 +70,59 @@ if django.VERSION >= (6, 1):
 _MAILERS = django.VERSION >= (6, 1)
 
 DEFAULT_TIMEOUT = 15.0
+_STDLIB_CLIENTS = {False: smtplib.SMTP, True: smtplib.SMTP_SSL}
+#: smtplib's methods as imported: one that differs now has been patched by someone.
+_STDLIB_METHODS = {name: vars(smtplib.SMTP)[name]
+                   for name in ("send", "putcmd", "getreply", "sendmail", "data")}
 
 
-class _IPv4Mixin:
-    """Connect over IPv4 only (resolve A records, never AAAA)."""
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        last_error: OSError | None = None
-        for family, type_, proto, _, addr in socket.getaddrinfo(
-            host, port, socket.AF_INET, socket.SOCK_STREAM
-        ):
-            sock = socket.socket(family, type_, proto)
-            try:
-                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
-                    sock.settimeout(timeout)  # smtplib's "none given" keeps the default
-                sock.connect(addr)
-                return sock
-            except OSError as exc:
-                sock.close()
-                last_error = exc
-        raise last_error or OSError(f"no IPv4 address for {host}")
+def _smtplib_replaced(stdlib: type[smtplib.SMTP], use_ssl: bool) -> bool:
+    """Whether smtplib's client class, or one of its I/O methods, has been replaced (a
+    test double, as in Django's own tests, or instrumentation that watches the wire)."""
+    return stdlib is not _STDLIB_CLIENTS[use_ssl] or any(
+        vars(smtplib.SMTP).get(name) is not method for name, method in _STDLIB_METHODS.items())
+#: Seconds one exchange with the server may take in all: opening the session, or one
+#: message. RFC 5321's longest single wait is the 10 minutes for the reply after the
+#: final dot (4.5.3.2.6).
+DEFAULT_EXCHANGE_TIME_LIMIT = 600.0
 
 
-class IPv4SMTP(_IPv4Mixin, smtplib.SMTP):
-    pass
-
-
-class IPv4SMTP_SSL(smtplib.SMTP_SSL, IPv4SMTP):
-    # SMTP_SSL._get_socket wraps what super()._get_socket returns: the IPv4 socket.
-    pass
-
-
-def _wire_bytes(email_message: EmailMessage) -> bytes:
+def _wire_bytes(email_message: EmailMessage, *, utf8: bool = False) -> bytes:
     """The message as bytes with CRLF line ends, as each Django version builds it, with
-    large attachments encoded once (kipekee.wire; message_chunks() to stream them)."""
+    large attachments encoded once (:mod:`kipekee.wire`).
+
+    ``utf8``: for a server that took ``SMTPUTF8``, headers in UTF-8 (RFC 6532) where
+    Django's modern message allows (6.0 and later), built by Django whole; Django 5.2
+    encodes its headers as it builds them, so they stay as they are.
+    """
+    if utf8 and django.VERSION >= (6, 0):
+        return email_message.message(  # type: ignore[call-arg,no-any-return]
+            policy=email.policy.SMTPUTF8).as_bytes()
     return wire.message_bytes(email_message)
+
+
+def _new_ssl_context(ca_file: str | None, certfile: str | None,
+                     keyfile: str | None) -> ssl.SSLContext:
+    # Verified TLS (hostname and chain: PROTOCOL_TLS_CLIENT's defaults) against certifi's
+    # bundle, or the CA file the user chose to trust (a private relay with its own CA or
+    # a self-signed certificate). Built as Django builds its context.
+    context = ssl.SSLContext(protocol=ssl.PROTOCOL_TLS_CLIENT)
+    if sys.version_info >= (3, 13):
+        # As ssl.create_default_context() does from Python 3.13 on: strict X.509
+        # checks, and a chain may end at a trusted intermediate.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+    context.load_verify_locations(cafile=ca_file or certifi.where())
+    if certfile or keyfile:
+        context.load_cert_chain(certfile, keyfile)  # type: ignore[arg-type]
+    return context
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    # One context per trust configuration for the whole process: a TLS session only
+    # resumes with the context that made it, and loading certifi's bundle costs a few
+    # milliseconds a connection. A CA file changed on disk is read again after a restart.
+    return _new_ssl_context(ca_file, None, None)
 
 
 class EmailBackend(DjangoSMTPBackend):
@@ -119,6 +149,7 @@ class EmailBackend(DjangoSMTPBackend):
         ca_file: str | None = None,
         ipv4_only: bool = False,
         local_hostname: str | None = None,
+        exchange_time_limit: float = DEFAULT_EXCHANGE_TIME_LIMIT,
         **kwargs: Any,
     ) -> None:
         alias = kwargs.get("alias")
@@ -152,6 +183,7 @@ class EmailBackend(DjangoSMTPBackend):
         self.ca_file = ca_file
         self.ipv4_only = ipv4_only
         self.local_hostname = local_hostname
+        self.exchange_time_limit = exchange_time_limit
 
         if self.alias is None:
             # Django's compatibility mode: EMAIL_* settings fill what is not given.
@@ -194,6 +226,8 @@ class EmailBackend(DjangoSMTPBackend):
             self._invalid("Set both 'username' and 'password', or neither.")
         if timeout is not None and timeout <= 0:
             self._invalid("'timeout' must be > 0 seconds (or None: no timeout).")
+        if not exchange_time_limit > 0:
+            self._invalid("'exchange_time_limit' must be > 0 seconds.")
 
     def _invalid(self, message: str) -> None:
         """Refuse this configuration, as Django 6.1 does a MAILERS entry's."""
@@ -201,34 +235,43 @@ class EmailBackend(DjangoSMTPBackend):
 
     @property
     def connection_class(self) -> Any:
-        if self.ipv4_only:
-            base: type[smtplib.SMTP] = IPv4SMTP_SSL if self.use_ssl else IPv4SMTP
-        else:
-            base = smtplib.SMTP_SSL if self.use_ssl else smtplib.SMTP
-        if not self.local_hostname:
-            return base
-        name = self.local_hostname
-
-        def connect(host: str, port: int, **params: Any) -> smtplib.SMTP:
+        stdlib = smtplib.SMTP_SSL if self.use_ssl else smtplib.SMTP
+        if _smtplib_replaced(stdlib, self.use_ssl):
+            # Whoever replaced it expects to see (or stand in for) the session: use
+            # smtplib as Django's backend would, one command at a time.
+            return stdlib
+        client = SMTP_SSL if self.use_ssl else SMTP
+        # TLS sessions are resumed per provider (and host and port).
+        extra: dict[str, Any] = {"ipv4_only": self.ipv4_only,
+                                 "tls_session_key": ("kipekee", self.alias or "")}
+        if self.local_hostname:
             # Django passes its cached FQDN; a configured name wins (some relays check it).
-            return base(host, port, **{**params, "local_hostname": name})
+            extra["local_hostname"] = self.local_hostname
+
+        def connect(host: str, port: int, **params: Any) -> SMTP:
+            return client(host, port, **{**params, **extra})
 
         return connect
 
     @cached_property
     def ssl_context(self) -> ssl.SSLContext:
-        # Verified TLS (hostname and chain: PROTOCOL_TLS_CLIENT's defaults) against
-        # certifi's bundle, or the CA file the user chose to trust (a private relay with
-        # its own CA or a self-signed certificate). Built as Django builds its context.
-        context = ssl.SSLContext(protocol=ssl.PROTOCOL_TLS_CLIENT)
-        if sys.version_info >= (3, 13):
-            # As ssl.create_default_context() does from Python 3.13 on: strict X.509
-            # checks, and a chain may end at a trusted intermediate.
-            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
-        context.load_verify_locations(cafile=self.ca_file or certifi.where())
         if self.ssl_certfile or self.ssl_keyfile:
-            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)  # type: ignore[arg-type]
-        return context
+            # A client certificate: this backend's own context (Django's tests, and
+            # instrumentation, watch load_cert_chain being called for it).
+            return _new_ssl_context(self.ca_file, self.ssl_certfile, self.ssl_keyfile)
+        return _shared_ssl_context(None if self.ca_file is None else str(self.ca_file))
+
+    def open(self) -> bool | None:
+        # Connect, TLS and AUTH together within the exchange time limit (and within any
+        # deadline of the caller's).
+        with deadlines.within(self.exchange_time_limit):
+            return super().open()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        # QUIT is a courtesy: never worth more than one timeout, however the server
+        # trickles its goodbye (the client then just closes the socket).
+        with deadlines.within(self.timeout):
+            super().close()
 
     def prep_address(self, address: Any, force_ascii: bool = True) -> str:
         """The envelope address (addr-spec) of ``address``, as Django 6's backend makes it.
@@ -239,16 +282,43 @@ class EmailBackend(DjangoSMTPBackend):
         """
         return parse_address(force_str(address), force_ascii=force_ascii)
 
+    def _envelope(self, email_message: EmailMessage) -> tuple[str, list[str], ValueError | None]:
+        """The envelope's sender and recipients (addr-specs), and, when an address has a
+        non-ASCII local part, Django's ``ValueError`` for it: raised should the server
+        not offer SMTPUTF8. An invalid address raises here, before any SMTP command."""
+        addresses = [email_message.from_email, *email_message.recipients()]
+        try:
+            specs = [self.prep_address(a) for a in addresses]
+            ascii_error = None
+        except ValueError as exc:
+            # Valid only with a non-ASCII local part kept (else this raises in turn).
+            specs = [self.prep_address(a, force_ascii=False) for a in addresses]
+            ascii_error = exc
+        return specs[0], specs[1:], ascii_error
+
     def _send(self, email_message: EmailMessage) -> bool:
         if not email_message.recipients():
             return False
-        from_email = self.prep_address(email_message.from_email)
-        recipients = [self.prep_address(addr) for addr in email_message.recipients()]
-        assert self.connection is not None
+        from_email, recipients, ascii_error = self._envelope(email_message)
+        connection = self.connection
         try:
-            refused: dict[str, tuple[int, bytes]] = self.connection.sendmail(
-                from_email, recipients, _wire_bytes(email_message)
-            )
+            with deadlines.within(self.exchange_time_limit):
+                connection.ehlo_or_helo_if_needed()  # a new connection has not said EHLO yet
+                options = []
+                if ascii_error is not None:
+                    # RFC 6531: only over SMTPUTF8; refused before MAIL FROM, so nothing
+                    # of this message is left on the connection for the next one.
+                    if not connection.has_extn("smtputf8"):
+                        # Django's words, and why Kipekee could not send it anyway.
+                        raise ValueError(f"{ascii_error}; it needs SMTPUTF8 (RFC 6531), "
+                                         f"which {self.host} does not offer") from None
+                    options.append("SMTPUTF8")
+                content = _wire_bytes(email_message, utf8=ascii_error is not None)
+                if not content.isascii() and connection.has_extn("8bitmime"):
+                    options.append("BODY=8BITMIME")
+                # sendmail() (not deliver()), as Django's backend calls it: code that
+                # wraps or replaces the connection's sendmail keeps working.
+                refused = connection.sendmail(from_email, recipients, content, options)
         except smtplib.SMTPException:
             if not self.fail_silently:
                 raise
@@ -256,4 +326,7 @@ class EmailBackend(DjangoSMTPBackend):
         email_message.refused_recipients = {  # type: ignore[attr-defined]
             addr: f"{code} {text.decode('utf-8', 'replace')}" for addr, (code, text) in refused.items()
         }
+        delivery = connection.last_delivery if isinstance(connection, SMTP) else None
+        email_message.provider_message_ids = (  # type: ignore[attr-defined]
+            dict(delivery.queue_ids) if delivery is not None else {})
         return True

@@ -11,9 +11,12 @@ Install with the ``kipekee[testing]`` extra (it needs ``aiosmtpd``)::
 
 The server speaks real SMTP over real sockets (aiosmtpd) in a background thread, so the
 code under test runs its own, unmodified ``smtplib`` client against it. Plain, STARTTLS
-and implicit TLS, AUTH PLAIN/LOGIN, and the faults of :class:`Faults` (busy banner,
-refused sender or recipients, temporary DATA failures, a connection dropped mid-message,
-stalls) can be switched on per server and changed while it runs.
+and implicit TLS, AUTH PLAIN/LOGIN, PIPELINING (RFC 2920), CHUNKING (RFC 3030), SMTPUTF8
+(RFC 6531), a per-transaction recipient limit, a queue id in each DATA reply, and the faults of
+:class:`Faults` (busy banner, refused sender or recipients, temporary DATA failures, a
+connection dropped mid-message, stalls, trickled replies, slow reads, network latency)
+can be switched on per server and changed while it runs. :attr:`LocalSMTPServer.command_groups`
+shows whether a client pipelined its commands.
 
 Run ``python -m kipekee.testing [--host H] [--port N]`` for a capture server in the
 foreground that prints one line per received message.
@@ -23,10 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import email.message
 import email.policy
+import functools
 import hmac
+import secrets
 import socket
 import ssl
 import sys
@@ -78,6 +84,13 @@ class ReceivedMessage:
     """Whether the session was encrypted (STARTTLS or implicit TLS) when DATA ended."""
     auth_user: str | None
     """The user the session authenticated as, or ``None``."""
+    queue_id: str = ""
+    """The id the server gave the message in its DATA reply (``250 2.0.0 Ok: queued as
+    <queue_id>``), or ``""`` when a :attr:`Faults.data_replies` entry replaced it."""
+    tls_resumed: bool = False
+    """Whether the session's TLS handshake resumed an earlier TLS session."""
+    mail_options: tuple[str, ...] = ()
+    """The ``MAIL FROM`` parameters, upper-cased (``SIZE=…``, ``SMTPUTF8``, ``BODY=…``)."""
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -147,6 +160,18 @@ class Faults:
     but one byte at a time. Each byte comes sooner than a client's read timeout, so only
     a deadline on the whole exchange would notice."""
 
+    read_rate: float = 0.0
+    """Bytes per second the server reads from the connection (0: as fast as it can). The
+    rest waits in the socket buffers, so a client sending a large message finds them full
+    and its writes wait, as against a server on a slow link or under load."""
+
+    reply_latency: float = 0.0
+    """Seconds every reply spends "on the wire" before the client can read it, without
+    holding up the server: network latency (the round-trip time, since requests arrive at
+    once). A client that pipelines its commands waits one latency for all their replies;
+    one that waits for each reply pays it per command. Not applied to the ``220`` that
+    starts STARTTLS (the handshake follows at once); for TLS, prefer a delay proxy."""
+
 
 def _is_positive(reply: str) -> bool:
     return reply.startswith("2")
@@ -176,13 +201,76 @@ class _Session(Session):
         self._login_data = value
 
 
+def _complete_lines(reader: Any) -> int:
+    """Complete lines the client has sent that the server has not read yet."""
+    # asyncio.StreamReader keeps what arrived in ``_buffer``; there is no public way to
+    # peek at it, and this is a test server, so the private name is acceptable here.
+    buffer = getattr(reader, "_buffer", b"")
+    return bytes(buffer).count(b"\n")
+
+
+class _PacedReader:
+    """A session's StreamReader, read no faster than :attr:`Faults.read_rate`.
+
+    While the server sleeps here, what the client sends piles up in asyncio's buffer
+    (which then stops reading the socket) and in the kernel's socket buffers, until the
+    client's writes wait: the same back-pressure as from a slow server.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, faults: Callable[[], Faults]) -> None:
+        self._reader = reader
+        self._faults = faults
+        self._due = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        data = await self._reader.readuntil(separator)
+        await self._pace(len(data))
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._reader.read(n)
+        await self._pace(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self._reader.readexactly(n)
+        await self._pace(len(data))
+        return data
+
+    async def _pace(self, size: int) -> None:
+        rate = self._faults().read_rate
+        if rate <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        self._due = max(self._due, now) + size / rate
+        # Sleep in steps of at least 5 ms: a sleep per 78-byte line would cost more in
+        # event-loop overhead than the rate it models.
+        if self._due - now >= 0.005:
+            await asyncio.sleep(self._due - now)
+
+
 class _SessionProtocol(SMTP):
     """aiosmtpd's SMTP protocol with the faults that must act outside handler hooks
-    (before the banner, in the middle of DATA) and Kipekee's AUTH policy."""
+    (before the banner, in the middle of DATA, on the wire) and Kipekee's AUTH policy."""
 
     def __init__(self, owner: LocalSMTPServer, **kwargs: Any) -> None:
         self._owner = owner
+        self._chunks: list[bytes] = []  # BDAT chunks of the current transaction
         super().__init__(_Handler(owner), **kwargs)
+        self.tls_resumed = False
+        # Pipelining, as the server sees it: the commands that were already waiting
+        # when the server began on the first of them (see LocalSMTPServer.command_groups).
+        self._group: list[str] = []
+        self._group_left = 0
+        methods: dict[str, Any] = vars(self)["_smtp_methods"]  # aiosmtpd: verb -> handler
+        self._smtp_methods = {verb: self._grouped(verb, method) for verb, method in methods.items()}
+        # Replies in flight under Faults.reply_latency: (due time, bytes), in order.
+        self._in_flight: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._in_flight_task: asyncio.Task[None] | None = None
+        self._starting_tls = False
 
     @property
     def encrypted(self) -> bool:
@@ -191,17 +279,30 @@ class _SessionProtocol(SMTP):
     def _create_session(self) -> Session:
         return _Session(self.loop)
 
+    def _set_post_data_state(self) -> None:
+        # A new transaction (after a message, RSET, EHLO) starts without BDAT chunks.
+        super()._set_post_data_state()
+        self._chunks = []
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # aiosmtpd calls this again after STARTTLS with the TLS transport; only the
         # first call is a new session.
         is_new_session = self._original_transport is None
         super().connection_made(transport)
         if is_new_session:
+            ssl_object = transport.get_extra_info("ssl_object")  # implicit TLS
+            self.tls_resumed = bool(ssl_object is not None and ssl_object.session_reused)
             self._owner._session_opened(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._owner._session_closed(self)
         super().connection_lost(error)
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        super()._cb_client_connected(reader, writer)
+        self._reader = cast(Any, _PacedReader(reader, lambda: self._owner.faults))
 
     def abort(self) -> None:
         """Drop the connection at once (no TLS close_notify, no buffered data)."""
@@ -210,16 +311,56 @@ class _SessionProtocol(SMTP):
         if self._original_transport is not None:
             self._original_transport.abort()  # type: ignore[attr-defined]
 
+    def _grouped(self, verb: str, method: Callable[[str], Any]) -> Callable[[str], Any]:
+        @functools.wraps(method)
+        async def handle(arg: str) -> None:
+            if self._group_left > 0:
+                self._group_left -= 1
+                self._owner._join_group(self._group, verb)
+            else:
+                self._group = [verb]
+                self._group_left = _complete_lines(self._reader)
+                self._owner._add_group(self._group)
+            await method(arg)
+
+        return handle
+
     async def push(self, status: Any) -> None:
-        delay = self._owner.faults.trickle_replies
-        if delay <= 0:
-            await super().push(status)
+        faults = self._owner.faults
+        data = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(
+            status, str) else status
+        if faults.reply_latency > 0 and not self._starting_tls:
+            loop = asyncio.get_running_loop()
+            self._in_flight.append((loop.time() + faults.reply_latency, data + b"\r\n"))
+            if self._in_flight_task is None or self._in_flight_task.done():
+                self._in_flight_task = loop.create_task(self._deliver_in_flight())
             return
-        data = status.encode("utf-8") if isinstance(status, str) else status
+        if faults.trickle_replies <= 0:
+            await super().push(data)
+            return
         for byte in data + b"\r\n":
             self._writer.write(bytes([byte]))
             await self._writer.drain()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(faults.trickle_replies)
+
+    async def _deliver_in_flight(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._in_flight:
+            due, _ = self._in_flight[0]
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            ready = []
+            while self._in_flight and self._in_flight[0][0] <= loop.time():
+                ready.append(self._in_flight.popleft()[1])
+            if self.transport is None or self.transport.is_closing():
+                return
+            self._writer.write(b"".join(ready))
+            await self._writer.drain()
+
+    async def _flush_in_flight(self) -> None:
+        """Wait until every reply still in flight has been written."""
+        if self._in_flight_task is not None:
+            await self._in_flight_task
 
     async def _handle_client(self) -> None:
         # Overrides aiosmtpd's session loop only to misbehave before its banner; the
@@ -229,10 +370,36 @@ class _SessionProtocol(SMTP):
             await asyncio.sleep(faults.stall_greeting)
         if faults.greeting is not None:
             await self.push(faults.greeting)
+            await self._flush_in_flight()
             assert self.transport is not None
             self.transport.close()  # close() flushes the reply first, unlike abort()
             return
         await super()._handle_client()
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        if arg or self._owner.faults.reply_latency <= 0:
+            await super().smtp_QUIT(arg)
+            return
+        # aiosmtpd ends the session right after queueing "221": let it reach the client.
+        await self.push("221 Bye")
+        await self._flush_in_flight()
+        assert self._handler_coroutine is not None
+        self._handler_coroutine.cancel()
+        assert self.transport is not None
+        self.transport.close()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self._flush_in_flight()
+        self._starting_tls = True  # the 220 goes out at once: the handshake follows it
+        try:
+            await super().smtp_STARTTLS(arg)
+        finally:
+            self._starting_tls = False
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is not None:
+            self.tls_resumed = bool(ssl_object.session_reused)
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -254,11 +421,59 @@ class _SessionProtocol(SMTP):
             await super().smtp_DATA(arg)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self._flush_in_flight()
         # A first line longer than the reader's limit raises LimitOverrunError: the
         # client has started sending data all the same, which is all this fault awaits.
         with contextlib.suppress(asyncio.LimitOverrunError):
             await self._reader.readuntil(b"\n")
         self.abort()
+
+
+    @syntax("BDAT <size> [LAST]")
+    async def smtp_BDAT(self, arg: str) -> None:
+        # CHUNKING (RFC 3030), which aiosmtpd lacks: the message in chunks of a stated
+        # size, no dot-stuffing. A chunk is always read, even when the transaction is
+        # refused: the client may have pipelined it.
+        if not self._owner.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        words = (arg or "").split()
+        if not words or not words[0].isdigit() or len(words) > 2 or (
+                len(words) == 2 and words[1].upper() != "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        size, last = int(words[0]), len(words) == 2
+        try:
+            chunk = await self._reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            return  # the client went away in the middle of the chunk
+        # What follows the chunk, already here, was pipelined behind this command.
+        self._group_left = _complete_lines(self._reader)
+        if self._owner.faults.drop_mid_data:
+            self.abort()
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if envelope.mail_from is None or not envelope.rcpt_tos:
+            self._set_post_data_state()
+            await self.push("554 5.5.1 Error: no valid recipients" if envelope.mail_from
+                            else "503 5.5.1 Error: need MAIL command")
+            return
+        self._chunks.append(chunk)
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        content = b"".join(self._chunks)
+        limit = self.data_size_limit
+        if limit and len(content) > limit:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: message too big")
+            return
+        envelope.original_content = content
+        envelope.content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
 
 class _Handler:
@@ -286,6 +501,12 @@ class _Handler:
             # Like a real server: no AUTH keyword where AUTH can't succeed, so smtplib's
             # login() fails with SMTPNotSupportedError instead of trying.
             responses = [line for line in responses if not line[4:].startswith("AUTH")]
+        if owner.pipelining:
+            # aiosmtpd reads commands one by one from a buffer, so it honours pipelined
+            # commands as they are; it only does not say so.
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        if owner.chunking:
+            responses = [*responses[:-1], "250-CHUNKING", responses[-1]]
         return responses
 
     async def handle_MAIL(
@@ -315,6 +536,10 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> Any:
+        limit = self._owner.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            # RFC 5321 4.5.3.1.10: the reply to a RCPT past the server's limit.
+            return "452 4.5.3 Error: too many recipients"
         refusals = {
             addr.lower(): reply for addr, reply in self._owner.faults.refuse_recipients.items()
         }
@@ -330,8 +555,10 @@ class _Handler:
         owner = self._owner
         faults = owner.faults
         reply = faults.data_replies.pop(0) if faults.data_replies else ""
+        queue_id = ""
         if not reply:
-            reply = "250 2.0.0 OK: queued"
+            queue_id = secrets.token_hex(5).upper()
+            reply = f"250 2.0.0 Ok: queued as {queue_id}"
         if _is_positive(reply):
             assert envelope.mail_from is not None
             assert isinstance(envelope.original_content, bytes)
@@ -345,6 +572,9 @@ class _Handler:
                     peer=peer,
                     tls=_is_encrypted(server),
                     auth_user=session.auth_data if session.authenticated else None,
+                    queue_id=queue_id,
+                    tls_resumed=getattr(server, "tls_resumed", False),
+                    mail_options=tuple(envelope.mail_options),
                 )
             )
         if faults.stall_before_data_reply > 0:
@@ -373,6 +603,15 @@ class LocalSMTPServer:
     ``data_size_limit``: the ``SIZE`` the server advertises and enforces, in bytes
     (aiosmtpd's default, 32 MiB, when ``None``).
 
+    ``pipelining``: advertise PIPELINING (RFC 2920); the server always reads pipelined
+    commands correctly, as real servers do. ``smtputf8``: offer SMTPUTF8 (RFC 6531) and
+    accept UTF-8 in commands; without it a non-ASCII command is answered ``500``.
+    ``max_recipients``: recipients accepted per transaction; each ``RCPT TO`` past it is
+    answered ``452 4.5.3`` (RFC 5321 4.5.3.1.10). ``chunking``: offer CHUNKING (RFC 3030,
+    ``BDAT``; off by default, as aiosmtpd has none: the server implements it). These are
+    read when used (at EHLO, at connection, at each command), so a test may change them
+    between sessions.
+
     ``on_message`` is called, in the server's thread, with each accepted message before
     it is added to :attr:`messages`; if it raises, the client gets a ``500`` reply and
     the message is not recorded.
@@ -391,6 +630,10 @@ class LocalSMTPServer:
         faults: Faults | None = None,
         on_message: Callable[[ReceivedMessage], None] | None = None,
         data_size_limit: int | None = None,
+        pipelining: bool = True,
+        smtputf8: bool = True,
+        max_recipients: int | None = None,
+        chunking: bool = False,
     ) -> None:
         if tls not in ("none", "starttls", "ssl"):
             raise ValueError(f"tls must be 'none', 'starttls' or 'ssl', not {tls!r}")
@@ -408,7 +651,12 @@ class LocalSMTPServer:
         self.faults = faults if faults is not None else Faults()
         self.on_message = on_message
         self.data_size_limit = data_size_limit
+        self.pipelining = pipelining
+        self.smtputf8 = smtputf8
+        self.max_recipients = max_recipients
+        self.chunking = chunking
         self.messages: list[ReceivedMessage] = []
+        self._groups: list[list[str]] = []
 
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -448,10 +696,24 @@ class LocalSMTPServer:
         with self._lock:
             return self._auth_failures
 
+    @property
+    def command_groups(self) -> list[tuple[str, ...]]:
+        """The commands received, in groups that arrived together, in order.
+
+        A group is a command and those that were already waiting, unread, when the server
+        began to handle it: the client sent them without waiting for a reply. A client
+        that pipelines a transaction shows ``("MAIL", "RCPT", "RCPT", "DATA")``; one that
+        waits for each reply shows ``("MAIL",), ("RCPT",), …``. Message data is not a
+        command. Groups of all sessions are interleaved in the order they began.
+        """
+        with self._lock:
+            return [tuple(group) for group in self._groups]
+
     def clear(self) -> None:
-        """Forget the received messages and reset the counters."""
+        """Forget the received messages and command groups and reset the counters."""
         with self._lock:
             self.messages.clear()
+            self._groups.clear()
             self._connections = 0
             self._auth_failures = 0
 
@@ -605,8 +867,9 @@ class LocalSMTPServer:
             auth_required=False,
             auth_require_tls=False,
             authenticator=self._authenticate,
-            # Accept internationalised addresses as aiosmtpd's Controller does.
-            enable_SMTPUTF8=True,
+            # Internationalised addresses (accepted by default, as aiosmtpd's Controller
+            # does).
+            enable_SMTPUTF8=self.smtputf8,
             # aiosmtpd's default (32 MiB) unless a test wants a small one.
             **({"data_size_limit": self.data_size_limit} if self.data_size_limit else {}),
         )
@@ -623,6 +886,14 @@ class LocalSMTPServer:
 
     def _session_closed(self, session: _SessionProtocol) -> None:
         self._sessions.discard(session)
+
+    def _add_group(self, group: list[str]) -> None:
+        with self._lock:
+            self._groups.append(group)
+
+    def _join_group(self, group: list[str], verb: str) -> None:
+        with self._lock:
+            group.append(verb)
 
     def _authenticate(
         self,
