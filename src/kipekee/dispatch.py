@@ -152,7 +152,9 @@ def deliver_in_request(receipt: Receipt) -> None:
     delays = settings.now_retry_delays if receipt.mode == "now" else ()
     deadline = time.monotonic() + settings.now_time_budget
     policy = RetryPolicy.from_settings()
-    with Deliverer() as deliverer:
+    # The process's warm connections (kipekee.connections): waiting for one when all are
+    # in use counts against the time budget.
+    with Deliverer(deadline=deadline) as deliverer:
         for index in range(len(delays) + 1):
             row = outbox.claim(receipt.id, own=True, using=receipt._using)
             if row is None:
