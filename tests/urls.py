@@ -3,8 +3,11 @@ from django.urls import include, path
 
 from kipekee import metrics
 
+from .app import views
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("kipekee/", include("kipekee.urls")),
     path("metrics/", metrics.view),
+    path("async-signup/", views.async_signup),
 ]

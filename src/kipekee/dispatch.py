@@ -73,6 +73,11 @@ class Receipt:
         self._update(OutboxEmail.objects.using(self._using).get(pk=self.id))
         return self
 
+    async def arefresh(self) -> Receipt:
+        """:meth:`refresh` for async code."""
+        self._update(await OutboxEmail.objects.using(self._using).aget(pk=self.id))
+        return self
+
     @property
     def sent(self) -> bool:
         return self.status == Status.SENT
