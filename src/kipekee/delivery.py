@@ -206,6 +206,9 @@ class Deliverer:
             except ProviderBusy as busy:
                 failures.append((alias, Failure(kind=ErrorKind.TRANSIENT, error=str(busy))))
                 continue
+            except Exception as exc:  # noqa: BLE001 - settings changed under the row: recorded
+                failures.append((alias, classify(exc)))
+                continue
             breaker = circuit.for_provider(alias)
             if not breaker.allow():
                 self._release(alias)
