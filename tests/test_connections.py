@@ -17,8 +17,9 @@ from django.core.mail import EmailMessage
 from django.core.management import call_command
 
 import kipekee
-from kipekee import circuit, connections
+from kipekee import circuit, connections, outbox
 from kipekee.connections import ProviderBusy, ProviderPool
+from kipekee.delivery import Deliverer
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
 from kipekee.testing import Faults
 
@@ -231,6 +232,43 @@ def test_in_request_send_waits_its_budget_for_a_busy_provider_then_fails_over(
     assert receipt.sent and receipt.provider == "backup", receipt
     assert breaker_failures("primary") == 0  # a local limit, not the provider's failure
     assert primary.connections == 0 and len(backup.wait_for(1)) == 1
+
+
+def test_a_deliverer_never_waits_holding_another_providers_connection(smtp_server,
+                                                                       kipekee_settings):
+    # Thread B holds provider b's only connection and wants a's; the Deliverer holds a's
+    # (it just sent on it) and wants b's. Were both to wait holding what the other wants,
+    # neither would move until a timeout.
+    deliverer_holds_a, b_held = threading.Event(), threading.Event()
+    server_a = smtp_server(on_message=lambda m: deliverer_holds_a.set())
+    server_b = smtp_server()
+    kipekee_settings(a={**smtp_provider(server_a), "LIMITS": {"CONCURRENCY": 1}},
+                     b={**smtp_provider(server_b), "LIMITS": {"CONCURRENCY": 1}})
+    ids = [kipekee.send(**MAIL, mode="queue", provider=alias).id for alias in ("a", "b")]
+    got_a: list[bool] = []
+
+    def other_thread() -> None:
+        pool_a, pool_b = connections.pool_for("a"), connections.pool_for("b")
+        held_b = pool_b.checkout()
+        b_held.set()
+        deliverer_holds_a.wait(5)
+        try:
+            held_a = pool_a.checkout(timeout=5)
+        except ProviderBusy:
+            got_a.append(False)
+        else:
+            got_a.append(True)
+            pool_a.checkin(held_a)
+        pool_b.checkin(held_b)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    b_held.wait(5)
+    rows = outbox.claim_batch(10, ids=ids)
+    outcomes = Deliverer(deadline=time.monotonic() + 20).deliver_many(rows)
+    thread.join(10)
+    assert got_a == [True]  # the Deliverer gave a's connection back before waiting for b's
+    assert [o.provider for o in outcomes] == ["a", "b"] and all(o.ok for o in outcomes)
 
 
 # --- fork and exit --------------------------------------------------------------------
