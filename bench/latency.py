@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +209,10 @@ class Sends:
     """The calls being measured; each checks its result (an unsent mail fails the run)."""
 
     def __init__(self) -> None:
-        import kipekee
+        # Imported once configure() has set Django up (settings.configure at run time).
         from django.core.mail import get_connection, send_mail
+
+        import kipekee
 
         self.kipekee = kipekee
         self.send_mail = send_mail
@@ -288,7 +290,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_rows(args: argparse.Namespace) -> list[Row]:
-    from kipekee import connections
+    from kipekee import connections  # after configure(), as in Sends
+
 
     s = Sends()
     cold = connections.close_all
@@ -377,7 +380,7 @@ def report(args: argparse.Namespace, rows: list[Row], counts: dict[str, int]) ->
     bar_lines += [f"| {name} | {got} | {need} | {'met' if ok else '**missed**'} |"
                   for name, got, need, ok in bars]
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=False,
                             capture_output=True, text=True).stdout.strip()
     command = "make bench-latency" if os.environ.get("KIPEKEE_BENCH_MAKE") else \
         "python bench/latency.py " + shlex.join(sys.argv[1:])
@@ -385,7 +388,7 @@ def report(args: argparse.Namespace, rows: list[Row], counts: dict[str, int]) ->
               if not failures else "FAILED: " + "; ".join(failures[:5]))
     text = (
         f"# Latency of one send in the request\n\n"
-        f"`{command}` at {commit}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"`{command}` at {commit}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"Python {platform.python_version()}, load average {load} (2 shared cores).\n\n"
         f"Provider {rtt_ms:.0f} ms away (DelayProxy, TCP handshake included); SMTP with "
         f"STARTTLS and AUTH, the Mailtrap API over TLS; database {args.database}; "
