@@ -141,6 +141,8 @@ class KipekeeSettings:
     check: CheckConfig = CheckConfig()
     metrics: bool = False
     connections: ConnectionsConfig = ConnectionsConfig()
+    # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
+    max_message_size: int | None = 25_000_000
 
     def provider(self, alias: str) -> ProviderConfig:
         for p in self.providers:
@@ -168,6 +170,7 @@ _KNOWN_KEYS = {
     "CHECK",
     "METRICS",
     "CONNECTIONS",
+    "MAX_MESSAGE_SIZE",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -304,6 +307,7 @@ def parse(raw: Any) -> KipekeeSettings:
         message_id_domain=domain,
         webhook_secrets=tuple(secrets),
         connections=_parse_connections(raw),
+        max_message_size=_max_message_size(raw),
         **_parse_operations(raw),
     )
 
@@ -324,6 +328,18 @@ def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
         idle_seconds=_positive_number(section, "IDLE_SECONDS", d.idle_seconds, "CONNECTIONS"),
         max_age=_positive_number(section, "MAX_AGE_SECONDS", d.max_age, "CONNECTIONS"),
     )
+
+
+def _max_message_size(raw: dict[str, Any]) -> int | None:
+    """``MAX_MESSAGE_SIZE``: 25 MB by default, on the wire. Mailgun takes 25 MB, SendGrid
+    30, Gmail and Microsoft 365 about 35, SES 40; Postmark 10 and a default Postfix
+    (10,240,000 bytes) take less: set it to your smallest provider's."""
+    value = raw.get("MAX_MESSAGE_SIZE", 25_000_000)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(
+            f'KIPEKEE["MAX_MESSAGE_SIZE"] must be a number of bytes (an int >= 1) or None '
+            f"(no cap), not {value!r}.")
+    return value
 
 
 #: What Django 6.1 uses for a MAILERS entry without "BACKEND".

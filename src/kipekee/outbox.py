@@ -30,10 +30,10 @@ from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
-from django.utils.encoding import punycode
 
-from . import conf, signals
-from .message import make_message_id, to_fields, validate
+from . import conf, signals, suppression
+from .addresses import canonical
+from .message import check_size, make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
     Attachment,
@@ -88,6 +88,7 @@ def enqueue(
     ``InvalidMessage`` / ``UnknownProvider`` before writing anything.
     """
     validate(message)
+    check_size(message, conf.get().max_message_size)
     if provider:
         conf.get().provider(provider)  # raises UnknownProvider at the call site
     if send_at is not None and timezone.is_naive(send_at):
@@ -157,8 +158,6 @@ def enqueue(
 
 def _apply_suppressions(row: OutboxEmail, db: str) -> None:
     """Take suppressed recipients off a new row; with none left, it is ``suppressed``."""
-    from . import suppression
-
     refused = suppression.check(row.recipients, using=db)
     if not refused:
         return
@@ -333,14 +332,7 @@ def _sent_changes(outcome: Outcome) -> dict[str, Any]:
 
 def _envelope_key(address: str) -> str:
     """``address`` as an SMTP envelope names it: lower-cased addr-spec, IDNA domain."""
-    from . import suppression
-
-    local, _, domain = suppression.normalize(address).rpartition("@")
-    try:
-        domain = punycode(domain)  # as message.check_address and the SMTP backend do
-    except UnicodeError:  # not encodable: then the envelope could not have named it either
-        pass
-    return f"{local}@{domain}"
+    return canonical(address)
 
 
 def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,
@@ -605,8 +597,10 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
 
     The copy has its own Message-ID (it is a new message, not a duplicate receivers
     should drop) and ``metadata["resent_from"] = pk``; attachments are copied. Only rows
-    in a final status can be resent (a waiting one would go out twice). Raises
-    ``OutboxEmail.DoesNotExist`` or ``InvalidMessage``.
+    in a final status can be resent (a waiting one would go out twice). Recipients on
+    the suppression list are taken off the copy, as :func:`enqueue` does; a message left
+    with no recipient is not resent. Raises ``OutboxEmail.DoesNotExist`` or
+    ``InvalidMessage`` (saying why), and then writes nothing.
     """
     from .exceptions import InvalidMessage
     from .models import FINAL_STATUSES
@@ -617,9 +611,26 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
         raise InvalidMessage(
             f"Outbox email {pk} is {original.status}, not finished: it is still going out."
         )
+    if not original.recipients:
+        # Every recipient was taken off when it was written (suppressed): a copy would
+        # be an empty envelope. Their addresses are only in ``refused``, without saying
+        # which were Bcc, so they are not put back.
+        taken_off = "; ".join(f"{a} ({why})" for a, why in original.refused.items())
+        raise InvalidMessage(f"Outbox email {pk} has no recipients left to resend to"
+                             + (f"; taken off when it was written: {taken_off}"
+                                if taken_off else "."))
+    # As for a new message: recipients suppressed since are taken off the copy.
+    refused = suppression.check(original.recipients, using=db)
+    to, cc, bcc = ([a for a in addresses if a not in refused]
+                   for addresses in (original.to, original.cc, original.bcc))
+    if not (to or cc or bcc):
+        raise InvalidMessage(
+            f"Outbox email {pk} was not resent: every recipient is on the suppression list: "
+            + "; ".join(f"{a} ({why})" for a, why in refused.items()))
     now = timezone.now()
     with transaction.atomic(using=db):
-        copy = _copy(original, db, mode=mode, created_at=now, due_at=now,
+        copy = _copy(original, db, mode=mode, created_at=now, due_at=now, to=to, cc=cc, bcc=bcc,
+                     refused=refused,
                      message_id=make_message_id(original.from_email, conf.get().message_id_domain),
                      metadata={**original.metadata, "resent_from": pk})
     signals.queued.send(sender=OutboxEmail, email=copy)
