@@ -234,6 +234,21 @@ def test_in_request_send_waits_its_budget_for_a_busy_provider_then_fails_over(
     assert primary.connections == 0 and len(backup.wait_for(1)) == 1
 
 
+def test_a_busy_provider_costs_no_attempt(sink_provider, kipekee_settings):
+    kipekee_settings(primary={**smtp_provider(sink_provider), "LIMITS": {"CONCURRENCY": 1}},
+                     _extra={"NOW_TIME_BUDGET": 0.2})
+    pool = connections.pool_for("primary")
+    held = pool.checkout()  # another thread's send, in progress
+    try:
+        receipt = kipekee.send(**MAIL)
+    finally:
+        pool.checkin(held)
+    assert receipt.status == Status.DEFERRED and "in use" in receipt.error, receipt
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert row.attempts == 0 and attempts(receipt) == []  # a local limit: postponed
+    assert breaker_failures("primary") == 0 and sink_provider.connections == 0
+
+
 def test_a_deliverer_never_waits_holding_another_providers_connection(smtp_server,
                                                                        kipekee_settings):
     # Thread B holds provider b's only connection and wants a's; the Deliverer holds a's

@@ -9,5 +9,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("kipekee/", include("kipekee.urls")),
     path("metrics/", metrics.view),
+    path("page/", views.page),
+    path("order/", views.order),
     path("async-signup/", views.async_signup),
 ]

@@ -11,11 +11,12 @@ request, or the next batch of an engine, sends on a warm session.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from types import TracebackType
@@ -72,6 +73,9 @@ class Outcome:
     retry_after: float | None = None
     # Every recipient is on the suppression list: nothing was sent (status suppressed).
     suppressed: bool = False
+    # False when no provider was tried: every one's circuit was open. Not an attempt:
+    # the row waits ``retry_after`` seconds (the next trial) without being charged one.
+    attempted: bool = True
     # Recipient -> the id the provider gave the message (HTTP APIs), for its webhooks.
     provider_message_ids: dict[str, str] = field(default_factory=dict)
 
@@ -94,6 +98,25 @@ class BatchBackend(Protocol):
     def send_batch_item(self, message: EmailMessage) -> Any: ...
 
     def send_batch(self, items: Sequence[Any]) -> list[BaseException | None]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PassedOver(Failure):
+    """A provider not tried: its circuit is open (``retry_after``: until the circuit lets
+    the message through, see ``CircuitBreaker.postpone_for``), or every connection this
+    process may open to it is in use (a local limit, ``LIMITS["CONCURRENCY"]``)."""
+
+    @classmethod
+    def by(cls, breaker: circuit.CircuitBreaker) -> _PassedOver:
+        return cls(kind=ErrorKind.TRANSIENT, retry_after=breaker.postpone_for(),
+                   error="circuit open after repeated failures "
+                         f"(next trial in {breaker.retry_in():.0f} s)")
+
+    @classmethod
+    def busy(cls, exc: ProviderBusy) -> _PassedOver:
+        # Connections come back after a send; spread the rows that waited in vain.
+        return cls(kind=ErrorKind.TRANSIENT, retry_after=random.uniform(1.0, 5.0),
+                   error=str(exc))
 
 
 @dataclass
@@ -242,7 +265,7 @@ class Deliverer:
                 # holds the breaker's half-open trial; nothing is sent yet.
                 self._checkout(alias)
             except ProviderBusy as busy:
-                failures.append((alias, Failure(kind=ErrorKind.TRANSIENT, error=str(busy))))
+                failures.append((alias, _PassedOver.busy(busy)))
                 continue
             except Exception as exc:  # noqa: BLE001 - settings changed under the row: recorded
                 failures.append((alias, classify(exc)))
@@ -250,9 +273,7 @@ class Deliverer:
             breaker = circuit.for_provider(alias)
             if not breaker.allow():
                 self._release(alias)
-                failures.append((alias, Failure(
-                    kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
-                    error=f"circuit open after repeated failures (next trial in {breaker.retry_in():.0f} s)")))
+                failures.append((alias, _PassedOver.by(breaker)))
                 continue
             backend = None
             try:
@@ -288,15 +309,21 @@ class Deliverer:
         kinds = {f.kind for _, f in failures}
         kind = next((k for k in (ErrorKind.TRANSIENT, ErrorKind.CONFIGURATION) if k in kinds),
                     ErrorKind.PERMANENT)
-        hints = [f.retry_after for _, f in failures if f.retry_after is not None]
+        tried = [f for _, f in failures if not isinstance(f, _PassedOver)]
+        # A provider's own hint (4xx text, Retry-After) counts; an open circuit's next
+        # trial does not shorten the retry policy's wait after a real attempt. Without
+        # any real attempt the row waits for the earliest trial, uncharged.
+        hints = [f.retry_after for f in (tried or [f for _, f in failures])
+                 if f.retry_after is not None]
         last_alias, last = failures[-1]
-        return self._outcome(started, last_alias, Failure(
+        outcome = self._outcome(started, last_alias, Failure(
             kind=kind,
             error="; ".join(f"{alias}: {f.error}" for alias, f in failures),
             code=last.code,
             refused={k: v for _, f in failures for k, v in f.refused.items()},
             retry_after=min(hints) if hints else None,
         ), refused)
+        return outcome if tried else replace(outcome, attempted=False)
 
     @staticmethod
     def _sent(started: datetime, alias: str, message: EmailMessage,
@@ -414,11 +441,10 @@ class Deliverer:
                 try:
                     self._checkout(alias)  # before the breaker's trial, as in _through
                 except ProviderBusy as busy:
-                    broken = Failure(kind=ErrorKind.TRANSIENT, error=str(busy))
+                    broken = _PassedOver.busy(busy)
             if broken is None and not breaker.allow():
                 self._release(alias)
-                broken = Failure(kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
-                                 error="circuit open after repeated failures")
+                broken = _PassedOver.by(breaker)
             if broken is not None:
                 # The provider failed a request of this call for a reason that is not
                 # the messages': do not send it more now, go on to the next provider.
