@@ -8,13 +8,16 @@
 #   make bench  Kipekee against smtplib, Django's SMTP backend and django-post-office on
 #               one machine, workload and sink (bench/compare.py; BENCH_ARGS=... for flags);
 #               writes bench/COMPARISON.md
+#   make bench-latency  one send in the request with the provider 20 ms away: Django's send_mail
+#               against kipekee.send now/hybrid/queue, cold and warm, SMTP and HTTP
+#               (bench/latency.py; BENCH_ARGS=... for flags); writes bench/LATENCY.md
 # Each builds its own virtualenv under .venvs/ from scratch on first use.
 
 SHELL := /bin/bash
 VENVS := .venvs
 
 .PHONY: demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
-	chromium bench
+	chromium bench bench-latency
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -49,6 +52,9 @@ $(VENVS)/bench/.installed: pyproject.toml bench/requirements.txt
 
 bench: $(VENVS)/bench/.installed
 	KIPEKEE_BENCH_MAKE=1 $(VENVS)/bench/bin/python bench/compare.py $(BENCH_ARGS)
+
+bench-latency: $(VENVS)/bench/.installed
+	KIPEKEE_BENCH_MAKE=1 $(VENVS)/bench/bin/python bench/latency.py $(BENCH_ARGS)
 
 demo: $(VENVS)/django52/.installed
 	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo_serve

@@ -210,6 +210,8 @@ def test_processes_once_drain_and_exit(smtp_sink, kipekee_settings, settings):
     received = Counter(m.message_id for m in smtp_sink.wait_for(300))
     assert set(received) == expected and set(received.values()) == {1}
     assert EngineHeartbeat.objects.count() == 2
+    # Each process closed its warm connections politely before leaving (os._exit).
+    assert smtp_sink.commands.get("QUIT", 0) == smtp_sink.connections
 
 
 def test_processes_stop_gracefully_on_ctrl_c_to_the_process_group(

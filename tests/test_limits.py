@@ -1,14 +1,13 @@
-"""Per-provider limits: parsing, the sliding window, and the concurrency gate."""
+"""Per-provider limits: parsing and the sliding window (the concurrency bound is the
+connection pool's: tests/test_connections.py)."""
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 
 from kipekee import conf
 from kipekee.exceptions import ConfigurationError
-from kipekee.limits import Rate, SlidingWindow, for_provider
+from kipekee.limits import Rate, SlidingWindow
 
 
 @pytest.mark.parametrize("text, count, per", [("150/10s", 150, 10), ("15/s", 15, 1),
@@ -30,30 +29,6 @@ def test_window_lets_count_through_then_makes_the_next_wait_a_window():
     assert 59 < fourth <= 60  # the 4th waits until the 1st leaves the window
     fifth = window.reserve()
     assert 59 < fifth <= 60 and fifth >= fourth
-
-
-def test_concurrency_gate_bounds_threads():
-    limits = for_provider("gate-test", None, 2)
-    inside, peak, lock = 0, 0, threading.Lock()
-    release = threading.Event()
-
-    def work():
-        nonlocal inside, peak
-        with limits.slot():
-            with lock:
-                inside += 1
-                peak = max(peak, inside)
-            release.wait(2)
-            with lock:
-                inside -= 1
-
-    threads = [threading.Thread(target=work) for _ in range(5)]
-    for t in threads:
-        t.start()
-    release.set()
-    for t in threads:
-        t.join()
-    assert peak <= 2 and inside == 0
 
 
 def test_limits_in_provider_settings(settings):

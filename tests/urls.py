@@ -11,4 +11,5 @@ urlpatterns = [
     path("metrics/", metrics.view),
     path("page/", views.page),
     path("order/", views.order),
+    path("async-signup/", views.async_signup),
 ]

@@ -2,8 +2,9 @@
 message stored as a CapturedMessage as it arrives.
 
 They run in the web process (``manage.py kipekee_demo_serve``), so the inbox page can take
-a server down and bring it back: ``down("primary")`` makes it answer every connection
-with ``421`` (a provider outage), and Kipekee fails over to the next provider.
+a server down and bring it back: ``set_down("primary", True)`` closes its open sessions
+and answers every new connection with ``421`` (a provider outage), and Kipekee fails
+over to the next provider.
 """
 
 from __future__ import annotations
@@ -63,4 +64,9 @@ def is_down(name: str) -> bool:
 
 
 def set_down(name: str, down: bool) -> None:
-    servers[name].faults.greeting = DOWN_GREETING if down else None
+    server = servers[name]
+    server.faults.greeting = DOWN_GREETING if down else None
+    if down:
+        # A provider that goes down ends the sessions it had too (Kipekee keeps a warm
+        # one): they hear the same 421, and then the connection closes.
+        server.drop_connections(DOWN_GREETING)

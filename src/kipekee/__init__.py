@@ -7,10 +7,10 @@ the business event, then delivered right away or by an engine, with retries and 
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Email", "Receipt", "notify", "send"]
+__all__ = ["Email", "Receipt", "asend", "notify", "send"]
 
 if TYPE_CHECKING:
-    from .compose import Email, send
+    from .compose import Email, asend, send
     from .dispatch import Receipt
     from .notifications import notify
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``import kipekee`` works before Django's app registry is ready
     # (settings files, INSTALLED_APPS).
-    if name in {"Email", "send"}:
+    if name in {"Email", "asend", "send"}:
         from . import compose
 
         return getattr(compose, name)

@@ -29,6 +29,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import sync_to_async
 from django.template import Context, Engine, TemplateDoesNotExist, loader
 from django.template.backends.django import Template as DjangoBackendTemplate
 from django.template.base import VariableNode
@@ -339,7 +340,23 @@ class Email:
             metadata=self.metadata, event=self.event, target=self.target, using=using,
         )
 
+    async def asend(self, *, using: str | None = None) -> Receipt:
+        """:meth:`send` for async code (see :func:`asend`)."""
+        return await sync_to_async(self.send)(using=using)
+
 
 def send(template: str | None = None, **kwargs: Any) -> Receipt:
     """Compose and send in one call: ``kipekee.send("welcome", to=user.email, context=...)``."""
     return Email(template, **kwargs).send()
+
+
+async def asend(template: str | None = None, **kwargs: Any) -> Receipt:
+    """:func:`send` for async views: ``receipt = await kipekee.asend("welcome", ...)``.
+
+    The same call and the same receipt. Rendering, the outbox write and an in-request
+    delivery (modes ``now``, ``hybrid``) run in a thread, as Django's own async ORM
+    methods do (``sync_to_async``, thread-sensitive: under ASGI, the request's own
+    thread, where its database connection lives), so the event loop goes on serving
+    while the provider answers.
+    """
+    return await sync_to_async(send)(template, **kwargs)

@@ -51,7 +51,7 @@ class ProviderConfig:
     # Not in repr: OPTIONS hold passwords and API keys, and reprs end up in logs.
     options: dict[str, Any] = field(default_factory=dict, repr=False)
     rate: str | None = None  # "150/10s": calls into the provider per window, per process
-    concurrency: int | None = None  # threads of one process talking to it at once
+    concurrency: int | None = None  # connections one process has open to it at once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +113,16 @@ class CheckConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConnectionsConfig:
+    """``KIPEKEE["CONNECTIONS"]``: the warm provider connections of each process
+    (:mod:`kipekee.connections`)."""
+
+    pool_size: int = 4  # idle connections kept per provider; 0: close after each use
+    idle_seconds: float = 10.0  # unused this long: probed (NOOP) before reuse
+    max_age: float = 300.0  # open this long: closed and replaced
+
+
+@dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
     mode: Mode = "hybrid"
@@ -130,6 +140,7 @@ class KipekeeSettings:
     retention: RetentionConfig = RetentionConfig()
     check: CheckConfig = CheckConfig()
     metrics: bool = False
+    connections: ConnectionsConfig = ConnectionsConfig()
     # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
     max_message_size: int | None = 25_000_000
 
@@ -158,6 +169,7 @@ _KNOWN_KEYS = {
     "RETENTION",
     "CHECK",
     "METRICS",
+    "CONNECTIONS",
     "MAX_MESSAGE_SIZE",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
@@ -294,8 +306,27 @@ def parse(raw: Any) -> KipekeeSettings:
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
         webhook_secrets=tuple(secrets),
+        connections=_parse_connections(raw),
         max_message_size=_max_message_size(raw),
         **_parse_operations(raw),
+    )
+
+
+def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
+    section = raw.get("CONNECTIONS", {})
+    keys = {"POOL_SIZE", "IDLE_SECONDS", "MAX_AGE_SECONDS"}
+    if not isinstance(section, dict) or set(section) - keys:
+        raise ConfigurationError(
+            f'KIPEKEE["CONNECTIONS"] must be a dict with keys among {sorted(keys)}.')
+    d = ConnectionsConfig()
+    size = section.get("POOL_SIZE", d.pool_size)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigurationError(
+            f'KIPEKEE["CONNECTIONS"]["POOL_SIZE"] must be an int >= 0, not {size!r}.')
+    return ConnectionsConfig(
+        pool_size=size,
+        idle_seconds=_positive_number(section, "IDLE_SECONDS", d.idle_seconds, "CONNECTIONS"),
+        max_age=_positive_number(section, "MAX_AGE_SECONDS", d.max_age, "CONNECTIONS"),
     )
 
 

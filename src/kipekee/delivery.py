@@ -3,32 +3,38 @@
 Delivery knows nothing of modes or engines: it is handed a row in ``sending``, tries the
 providers, and returns an :class:`Outcome`. Recording the outcome is the outbox's job.
 
-A :class:`Deliverer` keeps one open connection per provider for as long as it lives, so
-an engine sending a batch (or a sender thread) reuses its SMTP session.
+A :class:`Deliverer` takes its provider connections from the process's pool
+(:mod:`kipekee.connections`) and gives them back, open, when a call is done: the next
+request, or the next batch of an engine, sends on a warm session.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from types import TracebackType
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.db.models import prefetch_related_objects
 from django.utils import timezone
 
-from . import circuit, providers, suppression
+from . import circuit, connections, deadlines, providers, suppression
+from .connections import Connection, ProviderBusy, is_server_closed
 from .message import from_row
 from .models import ErrorKind, OutboxEmail
 from .providers import Failure, classify
 
 logger = logging.getLogger("kipekee.delivery")
+
+T = TypeVar("T")
 
 _state = threading.local()
 
@@ -95,14 +101,21 @@ class BatchBackend(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class _PassedOver(Failure):
-    """A provider not tried because its circuit is open (``retry_after``: until the
-    circuit lets the message through, see ``CircuitBreaker.postpone_for``)."""
+    """A provider not tried: its circuit is open (``retry_after``: until the circuit lets
+    the message through, see ``CircuitBreaker.postpone_for``), or every connection this
+    process may open to it is in use (a local limit, ``LIMITS["CONCURRENCY"]``)."""
 
     @classmethod
     def by(cls, breaker: circuit.CircuitBreaker) -> _PassedOver:
         return cls(kind=ErrorKind.TRANSIENT, retry_after=breaker.postpone_for(),
                    error="circuit open after repeated failures "
                          f"(next trial in {breaker.retry_in():.0f} s)")
+
+    @classmethod
+    def busy(cls, exc: ProviderBusy) -> _PassedOver:
+        # Connections come back after a send; spread the rows that waited in vain.
+        return cls(kind=ErrorKind.TRANSIENT, retry_after=random.uniform(1.0, 5.0),
+                   error=str(exc))
 
 
 @dataclass
@@ -161,14 +174,28 @@ def _runs(items: list[tuple[_Pending, Any]], max_count: int, max_bytes: int, *,
         yield chunk
 
 
-class Deliverer:
-    """Sends rows through the configured providers, reusing open connections.
+def _send_batch(backend: BaseEmailBackend, items: list[Any]) -> list[BaseException | None]:
+    """Send ``items`` in one request on ``backend`` (a pooled connection's, maybe opened
+    again since the items were built: seen as a batch backend again)."""
+    batch = backend if isinstance(backend, BatchBackend) else providers.merge_batch(backend)
+    return cast(BatchBackend, batch).send_batch(items)
 
-    Use as a context manager, or call :meth:`close` when done.
+
+class Deliverer:
+    """Sends rows through the configured providers, on the process's warm connections.
+
+    A connection is checked out of the provider's pool when a call first needs it and
+    checked in (open) when the call returns, so nothing is held between calls and
+    ``LIMITS["CONCURRENCY"]`` bounds the connections of every thread together.
+    The caller's deadline (:mod:`kipekee.deadlines`, e.g. the in-request time budget)
+    bounds the wait for a connection when all are in use; without one an engine waits up
+    to ``connections.DEFAULT_WAIT``. Use as a context manager, or call :meth:`close` when
+    done.
     """
 
     def __init__(self) -> None:
-        self._backends: dict[str, BaseEmailBackend] = {}
+        # Connections checked out during the current call, by provider.
+        self._held: dict[str, Connection] = {}
 
     def __enter__(self) -> Deliverer:
         return self
@@ -232,15 +259,25 @@ class Deliverer:
         row, message, started, refused = p.row, p.message, p.started, p.refused
         failures = list(failures)
         for alias in aliases:
+            try:
+                # A connection (or room for one) first, so that a wait for one never
+                # holds the breaker's half-open trial; nothing is sent yet.
+                self._checkout(alias)
+            except ProviderBusy as busy:
+                failures.append((alias, _PassedOver.busy(busy)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - settings changed under the row: recorded
+                failures.append((alias, classify(exc)))
+                continue
             breaker = circuit.for_provider(alias)
             if not breaker.allow():
+                self._release(alias)
                 failures.append((alias, _PassedOver.by(breaker)))
                 continue
             backend = None
             try:
                 backend = self._open(alias)
-                with providers.limits_for(alias).slot(), _delivering():
-                    count = backend.send_messages([message])
+                count = self._send(alias, lambda b: b.send_messages([message]))
                 if count != 1:
                     raise RuntimeError(f"backend reported {count} messages sent, not 1")
             except Exception as exc:  # noqa: BLE001 - classified and recorded on the row
@@ -313,6 +350,12 @@ class Deliverer:
         request refused as a whole (400, 413, 422) does not say which message is at
         fault, so its rows are then sent one by one, each getting its own verdict.
         """
+        try:
+            return self._deliver_many(rows)
+        finally:
+            self._release_all()  # warm, for the next call (of any thread)
+
+    def _deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(rows)
         prefetch_related_objects(list(rows), "attachments")
         using = rows[0]._state.db if rows else None
@@ -350,6 +393,7 @@ class Deliverer:
         try:
             backend = self._open(alias)
         except Exception:  # noqa: BLE001 - the single path records why it cannot open
+            self._discard(alias)
             return None
         if isinstance(backend, BatchBackend):
             return backend
@@ -362,17 +406,29 @@ class Deliverer:
         backend = self._batch_backend(alias)
         assert backend is not None
         items: list[tuple[_Pending, Any]] = []
+        # Built first, sent after the batches: sending them may take other connections
+        # (and give this one back to the pool), so the batch backend is not used then.
+        unbuilt: list[tuple[_Pending, Failure]] = []
+        too_big: list[_Pending] = []
         for p in group:
             try:
                 item = backend.send_batch_item(p.message)
             except Exception as exc:  # noqa: BLE001 - this message alone cannot be built
-                outcomes[p.index] = self._after(p, alias, classify(exc, backend))
+                unbuilt.append((p, classify(exc, backend)))
                 continue
             if item.size > backend.batch_max_bytes:
                 # Too big to share a request: alone, through the single-message endpoint.
-                outcomes[p.index] = self._through(p, p.aliases)
+                too_big.append(p)
                 continue
             items.append((p, item))
+        self._send_batches(alias, backend, items, outcomes)
+        for p, failure in unbuilt:
+            outcomes[p.index] = self._after(p, alias, failure)
+        for p in too_big:
+            outcomes[p.index] = self._through(p, p.aliases)
+
+    def _send_batches(self, alias: str, backend: BatchBackend,
+                      items: list[tuple[_Pending, Any]], outcomes: list[Outcome | None]) -> None:
         broken: Failure | None = None
         breaker = circuit.for_provider(alias)
         for chunk in _chunks(items, backend.batch_max_messages, backend.batch_max_bytes):
@@ -380,7 +436,13 @@ class Deliverer:
                 # Nothing to share a request with: the single-message path.
                 outcomes[chunk[0][0].index] = self._through(chunk[0][0], chunk[0][0].aliases)
                 continue
+            if broken is None:
+                try:
+                    self._checkout(alias)  # before the breaker's trial, as in _through
+                except ProviderBusy as busy:
+                    broken = _PassedOver.busy(busy)
             if broken is None and not breaker.allow():
+                self._release(alias)
                 broken = _PassedOver.by(breaker)
             if broken is not None:
                 # The provider failed a request of this call for a reason that is not
@@ -391,8 +453,7 @@ class Deliverer:
             try:
                 # Opened again if an earlier request of this call failed (and closed it).
                 backend = cast(BatchBackend, self._batch_backend(alias))
-                with providers.limits_for(alias).slot(), _delivering():
-                    results = backend.send_batch([item for _, item in chunk])
+                results = self._send(alias, partial(_send_batch, items=[i for _, i in chunk]))
                 if len(results) != len(chunk):
                     raise RuntimeError(f"batch answered {len(results)} results for "
                                        f"{len(chunk)} messages")
@@ -436,27 +497,77 @@ class Deliverer:
                        refused={**(refused or {}), **failure.refused},
                        retry_after=failure.retry_after)
 
+    # -- connections: checked out of the process's pool, given back after each call ----
+
+    def _checkout(self, alias: str) -> Connection:
+        """This call's connection to ``alias``: the one it holds, or one from the pool
+        (no network yet). Raises :class:`ProviderBusy` when none came back in time."""
+        held = self._held.get(alias)
+        if held is not None:
+            return held
+        pool = connections.pool_for(alias)
+        try:
+            conn = pool.checkout(timeout=0)
+        except ProviderBusy:
+            # Never wait while holding another provider's connection: two threads each
+            # holding what the other waits for would wait forever.
+            self._release_all()
+            # Within a deadline (the in-request budget), at most half of what is left:
+            # the other half is for the next provider should none come back.
+            left = deadlines.remaining()
+            wait = connections.DEFAULT_WAIT if left is None else max(0.0, left) / 2
+            conn = pool.checkout(timeout=wait)
+        self._held[alias] = conn
+        return conn
+
     def _open(self, alias: str) -> BaseEmailBackend:
-        backend = self._backends.get(alias)
-        if backend is None:
-            backend = providers.build(alias)
-            backend.open()
-            self._backends[alias] = backend
-        return backend
+        """``alias``'s backend, open and checked (see ``ProviderPool.ready``)."""
+        conn = self._checkout(alias)
+        return conn.pool.ready(conn)
+
+    def _send(self, alias: str, send: Callable[[BaseEmailBackend], T]) -> T:
+        """``send(backend)`` on this call's open connection to ``alias``.
+
+        When a connection that has sent before fails because the server had closed it
+        meanwhile (idle timeout, ``421``, a restart: between the check and the send), a
+        new one is opened and ``send`` runs once more: the provider never refused
+        anything, so no failure is recorded and no breaker counts it. (Were the
+        connection to close after the server took the message but before its reply,
+        this sends it again at once, as a retry by an engine would, with the same
+        Message-ID.)
+        """
+        conn = self._checkout(alias)
+        backend = conn.pool.ready(conn)
+        try:
+            with providers.limits_for(alias).slot(), _delivering():
+                result = send(backend)
+        except Exception as exc:
+            if not (conn.uses and is_server_closed(exc)):
+                raise
+            logger.info("Provider %r closed a warm connection (%s); sending on a new one",
+                        alias, exc)
+            backend = conn.pool.renew(conn)
+            with providers.limits_for(alias).slot(), _delivering():
+                result = send(backend)
+        conn.uses += 1
+        return result
+
+    def _release(self, alias: str) -> None:
+        """Give ``alias``'s connection back to the pool, open and warm."""
+        conn = self._held.pop(alias, None)
+        if conn is not None:
+            conn.pool.checkin(conn)
 
     def _discard(self, alias: str) -> None:
-        backend = self._backends.pop(alias, None)
-        if backend is not None:
-            self._close(alias, backend)
+        """Give ``alias``'s connection back closed: its session's state is unknown."""
+        conn = self._held.pop(alias, None)
+        if conn is not None:
+            conn.pool.checkin(conn, reusable=False)
+
+    def _release_all(self) -> None:
+        for alias in list(self._held):
+            self._release(alias)
 
     def close(self) -> None:
-        for alias, backend in list(self._backends.items()):
-            self._close(alias, backend)
-        self._backends.clear()
-
-    @staticmethod
-    def _close(alias: str, backend: BaseEmailBackend) -> None:
-        try:
-            backend.close()
-        except Exception as exc:  # noqa: BLE001 - closing a broken session must not mask the send result
-            logger.warning("Closing provider %r failed: %r", alias, exc)
+        """Give every connection back (they stay open in the pool for the next call)."""
+        self._release_all()

@@ -73,6 +73,11 @@ class Receipt:
         self._update(OutboxEmail.objects.using(self._using).get(pk=self.id))
         return self
 
+    async def arefresh(self) -> Receipt:
+        """:meth:`refresh` for async code."""
+        self._update(await OutboxEmail.objects.using(self._using).aget(pk=self.id))
+        return self
+
     @property
     def sent(self) -> bool:
         return self.status == Status.SENT
@@ -157,6 +162,8 @@ def deliver_in_request(receipt: Receipt) -> None:
     delays = settings.now_retry_delays if receipt.mode == "now" else ()
     deadline = time.monotonic() + settings.now_time_budget
     policy = RetryPolicy.from_settings()
+    # The process's warm connections (kipekee.connections): waiting for one when all are
+    # in use counts against the time budget (the deadline below).
     with Deliverer() as deliverer:
         for index in range(len(delays) + 1):
             row = outbox.claim(receipt.id, own=True, using=receipt._using)

@@ -6,8 +6,10 @@ Configured next to the backend::
                  "LIMITS": {"RATE": "150/10s", "CONCURRENCY": 10}}
 
 ``RATE`` counts calls into the provider (one ``send_messages`` call, or one batch
-request), in a sliding window, per process. ``CONCURRENCY`` bounds how many threads of
-this process talk to the provider at once (Mailtrap allows 10 SMTP connections).
+request), in a sliding window, per process. ``CONCURRENCY`` bounds how many connections
+this process has open to the provider at once (Mailtrap allows 10 SMTP connections); the
+connection pool enforces it (:mod:`kipekee.connections`): a thread sends only on a
+connection it checked out.
 """
 
 from __future__ import annotations
@@ -89,16 +91,13 @@ class SlidingWindow:
 
 
 class ProviderLimits:
-    """The rate window and concurrency gate of one provider, shared by the process."""
+    """The rate window of one provider, shared by the process."""
 
-    def __init__(self, rate: Rate | None, concurrency: int | None) -> None:
+    def __init__(self, rate: Rate | None) -> None:
         self.window = SlidingWindow(rate) if rate else None
-        self.gate = threading.BoundedSemaphore(concurrency) if concurrency else None
 
     @contextmanager
     def slot(self) -> Iterator[None]:
-        if self.gate is not None:
-            self.gate.acquire()
         start = None
         try:
             if self.window is not None:
@@ -108,20 +107,18 @@ class ProviderLimits:
             if start is not None:
                 assert self.window is not None
                 self.window.finished(start)
-            if self.gate is not None:
-                self.gate.release()
 
 
 _lock = threading.Lock()
-_limits: dict[tuple[str, str | None, int | None], ProviderLimits] = {}
+_limits: dict[tuple[str, str | None], ProviderLimits] = {}
 
 
-def for_provider(alias: str, rate: str | None, concurrency: int | None) -> ProviderLimits:
-    key = (alias, rate, concurrency)
+def for_provider(alias: str, rate: str | None) -> ProviderLimits:
+    key = (alias, rate)
     with _lock:
         limits = _limits.get(key)
         if limits is None:
-            limits = _limits[key] = ProviderLimits(Rate.parse(rate) if rate else None, concurrency)
+            limits = _limits[key] = ProviderLimits(Rate.parse(rate) if rate else None)
         return limits
 
 

@@ -119,9 +119,9 @@ def build(alias: str) -> BaseEmailBackend:
 
 
 def limits_for(alias: str) -> ProviderLimits:
-    """The process-wide rate window and concurrency gate of provider ``alias``."""
-    config = conf.get().provider(alias)
-    return limits.for_provider(alias, config.rate, config.concurrency)
+    """The process-wide rate window of provider ``alias`` (its concurrency is the
+    connection pool's, :mod:`kipekee.connections`)."""
+    return limits.for_provider(alias, conf.get().provider(alias).rate)
 
 
 def aliases(only: str = "") -> list[str]:

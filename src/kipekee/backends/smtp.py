@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import email.policy
 import functools
+import select
 import smtplib
+import socket
 import ssl
 import sys
 import threading
@@ -81,6 +83,8 @@ def _smtplib_replaced(stdlib: type[smtplib.SMTP], use_ssl: bool) -> bool:
     test double, as in Django's own tests, or instrumentation that watches the wire)."""
     return stdlib is not _STDLIB_CLIENTS[use_ssl] or any(
         vars(smtplib.SMTP).get(name) is not method for name, method in _STDLIB_METHODS.items())
+
+
 #: Seconds one exchange with the server may take in all: opening the session, or one
 #: message. RFC 5321's longest single wait is the 10 minutes for the reply after the
 #: final dot (4.5.3.2.6).
@@ -330,3 +334,42 @@ class EmailBackend(DjangoSMTPBackend):
         email_message.provider_message_ids = (  # type: ignore[attr-defined]
             dict(delivery.queue_ids) if delivery is not None else {})
         return True
+
+    def is_usable(self, *, probe: bool = False, timeout: float | None = None) -> bool:
+        """Whether the open connection can take the next message: the connection pool's
+        health check before reuse (:mod:`kipekee.connections`; any backend may define it).
+
+        Without ``probe`` nothing goes on the wire: a healthy idle session has nothing to
+        read, while a server that closed it (idle timeout, restart) or said something
+        unasked (``421`` before closing) left the socket readable. With ``probe``, one
+        ``NOOP`` must be answered ``250`` within ``timeout`` seconds (a connection a NAT
+        dropped in silence answers nothing). Raises nothing the caller must handle
+        beyond what a dead connection raises.
+        """
+        connection = self.connection
+        sock = getattr(connection, "sock", None)
+        if connection is None or sock is None:
+            return False
+        if (isinstance(sock, ssl.SSLSocket) and sock.pending()) or _readable(sock):
+            return False
+        if not probe:
+            return True
+        previous = sock.gettimeout()
+        if timeout is not None:
+            sock.settimeout(timeout)
+        try:
+            code, _ = connection.noop()
+        finally:
+            if connection.sock is sock:  # smtplib drops a socket that failed
+                sock.settimeout(previous)
+        return bool(code == 250)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read (or reached its end), without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([sock], [], [], 0)  # Windows: no poll()
+    return bool(readable)

@@ -54,7 +54,8 @@ class Stats:
 class Sender:
     """One sender thread's work: claim a batch, deliver it, record each outcome.
 
-    Keeps its :class:`Deliverer` (one open connection per provider) across batches.
+    Its :class:`Deliverer` takes the process's warm provider connections for each batch
+    (:mod:`kipekee.connections`).
     :meth:`drain` overlaps the database work with sending; :meth:`run_once` does one
     batch, each step in turn.
     """

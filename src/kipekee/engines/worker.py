@@ -20,6 +20,7 @@ from typing import Any
 
 from django.db import connection, connections, router
 
+from ..connections import close_all as close_provider_connections
 from ..models import OutboxEmail
 from . import Sender, Stats, beat, engine_name
 
@@ -83,6 +84,9 @@ class Worker:
             logger.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s", self.name,
                         sent, deferred, failed, time.monotonic() - started)
             connection.close()
+            # QUIT the warm provider connections now: a --processes child leaves by
+            # os._exit, which runs no atexit hook.
+            close_provider_connections()
 
     def _log(self, before: tuple[int, int, int], seconds: float) -> tuple[int, int, int]:
         now = self.stats.snapshot()

@@ -1,7 +1,8 @@
 """Real local servers for tests and demos: SMTP (:mod:`.smtp`), and the HTTP APIs of
 Mailtrap (:mod:`.mailtrap`), Postmark (:mod:`.postmark`), SendGrid (:mod:`.sendgrid`),
 Mailgun (:mod:`.mailgun`) and Amazon SES v2 (:mod:`.amazon_ses`), each following the
-ESP's documented contract, with its signed webhooks.
+ESP's documented contract, with its signed webhooks; and a proxy that puts any of them a
+round trip away (:mod:`.delay`).
 
 Install with the ``kipekee[testing]`` extra. ``python -m kipekee.testing`` runs the SMTP
 capture server; ``python -m kipekee.testing.mailtrap`` runs the Mailtrap one.
@@ -10,6 +11,7 @@ capture server; ``python -m kipekee.testing.mailtrap`` runs the Mailtrap one.
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .delay import DelayProxy
 from .smtp import Faults, LocalSMTPServer, ReceivedMessage, TLSMode, self_signed_context
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from .sendgrid import LocalSendGridServer
 
 __all__ = [
+    "DelayProxy",
     "ESPFaults",
     "ESPRequest",
     "Faults",

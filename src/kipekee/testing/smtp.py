@@ -132,6 +132,10 @@ class Faults:
     """The reply to every ``MAIL FROM`` instead of ``250``. A non-2xx reply leaves the
     transaction without a sender, as a real refusal does."""
 
+    mail_replies: list[str] = field(default_factory=list)
+    """Replies used first-in first-out, one per ``MAIL FROM``, before ``mail_reply``. A
+    ``421`` reply closes the connection after it is sent, as RFC 5321 says."""
+
     refuse_recipients: dict[str, str] = field(default_factory=dict)
     """Recipient address (matched case-insensitively) -> reply to its ``RCPT TO``, e.g.
     ``{"nobody@example.com": "550 5.1.1 no such user"}``. Other recipients get 250."""
@@ -520,7 +524,12 @@ class _Handler:
         owner = self._owner
         if owner.auth is not None and not session.authenticated:
             return "530 5.7.0 Authentication required"
-        reply = owner.faults.mail_reply
+        faults = owner.faults
+        reply = faults.mail_replies.pop(0) if faults.mail_replies else faults.mail_reply
+        if reply is not None and reply.startswith("421"):
+            # Closed once the reply is out (close() flushes what was written first).
+            assert server.transport is not None
+            server.loop.call_soon(server.transport.close)
         if reply is None:
             return MISSING  # aiosmtpd's default: record the sender, reply 250
         if _is_positive(reply):
@@ -550,6 +559,19 @@ class _Handler:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
         return reply
+
+    async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope,
+                          arg: str) -> Any:
+        self._owner._count("NOOP")
+        return MISSING
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        self._owner._count("RSET")
+        return MISSING
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        self._owner._count("QUIT")
+        return MISSING
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         owner = self._owner
@@ -661,12 +683,14 @@ class LocalSMTPServer:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._connections = 0
+        self._peak_open = 0
+        self._commands: dict[str, int] = {}
         self._auth_failures = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._startup_error: BaseException | None = None
-        # Open sessions, touched only in the server's thread.
+        # Open sessions: changed only in the server's thread, under _lock.
         self._sessions: set[_SessionProtocol] = set()
 
     def __repr__(self) -> str:
@@ -689,6 +713,42 @@ class LocalSMTPServer:
         """TCP connections accepted so far (each is one SMTP session)."""
         with self._lock:
             return self._connections
+
+    @property
+    def open_connections(self) -> int:
+        """Sessions open now."""
+        with self._lock:
+            return len(self._sessions)
+
+    @property
+    def peak_connections(self) -> int:
+        """The most sessions that were open at the same time."""
+        with self._lock:
+            return self._peak_open
+
+    @property
+    def commands(self) -> dict[str, int]:
+        """How many ``NOOP``, ``RSET`` and ``QUIT`` commands the server received."""
+        with self._lock:
+            return dict(self._commands)
+
+    def drop_connections(self, reply: str | None = "421 4.4.2 Idle timeout, closing") -> int:
+        """Close every open session, as a server does on its idle timeout or restart:
+        ``reply`` first (``None``: without a word). Returns how many were closed."""
+        loop = self._loop
+        if loop is None or self._thread is None:
+            return 0
+
+        async def drop() -> int:
+            sessions = list(self._sessions)
+            for session in sessions:
+                if reply is not None:
+                    await session.push(reply)
+                assert session.transport is not None
+                session.transport.close()
+            return len(sessions)
+
+        return asyncio.run_coroutine_threadsafe(drop(), loop).result(timeout=5)
 
     @property
     def auth_failures(self) -> int:
@@ -715,6 +775,8 @@ class LocalSMTPServer:
             self.messages.clear()
             self._groups.clear()
             self._connections = 0
+            self._peak_open = len(self._sessions)
+            self._commands.clear()
             self._auth_failures = 0
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
@@ -882,10 +944,17 @@ class LocalSMTPServer:
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sessions.add(session)
+        with self._lock:
+            self._sessions.add(session)
+            self._peak_open = max(self._peak_open, len(self._sessions))
 
     def _session_closed(self, session: _SessionProtocol) -> None:
-        self._sessions.discard(session)
+        with self._lock:
+            self._sessions.discard(session)
+
+    def _count(self, command: str) -> None:
+        with self._lock:
+            self._commands[command] = self._commands.get(command, 0) + 1
 
     def _add_group(self, group: list[str]) -> None:
         with self._lock:

@@ -1,0 +1,351 @@
+"""Warm provider connections: a small pool of open backends per provider, per process.
+
+A send in the request should cost the provider's round trips for the message, not for a
+new session (TCP, greeting, EHLO, STARTTLS, TLS, EHLO, AUTH: ten round trips before the
+first byte of mail). So a backend :class:`~kipekee.delivery.Deliverer` opened stays open
+when it is done, in this module's pool, and the next send (the next request's, or the
+next batch of an engine thread) takes it again.
+
+- **Checkout, checkin.** A connection is used by one thread at a time: the Deliverer
+  checks it out (:meth:`ProviderPool.checkout`), makes it ready (:meth:`ProviderPool.ready`)
+  and checks it in when its call is done (:meth:`ProviderPool.checkin`). The most recently
+  used connection is handed out first (the warmest; the others age and are closed).
+- **Health without a round trip.** Before reuse, the backend's ``is_usable(probe=False)``
+  looks at the socket: a server that closed the connection (idle timeout, ``421``, a
+  restart) left it readable, and it is replaced at once. A connection unused for
+  ``CONNECTIONS["IDLE_SECONDS"]`` is also probed (``is_usable(probe=True)``: one ``NOOP``),
+  because a connection dropped by a NAT or firewall says nothing. Backends without
+  ``is_usable`` (HTTP APIs: ``requests`` checks its own pooled sockets) are taken as they
+  are. A connection open for ``MAX_AGE_SECONDS`` is closed and replaced.
+- **A bound.** ``LIMITS["CONCURRENCY"]`` is the most connections to the provider this
+  process has open at once (in use and idle); a checkout waits for one to come back.
+  ``POOL_SIZE`` is how many idle connections per provider are kept once a burst is over
+  (more are closed after ``IDLE_SECONDS`` unused).
+- **Fork.** A child process never uses its parent's sockets (``os.register_at_fork``):
+  it forgets the inherited connections, closing its copies of the sockets without a word
+  on the wire (a ``QUIT`` would end the parent's session), and opens its own.
+- **Exit.** Idle connections are closed (``QUIT``) at interpreter exit and when the
+  settings change (``setting_changed``), and by :func:`close_all`.
+
+Connections are per process. A bound shared by processes and hosts (issue 21) plugs in at
+:meth:`ProviderPool._take_permit` / :meth:`ProviderPool._return_permit`, which count the
+open connections.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import smtplib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.core.mail.backends.base import BaseEmailBackend
+from django.core.signals import setting_changed
+
+from . import conf, providers
+
+logger = logging.getLogger("kipekee.connections")
+
+#: Seconds a probe of an idle connection may take before the connection is given up and
+#: a new one opened: a provider answers a NOOP within a round trip, and a dead
+#: connection would otherwise hold the send for the whole socket timeout.
+PROBE_TIMEOUT = 2.0
+#: Seconds an engine's Deliverer waits for a connection when all are in use (the
+#: in-request path waits at most its time budget).
+DEFAULT_WAIT = 60.0
+
+
+class ProviderBusy(Exception):
+    """Every connection this process may open to the provider is in use, and none came
+    back in time. A local limit, not a provider failure: no circuit breaker counts it."""
+
+    def __init__(self, alias: str, limit: int | None, waited: float) -> None:
+        self.alias = alias
+        self.limit = limit
+        self.waited = waited
+        super().__init__(f"all {limit} connection(s) to provider {alias!r} in use "
+                         f"(LIMITS['CONCURRENCY']); waited {waited:.1f} s")
+
+
+class Connection:
+    """One connection of a pool, checked out by one thread.
+
+    ``backend`` is the opened backend, or ``None`` until :meth:`ProviderPool.ready` opens
+    one. A checked-out connection holds a permit of the pool whether open or not.
+    """
+
+    __slots__ = ("backend", "checked", "opened_at", "pool", "used_at", "uses")
+
+    def __init__(self, pool: ProviderPool) -> None:
+        self.pool = pool
+        self.backend: BaseEmailBackend | None = None
+        self.opened_at = 0.0
+        self.used_at = 0.0
+        #: Successful sends on this backend since it was opened: a failure on a
+        #: connection with ``uses`` may be a server that closed it in between.
+        self.uses = 0
+        #: Made ready since this checkout (checked or opened): not checked again.
+        self.checked = False
+
+
+class ProviderPool:
+    """The open connections of one provider in this process (thread-safe)."""
+
+    def __init__(self, alias: str, build: Callable[[], BaseEmailBackend], *,
+                 max_open: int | None, pool_size: int, idle_seconds: float,
+                 max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.alias = alias
+        self.max_open = max_open
+        self.pool_size = pool_size
+        self.idle_seconds = idle_seconds
+        self.max_age = max_age
+        self._build = build
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._idle: list[Connection] = []  # least recently used first
+        self._open = 0  # permits taken: connections checked out or idle
+        self._closed = False
+
+    # -- the permits (the seam for a limit shared across processes) -------------------
+
+    def _take_permit(self) -> bool:
+        """Count one more open connection if the limit allows (called under the lock)."""
+        if self.max_open is not None and self._open >= self.max_open:
+            return False
+        self._open += 1
+        return True
+
+    def _return_permit(self) -> None:
+        """A connection was closed (called under the lock)."""
+        self._open -= 1
+        self._cond.notify()
+
+    # -- checkout and checkin ------------------------------------------------------
+
+    def checkout(self, timeout: float | None = DEFAULT_WAIT) -> Connection:
+        """An idle connection (most recently used first), or room for a new one.
+
+        Nothing goes over the network here: :meth:`ready` opens or checks it, so a caller
+        can ask its circuit breaker in between. Waits up to ``timeout`` seconds while
+        ``max_open`` connections are out, then raises :class:`ProviderBusy`.
+        """
+        started = self._clock()
+        with self._cond:
+            while True:
+                if self._idle:
+                    conn = self._idle.pop()
+                    conn.checked = False
+                    return conn
+                if self._take_permit():
+                    return Connection(self)
+                waited = self._clock() - started
+                left = None if timeout is None else timeout - waited
+                if left is not None and left <= 0:
+                    raise ProviderBusy(self.alias, self.max_open, waited)
+                self._cond.wait(left)
+
+    def ready(self, conn: Connection) -> BaseEmailBackend:
+        """``conn``'s backend, open and fit to send: an idle one checked (and replaced if
+        the server closed it, or it is too old), or a new one opened.
+
+        Raises what opening raises (the caller then checks ``conn`` in with
+        ``reusable=False``): that is a failure of the provider.
+        """
+        if conn.checked and conn.backend is not None:
+            return conn.backend
+        now = self._clock()
+        backend = conn.backend
+        if backend is not None:
+            if now - conn.opened_at >= self.max_age:
+                self._close(conn, quietly=False)
+            elif not self._usable(backend, probe=now - conn.used_at >= self.idle_seconds):
+                logger.debug("Provider %r: the server closed an idle connection; opening "
+                             "another", self.alias)
+                self._close(conn, quietly=True)
+        if conn.backend is None:
+            backend = self._build()
+            try:
+                backend.open()
+            except BaseException:
+                # A session that failed half-way (TLS, AUTH) still holds its socket.
+                conn.backend = backend
+                self._close(conn, quietly=True)
+                raise
+            conn.backend, conn.opened_at, conn.uses = backend, self._clock(), 0
+        conn.checked = True
+        assert conn.backend is not None
+        return conn.backend
+
+    def renew(self, conn: Connection) -> BaseEmailBackend:
+        """Close ``conn``'s backend without a word and open a new one in its place (the
+        server closed it between the check and the send)."""
+        self._close(conn, quietly=True)
+        conn.checked = False
+        return self.ready(conn)
+
+    def checkin(self, conn: Connection, *, reusable: bool = True) -> None:
+        """Give ``conn`` back: kept warm if ``reusable`` (its session is in a known state),
+        else closed."""
+        surplus: list[Connection] = []
+        now = self._clock()
+        conn.used_at = now
+        keep = (reusable and conn.backend is not None and not self._closed
+                and self.pool_size > 0 and now - conn.opened_at < self.max_age)
+        if keep:
+            with self._cond:
+                self._idle.append(conn)
+                # A burst is over: the least recently used beyond POOL_SIZE go once unused
+                # for IDLE_SECONDS (not at once, or a busy engine would close and reopen).
+                while (len(self._idle) > self.pool_size
+                       and now - self._idle[0].used_at >= self.idle_seconds):
+                    surplus.append(self._idle.pop(0))
+                self._cond.notify()
+        else:
+            surplus.append(conn)
+        for old in surplus:
+            self._close(old, quietly=not reusable and old is conn)
+            with self._cond:
+                self._return_permit()
+
+    def close(self) -> None:
+        """Close the idle connections (``QUIT``); those checked out close at checkin."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._close(conn, quietly=False)
+            with self._cond:
+                self._return_permit()
+
+    def forget(self) -> None:
+        """In a forked child: drop the inherited connections, saying nothing on them."""
+        self._closed = True
+        for conn in self._idle:
+            _drop_socket(conn.backend)
+        self._idle = []
+
+    @property
+    def open_count(self) -> int:
+        """Connections of this pool open or reserved now (checked out or idle)."""
+        with self._cond:
+            return self._open
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _usable(self, backend: BaseEmailBackend, *, probe: bool) -> bool:
+        check = getattr(backend, "is_usable", None)
+        if check is None:
+            return True
+        try:
+            return bool(check(probe=probe, timeout=PROBE_TIMEOUT))
+        except Exception as exc:  # noqa: BLE001 - a failed check means "open another"
+            logger.debug("Provider %r: connection check raised %r", self.alias, exc)
+            return False
+
+    def _close(self, conn: Connection, *, quietly: bool) -> None:
+        """Close ``conn``'s backend: politely (``QUIT``), or ``quietly`` for one that is
+        broken: its socket is closed without a word, as waiting for the reply of a server
+        that stopped answering would cost another timeout."""
+        backend, conn.backend = conn.backend, None
+        if backend is None:
+            return
+        try:
+            if quietly:
+                _drop_socket(backend)
+            backend.close()
+        except Exception as exc:  # noqa: BLE001 - closing must never mask a send's result
+            (logger.debug if quietly else logger.warning)(
+                "Closing a connection to provider %r failed: %r", self.alias, exc)
+
+
+def _drop_socket(backend: BaseEmailBackend | None) -> None:
+    """Close this process's copy of ``backend``'s socket without sending anything."""
+    connection = getattr(backend, "connection", None)
+    if isinstance(connection, smtplib.SMTP):
+        connection.close()  # smtplib's close() only closes the socket (quit() talks)
+        return
+    session = getattr(backend, "session", None)  # anymail's requests session
+    close = getattr(session, "close", None)
+    if close is not None:
+        close()  # urllib3 closes its sockets; HTTP and TLS have nothing to say on close
+
+
+def is_server_closed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the server had closed the connection:
+    a disconnect, a reset, or a ``421`` (the service closing the channel)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (smtplib.SMTPServerDisconnected, ConnectionResetError,
+                                BrokenPipeError, ConnectionAbortedError)):
+            return True
+        if isinstance(current, smtplib.SMTPResponseException) and current.smtp_code == 421:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# -- the pools of this process ---------------------------------------------------------
+
+_lock = threading.Lock()
+_pools: dict[str, ProviderPool] = {}
+
+
+def pool_for(alias: str) -> ProviderPool:
+    """Provider ``alias``'s pool in this process (made on first use)."""
+    with _lock:
+        pool = _pools.get(alias)
+        if pool is None:
+            settings = conf.get()
+            config = settings.provider(alias)
+            pool = _pools[alias] = ProviderPool(
+                alias, lambda: providers.build(alias), max_open=config.concurrency,
+                pool_size=settings.connections.pool_size,
+                idle_seconds=settings.connections.idle_seconds,
+                max_age=settings.connections.max_age)
+        return pool
+
+
+def close_all() -> None:
+    """Close every idle connection of this process; later sends open new ones."""
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
+
+
+_owner = os.getpid()
+
+
+def _at_exit() -> None:
+    if os.getpid() == _owner:
+        close_all()
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _pools, _owner
+    # Another thread of the parent may have held the lock at the fork: a new one.
+    inherited, _pools, _lock, _owner = _pools, {}, threading.Lock(), os.getpid()
+    for pool in inherited.values():
+        pool.forget()
+
+
+atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: Settings whose change may change what a provider's backend connects to.
+_RESET_ON = {"KIPEKEE", "DEFAULT_FROM_EMAIL", "ANYMAIL"}
+
+
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting in _RESET_ON or setting.startswith("EMAIL_"):
+        close_all()
+
+
+setting_changed.connect(_reset, dispatch_uid="kipekee.connections")
