@@ -8,10 +8,12 @@ the same way everywhere, before anything is written. Delivery rebuilds the messa
 
 from __future__ import annotations
 
+import copy
 import email.message
 import functools
 import re
 from dataclasses import dataclass
+from email import encoders
 from email.errors import HeaderParseError
 from email.headerregistry import AddressHeader
 from email.mime.base import MIMEBase
@@ -254,8 +256,6 @@ def inline_part(filename: str, content: bytes, mimetype: str, content_id: str) -
         part.set_content(content, maintype=maintype, subtype=subtype or "octet-stream",
                          disposition="inline", filename=filename or None, cid=f"<{content_id}>")
         return part
-    from email import encoders
-
     legacy = MIMEBase(maintype, subtype or "octet-stream")
     legacy.set_payload(content)
     encoders.encode_base64(legacy)
@@ -290,63 +290,108 @@ class RelatedMessage(EmailMultiAlternatives):
               image/png                  Content-ID: <qr-1@kipekee>
           application/pdf                (regular attachments)
 
-    The inline parts stay in ``attachments`` (MIME parts with a Content-ID), so HTTP-API
-    backends such as django-anymail find them there and send them as inline images.
+    :meth:`message` lets Django build the message without the inline parts, then moves
+    its HTML part into a ``multipart/related`` with them, through the email package's
+    public API: Django's private builders are not touched. With no HTML part (a text-only
+    message, or an empty HTML body next to attachments), inline parts are attachments
+    like any other, as Django sends them. The inline parts stay in ``attachments`` (MIME
+    parts with a Content-ID), so HTTP-API backends such as django-anymail find them there
+    and send them as inline images. ``kipekee.wire`` builds the same bytes directly.
+
+    On Django 6, a message always carries ``MIME-Version: 1.0`` at the top: Django 6 (with
+    the stdlib's modern email API, CPython issues 91297 and 120946) leaves it out when the
+    body is empty and there are alternatives or attachments; RFC 2045 section 4 requires it.
     """
 
     attachments: list[Any]
-    _inline: list[Any]
 
-    def message(self, **kwargs: Any) -> Any:
+    def related_parts(self) -> tuple[list[Any], list[Any]]:
+        """``(inline, others)``: the inline parts that go next to the HTML part, and the
+        attachments Django builds as it always does. ``inline`` is empty when the message
+        has no HTML part for them."""
         inline = [a for a in self.attachments if is_inline(a)]
         if not inline:
-            return super().message(**kwargs)
-        everything: list[Any] = self.attachments
-        self.attachments = [a for a in everything if not is_inline(a)]
-        self._inline = inline
-        try:
-            return super().message(**kwargs)
-        finally:
-            self.attachments = everything
-            del self._inline
+            return [], self.attachments
+        others = [a for a in self.attachments if not is_inline(a)]
+        # Django builds the body part when there is a body, or neither alternatives nor
+        # attachments (here: the attachments left without the inline parts).
+        has_body = bool(self.body) or not (self.alternatives or others)
+        html_body = has_body and str(self.content_subtype).lower() == "html"
+        if html_body or any(str(m).lower() == "text/html" for _, m in self.alternatives):
+            return inline, others
+        return [], self.attachments
 
-    # Django 6: the modern email API builds the tree in place.
-    def _add_bodies(self, msg: Any) -> Any:
-        result = super()._add_bodies(msg)  # type: ignore[misc]
-        inline = getattr(self, "_inline", None)
-        if inline:
-            html = msg.get_body(("html",))
-            # The HTML part (or, with no HTML, the body itself) becomes multipart/related.
-            target = html if html is not None else msg
-            target.make_related()
-            for part in inline:
-                target.attach(part)
-        return result
-
-    # Django 5.2: the legacy email.mime classes, one layer returned at a time.
-    def _create_alternatives(self, msg: Any) -> Any:
-        msg = super()._create_alternatives(msg)  # type: ignore[misc]
-        inline = getattr(self, "_inline", None)
+    def message(self, **kwargs: Any) -> Any:
+        inline, others = self.related_parts()
         if not inline:
-            return msg
-        from django.core.mail.message import SafeMIMEMultipart
-
-        encoding = self.encoding or settings.DEFAULT_CHARSET
-
-        def related(html: Any) -> Any:
-            wrapper = SafeMIMEMultipart(_subtype="related", encoding=encoding)
-            wrapper.attach(html)
+            return _with_mime_version(super().message(**kwargs))
+        bare = copy.copy(self)
+        bare.attachments = others
+        built = super(RelatedMessage, bare).message(**kwargs)
+        if django.VERSION >= (6, 0):
+            html = built.get_body(("html",))
+            # Content-* headers move down into a new part; the rest stay (on the top
+            # part: MIME-Version, Subject…, with the new Content-Type after them).
+            html.make_related()
+            if html is built:
+                # The message's own Content-* headers (Content-Language…) moved down
+                # too: they go back up.
+                moved = built.get_payload(0)
+                for name in dict.fromkeys(n.lower() for n in self.extra_headers):
+                    if name.startswith("content-") and name in moved:
+                        values = moved.get_all(name)
+                        del moved[name]
+                        for value in values:
+                            built[value.name] = value
             for part in inline:
-                wrapper.attach(part)
-            return wrapper
+                html.attach(part)
+            return _with_mime_version(built)
+        return _related_legacy(built, inline, self.encoding or settings.DEFAULT_CHARSET)
 
-        if msg.get_content_type() == "multipart/alternative":
-            parts = msg.get_payload()
-            for index, part in enumerate(parts):
-                if part.get_content_type() == "text/html":
-                    parts[index] = related(part)
-                    return msg
-        return related(msg)
+
+def _with_mime_version(built: Any) -> Any:
+    # Django 5.2's email.mime classes always set it.
+    if "MIME-Version" not in built:
+        built["MIME-Version"] = "1.0"
+    return built
+
+
+def _related_legacy(built: Any, inline: list[Any], encoding: str) -> Any:
+    """Django 5.2: the HTML part of ``built`` (email.mime objects) in a multipart/related
+    with the inline parts; the message itself when the HTML part is its root."""
+    from django.core.mail.message import SafeMIMEMultipart  # Django 5.2 only
+
+    def related(html: Any) -> Any:
+        wrapper = SafeMIMEMultipart(_subtype="related", encoding=encoding)
+        wrapper.attach(html)
+        for part in inline:
+            wrapper.attach(part)
+        return wrapper
+
+    mixed = built.get_content_type() == "multipart/mixed"
+    body = built.get_payload(0) if mixed else built
+    if body.get_content_type() == "multipart/alternative":
+        parts = body.get_payload()
+        html_at = next(i for i, p in enumerate(parts) if p.get_content_type() == "text/html")
+        parts[html_at] = related(parts[html_at])
+    elif mixed:
+        built.get_payload()[0] = related(body)
+    else:
+        # The HTML part is the message: the wrapper becomes the message, and takes the
+        # headers Django set after building the part (Subject, From…). The part keeps
+        # the three it was built with (Content-Type, MIME-Version,
+        # Content-Transfer-Encoding). The values are already encoded (and folded): the
+        # email package's own __setitem__ stores them as they are, where Django's
+        # SafeMIME override would encode them again and refuse the folds.
+        headers = built.items()
+        for name in {name for name, _ in headers}:
+            del built[name]
+        for name, value in headers[:3]:
+            email.message.Message.__setitem__(built, name, value)
+        built = related(built)
+        for name, value in headers[3:]:
+            email.message.Message.__setitem__(built, name, value)
+    return built
 
 
 def check_size(message: EmailMessage, limit: int | None) -> None:
