@@ -117,6 +117,8 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
+        send_at = outbox.stored_time(send_at, "send_at")
     # One transaction for the row and the NOTIFY when the caller has none: on PostgreSQL
     # a NOTIFY of its own is a second commit, flushed to disk like the first. Inside the
     # caller's transaction nothing is added (an error must not mark it for rollback).
@@ -136,11 +138,14 @@ def submit(
         receipt = Receipt(row, created=created)
         if not created or receipt.suppressed:  # nothing (new) to deliver
             return receipt
-        # (send_at was checked by enqueue: aware, so comparable.)
-        if mode == "queue" or (send_at is not None and send_at > timezone.now()):
+        later = send_at is not None and send_at > timezone.now()
+        if mode == "queue" or later:
             # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
             notify_if_listening(db)
-            transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
+            # The ids only for rows due now: a task for a row written for later would find
+            # it not due (the sweep hands it out when it is); the thread engine still
+            # wakes to sleep until its time.
+            transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
         else:
             transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
@@ -166,7 +171,9 @@ def deliver_in_request(receipt: Receipt) -> None:
             if (not outcome.ok and outcome.kind == ErrorKind.TRANSIENT and quick is not None
                     and time.monotonic() + quick < deadline
                     and not policy.exhausted(attempt=row.attempts, created_at=row.created_at)):
-                outbox.defer(row, outcome, due_at=timezone.now() + timedelta(seconds=quick))
+                # Charged only if a provider was tried (not when every circuit was open).
+                (outbox.defer if outcome.attempted else outbox.postpone)(
+                    row, outcome, due_at=timezone.now() + timedelta(seconds=quick))
                 time.sleep(quick)
                 continue
             record(row, outcome, policy)
@@ -214,6 +221,16 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
                     outcome.provider, ", ".join(sorted(again)),
                     f"again at {again_at.isoformat()}" if again_at else "no attempts left")
         return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+    policy = policy or RetryPolicy.from_settings()
+    if not outcome.attempted:
+        # Every provider's circuit was open: nothing was sent, so no attempt is spent;
+        # the row waits for the next trial. Only its lifetime can end it here.
+        due = policy.postponed_due(wait=outcome.retry_after or 0.0, created_at=row.created_at,
+                                   now=outcome.finished_at)
+        if due is not None:
+            logger.info("Outbox email %s waits until %s: %s", row.pk, due.isoformat(),
+                        outcome.error)
+            return outbox.postpone(row, outcome, due_at=due)
     if outcome.suppressed:
         logger.info("Outbox email %s not sent: %s", row.pk, outcome.error)
         return outbox.suppress(row, outcome)
@@ -221,7 +238,7 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
     # Counted from the end of the attempt, not from now: an engine's books thread may
     # write the outcome a moment after the provider answered.
-    due = (policy or RetryPolicy.from_settings()).next_due(
+    due = policy.next_due(
         kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
         hint=outcome.retry_after, now=outcome.finished_at,
     )

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.expressions import RawSQL
@@ -33,6 +34,7 @@ from django.utils import timezone
 
 from . import conf, signals, suppression
 from .addresses import canonical
+from .exceptions import InvalidMessage
 from .message import make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
@@ -57,6 +59,18 @@ logger = logging.getLogger("kipekee.outbox")
 
 def db_for_write() -> str:
     return router.db_for_write(OutboxEmail)
+
+
+def stored_time(value: datetime, name: str) -> datetime:
+    """``value`` as the outbox stores and compares times, as Django's ``DateTimeField``
+    does: with ``USE_TZ``, aware (a naive one is refused: which zone it meant would be
+    a guess); without, naive wall-clock time in ``TIME_ZONE`` (an aware one is
+    converted to it). Raises ``InvalidMessage`` naming ``name``."""
+    if settings.USE_TZ:
+        if timezone.is_naive(value):
+            raise InvalidMessage(f"{name} must be an aware datetime (USE_TZ is True).")
+        return value
+    return timezone.make_naive(value) if timezone.is_aware(value) else value
 
 
 def enqueue(
@@ -92,13 +106,9 @@ def enqueue(
     check_size(message, conf.get().max_message_size)
     if provider:
         conf.get().provider(provider)  # raises UnknownProvider at the call site
-    if send_at is not None and timezone.is_naive(send_at):
-        from .exceptions import InvalidMessage
-
-        raise InvalidMessage("send_at must be an aware datetime.")
+    if send_at is not None:
+        send_at = stored_time(send_at, "send_at")
     if target is not None and target.pk is None:
-        from .exceptions import InvalidMessage
-
         raise InvalidMessage(f"The email's target {target!r} is not saved (it has no pk).")
     fields, attachments = to_fields(message)
     headers: dict[str, str] = fields.pop("headers")
@@ -151,9 +161,10 @@ def enqueue(
                 for a in attachments
             )
     if row.status == Status.SUPPRESSED:
-        signals.suppressed.send(sender=OutboxEmail, email=row, outcome=None)
+        signals.send_on_commit(signals.suppressed, using=db, sender=OutboxEmail, email=row,
+                               outcome=None)
     else:
-        signals.queued.send(sender=OutboxEmail, email=row)
+        signals.send_on_commit(signals.queued, using=db, sender=OutboxEmail, email=row)
     return row, True
 
 
@@ -251,17 +262,29 @@ def release(row: OutboxEmail) -> bool:
     )
 
 
+def renew_lease(token: str, pks: Sequence[int], *, using: str | None = None) -> int:
+    """Extend by a whole lease the rows of claim ``token`` still being sent (a delivery
+    that takes longer than the lease); how many still were. Fenced by the claim's token:
+    a row taken over by another engine, or finished, is left alone."""
+    return (OutboxEmail.objects.using(using or db_for_write())
+            .filter(pk__in=list(pks), status=Status.SENDING, claimed_by=token)
+            .update(lease_until=timezone.now() + conf.get().lease))
+
+
 def due_ids(limit: int, *, queued_grace: timedelta = timedelta(0),
             using: str | None = None) -> list[int]:
     """Ids of rows an engine may claim now (without claiming them), oldest due first.
 
-    ``queued_grace``: pass over ``queued`` rows that fell due less than this long ago
-    (a task was sent for them on commit and is probably still in a queue).
+    ``queued_grace``: pass over ``queued`` rows that were due when they were written and
+    fell due less than this long ago (a task was sent for them on commit and is probably
+    still in a queue). Rows written for later (``send_at``, a request's hold) and rows
+    queued again (released, retried by a person) have no task coming: no grace.
     """
     now = timezone.now()
     rows = OutboxEmail.objects.using(using or db_for_write()).filter(
         Q(status=Status.DEFERRED, due_at__lte=now)
-        | Q(status=Status.QUEUED, due_at__lte=now - queued_grace)
+        | (Q(status=Status.QUEUED, due_at__lte=now)
+           & (Q(due_at__lte=now - queued_grace) | Q(due_at__gt=F("created_at"))))
         | Q(status=Status.SENDING, lease_until__lt=now)
     )
     return list(rows.order_by("due_at", "pk").values_list("pk", flat=True)[:limit])
@@ -321,7 +344,8 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
     done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
                    signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
-        signals.queued.send(sender=OutboxEmail, email=copy)
+        signals.send_on_commit(signals.queued, using=copy._state.db or db_for_write(),
+                               sender=OutboxEmail, email=copy)
     return done
 
 
@@ -393,6 +417,16 @@ def defer(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
     }, signal=signals.deferred)
 
 
+def postpone(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
+    """No provider was tried (every circuit was open): ``sending → deferred`` until
+    ``due_at``, and the claim not counted as an attempt (nor written to the attempt log),
+    as :func:`release` does for a row not tried at all."""
+    return _finish(row, outcome, status=Status.DEFERRED, changes={
+        "due_at": due_at, "attempts": row.attempts - 1, "error_kind": outcome.kind,
+        "last_error": outcome.error, "refused": outcome.refused,
+    }, signal=signals.deferred, attempted=False)
+
+
 def fail(row: OutboxEmail, outcome: Outcome) -> bool:
     """Record a final failure: ``sending → failed``."""
     return _finish(row, outcome, status=Status.FAILED, changes={
@@ -402,7 +436,8 @@ def fail(row: OutboxEmail, outcome: Outcome) -> bool:
 
 
 def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
-            signal: Any, then: Callable[[str], None] | None = None) -> bool:
+            signal: Any, then: Callable[[str], None] | None = None,
+            attempted: bool = True) -> bool:
     db = row._state.db or db_for_write()
     if changes.get("last_error"):  # redacted again: a custom engine may build an Outcome
         changes["last_error"] = redact(changes["last_error"])
@@ -420,7 +455,8 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
                 row.attempts, row.pk,
             )
             return False
-        _write_attempts(db, [(row, outcome)])
+        if attempted:
+            _write_attempts(db, [(row, outcome)])
         if then is not None:  # more writes that stand or fall with this result
             then(db)
     _finished(row, outcome, status=status, changes=changes, signal=signal)
@@ -429,11 +465,13 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
 
 def _finished(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
               signal: Any) -> None:
-    """After the write: the row in hand as the database now has it, then the signal."""
+    """After the write: the row in hand as the database now has it, then the signal
+    (once the write is committed: an engine records a batch in one transaction)."""
     row.status, row.lease_until, row.claimed_by = status, None, ""
     for name, value in changes.items():
         setattr(row, name, value)
-    signal.send(sender=OutboxEmail, email=row, outcome=outcome)
+    signals.send_on_commit(signal, using=row._state.db or db_for_write(), sender=OutboxEmail,
+                           email=row, outcome=outcome)
 
 
 def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> None:
@@ -520,25 +558,25 @@ def cancel(pk: int, *, using: str | None = None) -> bool:
         .update(status=Status.CANCELLED, lease_until=None, claimed_by="")
     )
     if updated:
-        signals.cancelled.send(sender=OutboxEmail, email=OutboxEmail.objects.using(db).get(pk=pk))
+        signals.send_on_commit(signals.cancelled, using=db, sender=OutboxEmail,
+                               email=OutboxEmail.objects.using(db).get(pk=pk))
     return bool(updated)
 
 
-def reschedule(pk: int, due_at: datetime, *, using: str | None = None) -> bool:
+def reschedule(pk: int, due_at: datetime, *, metadata: dict[str, Any] | None = None,
+               using: str | None = None) -> bool:
     """Move a message that has not gone out to ``due_at`` (a reminder whose booking moved).
 
-    Only ``queued|deferred`` rows move, in one conditional UPDATE; a row being sent, sent
-    or cancelled stays as it is and ``False`` is returned.
+    Only ``queued|deferred`` rows move, in one conditional UPDATE (which also replaces
+    the row's ``metadata``, when given); a row being sent, sent or cancelled stays as it
+    is and ``False`` is returned.
     """
-    if timezone.is_naive(due_at):
-        from .exceptions import InvalidMessage
-
-        raise InvalidMessage("due_at must be an aware datetime.")
+    due_at = stored_time(due_at, "due_at")
     db = using or db_for_write()
     updated = (
         OutboxEmail.objects.using(db)
         .filter(pk=pk, status__in=WAITING_STATUSES)
-        .update(due_at=due_at)
+        .update(due_at=due_at, **({"metadata": metadata} if metadata is not None else {}))
     )
     return bool(updated)
 
@@ -603,7 +641,6 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
     with no recipient is not resent. Raises ``OutboxEmail.DoesNotExist`` or
     ``InvalidMessage`` (saying why), and then writes nothing.
     """
-    from .exceptions import InvalidMessage
     from .models import FINAL_STATUSES
 
     db = using or db_for_write()
@@ -634,5 +671,5 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
                      refused=refused,
                      message_id=make_message_id(original.from_email, conf.get().message_id_domain),
                      metadata={**original.metadata, "resent_from": pk})
-    signals.queued.send(sender=OutboxEmail, email=copy)
+    signals.send_on_commit(signals.queued, using=db, sender=OutboxEmail, email=copy)
     return copy
