@@ -81,6 +81,8 @@ _LINE = 57
 _LINES_PER_PIECE = 1024
 _CRLF = b"\r\n"
 _DJANGO6 = django.VERSION >= (6, 0)
+# Django 6.1 raises ValueError for a Bcc extra header; 5.2 and 6.0 write it.
+_REFUSES_BCC_HEADER = django.VERSION >= (6, 1)
 
 
 # --- the result -----------------------------------------------------------------------
@@ -642,8 +644,8 @@ class _Django6(_Builder):
         names = [name.lower() for name, _ in root.headers]
         for name, value in self.message_headers():
             lower = name.lower()
-            if lower == "bcc":
-                raise _Unsupported("Django 6 refuses a Bcc header")
+            if lower == "bcc" and _REFUSES_BCC_HEADER:
+                raise _Unsupported("Django 6.1 refuses a Bcc header")
             # The email package allows one of most headers (Subject, Content-Type…).
             limit = _max_count6(lower)
             if limit is not None and names.count(lower) >= limit:
