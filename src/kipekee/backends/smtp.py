@@ -67,8 +67,9 @@ class IPv4SMTP_SSL(smtplib.SMTP_SSL, IPv4SMTP):
 
 
 def _wire_bytes(email_message: EmailMessage) -> bytes:
-    """The message as bytes with CRLF line ends, as each Django version builds it, with
-    large attachments encoded once (kipekee.wire; message_chunks() to stream them)."""
+    """The message as bytes with CRLF line ends, the bytes each Django version builds,
+    built directly and with large attachments encoded once (``kipekee.wire``; a streaming
+    DATA takes ``wire.build(message)``: its ``size`` and ``chunks()`` from one build)."""
     return wire.message_bytes(email_message)
 
 
