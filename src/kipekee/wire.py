@@ -22,8 +22,10 @@ SMTP transaction that sends it. This module builds the same bytes without that t
 ``tests/test_wire.py`` holds the result to Django's own ``message().as_bytes()`` for every
 message shape, with a Hypothesis property over generated messages, on each supported
 Django version. What the builder does not cover (a message class that builds its own
-message, ``message/*`` attachments, a charset other than UTF-8, values Django would refuse)
-is built by Django, with large attachments swapped for tokens (:class:`_Tokens`).
+message, ``message/*`` attachments, a charset other than UTF-8, text with lone surrogates,
+values Django would refuse) is built by Django, with large attachments swapped for tokens
+(:class:`_Tokens`). Headers are set (parsed) first and folded as the generator writes
+them, so a message Django refuses is refused with Django's error.
 
 Two deliberate differences, where Django's output breaks an RFC:
 
