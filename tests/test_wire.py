@@ -12,6 +12,7 @@ import re
 import string
 import tracemalloc
 from email import quoprimime
+from email.headerregistry import UnstructuredHeader
 from email.mime.text import MIMEText
 
 import django
@@ -41,17 +42,33 @@ def boundaries_numbered(data: bytes) -> bytes:
     return re.sub(rb"={15}\d{19}==", number, data)
 
 
+class NoEncodedAscii(email.policy.EmailPolicy):
+    """Django 6's SMTP policy, but an unstructured header of printable ASCII that it would
+    RFC 2047-encode (a word longer than a line) is folded as Django 5.2 folds it."""
+
+    def fold_binary(self, name, value):  # type: ignore[no-untyped-def]
+        folded = super().fold_binary(name, value)
+        text = str(value)
+        kind = self.header_factory.registry.get(name.lower(), UnstructuredHeader)
+        if (b"=?" in folded and "=?" not in text and re.fullmatch(r"[ \t!-~]*", text)
+                and issubclass(kind, UnstructuredHeader)):
+            return email.policy.compat32.clone(linesep="\r\n").fold_binary(name, text)
+        return folded
+
+
 def django_reference(message: EmailMessage) -> bytes:
     """The message as Django's ``message()`` builds it, as Django's SMTP backend writes it
-    (Django 6: under the SMTP policy), with Kipekee's one documented difference: Django 6
-    leaves MIME-Version out of some messages (RFC 2045 section 4 requires it), Kipekee
-    adds it after the other top-level headers. For a RelatedMessage, ``message()`` is
-    Kipekee's own (Django's, with the HTML part moved into a multipart/related)."""
+    (Django 6: under the SMTP policy), with Kipekee's documented differences on Django 6:
+    MIME-Version, which Django 6 leaves out of some messages (RFC 2045 section 4 requires
+    it), is added after the other top-level headers; an ASCII header is never
+    RFC 2047-encoded to fold it (:class:`NoEncodedAscii`). For a RelatedMessage,
+    ``message()`` is Kipekee's own (Django's, with the HTML part moved into a
+    multipart/related)."""
     if DJANGO6:
         built = message.message(policy=email.policy.SMTP)
         if "MIME-Version" not in built:
             built["MIME-Version"] = "1.0"
-        return built.as_bytes()
+        return built.as_bytes(policy=NoEncodedAscii(linesep="\r\n"))
     return message.message().as_bytes(linesep="\r\n")
 
 
@@ -281,6 +298,32 @@ def test_a_line_break_in_a_filename_never_reaches_the_wire(filename):
     message.attach(filename, b"%PDF", "application/pdf")
     with pytest.raises((ValueError, email.errors.MessageError)):
         wire.message_bytes(message)
+
+
+def test_long_ascii_headers_are_never_encoded():
+    """Django 6's email package RFC 2047-encodes any word longer than a line: the
+    unsubscribe URL became "=?utf-8?q?=3Chttps=3A//shop=2Eexample…?=", which is no
+    RFC 2369 <URI> (Gmail and Outlook then drop the RFC 8058 one-click unsubscribe), and a
+    long Message-ID in References or In-Reply-To no longer threads. They go out as
+    written, folded at whitespace (Django 5.2 does the same)."""
+    url = "<https://shop.example.com/kipekee/unsubscribe/" + "t" * 70 + "/>"
+    long_id = "<" + "a" * 40 + "." + "b" * 40 + "@mail.example.com>"
+    headers = {"List-Unsubscribe": f"{url}, <mailto:unsubscribe@shop.example.com>",
+               "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+               "References": f"{long_id} <short@x.example>", "In-Reply-To": long_id,
+               "X-Long": "word " * 10 + "z" * 90}
+    message = EmailMessage("See https://shop.example.com/" + "p" * 80, "x", "shop@example.com",
+                           ["ann@example.com"], headers=headers)
+    data = wire.message_bytes(message)
+    head = data.split(b"\r\n\r\n")[0]
+    assert b"=?" not in head
+    assert url.encode() in head and long_id.encode() in head  # whole, on a line of their own
+    # As Django 5.2 folds them: "List-Unsubscribe: " CRLF " <https…>, …", where the fold's
+    # white space before the value is the header's, not the URI's.
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    for name, value in headers.items():
+        assert parsed[name].strip() == value
+    assert parsed["Subject"].strip() == message.subject
 
 
 def test_inline_parts_go_next_to_the_html_through_public_api_only():

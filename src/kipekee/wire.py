@@ -27,8 +27,14 @@ values Django would refuse) is built by Django, with large attachments swapped f
 (:class:`_Tokens`). Headers are set (parsed) first and folded as the generator writes
 them, so a message Django refuses is refused with Django's error.
 
-Two deliberate differences, where Django's output breaks an RFC:
+Three deliberate differences, where Django's output breaks an RFC:
 
+- on Django 6 an unstructured header of printable ASCII is never RFC 2047-encoded to fold
+  it (:class:`_SMTPPolicy`): the email package encodes any word longer than a line, so a
+  List-Unsubscribe URL became encoded-words, no RFC 2369 ``<URI>`` (RFC 2047 section 5
+  allows them only for text that is not ASCII; providers then drop the RFC 8058 one-click
+  unsubscribe), and long Message-IDs in References no longer thread. Such a header is
+  folded at whitespace, as Django 5.2 folds it;
 - on Django 6 every message carries ``MIME-Version: 1.0`` at the top. Django 6 leaves it
   out when the body is empty and there are alternatives or attachments (the stdlib's
   ``make_mixed`` moves it nowhere; CPython issues 91297, 120946), which RFC 2045 section 4
@@ -567,7 +573,31 @@ def _crlf(data: bytes) -> bytes:
 
 # --- Django 6: email.message.EmailMessage under the SMTP policy --------------------------
 
-_SMTP = email.policy.SMTP
+_COMPAT32 = email.policy.compat32.clone(linesep="\r\n")
+_PRINTABLE = re.compile(r"[ \t!-~]*")
+
+
+class _SMTPPolicy(email.policy.EmailPolicy):
+    """``email.policy.SMTP``, except that an unstructured header of printable ASCII is never
+    RFC 2047-encoded to fold it: it is folded at whitespace, as Django 5.2 (``compat32``)
+    folds it, a word longer than a line kept whole (RFC 5322 2.1.1: 998 characters at
+    most). The email package encodes any word longer than a line (a URL, a long
+    Message-ID) into encoded-words, which RFC 2047 section 5 allows only for text that is
+    not ASCII: an encoded List-Unsubscribe is no RFC 2369 list of <URI>s (providers then
+    drop the RFC 8058 one-click unsubscribe), an encoded References or In-Reply-To breaks
+    threading."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        folded: bytes = super().fold_binary(name, value)
+        if b"=?" in folded:
+            text = str(value)
+            if ("=?" not in text and _PRINTABLE.fullmatch(text)
+                    and issubclass(_header_class6(name.lower()), UnstructuredHeader)):
+                return _COMPAT32.fold_binary(name, text)  # type: ignore[no-any-return]
+        return folded
+
+
+_SMTP = _SMTPPolicy(linesep="\r\n")  # email.policy.SMTP is default.clone(linesep="\r\n")
 # <local@domain>, both dot-atoms: what make_msgid and most senders make.
 _PLAIN_MSGID = re.compile(r"<[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                           r"@[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*>")
@@ -616,7 +646,7 @@ def _max_count6(name: str) -> int | None:
 @functools.lru_cache(maxsize=256)
 def _header_class6(name: str) -> type:
     """The class the SMTP policy's header factory uses for header ``name``."""
-    factory: Any = _SMTP.header_factory  # a HeaderRegistry
+    factory: Any = email.policy.SMTP.header_factory  # a HeaderRegistry
     kind: type = factory.registry.get(name, factory.default_class)
     return kind
 
@@ -804,8 +834,6 @@ def _first_html(part: _Part) -> _Part:
 
 
 # --- Django 5.2: the email.mime classes, compat32 ------------------------------------------
-
-_COMPAT32 = email.policy.compat32.clone(linesep="\r\n")
 
 
 @functools.lru_cache(maxsize=1024)
