@@ -17,6 +17,7 @@ from email import encoders
 from email.errors import HeaderParseError
 from email.headerregistry import AddressHeader
 from email.mime.base import MIMEBase
+from email.utils import make_msgid
 from typing import TYPE_CHECKING, Any
 
 import django
@@ -28,6 +29,10 @@ from django.core.validators import EmailValidator
 from django.utils.encoding import force_str, punycode
 
 from .exceptions import InvalidMessage
+
+if django.VERSION < (6, 0):
+    # Django 5.2's email.mime class (deprecated on Django 6, to be removed).
+    from django.core.mail.message import SafeMIMEMultipart
 
 if TYPE_CHECKING:
     from .models import OutboxEmail
@@ -213,8 +218,6 @@ def _store_attachment(attachment: Any) -> StoredAttachment:
 
 def make_message_id(from_email: str, domain: str | None = None) -> str:
     """A new Message-ID in the sender's domain (or ``domain``), as RFC 5322 asks."""
-    from email.utils import make_msgid
-
     if domain is None:
         parsed = AddressHeader.value_parser(from_email).all_mailboxes
         domain = punycode(parsed[0].domain) if parsed and parsed[0].domain else DNS_NAME.get_fqdn()
@@ -358,8 +361,6 @@ def _with_mime_version(built: Any) -> Any:
 def _related_legacy(built: Any, inline: list[Any], encoding: str) -> Any:
     """Django 5.2: the HTML part of ``built`` (email.mime objects) in a multipart/related
     with the inline parts; the message itself when the HTML part is its root."""
-    from django.core.mail.message import SafeMIMEMultipart  # Django 5.2 only
-
     def related(html: Any) -> Any:
         wrapper = SafeMIMEMultipart(_subtype="related", encoding=encoding)
         wrapper.attach(html)

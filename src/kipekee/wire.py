@@ -96,6 +96,10 @@ _LINE = 57
 _LINES_PER_PIECE = 1024
 _CRLF = b"\r\n"
 _DJANGO6 = django.VERSION >= (6, 0)
+if not _DJANGO6:
+    # Django 5.2's email.mime helpers (deprecated on Django 6, to be removed).
+    from django.core.mail.message import SafeMIMEText, forbid_multi_line_headers
+
 _HeaderWriteError: type[Exception] = getattr(email_errors, "HeaderWriteError", email_errors.MessageError)
 
 
@@ -840,8 +844,6 @@ def _first_html(part: _Part) -> _Part:
 def _set5(name: str, value: str) -> str:
     """A header's value as Django 5.2 sets it (``SafeMIME*.__setitem__``: encoded words
     for non-ASCII, IDNA domains; newlines refused)."""
-    from django.core.mail.message import forbid_multi_line_headers  # deprecated on Django 6
-
     return str(forbid_multi_line_headers(name, value, "utf-8")[1])
 
 
@@ -883,8 +885,6 @@ _CTE_SAMPLES = {"7bit": "", "8bit": "\xe9", "quoted-printable": "x" * 999}
 @functools.lru_cache(maxsize=256)
 def _text_headers5(subtype: str, cte: str, attachment: bool, filename: str | None,
                    ) -> tuple[tuple[str, bytes], ...]:
-    from django.core.mail.message import SafeMIMEText  # Django 5.2 only
-
     part = SafeMIMEText(_CTE_SAMPLES[cte], subtype, "utf-8")
     if attachment and filename:  # EmailMessage._create_attachment
         part.add_header("Content-Disposition", "attachment", filename=_param5(filename))
