@@ -27,7 +27,8 @@ def test_a_message_over_the_size_limit_is_refused_and_nothing_is_written(kipekee
 @pytest.mark.django_db(transaction=True)
 def test_the_limit_is_the_size_on_the_wire(kipekee_settings):
     from kipekee import wire
-    from kipekee.message import RelatedMessage, check_size
+    from kipekee.message import RelatedMessage
+    from kipekee.wire import check_size
 
     kipekee_settings({"MAX_MESSAGE_SIZE": 1_000_000},
                      primary={"BACKEND": "django.core.mail.backends.locmem.EmailBackend"})

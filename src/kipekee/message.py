@@ -21,13 +21,16 @@ addresses in one string, ``to@other.com <to@example.com>``, a line break — is 
 
 from __future__ import annotations
 
+import copy
 import email.message
 import functools
 import re
 from dataclasses import dataclass
+from email import encoders
 from email.errors import HeaderParseError, NonASCIILocalPartDefect
 from email.headerregistry import Address, AddressHeader
 from email.mime.base import MIMEBase
+from email.utils import make_msgid
 from typing import TYPE_CHECKING, Any
 
 import django
@@ -37,8 +40,11 @@ from django.core.mail.utils import DNS_NAME
 from django.utils.encoding import force_str, punycode
 from django.utils.functional import Promise
 
-from . import wire
 from .exceptions import InvalidMessage
+
+if django.VERSION < (6, 0):
+    # Django 5.2's email.mime class (deprecated on Django 6, to be removed).
+    from django.core.mail.message import SafeMIMEMultipart
 
 if TYPE_CHECKING:
     from .models import OutboxEmail
@@ -269,8 +275,6 @@ def _store_attachment(attachment: Any) -> StoredAttachment:
 
 def make_message_id(from_email: str, domain: str | None = None) -> str:
     """A new Message-ID in the sender's domain (or ``domain``), as RFC 5322 asks."""
-    from email.utils import make_msgid
-
     if domain is None:
         parsed = AddressHeader.value_parser(from_email).all_mailboxes
         domain = punycode(parsed[0].domain) if parsed and parsed[0].domain else DNS_NAME.get_fqdn()
@@ -311,8 +315,6 @@ def inline_part(filename: str, content: bytes, mimetype: str, content_id: str) -
         part.set_content(content, maintype=maintype, subtype=subtype or "octet-stream",
                          disposition="inline", filename=filename or None, cid=f"<{content_id}>")
         return part
-    from email import encoders
-
     legacy = MIMEBase(maintype, subtype or "octet-stream")
     legacy.set_payload(content)
     encoders.encode_base64(legacy)
@@ -347,103 +349,103 @@ class RelatedMessage(EmailMultiAlternatives):
               image/png                  Content-ID: <qr-1@kipekee>
           application/pdf                (regular attachments)
 
-    The inline parts stay in ``attachments`` (MIME parts with a Content-ID), so HTTP-API
-    backends such as django-anymail find them there and send them as inline images.
+    :meth:`message` lets Django build the message without the inline parts, then moves
+    its HTML part into a ``multipart/related`` with them, through the email package's
+    public API: Django's private builders are not touched. With no HTML part (a text-only
+    message, or an empty HTML body next to attachments), inline parts are attachments
+    like any other, as Django sends them. The inline parts stay in ``attachments`` (MIME
+    parts with a Content-ID), so HTTP-API backends such as django-anymail find them there
+    and send them as inline images. ``kipekee.wire`` builds the same bytes directly.
+
+    On Django 6, a message always carries ``MIME-Version: 1.0`` at the top: Django 6 (with
+    the stdlib's modern email API, CPython issues 91297 and 120946) leaves it out when the
+    body is empty and there are alternatives or attachments; RFC 2045 section 4 requires it.
     """
 
     attachments: list[Any]
-    _inline: list[Any]
 
-    def message(self, **kwargs: Any) -> Any:
+    def related_parts(self) -> tuple[list[Any], list[Any]]:
+        """``(inline, others)``: the inline parts that go next to the HTML part, and the
+        attachments Django builds as it always does. ``inline`` is empty when the message
+        has no HTML part for them."""
         inline = [a for a in self.attachments if is_inline(a)]
         if not inline:
-            return super().message(**kwargs)
-        everything: list[Any] = self.attachments
-        self.attachments = [a for a in everything if not is_inline(a)]
-        self._inline = inline
-        try:
-            return super().message(**kwargs)
-        finally:
-            self.attachments = everything
-            del self._inline
+            return [], self.attachments
+        others = [a for a in self.attachments if not is_inline(a)]
+        # Django builds the body part when there is a body, or neither alternatives nor
+        # attachments (here: the attachments left without the inline parts).
+        has_body = bool(self.body) or not (self.alternatives or others)
+        html_body = has_body and str(self.content_subtype).lower() == "html"
+        if html_body or any(str(m).lower() == "text/html" for _, m in self.alternatives):
+            return inline, others
+        return [], self.attachments
 
-    # Django 6: the modern email API builds the tree in place.
-    def _add_bodies(self, msg: Any) -> Any:
-        result = super()._add_bodies(msg)  # type: ignore[misc]
-        inline = getattr(self, "_inline", None)
-        if inline:
-            html = msg.get_body(("html",))
-            # The HTML part (or, with no HTML, the body itself) becomes multipart/related.
-            target = html if html is not None else msg
-            target.make_related()
-            for part in inline:
-                target.attach(part)
-        return result
-
-    # Django 5.2: the legacy email.mime classes, one layer returned at a time.
-    def _create_alternatives(self, msg: Any) -> Any:
-        msg = super()._create_alternatives(msg)  # type: ignore[misc]
-        inline = getattr(self, "_inline", None)
+    def message(self, **kwargs: Any) -> Any:
+        inline, others = self.related_parts()
         if not inline:
-            return msg
-        from django.core.mail.message import SafeMIMEMultipart
-
-        encoding = self.encoding or settings.DEFAULT_CHARSET
-
-        def related(html: Any) -> Any:
-            wrapper = SafeMIMEMultipart(_subtype="related", encoding=encoding)
-            wrapper.attach(html)
+            return _with_mime_version(super().message(**kwargs))
+        bare = copy.copy(self)
+        bare.attachments = others
+        built = super(RelatedMessage, bare).message(**kwargs)
+        if django.VERSION >= (6, 0):
+            html = built.get_body(("html",))
+            # Content-* headers move down into a new part; the rest stay (on the top
+            # part: MIME-Version, Subject…, with the new Content-Type after them).
+            html.make_related()
+            if html is built:
+                # The message's own Content-* headers (Content-Language…) moved down
+                # too: they go back up.
+                moved = built.get_payload(0)
+                for name in dict.fromkeys(n.lower() for n in self.extra_headers):
+                    if name.startswith("content-") and name in moved:
+                        values = moved.get_all(name)
+                        del moved[name]
+                        for value in values:
+                            built[value.name] = value
             for part in inline:
-                wrapper.attach(part)
-            return wrapper
-
-        if msg.get_content_type() == "multipart/alternative":
-            parts = msg.get_payload()
-            for index, part in enumerate(parts):
-                if part.get_content_type() == "text/html":
-                    parts[index] = related(part)
-                    return msg
-        return related(msg)
+                html.attach(part)
+            return _with_mime_version(built)
+        return _related_legacy(built, inline, self.encoding or settings.DEFAULT_CHARSET)
 
 
-def check_size(message: EmailMessage, limit: int | None) -> None:
-    """Raise ``InvalidMessage`` if ``message`` takes more than ``limit`` bytes on the wire
-    (``KIPEKEE["MAX_MESSAGE_SIZE"]``; ``None``: no cap).
-
-    Measured as Kipekee's SMTP backend will send it: attachments base64-encoded, CRLF
-    line ends (:func:`kipekee.wire.message_size`, exact without encoding them). Most
-    messages are far below the limit: an upper bound from the raw sizes (every part
-    quoted-printable at worst, attachments base64) clears them without building the
-    message; only the others are measured exactly.
-    """
-    if limit is None or _size_bound(message) <= limit:
-        return
-    size = wire.message_size(message)
-    if size > limit:
-        raise InvalidMessage(
-            f"The message is {size:,} bytes ({size / 1e6:.1f} MB) as it goes on the wire "
-            f'(attachments base64-encoded), over KIPEKEE["MAX_MESSAGE_SIZE"] = {limit:,} bytes '
-            f"({limit / 1e6:.1f} MB). Send a link to large files instead, or raise the "
-            "limit if every provider takes more."
-        )
+def _with_mime_version(built: Any) -> Any:
+    # Django 5.2's email.mime classes always set it.
+    if "MIME-Version" not in built:
+        built["MIME-Version"] = "1.0"
+    return built
 
 
-def _size_bound(message: EmailMessage) -> int:
-    """At least the message's size on the wire (a quick upper bound)."""
-    text = [force_str(message.subject), force_str(message.body),
-            *(force_str(a) for a in [*message.to, *message.cc, *message.reply_to]),
-            *(force_str(v) for v in (message.extra_headers or {}).values()),
-            *(force_str(content) for content, _ in getattr(message, "alternatives", []))]
-    # Quoted-printable of UTF-8 is at most 3 characters a byte, plus soft line breaks.
-    bound = 8192 + sum(4 * len(t.encode("utf-8", "surrogatepass")) for t in text)
-    for attachment in message.attachments:
-        if isinstance(attachment, (MIMEBase, email.message.Message)):
-            payload = attachment.get_payload()
-            bound += 1024 + 4 * len(payload if isinstance(payload, (str, bytes)) else str(attachment))
-            continue
-        filename, content, _ = attachment
-        size = len(content.encode("utf-8", "surrogatepass") if isinstance(content, str)
-                   else content if isinstance(content, (bytes, bytearray, memoryview))
-                   else force_str(content).encode("utf-8"))
-        bound += 1024 + 4 * len(force_str(filename or "")) + 4 * size
-    return bound
+def _related_legacy(built: Any, inline: list[Any], encoding: str) -> Any:
+    """Django 5.2: the HTML part of ``built`` (email.mime objects) in a multipart/related
+    with the inline parts; the message itself when the HTML part is its root."""
+    def related(html: Any) -> Any:
+        wrapper = SafeMIMEMultipart(_subtype="related", encoding=encoding)
+        wrapper.attach(html)
+        for part in inline:
+            wrapper.attach(part)
+        return wrapper
+
+    mixed = built.get_content_type() == "multipart/mixed"
+    body = built.get_payload(0) if mixed else built
+    if body.get_content_type() == "multipart/alternative":
+        parts = body.get_payload()
+        html_at = next(i for i, p in enumerate(parts) if p.get_content_type() == "text/html")
+        parts[html_at] = related(parts[html_at])
+    elif mixed:
+        built.get_payload()[0] = related(body)
+    else:
+        # The HTML part is the message: the wrapper becomes the message, and takes the
+        # headers Django set after building the part (Subject, From…). The part keeps
+        # the three it was built with (Content-Type, MIME-Version,
+        # Content-Transfer-Encoding). The values are already encoded (and folded): the
+        # email package's own __setitem__ stores them as they are, where Django's
+        # SafeMIME override would encode them again and refuse the folds.
+        headers = built.items()
+        for name in {name for name, _ in headers}:
+            del built[name]
+        for name, value in headers[:3]:
+            email.message.Message.__setitem__(built, name, value)
+        built = related(built)
+        for name, value in headers[3:]:
+            email.message.Message.__setitem__(built, name, value)
+    return built

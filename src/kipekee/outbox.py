@@ -35,7 +35,7 @@ from django.utils import timezone
 from . import conf, signals, suppression
 from .addresses import canonical
 from .exceptions import InvalidMessage
-from .message import check_size, make_message_id, to_fields, validate
+from .message import make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
     Attachment,
@@ -46,6 +46,7 @@ from .models import (
     Status,
 )
 from .redact import redact
+from .wire import check_size
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage

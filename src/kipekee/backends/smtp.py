@@ -92,8 +92,10 @@ DEFAULT_EXCHANGE_TIME_LIMIT = 600.0
 
 
 def _wire_bytes(email_message: EmailMessage, *, utf8: bool = False) -> bytes:
-    """The message as bytes with CRLF line ends, as each Django version builds it, with
-    large attachments encoded once (:mod:`kipekee.wire`).
+    """The message as bytes with CRLF line ends, the bytes each Django version builds,
+    built directly and with large attachments encoded once (:mod:`kipekee.wire`; a
+    streaming DATA takes ``wire.build(message)``: its ``size`` and ``chunks()`` from one
+    build).
 
     ``utf8``: for a server that took ``SMTPUTF8``, headers in UTF-8 (RFC 6532) where
     Django's modern message allows (6.0 and later), built by Django whole; Django 5.2
