@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,7 @@ def submit(
     message: EmailMessage,
     *,
     mode: str | None = None,
+    lane: str = conf.TRANSACTIONAL,
     idempotency_key: str | None = None,
     send_at: datetime | None = None,
     provider: str = "",
@@ -124,7 +126,7 @@ def submit(
     own = not transaction.get_connection(db).in_atomic_block
     with transaction.atomic(using=db) if own else nullcontext():
         row, created = outbox.enqueue(
-            message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
+            message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
             provider=provider, template=template, metadata=metadata, event=event,
             target=target,
             # Delivered here right after commit (unless send_at is still ahead): an engine
@@ -144,6 +146,76 @@ def submit(
         else:
             transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
+
+
+#: The modes of :func:`submit_many`: many messages are never retried inside the request.
+MANY_MODES = ("queue", "hybrid")
+#: Rows claimed and delivered at a time when a request delivers what it sent in bulk.
+IN_REQUEST_BATCH = 500
+
+
+def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -> list[Receipt]:
+    """Enqueue many messages in the current transaction and arrange their delivery;
+    their receipts, in order.
+
+    Mode ``queue``: engines deliver them (woken on commit). Mode ``hybrid``: delivered in
+    this thread right after commit, a batch at a time through the providers' batch APIs
+    where they have one (as engines do), each once; what fails for a transient reason
+    is left deferred to an engine. ``now`` is refused: in-request quick retries of many
+    messages would hold the request for the sum of their budgets.
+    """
+    for index, item in enumerate(items):
+        if item.mode not in MANY_MODES:
+            raise InvalidMessage(f"Message {index}: mode must be one of {MANY_MODES} when "
+                                 f"sending many, not {item.mode!r}.")
+    db = using or outbox.db_for_write()
+    own = not transaction.get_connection(db).in_atomic_block
+    now = timezone.now()
+    with transaction.atomic(using=db) if own else nullcontext():
+        results = outbox.enqueue_many(
+            [replace(item, hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
+             for item in items], using=db)
+        receipts = [Receipt(row, created=created) for row, created in results]
+        later: list[int] = []
+        here: list[Receipt] = []
+        for item, receipt in zip(items, receipts, strict=True):
+            if not receipt.created or receipt.suppressed:
+                continue
+            if item.mode == "queue" or (item.send_at is not None and item.send_at > now):
+                later.append(receipt.id)
+            else:
+                here.append(receipt)
+        if later:
+            notify_if_listening(db)
+            transaction.on_commit(partial(engines.wake, later), using=db)
+        if here:
+            transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
+    return receipts
+
+
+def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
+    """Deliver freshly committed ``hybrid`` rows now, once each; update their receipts.
+
+    A row an engine took first (its hold ran out) is left to it: its receipt stays as
+    it was written (``refresh()`` reads what became of it).
+    """
+    by_id = {receipt.id: receipt for receipt in receipts}
+    ids = list(by_id)
+    deferred = False
+    with Deliverer() as deliverer:
+        for start in range(0, len(ids), IN_REQUEST_BATCH):
+            rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", own=True,
+                                      ids=ids[start:start + IN_REQUEST_BATCH], using=using)
+            if not rows:
+                continue
+            outcomes = deliverer.deliver_many(rows)
+            with transaction.atomic(using=using):
+                record_many(rows, outcomes)
+            for row in rows:
+                by_id[row.pk]._update(row)
+                deferred = deferred or row.status == Status.DEFERRED
+    if deferred:
+        engines.wake()  # so the in-process engine sleeps until they are due
 
 
 def deliver_in_request(receipt: Receipt) -> None:
