@@ -4,6 +4,7 @@ races, and one walk of a partial index per lane (read from the query plan)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from django.test.utils import override_settings
 
 import kipekee
 from kipekee import conf, lanes, outbox
+from kipekee.engines.worker import Worker
 from kipekee.exceptions import ConfigurationError
 from kipekee.models import OutboxEmail, Status
 
@@ -207,3 +209,35 @@ def test_expired_leases_are_claimed_first():
         status=Status.SENDING, lease_until=OutboxEmail.objects.get(pk=ids[0]).created_at)
     claimed = outbox.claim_batch(2)
     assert sorted(row.pk for row in claimed) == ids[:2]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("how", ["send", "send in a transaction", "send_many"])
+def test_an_idle_worker_hears_of_new_mail_at_once(sink_provider, how: str):
+    """Workers LISTEN on PostgreSQL: a committed enqueue wakes one that polls only every
+    30 s (the NOTIFY rides on the INSERT of ``send``)."""
+    from django.db import transaction
+
+    from .test_engines import wait_until
+
+    # Polls every 4 s: 5 s after the first (empty) poll, only a NOTIFY can have woken it.
+    worker = Worker(concurrency=1, poll_interval=4.0)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        time.sleep(1.0)  # LISTENing, idle until the next poll
+        started = time.monotonic()
+        if how == "send_many":
+            kipekee.send_many([kipekee.Email(subject="s", text="t", to="a@example.com")])
+        elif how == "send":
+            kipekee.send(subject="s", text="t", to="a@example.com", mode="queue")
+        else:
+            with transaction.atomic():
+                kipekee.send(subject="s", text="t", to="a@example.com", mode="queue")
+        wait_until(lambda: OutboxEmail.objects.filter(status=Status.SENT).exists(),
+                   timeout=5, what="the worker to send it")
+        assert time.monotonic() - started < 2.5
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()

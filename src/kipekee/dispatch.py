@@ -119,32 +119,28 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
-    # One transaction for the row and the NOTIFY when the caller has none: on PostgreSQL
-    # a NOTIFY of its own is a second commit, flushed to disk like the first. Inside the
-    # caller's transaction nothing is added (an error must not mark it for rollback).
     db = using or outbox.db_for_write()
-    own = not transaction.get_connection(db).in_atomic_block
-    with transaction.atomic(using=db) if own else nullcontext():
-        row, created = outbox.enqueue(
-            message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
-            provider=provider, template=template, metadata=metadata, event=event,
-            target=target,
-            # Delivered here right after commit (unless send_at is still ahead): an engine
-            # polling at that moment must not take it first (the caller would lose its
-            # answer).
-            hold=None if mode == "queue" else IN_REQUEST_HOLD,
-            using=db, own_transaction=own,
-        )
-        receipt = Receipt(row, created=created)
-        if not created or receipt.suppressed:  # nothing (new) to deliver
-            return receipt
-        # (send_at was checked by enqueue: aware, so comparable.)
-        if mode == "queue" or (send_at is not None and send_at > timezone.now()):
-            # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
-            notify_if_listening(db)
-            transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
-        else:
-            transaction.on_commit(partial(deliver_in_request, receipt), using=db)
+    row, created = outbox.enqueue(
+        message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
+        provider=provider, template=template, metadata=metadata, event=event,
+        target=target,
+        # Delivered here right after commit (unless send_at is still ahead): an engine
+        # polling at that moment must not take it first (the caller would lose its
+        # answer).
+        hold=None if mode == "queue" else IN_REQUEST_HOLD,
+        # Workers LISTENing on PostgreSQL hear of it when (and only if) it is committed
+        # (also of one with a send_at that has passed: the request delivers that itself,
+        # and the workers find nothing they may take).
+        announce=mode == "queue" or send_at is not None, using=db,
+    )
+    receipt = Receipt(row, created=created)
+    if not created or receipt.suppressed:  # nothing (new) to deliver
+        return receipt
+    # (send_at was checked by enqueue: aware, so comparable.)
+    if mode == "queue" or (send_at is not None and send_at > timezone.now()):
+        transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
+    else:
+        transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
 
 

@@ -24,6 +24,7 @@ import logging
 import sqlite3
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,11 @@ if TYPE_CHECKING:
     from .delivery import Outcome
 
 logger = logging.getLogger("kipekee.outbox")
+
+
+#: The channel on which new due rows are announced (``NOTIFY``) to the engines that
+#: LISTEN on PostgreSQL.
+NOTIFY_CHANNEL = "kipekee_outbox"
 
 
 def db_for_write() -> str:
@@ -94,7 +100,7 @@ def enqueue(
     target: Model | None = None,
     hold: timedelta | None = None,
     using: str | None = None,
-    own_transaction: bool = False,
+    announce: bool = False,
 ) -> tuple[OutboxEmail, bool]:
     """Write ``message`` to the outbox in the caller's transaction.
 
@@ -102,37 +108,32 @@ def enqueue(
     because the caller delivers it itself right after commit; only ``claim(pk, own=True)``
     takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
 
-    ``own_transaction``: the caller opened the current transaction for this row alone,
-    so a failure cannot spoil anything of its own and no savepoint is needed (one round
-    trip less per enqueue on PostgreSQL) unless there is more than one row to write.
+    ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
+    row is committed), in the INSERT itself.
 
     Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
     ``InvalidMessage`` / ``UnknownProvider`` before writing anything.
+
+    A message without attachments is one INSERT (after the suppression lookup): it
+    cannot be left half-done, and outside a transaction of the caller's a view's
+    ``send()`` pays no BEGIN and COMMIT. With attachments, the row and its attachments
+    are written in a transaction (a savepoint inside the caller's): a failure part-way
+    leaves nothing behind and does not spoil the caller's transaction. A key already
+    there is an ``INSERT … ON CONFLICT DO NOTHING`` that writes nothing (nor spoils the
+    caller's transaction), then its row is read.
     """
     db = using or db_for_write()
     row, attachments = _new_row(NewEmail(
         message=message, mode=mode, lane=lane, idempotency_key=idempotency_key,
         send_at=send_at, provider=provider, template=template, metadata=metadata,
         event=event, target=target, hold=hold), db, timezone.now())
-    # A savepoint: a failure part-way (say, an attachment) leaves nothing behind, and an
-    # idempotency collision or a refused INSERT does not poison the caller's transaction.
-    with transaction.atomic(using=db, savepoint=not own_transaction or bool(attachments)):
-        if idempotency_key:
-            existing = OutboxEmail.objects.using(db).filter(idempotency_key=idempotency_key).first()
-            if existing is not None:
-                return existing, False
+    with transaction.atomic(using=db) if attachments else nullcontext():
         _apply_suppressions(row, suppression.check(row.recipients, using=db))
-        if not idempotency_key:
-            # Nothing to recover from here: an error rolls back the savepoint above.
-            _insert(OutboxEmail, [row], db)
-        else:
-            try:
-                with transaction.atomic(using=db):
-                    _insert(OutboxEmail, [row], db)
-            except IntegrityError:
-                # A concurrent enqueue with the same key committed first.
-                return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
+        inserted = _insert(OutboxEmail, [row], db, if_new=bool(idempotency_key),
+                           notify=announce)
+        if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
+            return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
         _insert(Attachment, _attachment_rows(row, attachments), db)
     _announce([row])
     return row, True
@@ -283,7 +284,8 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str) -> None:
+def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
+            if_new: bool = False, notify: bool = False) -> int:
     """INSERT ``objs`` and set their pks, in as few statements as the database takes.
 
     What ``bulk_create`` does, for the path of every ``kipekee.send``: its INSERT
@@ -295,19 +297,22 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str) ->
     ``str``/``int``/``None`` most columns hold, which need nothing, and repeated values
     (the same ``now``, empty JSON), adapted once. Like ``bulk_create``: no ``pre_save``
     or ``post_save`` (Kipekee's own signals say what happened to a row).
+
+    ``if_new`` (one object): ``ON CONFLICT DO NOTHING``: a row that would break a unique
+    constraint is not written (nor is the transaction spoiled). ``notify``: ``NOTIFY``
+    LISTENing engines as well, on PostgreSQL. Returns how many rows were written.
     """
     if not objs:
-        return
+        return 0
     connection = connections[db]
-    meta = model._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    adapt = [_adapter(field) for field in fields]
-    quote = connection.ops.quote_name
-    placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    head = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-            "VALUES ")
-    tail = f" RETURNING {quote(meta.pk.column)}"
-    memo: dict[tuple[int, Any], Any] = {}
+    fields, adapt, head, placeholder, tail = _insert_sql(model, connection)
+    if if_new:
+        assert len(objs) == 1, "if_new writes one row: which ones were skipped is unknown"
+        tail = " ON CONFLICT DO NOTHING" + tail
+    if notify and connection.vendor == "postgresql":
+        tail += f", pg_notify('{NOTIFY_CHANNEL}', '')"
+    written = 0
+    memo: dict[tuple[int, datetime], Any] = {}
     with connection.cursor() as cursor:
         for batch in _chunks(objs, _max_params(db) // len(fields)):
             params: list[Any] = []
@@ -316,19 +321,60 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str) ->
                     value = getattr(obj, field.attname)
                     if value is None or (how is _PLAIN and type(value) in (str, int)):
                         params.append(value)
-                    elif how is _REPEATED or (how is _EMPTY_JSON and not value
-                                              and type(value) in (list, dict)):
-                        key = (index, value if how is _REPEATED else type(value))
-                        if key not in memo:
-                            memo[key] = field.get_db_prep_save(value, connection)
-                        params.append(memo[key])
+                    elif how is _REPEATED:
+                        if (index, value) not in memo:
+                            memo[index, value] = field.get_db_prep_save(value, connection)
+                        params.append(memo[index, value])
+                    elif how is _EMPTY_JSON and not value and type(value) in (list, dict):
+                        params.append(_empty_json(field, type(value), connection))
                     else:
                         params.append(field.get_db_prep_save(value, connection))
             cursor.execute(head + ", ".join([placeholder] * len(batch)) + tail, params)
+            returned = cursor.fetchall()
+            if not returned and if_new:
+                return 0
             # In the order of VALUES, as bulk_create reads it on SQLite and PostgreSQL.
-            for obj, (pk,) in zip(batch, cursor.fetchall(), strict=True):
-                obj.pk = pk
+            for obj, values in zip(batch, returned, strict=True):
+                obj.pk = values[0]
                 obj._state.adding, obj._state.db = False, db
+            written += len(returned)
+    return written
+
+
+_insert_sqls: dict[tuple[type[models.Model], str], tuple[list[Any], list[str], str, str, str]] = {}
+
+
+def _insert_sql(model: type[models.Model],
+                connection: Any) -> tuple[list[Any], list[str], str, str, str]:
+    """The columns of ``model``'s INSERT, how each value is adapted, and its SQL (the
+    same for every connection to one kind of database)."""
+    key = (model, connection.vendor)
+    if key not in _insert_sqls:
+        _insert_sqls[key] = _make_insert_sql(model, connection.ops.quote_name)
+    return _insert_sqls[key]
+
+
+def _make_insert_sql(model: type[models.Model], quote: Callable[[str], str],
+                     ) -> tuple[list[Any], list[str], str, str, str]:
+    meta = model._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    head = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+            "VALUES ")
+    placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    return (fields, [_adapter(f) for f in fields], head, placeholder,
+            f" RETURNING {quote(meta.pk.column)}")
+
+
+_empty_jsons: dict[tuple[Any, type, str], Any] = {}
+
+
+def _empty_json(field: Any, kind: type, connection: Any) -> Any:
+    """``[]`` or ``{}`` as ``field`` stores it on ``connection`` (adapted once: most rows
+    have several; the adapted value holds an empty container nothing else refers to)."""
+    key = (field, kind, connection.vendor)
+    if key not in _empty_jsons:
+        _empty_jsons[key] = field.get_db_prep_save(kind(), connection)
+    return _empty_jsons[key]
 
 
 #: How _insert adapts a column's values: plain ``str``/``int`` as they are; values that

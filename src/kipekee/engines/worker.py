@@ -21,11 +21,11 @@ from typing import Any
 from django.db import connection, connections, router
 
 from ..models import OutboxEmail
+from ..outbox import NOTIFY_CHANNEL
 from . import Sender, Stats, beat, engine_name
 
 logger = logging.getLogger("kipekee.worker")
 
-NOTIFY_CHANNEL = "kipekee_outbox"
 HEARTBEAT_SECONDS = 5.0
 LOG_SECONDS = 10.0
 LISTEN_RETRY_SECONDS = 5.0
