@@ -120,8 +120,11 @@ def test_streams(mailtrap_server, kipekee_settings):
     receipt = kipekee.send(**{**MAIL, "to": ["ann@example.com", "bob@example.com"]})
     assert receipt.sent, receipt
     assert [r.path for r in sandbox.requests] == ["/api/send/777"]
-    # The sandbox gives one id for the whole message.
-    assert ProviderMessage.objects.filter(email_id=receipt.id).count() == 1
+    # The sandbox gives one id for the whole message: kept for each recipient.
+    ids = ProviderMessage.objects.filter(email_id=receipt.id)
+    assert sorted(ids.values_list("recipient", flat=True)) == ["ann@example.com",
+                                                               "bob@example.com"]
+    assert len(set(ids.values_list("message_id", flat=True))) == 1
 
     ids = [kipekee.send(**MAIL, mode="queue").id for _ in range(3)]
     deliver_many(ids)

@@ -149,3 +149,86 @@ def test_event_for_an_unknown_message_still_suppresses(sent):
                        email="Someone@Example.com")]).status_code == 200
     assert Suppression.objects.get().address == "someone@example.com"
     assert WebhookEvent.objects.get().email_id is None
+
+
+# --- malformed bodies (issue 17, item 18) ---------------------------------------------------
+
+NOW = int(time.time())
+MALFORMED = {
+    "not json": b"not json",
+    "not utf-8": b'{"events": [\xff\xfe]}',
+    "a list": b"[]",
+    "a string": b'"events"',
+    "events not a list": b'{"events": "nope"}',
+    "an event not an object": b'{"events": [1]}',
+    "an empty event": b'{"events": [{}]}',
+    "no timestamp": b'{"events": [{"event": "delivery", "message_id": "m"}]}',
+    "a text timestamp": (b'{"events": [{"event": "delivery", "message_id": "m", '
+                         b'"timestamp": "soon"}]}'),
+    "a timestamp out of range": (b'{"events": [{"event": "delivery", "message_id": "m", '
+                                 b'"timestamp": 1e20}]}'),
+    "an event name not a string": (b'{"events": [{"event": 7, "message_id": "m", '
+                                   b'"timestamp": %d}]}' % NOW),
+    "a recipient not a string": (b'{"events": [{"event": "bounce", "message_id": "m", '
+                                 b'"timestamp": %d, "email": ["a@example.com"]}]}' % NOW),
+    "a message id not a string": (b'{"events": [{"event": "bounce", "message_id": {"a": 1}, '
+                                  b'"timestamp": %d, "email": "a@example.com"}]}' % NOW),
+    "a recipient too long": (b'{"events": [{"event": "bounce", "message_id": "m", '
+                             b'"timestamp": %d, "email": "%s@example.com"}]}'
+                             % (NOW, b"a" * 300)),
+}
+
+
+def post_raw(body: bytes, secret: str | None = SECRET) -> Any:
+    headers = {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(secret.encode()).decode()}
+    return Client(raise_request_exception=False).post(
+        URL, data=body, content_type="application/json", **headers)
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_body_gets_400_and_changes_nothing(sent, body):
+    receipt, _ = sent
+    response = post_raw(body)
+    assert response.status_code == 400, response.content
+    assert not WebhookEvent.objects.exists() and not Suppression.objects.exists()
+    assert OutboxEmail.objects.get(pk=receipt.id).delivery == {}
+
+
+def test_a_good_event_before_a_bad_one_is_not_kept(sent):
+    receipt, mid = sent
+    good = event("bounce", mid, event_id="g1", response="550 gone")
+    bad = event("bounce", mid, event_id="g2", email=["not", "an", "address"])
+    response = post_raw(json.dumps({"events": [good, bad]}).encode())
+    assert response.status_code == 400
+    assert not WebhookEvent.objects.exists() and not Suppression.objects.exists()
+    assert OutboxEmail.objects.get(pk=receipt.id).delivery == {}
+    # The provider sends the good one again on its own: applied once.
+    assert post([good]).status_code == 200
+    assert post([good]).status_code == 200
+    assert WebhookEvent.objects.count() == 1 and Suppression.objects.count() == 1
+
+
+def test_the_same_event_twice_in_one_body_is_applied_once(sent):
+    receipt, mid = sent
+    bounce = event("bounce", mid, event_id="d1", response="550 gone")
+    assert post([bounce, bounce]).status_code == 200
+    assert WebhookEvent.objects.count() == 1 and Suppression.objects.count() == 1
+
+
+def test_a_raising_receiver_of_anymails_signal_undoes_nothing(sent, caplog):
+    from anymail.signals import tracking
+
+    receipt, mid = sent
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("the project's own receiver is broken")
+
+    tracking.connect(broken, dispatch_uid="test-broken")
+    try:
+        response = post([event("bounce", mid, event_id="x1", response="550 gone")])
+    finally:
+        tracking.disconnect(dispatch_uid="test-broken")
+    assert response.status_code == 200
+    assert Suppression.objects.get().address == "ann@example.com"
+    assert OutboxEmail.objects.get(pk=receipt.id).delivery["ann@example.com"]["event"] == "bounced"
+    assert "the project's own receiver is broken" in caplog.text

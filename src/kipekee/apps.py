@@ -21,8 +21,8 @@ class KipekeeConfig(AppConfig):
 
             metrics.install()
         if importlib.util.find_spec("anymail") is not None:
-            # Delivery webhooks (anymail's tracking signal) update rows and suppressions.
-            from . import webhooks  # noqa: F401
+            # Delivery events (anymail's tracking signal) update rows and suppressions.
+            from . import tracking  # noqa: F401
 
         # The thread engine starts with the first request of a process (not at import,
         # which also happens in migrate, shell and friends), so rows left deferred by a

@@ -12,6 +12,7 @@ kipekee.W002   a provider whose service documents a request limit has no LIMITS[
 kipekee.W010   SMTP credentials sent without TLS to a host that is not local
 kipekee.W011   a development backend (console, file, locmem, dummy) with DEBUG off
 kipekee.W012   DEFAULT_FROM_EMAIL is Django's placeholder ``webmaster@localhost``
+kipekee.W013   a boto3-based provider (anymail's Amazon SES) retries inside each send
 =============  ==============================================================
 
 Checks never connect anywhere: ``manage.py kipekee_check`` does that.
@@ -120,6 +121,14 @@ def _check_provider(p: conf.ProviderConfig) -> list[CheckMessage]:
             "in clear.",
             hint='Set "use_tls": True (STARTTLS, port 587) or "use_ssl": True (port 465).',
             id="kipekee.W010"))
+    config = (getattr(backend, "client_params", None) or {}).get("config")
+    if config is not None and getattr(config, "retries", None) is None:
+        messages.append(Warning(
+            f"{where}: boto3 retries a throttled (429) or failed request up to five times "
+            "inside one send, with its own backoff and blind to Retry-After.",
+            hint='Use "BACKEND": "kipekee.backends.amazon_ses.EmailBackend" (anymail\'s, with '
+                 "boto3's retries off), or set retries in OPTIONS['client_params']['config'].",
+            id="kipekee.W013"))
     if p.backend in DEVELOPMENT_BACKENDS and not settings.DEBUG:
         messages.append(Warning(
             f"{where}: {p.backend} does not deliver, and DEBUG is off: every email it "

@@ -13,6 +13,8 @@ Example::
                             "username": "...", "password": os.environ["SMTP_PASSWORD"]},
             },
             "backup": {"BACKEND": "...", "OPTIONS": {...}},
+            # Or an entry of Django 6.1's MAILERS, not repeated here:
+            "postmark": {"MAILER": "postmark", "LIMITS": {"RATE": "50/s"}},
         },
         "MODE": "hybrid",               # now | hybrid | queue
         "NOW_RETRY_DELAYS": [1, 2, 4],  # in-request retries (mode "now")
@@ -224,8 +226,12 @@ def parse(raw: Any) -> KipekeeSettings:
     providers = []
     for alias, entry in providers_raw.items():
         where = f'KIPEKEE["PROVIDERS"][{alias!r}]'
+        if isinstance(entry, dict) and "MAILER" in entry:
+            entry = _from_mailers(where, entry)
         if not isinstance(entry, dict) or "BACKEND" not in entry:
-            raise ConfigurationError(f"{where} must be a dict with a 'BACKEND' key.")
+            raise ConfigurationError(
+                f"{where} must be a dict with a 'BACKEND' key (or a 'MAILER' key naming an "
+                "entry of settings.MAILERS).")
         extra = set(entry) - {"BACKEND", "OPTIONS", "LIMITS"}
         if extra:
             raise ConfigurationError(f"{where} has unknown keys {sorted(extra)}.")
@@ -372,6 +378,36 @@ def _parse_lanes(raw: Any) -> tuple[LaneConfig, ...]:
     return tuple(sorted(lanes.values(), key=lambda lane: (-lane.priority, lane.name)))
 
 
+#: What Django 6.1 uses for a MAILERS entry without "BACKEND".
+DEFAULT_MAILER_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+
+
+def _from_mailers(where: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A provider given as ``{"MAILER": "alias", "LIMITS": {...}}``: the backend and options
+    of ``settings.MAILERS["alias"]`` (Django 6.1's setting; read the same way on 5.2), so
+    one configuration serves ``django.core.mail.mailers`` and Kipekee."""
+    extra = set(entry) - {"MAILER", "LIMITS"}
+    if extra:
+        raise ConfigurationError(
+            f"{where} names a MAILERS entry; it takes only 'MAILER' and 'LIMITS', not "
+            f"{sorted(extra)} (the backend and its options come from settings.MAILERS).")
+    name = entry["MAILER"]
+    mailers = getattr(django_settings, "MAILERS", None)
+    if not isinstance(mailers, dict) or name not in mailers:
+        known = sorted(mailers) if isinstance(mailers, dict) else []
+        raise ConfigurationError(
+            f"{where}['MAILER'] is {name!r}, which is not an alias of settings.MAILERS "
+            f"(its aliases: {known}).")
+    mailer = mailers[name]
+    if not isinstance(mailer, dict):
+        raise ConfigurationError(f"settings.MAILERS[{name!r}] must be a dict.")
+    resolved = {"BACKEND": mailer.get("BACKEND", DEFAULT_MAILER_BACKEND),
+                "OPTIONS": mailer.get("OPTIONS", {})}
+    if "LIMITS" in entry:
+        resolved["LIMITS"] = entry["LIMITS"]
+    return resolved
+
+
 def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
     """``RETENTION``, ``CHECK`` and ``METRICS``: the settings of running Kipekee."""
     retention_raw = raw.get("RETENTION", {})
@@ -446,7 +482,7 @@ def get() -> KipekeeSettings:
 @receiver(setting_changed)
 def _reset(*, setting: str, **kwargs: Any) -> None:
     global _cached
-    if setting in {"KIPEKEE", "DEFAULT_FROM_EMAIL"}:
+    if setting in {"KIPEKEE", "DEFAULT_FROM_EMAIL", "MAILERS"}:
         _cached = None
         from . import circuit, limits, providers
 

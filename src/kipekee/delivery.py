@@ -102,18 +102,46 @@ class _Pending:
     refused: dict[str, str]
 
 
+_NO_KEY = object()
+
+
+def _key(item: Any) -> Any:
+    """An item's ``key``: only items with equal keys may share a request (``None``: it
+    shares with none). Items without one (Mailtrap's) may share with any."""
+    return getattr(item, "key", _NO_KEY)
+
+
 def _chunks(items: list[tuple[_Pending, Any]], max_count: int,
             max_bytes: int) -> Iterator[list[tuple[_Pending, Any]]]:
-    """Consecutive runs of at most ``max_count`` items and ``max_bytes`` bytes."""
+    """Runs of at most ``max_count`` items and ``max_bytes`` bytes, of one key each, with
+    distinct recipients when keyed (a merged request addresses each recipient once)."""
+    groups: dict[Any, list[tuple[_Pending, Any]]] = {}
+    for entry in items:
+        key = _key(entry[1])
+        if key is None:
+            yield [entry]
+            continue
+        groups.setdefault(key, []).append(entry)
+    for key, group in groups.items():
+        yield from _runs(group, max_count, max_bytes, keyed=key is not _NO_KEY)
+
+
+def _runs(items: list[tuple[_Pending, Any]], max_count: int, max_bytes: int, *,
+          keyed: bool) -> Iterator[list[tuple[_Pending, Any]]]:
     chunk: list[tuple[_Pending, Any]] = []
     size = 0
+    seen: set[str] = set()
     for entry in items:
         item_size = entry[1].size
-        if chunk and (len(chunk) >= max_count or size + item_size > max_bytes):
+        address = str(getattr(entry[1], "address", "")).lower() if keyed else ""
+        if chunk and (len(chunk) >= max_count or size + item_size > max_bytes
+                      or address in seen):
             yield chunk
-            chunk, size = [], 0
+            chunk, size, seen = [], 0, set()
         chunk.append(entry)
         size += item_size
+        if address:
+            seen.add(address)
     if chunk:
         yield chunk
 
@@ -202,8 +230,10 @@ class Deliverer:
                     breaker.success()  # the provider answered: it is up
                 else:
                     breaker.failure()
-                logger.info("Provider %r: %s (%s) for outbox email %s",
-                            alias, failure.error, failure.kind, row.pk)
+                # A misconfigured provider (bad key, unverified sender) is an alarm.
+                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
+                           else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
+                           alias, failure.error, failure.kind, row.pk)
                 if failure.kind == ErrorKind.PERMANENT:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
@@ -211,7 +241,7 @@ class Deliverer:
                 failures.append((alias, failure))
                 continue
             breaker.success()
-            return self._sent(started, alias, message, failures, refused)
+            return self._sent(started, alias, message, failures, refused, backend)
         if not failures:
             return self._outcome(started, "", Failure(
                 kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
@@ -231,14 +261,13 @@ class Deliverer:
 
     @staticmethod
     def _sent(started: datetime, alias: str, message: EmailMessage,
-              failures: list[tuple[str, Failure]], refused: dict[str, str]) -> Outcome:
+              failures: list[tuple[str, Failure]], refused: dict[str, str],
+              backend: Any = None) -> Outcome:
+        ids, refused_now = providers.sent_details(message, backend)
         return Outcome(ok=True, provider=alias, started_at=started, finished_at=timezone.now(),
                        # Kept on the attempt: why the earlier providers were passed over.
                        error="; ".join(f"{a}: {f.error}" for a, f in failures),
-                       refused={**refused,
-                                **(getattr(message, "refused_recipients", None) or {})},
-                       provider_message_ids=dict(
-                           getattr(message, "provider_message_ids", None) or {}))
+                       refused={**refused, **refused_now}, provider_message_ids=ids)
 
     def deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
         """Deliver several claimed rows; one outcome per row, in order.
@@ -294,7 +323,11 @@ class Deliverer:
             backend = self._open(alias)
         except Exception:  # noqa: BLE001 - the single path records why it cannot open
             return None
-        return backend if isinstance(backend, BatchBackend) else None
+        if isinstance(backend, BatchBackend):
+            return backend
+        # Any anymail backend whose ESP takes batch sends: identical messages to one
+        # recipient each share a request (kipekee.backends.merge_batch).
+        return cast("BatchBackend | None", providers.merge_batch(backend))
 
     def _deliver_batches(self, alias: str, group: list[_Pending],
                          outcomes: list[Outcome | None]) -> None:
@@ -315,6 +348,10 @@ class Deliverer:
         broken: Failure | None = None
         breaker = circuit.for_provider(alias)
         for chunk in _chunks(items, backend.batch_max_messages, backend.batch_max_bytes):
+            if len(chunk) == 1 and _key(chunk[0][1]) is not _NO_KEY:
+                # Nothing to share a request with: the single-message path.
+                outcomes[chunk[0][0].index] = self._through(chunk[0][0], chunk[0][0].aliases)
+                continue
             if broken is None and not breaker.allow():
                 broken = Failure(kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
                                  error="circuit open after repeated failures")
@@ -326,7 +363,7 @@ class Deliverer:
                 continue
             try:
                 # Opened again if an earlier request of this call failed (and closed it).
-                backend = cast(BatchBackend, self._open(alias))
+                backend = cast(BatchBackend, self._batch_backend(alias))
                 with providers.limits_for(alias).slot(), _delivering():
                     results = backend.send_batch([item for _, item in chunk])
                 if len(results) != len(chunk):
@@ -335,8 +372,9 @@ class Deliverer:
             except Exception as exc:  # noqa: BLE001 - classified, recorded on every row
                 failure = classify(exc, backend)
                 self._discard(alias)
-                logger.info("Provider %r: batch of %s failed: %s (%s)",
-                            alias, len(chunk), failure.error, failure.kind)
+                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
+                           else logging.INFO, "Provider %r: batch of %s failed: %s (%s)",
+                           alias, len(chunk), failure.error, failure.kind)
                 if failure.kind == ErrorKind.PERMANENT:
                     breaker.success()  # the provider answered: it is up
                 else:
@@ -352,7 +390,8 @@ class Deliverer:
             breaker.success()
             for (p, _), result in zip(chunk, results):
                 if result is None:
-                    outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused)
+                    outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused,
+                                                   backend)
                 else:
                     outcomes[p.index] = self._after(p, alias, classify(result, backend))
 

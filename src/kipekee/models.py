@@ -241,12 +241,16 @@ class ProviderMessage(models.Model):
     email = models.ForeignKey(OutboxEmail, on_delete=models.CASCADE,
                               related_name="provider_messages")
     provider = models.CharField(max_length=100)
-    message_id = models.CharField(max_length=255, unique=True)
+    # Not unique alone: many ESPs give one id for every recipient of a message, and one
+    # for every message of a batch request (Mailgun).
+    message_id = models.CharField(max_length=255, db_index=True)
     recipient = models.CharField(max_length=254, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["email", "message_id", "recipient"],
+                                               name="kipekee_provider_message_once")]
 
     def __str__(self) -> str:
         return f"{self.provider} {self.message_id} ({self.recipient})"

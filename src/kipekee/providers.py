@@ -13,6 +13,13 @@ so the same configuration works on Django 5.2 LTS.
   certificate, TLS not offered): stop using it and alarm.
 
 A backend can refine this by defining ``classify_error(exc) -> Failure | None``.
+
+Errors of every django-anymail backend (Postmark, SendGrid, Mailgun, Amazon SES, Brevo,
+Resend, Mailtrap, …) are classified by one function, :func:`classify_anymail`, from what
+anymail gives: the HTTP status of the ESP's answer (a ``requests`` response, or the
+parsed answer boto3 gives for Amazon SES), its ``Retry-After``, its error text, and the
+per-recipient ``anymail_status``. After a send, :func:`sent_details` reads the
+provider's message ids and per-recipient refusals the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from functools import cache
 from typing import Any
 
@@ -36,6 +45,15 @@ from .exceptions import ConfigurationError, RoutingLoop
 from .limits import ProviderLimits
 from .models import ErrorKind
 from .redact import configured_secrets, redact
+
+try:  # the optional anymail extras ("mailtrap", "esp"): only its backends raise these
+    from anymail import exceptions as anymail_errors
+except ImportError:  # pragma: no cover - the test extra installs it
+    anymail_errors = None  # type: ignore[assignment,unused-ignore]
+try:  # boto3, through anymail's Amazon SES backend ("esp" extra)
+    from botocore import exceptions as botocore_errors
+except ImportError:  # pragma: no cover - the test extra installs it
+    botocore_errors = None  # type: ignore[assignment,unused-ignore]
 
 # SMTP replies that say "you (the client) are not set up right", not "this message is bad".
 _CONFIGURATION_CODES = {530, 534, 535, 538}
@@ -153,9 +171,12 @@ def classify(exc: BaseException, backend: Any = None) -> Failure:
 def _classify(exc: BaseException, backend: Any) -> Failure:
     hook = getattr(backend, "classify_error", None)
     if hook is not None:
-        failure = hook(exc)
-        if failure is not None:
-            return failure
+        hooked: Failure | None = hook(exc)
+        if hooked is not None:
+            return hooked
+    failure = classify_anymail(exc, backend)
+    if failure is not None:
+        return failure
 
     name = type(exc).__name__
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
@@ -199,3 +220,208 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
     # Unknown: retry (bounded by the retry policy) rather than drop a message for a bug
     # that may be fixed by the next deploy; the error stays on the row.
     return Failure(kind=ErrorKind.TRANSIENT, error=f"unexpected {name}: {exc}")
+
+
+# -- HTTP-API providers, through django-anymail -----------------------------------------
+
+#: Anymail's per-recipient statuses that mean "this recipient will not get it".
+ANYMAIL_REFUSED = frozenset({"rejected", "invalid", "failed"})
+
+#: Refusals that are a property of the provider account, not of the message, where the
+#: HTTP status alone does not say so (anymail passes these through as the ESP gave
+#: them): the message goes to the next provider and the row is not failed.
+#: Postmark (422 with ``ErrorCode``): 400 sender signature not found, 401 not confirmed,
+#: 405 out of credits, 412 account pending approval, 413 account may not send.
+#: Amazon SES v2 (``x-amzn-ErrorType``): the account or its sending is suspended, the
+#: MAIL FROM domain is not verified.
+PROVIDER_REFUSALS: dict[str, frozenset[str]] = {
+    "Postmark": frozenset({"400", "401", "405", "412", "413"}),
+    "Amazon SES": frozenset({"AccountSuspendedException", "SendingPausedException",
+                             "MailFromDomainNotVerifiedException"}),
+}
+
+
+def http_retry_after(value: str | None) -> float | None:
+    """Seconds from an HTTP ``Retry-After`` value (seconds, or an HTTP date), if any."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What an ESP answered, read from an anymail error: status, headers, error text, and
+    the ESP's own error code when it gives one in the body."""
+
+    status: int | None
+    headers: Mapping[str, str]
+    detail: str
+    code: str = ""
+
+
+def _answer(exc: Any) -> _Answer:
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        # boto3 (Amazon SES): the parsed answer of a botocore ClientError.
+        meta = response.get("ResponseMetadata") or {}
+        error = response.get("Error") or {}
+        status = meta.get("HTTPStatusCode")
+        code = str(error.get("Code") or "")
+        message = str(error.get("Message") or "")
+        return _Answer(status=int(status) if status else None,
+                       headers=dict(meta.get("HTTPHeaders") or {}),
+                       detail=f"{code}: {message}" if code and message else code or message,
+                       code=code)
+    status = getattr(exc, "status_code", None)
+    if response is None or status is None:
+        return _Answer(status=None, headers={}, detail="")
+    try:
+        body = response.json()
+    except ValueError:
+        return _Answer(status=int(status), headers=response.headers,
+                       detail=" ".join((response.text or "").split())[:300])
+    code = str(body.get("ErrorCode", "")) if isinstance(body, dict) else ""
+    return _Answer(status=int(status), headers=response.headers, detail=_error_text(body),
+                   code=code)
+
+
+def _error_text(body: Any) -> str:
+    """The human part of an ESP's JSON error body, whatever its shape: Postmark's
+    ``{"ErrorCode", "Message"}``, SendGrid's ``{"errors": [{"field", "message"}]}``,
+    Mailgun's and SES's ``{"message"}``, Mailtrap's ``{"errors": [...]}``, …"""
+    if isinstance(body, str):
+        return body[:300]
+    if isinstance(body, list):
+        return "; ".join(filter(None, (_error_text(item) for item in body)))[:300]
+    if not isinstance(body, dict):
+        return ""
+    for key in ("errors", "Errors", "error", "Error"):
+        if body.get(key):
+            return _error_text(body[key])
+    message = next((str(body[k]) for k in ("message", "Message", "detail", "description")
+                    if body.get(k)), "")
+    field_name = body.get("field") or body.get("Field")
+    text = f"{field_name}: {message}" if field_name and message else message
+    if body.get("ErrorCode"):
+        text = f"ErrorCode {body['ErrorCode']}: {text}"
+    return text[:300]
+
+
+def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
+    """Classify an error raised by any django-anymail backend (``None``: not anymail's).
+
+    - every recipient refused (``anymail_status``: rejected / invalid) → *permanent*,
+      with each recipient's status in ``refused``;
+    - an answer 400, 413, 422 (the ESP's validation errors) → *permanent*;
+    - 401, 403 (key, sender identity), 404 (wrong URL, domain or server), and the
+      account-level refusals of :data:`PROVIDER_REFUSALS` → *configuration*;
+    - 408, 429, 5xx, no answer (refused, reset, timeout, DNS) → *transient*, with the
+      answer's ``Retry-After`` (seconds or an HTTP date);
+    - a message the ESP's API cannot express (unsupported feature, an address anymail
+      cannot encode) → *permanent*; anymail's configuration errors → *configuration*.
+    """
+    if anymail_errors is None:
+        return None
+    if isinstance(exc, anymail_errors.AnymailConfigurationError):
+        return Failure(kind=ErrorKind.CONFIGURATION, error=f"anymail: {exc}")
+    if not isinstance(exc, anymail_errors.AnymailError):
+        return None
+    # (Anymail leaves the backend off the errors it raises for a request that got no
+    # answer.)
+    esp = exc.esp_name or getattr(backend, "esp_name", None) or "ESP"
+    if isinstance(exc, anymail_errors.AnymailRecipientsRefused):
+        refused = anymail_refusals(exc.email_message, esp)
+        return Failure(kind=ErrorKind.PERMANENT, refused=refused,
+                       error=f"{esp} refused every recipient: "
+                             + (", ".join(f"{a} ({why})" for a, why in refused.items())
+                                or str(exc.args[0] if exc.args else exc)))
+    if isinstance(exc, (anymail_errors.AnymailUnsupportedFeature,
+                        anymail_errors.AnymailInvalidAddress,
+                        anymail_errors.AnymailSerializationError)):
+        return Failure(kind=ErrorKind.PERMANENT,
+                       error=f"cannot send through {esp}: {exc.args[0] if exc.args else exc}")
+    if not isinstance(exc, anymail_errors.AnymailAPIError):
+        return None
+    answer = _answer(exc)
+    if answer.status is None:
+        cause = exc.__cause__ or exc
+        if botocore_errors is not None and isinstance(
+                cause, (botocore_errors.NoCredentialsError, botocore_errors.NoRegionError,
+                        botocore_errors.PartialCredentialsError)):
+            return Failure(kind=ErrorKind.CONFIGURATION, error=f"{esp}: {cause}")
+        text = str(cause).splitlines()[0] if str(cause) else ""
+        return Failure(kind=ErrorKind.TRANSIENT,
+                       error=f"{esp} unreachable: {type(cause).__name__}: {text}")
+    status = answer.status
+    error = f"{esp} {status}: {answer.detail}" if answer.detail else f"{esp} {status}"
+    if status in (401, 403):
+        return Failure(kind=ErrorKind.CONFIGURATION, code=status,
+                       error=f"{error} (check the API key and the sender's domain)")
+    if status == 404:
+        return Failure(kind=ErrorKind.CONFIGURATION, code=status,
+                       error=f"{error} (check the API URL, domain or server)")
+    if status in (408, 429) or status >= 500 or status < 400:
+        # < 400: a 2xx whose body could not be read; the message may or may not have
+        # been taken, and a resend is the same message (same Message-ID).
+        return Failure(kind=ErrorKind.TRANSIENT, code=status, error=error,
+                       retry_after=http_retry_after(_header(answer.headers, "Retry-After")))
+    if answer.code and answer.code in PROVIDER_REFUSALS.get(esp, ()):
+        return Failure(kind=ErrorKind.CONFIGURATION, code=status, error=error)
+    return Failure(kind=ErrorKind.PERMANENT, code=status, error=error)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:  # a plain dict (boto3 lower-cases the names)
+        value = next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+    return value
+
+
+def anymail_refusals(message: Any, esp: str) -> dict[str, str]:
+    """Recipient → why, for the recipients anymail's ``anymail_status`` says were refused."""
+    status = getattr(message, "anymail_status", None)
+    recipients = getattr(status, "recipients", None) or {}
+    return {addr: f"refused by {esp} ({s.status})" for addr, s in recipients.items()
+            if s.status in ANYMAIL_REFUSED}
+
+
+def sent_details(message: Any, backend: Any = None) -> tuple[dict[str, str], dict[str, str]]:
+    """After a successful send: the provider's message ids (recipient → id) and the
+    recipients it refused while taking the others (recipient → why).
+
+    A backend may leave them on the message as ``provider_message_ids`` and
+    ``refused_recipients``; for anymail backends they are read from ``anymail_status``
+    (one id per recipient where the ESP gives one, else the message's id for each).
+    """
+    ids = getattr(message, "provider_message_ids", None)
+    refused = getattr(message, "refused_recipients", None)
+    status = getattr(message, "anymail_status", None)
+    if status is not None and getattr(backend, "esp_name", None):
+        recipients = getattr(status, "recipients", None) or {}
+        if ids is None:
+            ids = {addr: str(s.message_id) for addr, s in recipients.items() if s.message_id}
+        if refused is None:
+            refused = anymail_refusals(message, backend.esp_name)
+    return dict(ids or {}), dict(refused or {})
+
+
+def merge_batch(backend: Any) -> Any:
+    """``backend`` as a batch backend of identical messages to one recipient each, if it
+    is an anymail backend whose ESP has a batch API (:mod:`kipekee.backends.merge_batch`);
+    else ``None``."""
+    if anymail_errors is None:
+        return None
+    # Lazy: the module needs the optional anymail extra (and imports nothing of ours).
+    from .backends import merge_batch
+
+    return merge_batch.for_backend(backend)

@@ -17,11 +17,9 @@ pooled ``requests`` session and its error normalisation. On top of it this backe
 - passes Kipekee's ``metadata`` on: ``metadata["category"]`` (else the template name)
   becomes Mailtrap's ``category``, the rest ``custom_variables`` with the outbox id as
   ``kipekee_id`` (they come back in webhooks);
-- leaves the ids Mailtrap gives (one per recipient) on ``message.provider_message_ids``
-  and refused recipients on ``message.refused_recipients``;
-- classifies errors (:meth:`classify_error`): 401/403 and a wrong URL (404) are
-  *configuration*, 400/413/422 *permanent*, 408/429/5xx and network errors *transient*,
-  with ``Retry-After`` kept;
+- refuses one item of a batch as a permanent failure of that message alone
+  (:meth:`classify_error`); every other error, the ids Mailtrap gives (one per recipient)
+  and refused recipients are read as for every anymail backend (:mod:`kipekee.providers`);
 - sends many messages in one ``/api/batch`` request (:meth:`send_batch`), for
   :meth:`kipekee.delivery.Deliverer.deliver_many`. Anymail itself only uses the batch
   endpoint for one message with per-recipient merge data; this reuses anymail's payload
@@ -33,8 +31,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urljoin
 
@@ -42,9 +38,7 @@ from anymail.backends.mailtrap import EmailBackend as AnymailMailtrapBackend
 from anymail.backends.mailtrap import MailtrapPayload
 from anymail.exceptions import (
     AnymailAPIError,
-    AnymailConfigurationError,
     AnymailError,
-    AnymailRecipientsRefused,
     AnymailRequestsAPIError,
     AnymailUnsupportedFeature,
 )
@@ -66,7 +60,6 @@ BATCH_MAX_MESSAGES = 500
 BATCH_MAX_BYTES = 50 * 1024 * 1024
 # Room for the request's own JSON around the messages.
 _ENVELOPE = 1024
-_REFUSED = {"rejected", "invalid", "failed"}
 
 
 class MailtrapBatchItemError(AnymailAPIError):
@@ -166,13 +159,6 @@ class EmailBackend(AnymailMailtrapBackend):
             data["custom_variables"] = {**custom, **data.get("custom_variables", {})}
         return payload
 
-    # -- single sends -----------------------------------------------------------------
-
-    def _send(self, message: EmailMessage) -> bool:
-        sent = super()._send(message)
-        _note_status(message)
-        return sent
-
     # -- batch sends ------------------------------------------------------------------
 
     def send_batch_item(self, message: EmailMessage) -> BatchItem:
@@ -233,32 +219,17 @@ class EmailBackend(AnymailMailtrapBackend):
             except AnymailError as exc:
                 results.append(exc)
                 continue
-            _note_status(item.message)
             results.append(None)
         return results
 
     # -- errors -----------------------------------------------------------------------
 
     def classify_error(self, exc: BaseException) -> Failure | None:
-        """Mailtrap's answers as Kipekee's three kinds of failure (see the module doc)."""
+        """A batch item Mailtrap refused is permanent for its message; everything else is
+        classified as for every anymail backend (:func:`kipekee.providers.classify_anymail`)."""
         if isinstance(exc, MailtrapBatchItemError):
             return Failure(kind=ErrorKind.PERMANENT,
                            error=f"Mailtrap refused the message: {'; '.join(exc.errors)}")
-        if isinstance(exc, AnymailRecipientsRefused):
-            status = getattr(exc.email_message, "anymail_status", None)
-            refused = {addr: s.status for addr, s in (status.recipients if status else {}).items()
-                       if s.status in _REFUSED}
-            return Failure(kind=ErrorKind.PERMANENT, refused=refused,
-                           error="Mailtrap refused every recipient: "
-                                 + ", ".join(f"{a} ({s})" for a, s in refused.items()))
-        if isinstance(exc, AnymailConfigurationError):
-            return Failure(kind=ErrorKind.CONFIGURATION, error=f"Mailtrap: {exc.args[0]}")
-        if isinstance(exc, AnymailRequestsAPIError):
-            return _classify_http(exc)
-        if isinstance(exc, (AnymailUnsupportedFeature, ValueError, TypeError)):
-            # The message asks for something Mailtrap's API cannot express.
-            return Failure(kind=ErrorKind.PERMANENT,
-                           error=f"cannot send through Mailtrap: {exc.args[0] if exc.args else exc}")
         return None
 
 
@@ -269,68 +240,3 @@ def _text(value: Any) -> str:
         return json.dumps(value, sort_keys=True, default=str)
     return str(value)
 
-
-def _note_status(message: EmailMessage) -> None:
-    """Leave the provider's ids and refusals where Kipekee's delivery reads them."""
-    status = getattr(message, "anymail_status", None)
-    recipients = status.recipients if status is not None else {}
-    message.provider_message_ids = {  # type: ignore[attr-defined]
-        addr: s.message_id for addr, s in recipients.items() if s.message_id}
-    message.refused_recipients = {  # type: ignore[attr-defined]
-        addr: f"refused by Mailtrap ({s.status})" for addr, s in recipients.items()
-        if s.status in _REFUSED}
-
-
-def _errors_of(response: Any) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return (response.text or "")[:200]
-    errors = body.get("errors") if isinstance(body, dict) else None
-    if isinstance(errors, list):
-        return "; ".join(str(e) for e in errors)
-    if isinstance(errors, dict):
-        return "; ".join(f"{k}: {v}" for k, v in errors.items())
-    return str(errors or body.get("error", "") if isinstance(body, dict) else body)[:200]
-
-
-def _retry_after(response: Any) -> float | None:
-    value = response.headers.get("Retry-After") if response is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _classify_http(exc: AnymailRequestsAPIError) -> Failure:
-    response = exc.response
-    code = exc.status_code
-    if response is None or code is None:
-        # No answer: anymail raised it from a requests exception (refused, reset, DNS,
-        # timeout), which is its __cause__.
-        cause = exc.__cause__ or exc
-        return Failure(kind=ErrorKind.TRANSIENT,
-                       error=f"Mailtrap unreachable: {type(cause).__name__}: {cause}")
-    detail = _errors_of(response)
-    error = f"Mailtrap {code}: {detail}" if detail else f"Mailtrap {code}"
-    if code in (401, 403):
-        return Failure(kind=ErrorKind.CONFIGURATION, code=code,
-                       error=f"{error} (check the API token and the sending domain)")
-    if code == 404:
-        return Failure(kind=ErrorKind.CONFIGURATION, code=code,
-                       error=f"{error} (check api_url / sandbox_id)")
-    if code in (408, 429) or code >= 500 or code < 400:
-        # < 400: a 2xx whose body could not be read; the message may or may not have
-        # been taken, and a resend is the same message (same Message-ID).
-        return Failure(kind=ErrorKind.TRANSIENT, code=code, error=error,
-                       retry_after=_retry_after(response))
-    return Failure(kind=ErrorKind.PERMANENT, code=code, error=error)
