@@ -52,7 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SETTINGS = "bench.compare_settings"
 FROM = "Tours <desk@tours.example>"
-PG_DB = "kipekee_bench_compare"
+# Its own database, so that runs from different checkouts (each migrating it to its own
+# schema) do not meet: KIPEKEE_BENCH_PG_NAME names another one.
+PG_DB = os.environ.setdefault("KIPEKEE_BENCH_PG_NAME", "kipekee_bench_compare")
 
 
 # --- the workload -------------------------------------------------------------------
@@ -166,8 +168,9 @@ def empty_tables() -> None:
         if connection.vendor == "postgresql":
             cursor.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
         else:
-            for table in tables:
-                cursor.execute(f"DELETE FROM {table}")
+            with connection.constraint_checks_disabled():  # children and parents alike
+                for table in tables:
+                    cursor.execute(f"DELETE FROM {table}")
 
 
 def worker_env(sink_port: int, db: str = "postgres") -> dict[str, str]:

@@ -1,8 +1,9 @@
 """Settings for ``bench/compare.py``: Kipekee and django-post-office side by side, on the
 same database and the same SMTP sink.
 
-``KIPEKEE_BENCH_DB``: ``postgres`` (database ``kipekee_bench_compare`` on 127.0.0.1:5432,
-trust auth, user ``postgres``; the default) or a path to an SQLite file (WAL,
+``KIPEKEE_BENCH_DB``: ``postgres`` (database ``kipekee_bench_compare``, or the one
+``KIPEKEE_BENCH_PG_NAME`` names, on 127.0.0.1:5432, trust auth, user ``postgres``; the
+default) or a path to an SQLite file (WAL,
 ``synchronous=NORMAL``, as the demo runs SQLite). ``KIPEKEE_BENCH_SINK_PORT``: the port of
 the sink (``bench/sink.py``) on 127.0.0.1.
 """
@@ -31,7 +32,7 @@ if _db == "postgres":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",
-            "NAME": "kipekee_bench_compare",
+            "NAME": os.environ.get("KIPEKEE_BENCH_PG_NAME", "kipekee_bench_compare"),
             "HOST": "127.0.0.1",
             "PORT": "5432",
             "USER": "postgres",

@@ -198,3 +198,15 @@ def test_notify_many_queries_do_not_grow_with_the_objects(sink_provider):
 
     queries(1)  # the first looks up the Quote content type (then cached, as Django does)
     assert queries(2) == queries(40)
+
+
+def test_hybrid_goes_through_a_providers_batch_api(mailtrap, kipekee_settings):
+    """Delivered in the request the way engines deliver a claimed batch: 120 messages to
+    Mailtrap are one /api/batch request, not 120 /api/send."""
+    from .mailtrap_fixtures import mailtrap_provider
+
+    kipekee_settings(mailtrap=mailtrap_provider(mailtrap))
+    receipts = kipekee.send_many([email(i) for i in range(120)], mode="hybrid")
+    assert {r.status for r in receipts} == {"sent"}
+    assert [r.path for r in mailtrap.requests] == ["/api/batch"]
+    assert len(mailtrap.requests[0].json["requests"]) == 120
