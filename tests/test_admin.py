@@ -126,6 +126,7 @@ def test_preview_headers_and_content(admin_client):
     assert response.status_code == 200
     assert response["Content-Security-Policy"] == PREVIEW_CSP
     assert "script-src" not in PREVIEW_CSP and "default-src 'none'" in PREVIEW_CSP
+    assert "sandbox" in PREVIEW_CSP.split("; ")  # no allow-*: also when opened alone
     assert response["X-Frame-Options"] == "SAMEORIGIN"
     body = response.content.decode()
     assert '<img src="data:image/png;base64,iVBORw==">' in body  # cid: made visible
@@ -219,3 +220,167 @@ def test_the_change_page_never_writes_the_row_back(admin_client):
               if q["sql"].startswith("UPDATE") and "kipekee_outboxemail" in q["sql"]]
     assert writes == []
     assert OutboxEmail.objects.get(pk=row.pk).status == Status.SENDING
+
+
+# --- resend of a suppressed message (issue 17, item 4) ----------------------------------
+
+
+def _messages(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_resend_of_a_suppressed_message_is_refused_and_other_mail_flows(
+        admin_client, smtp_sink, kipekee_settings):
+    """A suppressed message has no recipients left; a copy of it used to reach the
+    provider with an empty envelope, count as a transient failure and open the circuit
+    breaker, holding back everyone else's mail."""
+    from django.core.management import call_command
+
+    import kipekee
+    from kipekee import circuit, suppression
+    from kipekee.models import SuppressionReason
+
+    from .conftest import smtp_provider
+
+    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={"MODE": "queue"})
+    suppression.add("gone@example.com", SuppressionReason.HARD_BOUNCE)
+    gone = [kipekee.send(subject=f"Gone {i}", text="x", to=["Gone <GONE@example.com>"])
+            for i in range(6)]
+    assert all(r.suppressed for r in gone)
+    act = reverse("admin:kipekee_outboxemail_act", args=[gone[0].id])
+    one = admin_client.post(act, {"kipekee_action": "resend"}, follow=True)
+    many = admin_client.post(LIST, {"action": "resend_selected",
+                                    "_selected_action": [str(r.id) for r in gone[1:]]},
+                             follow=True)
+    others = [kipekee.send(subject=f"Order {i}", text="x", to=[f"ann{i}@example.com"])
+              for i in range(10)]
+    call_command("kipekee_worker", once=True, batch_size=4, poll_interval=0.05)
+
+    assert len(smtp_sink.wait_for(10)) == 10
+    assert {r.refresh().status for r in others} == {Status.SENT}
+    assert circuit.for_provider("primary").state == circuit.CircuitBreaker.CLOSED
+    assert all(m.rcpt_tos for m in smtp_sink.messages)
+    assert not OutboxEmail.objects.filter(metadata__resent_from__isnull=False).exists()
+    [said] = _messages(one)
+    assert said.startswith(f"Not resent: Outbox email {gone[0].id} has no recipients left "
+                           "to resend to; taken off when it was written: Gone <GONE@example.com>"
+                           " (suppressed: hard bounce"), said
+    done, refused = _messages(many)
+    assert done == "0 copied as new queued messages: an engine sends them."
+    assert refused.startswith("5 not resent: ")
+    assert all(f"Outbox email {r.id} has no recipients left" in refused for r in gone[1:])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_resend_takes_recipients_suppressed_since_off_the_copy(admin_client, smtp_sink,
+                                                               kipekee_settings):
+    from django.core.management import call_command
+
+    import kipekee
+    from kipekee import suppression
+
+    from .conftest import smtp_provider
+
+    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={"MODE": "queue"})
+    sent = kipekee.send(subject="Ticket", text="x", to=["ann@example.com"],
+                        cc=["bob@example.com"])
+    call_command("kipekee_worker", once=True, poll_interval=0.05)
+    assert sent.refresh().sent
+    suppression.add("bob@example.com")
+    admin_client.post(reverse("admin:kipekee_outboxemail_act", args=[sent.id]),
+                      {"kipekee_action": "resend"})
+    copy = OutboxEmail.objects.get(metadata__resent_from=sent.id)
+    assert (copy.to, copy.cc) == (["ann@example.com"], [])
+    assert list(copy.refused) == ["bob@example.com"]
+    # Every recipient suppressed since: refused, as a new message would be.
+    suppression.add("ann@example.com")
+    response = admin_client.post(reverse("admin:kipekee_outboxemail_act", args=[sent.id]),
+                                 {"kipekee_action": "resend"}, follow=True)
+    said = _messages(response)
+    assert "every recipient is on the suppression list" in said[-1], said
+    assert OutboxEmail.objects.filter(metadata__resent_from=sent.id).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_without_recipients_never_reaches_a_provider(smtp_sink, kipekee_settings):
+    """Rows that an earlier version wrote with no recipient left (the resend above) are
+    recorded with their reason; the provider and its breaker never see them."""
+    from django.core.management import call_command
+
+    import kipekee
+    from kipekee import circuit
+
+    from .conftest import smtp_provider
+
+    kipekee_settings(primary=smtp_provider(smtp_sink), _extra={
+        "MODE": "queue", "CIRCUIT_BREAKER": {"FAILURES": 2}})
+    empty = make_rows(3, status=Status.QUEUED, to=[], cc=[], refused={})
+    suppressed = make_rows(1, start=3, status=Status.QUEUED, to=[], cc=[], refused={
+        "gone@example.com": "suppressed: hard bounce on 2025-01-01"})[0]
+    others = [kipekee.send(subject=f"Order {i}", text="x", to=[f"ann{i}@example.com"])
+              for i in range(10)]
+    call_command("kipekee_worker", once=True, batch_size=3, poll_interval=0.05)
+
+    assert len(smtp_sink.wait_for(10)) == 10
+    assert {r.refresh().status for r in others} == {Status.SENT}
+    assert circuit.for_provider("primary").state == circuit.CircuitBreaker.CLOSED
+    for row in empty:
+        row.refresh_from_db()
+        assert row.status == Status.FAILED and row.error_kind == "permanent"
+        assert "no recipients" in row.last_error
+        assert row.attempt_log.get(outcome="permanent").provider == ""
+    suppressed.refresh_from_db()
+    assert suppressed.status == Status.SUPPRESSED
+    assert "gone@example.com" in suppressed.last_error
+
+
+# --- bad input answers 4xx, never 500 (issue 17, item 18) ----------------------------------
+
+
+@pytest.mark.parametrize("object_id", ["abc", "99999", "1.5", "%20"])
+def test_a_bad_id_is_a_404(admin_client, object_id):
+    make_rows(1)
+    preview = admin_client.get(f"{LIST}{object_id}/preview/")
+    act = admin_client.post(f"{LIST}{object_id}/act/", {"kipekee_action": "retry"})
+    assert (preview.status_code, act.status_code) == (404, 404)
+
+
+def test_a_bad_id_in_a_list_action_is_a_message(admin_client):
+    rows = make_rows(2, status=Status.FAILED)
+    response = admin_client.post(LIST, {"action": "retry_selected",
+                                        "_selected_action": [str(rows[0].pk), "abc"]},
+                                 follow=True)
+    assert response.status_code == 200
+    assert OutboxEmail.objects.get(pk=rows[0].pk).status == Status.FAILED  # nothing done
+    assert [str(m) for m in response.context["messages"]] == [
+        "Nothing done: 'abc' is not a message id."]
+
+
+def test_filtering_by_a_recipient_in_the_url(admin_client):
+    """``?to__contains=`` is JSON containment (an element of the list equals the value):
+    native on PostgreSQL, refused by SQLite unless Kipekee does it."""
+    make_rows(12)
+    for field, value, expected in [("to", "user3@example.com", {"Order 3 confirmed"}),
+                                   ("cc", "cc@example.com", {"Order 0 confirmed",
+                                                             "Order 7 confirmed"}),
+                                   ("to", "user3@", set()), ("bcc", "x@example.com", set())]:
+        response = admin_client.get(LIST, {f"{field}__contains": value})
+        assert response.status_code == 200, (field, value)
+        assert {r.subject for r in response.context["cl"].result_list} == expected
+    # The sidebar says so, with a way back to every row.
+    shown = admin_client.get(LIST, {"to__contains": "user3@example.com"}).content.decode()
+    assert "By recipient" in shown and "to: user3@example.com" in shown
+    # Paging and the other filters keep it.
+    page = admin_client.get(LIST, {"to__contains": "user3@example.com", "status__exact": "deferred"})
+    assert page.status_code == 200 and page.context["cl"].result_count == 0
+
+
+def test_json_lookups_the_database_cannot_do_are_refused_cleanly(admin_client):
+    make_rows(3)
+    for lookup in ["metadata__contained_by", "metadata__contains", "to__contained_by"]:
+        response = admin_client.get(LIST, {lookup: "{}"})
+        if connection.features.supports_json_field_contains:
+            assert response.status_code == 200, lookup
+        else:
+            assert response.status_code == 400, lookup

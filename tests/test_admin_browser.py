@@ -58,6 +58,13 @@ class CountingServer:
                     self.end_headers()
                     self.wfile.write(b'<!doctype html><link rel="icon" href="data:,">control')
                     return
+                if self.path == "/refresh":
+                    # A page without Kipekee's CSP that redirects itself at once.
+                    self.send_header("Content-Type", "text/html")
+                    self.end_headers()
+                    self.wfile.write(b'<!doctype html><link rel="icon" href="data:,">'
+                                     b'<meta http-equiv="refresh" content="0;url=/control">')
+                    return
                 self.send_header("Content-Type", "image/png")
                 self.end_headers()
                 self.wfile.write(PIXEL)
@@ -185,3 +192,38 @@ def test_retry_action(page: Page, live_server):
     page.click("button.kipekee-cancel")
     expect(page.locator("ul.messagelist")).to_contain_text("Cancelled.")
     assert OutboxEmail.objects.get(pk=failed.pk).status == Status.CANCELLED
+
+
+def test_a_meta_refresh_in_a_mail_does_not_navigate_the_preview(page: Page, live_server,
+                                                                 remote):
+    """The preview opened alone is the admin's own top-level page: a mail's
+    ``<meta http-equiv=refresh>`` must not take it (and the admin's browser) elsewhere."""
+    # Control: the same meta refresh, without the preview's CSP, navigates.
+    control = page.context.new_page()
+    control.goto(f"{remote.url}/refresh")
+    control.wait_for_url(f"{remote.url}/control")
+    control.close()
+    assert remote.paths == ["/refresh", "/control"]
+    remote.paths.clear()
+
+    html = (f'<html><head><meta http-equiv="refresh" content="0;url={remote.url}/control">'
+            '</head><body><h1 id="greeting">Your ticket</h1>'
+            '<img id="qr" src="cid:ticket-qr" alt="QR"></body></html>')
+    row = _row(subject="Your ticket", content_subtype="html", body=html, status=Status.SENT)
+    Attachment.objects.create(email=row, filename="qr.png", mimetype="image/png", content=PIXEL,
+                              content_id="ticket-qr")
+    url = f"{live_server.url}/admin/kipekee/outboxemail/{row.pk}/preview/"
+    preview = page.context.new_page()
+    preview.goto(url)
+    preview.wait_for_load_state("networkidle")
+    # Time for a zero-second refresh to happen (the control above took a few ms).
+    preview.wait_for_timeout(1000)
+    assert preview.url == url and remote.paths == []
+    assert preview.eval_on_selector("#qr", "e => e.naturalWidth") == 1  # cid: image shown
+    preview.close()
+    # In the change page's iframe too.
+    page.goto(f"{live_server.url}/admin/kipekee/outboxemail/{row.pk}/change/")
+    frame = page.frame_locator("iframe.kipekee-preview")
+    assert frame.locator("#greeting").inner_text() == "Your ticket"
+    page.wait_for_timeout(1000)
+    assert remote.paths == []

@@ -341,3 +341,76 @@ def test_no_providers_keeps_the_mail_queued(settings):
     receipt = kipekee.send(**MAIL)
     assert receipt.status == Status.DEFERRED
     assert receipt.error_kind == ErrorKind.CONFIGURATION and "no providers" in receipt.error
+
+
+# --- provider-level refusals fail over (issue 17, item 13) -------------------------------
+
+
+@pytest.mark.parametrize("reply", [
+    "553 5.7.1 sender address not owned by this account",
+    "550 5.7.1 sender address rejected: not verified",
+    "554 5.7.1 access denied for this client",
+])
+def test_a_provider_refusing_the_sender_fails_over(smtp_server, smtp_sink, kipekee_settings,
+                                                   reply):
+    """A 5xx to MAIL FROM is about this provider (the account, its verified senders, its
+    limits): nothing about the recipients or the content has been said yet. The next
+    provider is tried; the refusing one is not broken, only unsuitable."""
+    from kipekee import circuit
+
+    picky = smtp_server(faults=Faults(mail_reply=reply))
+    kipekee_settings(primary=smtp_provider(picky), backup=smtp_provider(smtp_sink))
+    receipts = [kipekee.send(**MAIL) for _ in range(2)]
+    assert [(r.status, r.provider) for r in receipts] == [(Status.SENT, "backup")] * 2
+    assert len(smtp_sink.wait_for(2)) == 2 and picky.messages == []
+    attempt = Attempt.objects.get(email_id=receipts[0].id)
+    assert f"primary: SMTPSenderRefused: {reply}" in attempt.error
+    assert circuit.for_provider("primary").state == circuit.CircuitBreaker.CLOSED
+
+
+def test_a_message_over_the_size_limit_of_one_provider_fails_over(smtp_server, smtp_sink,
+                                                                  kipekee_settings):
+    # The server advertises SIZE 20000: smtplib declares the size in MAIL FROM and the
+    # server answers 552 there, as Postfix and Exim do.
+    small = smtp_server(data_size_limit=20_000)
+    # This one says nothing beforehand and refuses after the data.
+    late = smtp_server(faults=Faults(data_replies=["552 5.3.4 message size exceeds fixed limit"]))
+    kipekee_settings(primary=smtp_provider(small), secondary=smtp_provider(late),
+                     backup=smtp_provider(smtp_sink))
+    receipt = kipekee.send(**MAIL, attachments=[("photo.jpg", b"\xff" * 30_000, "image/jpeg")])
+    assert receipt.sent and receipt.provider == "backup", receipt
+    assert len(smtp_sink.wait_for(1)) == 1 and small.messages == []
+    attempt = Attempt.objects.get(email_id=receipt.id)
+    assert "primary: SMTPSenderRefused: 552" in attempt.error
+    assert "secondary: SMTPDataError: 552 5.3.4" in attempt.error
+
+
+def test_every_provider_refusing_fails_with_each_reason(smtp_server, kipekee_settings):
+    one = smtp_server(faults=Faults(mail_reply="553 5.7.1 sender not owned by this account"))
+    two = smtp_server(faults=Faults(data_replies=["552 5.3.4 message too big"]))
+    kipekee_settings(primary=smtp_provider(one), backup=smtp_provider(two))
+    receipt = kipekee.send(**MAIL, mode="now")
+    assert receipt.failed and receipt.error_kind == ErrorKind.PERMANENT
+    assert "primary: SMTPSenderRefused: 553 5.7.1 sender not owned" in receipt.error
+    assert "backup: SMTPDataError: 552 5.3.4 message too big" in receipt.error
+    assert attempts(receipt) == [(1, "permanent")]  # no quick retries: it would not change
+
+
+def test_a_provider_refusal_and_a_transient_failure_defer(smtp_server, kipekee_settings):
+    one = smtp_server(faults=Faults(mail_reply="553 5.7.1 sender not owned by this account"))
+    kipekee_settings(primary=smtp_provider(one), backup={"BACKEND": SMTP_BACKEND, "OPTIONS": {
+        "host": "127.0.0.1", "port": unused_port(), "timeout": 1}})
+    receipt = kipekee.send(**MAIL)
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+    assert "primary: SMTPSenderRefused: 553" in receipt.error
+    assert "backup: ConnectionRefusedError" in receipt.error
+
+
+def test_content_refused_after_data_does_not_fail_over(smtp_server, smtp_sink, kipekee_settings):
+    # 554 / 550 5.7.1 after the data: the content (spam, a virus): another provider
+    # must not deliver what the first one judged.
+    strict = smtp_server(faults=Faults(data_replies=["554 5.7.1 message rejected as spam"]))
+    kipekee_settings(primary=smtp_provider(strict), backup=smtp_provider(smtp_sink))
+    receipt = kipekee.send(**MAIL)
+    assert receipt.failed and "554 5.7.1" in receipt.error
+    assert smtp_sink.messages == []

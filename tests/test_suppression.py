@@ -116,3 +116,120 @@ def test_admin_edits_the_list(admin_client):
                                                            "support desk")
     assert admin_client.get("/admin/kipekee/suppression/").status_code == 200
     assert admin_client.get("/admin/kipekee/webhookevent/").status_code == 200
+
+
+# --- one mailbox, many spellings (issue 17, item 17) -------------------------------------
+
+#: Each tuple: one mailbox, written as people, forms and providers write it.
+SPELLINGS = [
+    pytest.param(("user@bücher.example", "user@xn--bcher-kva.example", "USER@BÜCHER.EXAMPLE",
+                  "user@bu\u0308cher.example",  # ü decomposed: u + combining diaeresis
+                  '"user"@xn--bcher-kva.example', "User <user@Xn--Bcher-Kva.Example>"),
+                 id="idn"),
+    pytest.param(("user@example.com", '"user"@example.com', '"us\\er"@EXAMPLE.com',
+                  'Ann <"User"@Example.COM>', "user@example.COM"), id="quoted-and-case"),
+]
+
+
+@pytest.mark.parametrize("spellings", SPELLINGS)
+def test_a_suppressed_mailbox_is_suppressed_however_it_is_written(provider, spellings):
+    delivered = []
+    for listed in spellings:
+        suppression.add(listed, SuppressionReason.HARD_BOUNCE)
+        assert Suppression.objects.count() == 1
+        for other in spellings:
+            receipt = kipekee.send(subject="Hi", text="x", to=[other])
+            if not receipt.suppressed:
+                delivered.append((listed, other))
+        assert suppression.remove(spellings[-1])
+    assert delivered == []
+    assert provider.requests == []
+
+
+def test_canonical_addresses():
+    from kipekee.addresses import canonical
+
+    assert canonical("Ann <Ann@Example.COM>") == "ann@example.com"
+    assert canonical("user@bücher.example") == "user@xn--bcher-kva.example"
+    assert canonical("user@bu\u0308cher.example") == "user@xn--bcher-kva.example"
+    assert canonical('"user"@example.com') == "user@example.com"
+    assert canonical('"ann.b"@example.com') == "ann.b@example.com"
+    # Quotes that are needed stay, in one spelling.
+    assert canonical('"a b"@example.com') == canonical('"a\\ b"@EXAMPLE.com') == '"a b"@example.com'
+    assert canonical('"a..b"@example.com') == '"a..b"@example.com'
+    assert canonical("ann+tag@example.com") == "ann+tag@example.com"  # another mailbox
+    assert canonical("user@[127.0.0.1]") == "user@[127.0.0.1]"
+    # Not an address: itself, trimmed and lower-cased (it still equals itself).
+    assert canonical("  Not An Address ") == "not an address"
+    for address in ["user@bücher.example", '"a b"@x.org', "Ann <ann@x.org>", '"a\\"b"@x.org',
+                    "x@" + "a" * 70 + ".org", "ünïcode@bücher.example", "not an address"]:
+        once = canonical(address)
+        assert canonical(once) == once, address
+
+
+def test_queued_before_it_was_suppressed_under_another_spelling(provider):
+    receipt = kipekee.send(subject="Reminder", text="x", to=["user@bücher.example"], mode="queue")
+    suppression.add('"USER"@xn--bcher-kva.example')
+    row = outbox.claim(receipt.id)
+    with Deliverer() as deliverer:
+        dispatch.record(row, deliverer.deliver(row))
+    assert receipt.refresh().suppressed
+    assert provider.requests == []
+
+
+def test_admin_stores_and_finds_the_canonical_address(admin_client):
+    response = admin_client.post("/admin/kipekee/suppression/add/", {
+        "address": ' "User"@BÜCHER.example ', "reason": "manual", "source": "", "detail": ""})
+    assert response.status_code == 302, response.content
+    assert Suppression.objects.get().address == "user@xn--bcher-kva.example"
+    found = admin_client.get("/admin/kipekee/suppression/", {"q": "User@bücher.example"})
+    assert found.context["cl"].result_count == 1
+    # The same mailbox again: refused as a duplicate, not stored twice.
+    again = admin_client.post("/admin/kipekee/suppression/add/", {
+        "address": "user@xn--bcher-kva.example", "reason": "manual", "source": "", "detail": ""})
+    assert again.status_code == 200 and Suppression.objects.count() == 1
+
+
+def test_a_webhook_suppresses_the_mailbox_whatever_its_spelling(mailtrap, kipekee_settings):
+    from .test_webhooks import SECRET, event, post
+
+    kipekee_settings({"WEBHOOK_SECRET": SECRET}, mailtrap=mailtrap_provider(mailtrap))
+    assert post([event("bounce", "elsewhere", event_id="idn-1", email="User@XN--BCHER-KVA.example",
+                       response="550 5.1.1 no such user")]).status_code == 200
+    assert Suppression.objects.get().address == "user@xn--bcher-kva.example"
+    for spelling in ["user@bücher.example", '"user"@bu\u0308cher.example']:
+        assert kipekee.send(subject="Hi", text="x", to=[spelling]).suppressed
+    assert mailtrap.requests == []
+
+
+def test_migration_canonicalises_existing_entries(django_db_blocker):
+    """Rows written before canonical addresses: canonicalised; spellings of one mailbox
+    become its first entry."""
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+    from django.utils import timezone
+
+    executor = MigrationExecutor(connection)
+    before = [("kipekee", "0007_provider_message_per_recipient")]
+    after = executor.loader.graph.leaf_nodes("kipekee")
+    executor.migrate(before)
+    try:
+        old = MigrationExecutor(connection).loader.project_state(before).apps
+        Entry = old.get_model("kipekee", "Suppression")
+        now = timezone.now()
+        Entry.objects.bulk_create([
+            Entry(address="user@bücher.example", reason="hard_bounce", created_at=now),
+            Entry(address="user@xn--bcher-kva.example", reason="manual",
+                  created_at=now + timedelta(seconds=1)),
+            Entry(address='"ann"@example.com', reason="unsubscribe", created_at=now),
+            Entry(address="bob@example.com", reason="manual", created_at=now),
+        ])
+        executor = MigrationExecutor(connection)
+        executor.migrate(after)
+    finally:
+        MigrationExecutor(connection).migrate(after)
+    assert sorted(Suppression.objects.values_list("address", "reason")) == [
+        ("ann@example.com", "unsubscribe"), ("bob@example.com", "manual"),
+        ("user@xn--bcher-kva.example", "hard_bounce")]

@@ -11,7 +11,9 @@ kipekee_demo_serve``, whose messages the dev inbox at /inbox/ shows. Environment
 - ``KIPEKEE_DEMO_SMTP_PORT`` / ``KIPEKEE_DEMO_BACKUP_SMTP_PORT``: the capture servers'
   ports (2525, 2526);
 - ``KIPEKEE_DEMO_RATE_LIMIT``: public form submissions per client, ``"5/600"``
-  (5 per 10 minutes).
+  (5 per 10 minutes);
+- ``KIPEKEE_DEMO_DEBUG``: ``1`` (default) or ``0``. With ``0`` the site runs as it would
+  be deployed: Django's plain error pages, and the dev inbox only for staff.
 """
 
 import os
@@ -20,7 +22,10 @@ from urllib.parse import unquote, urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-not-secret")
-DEBUG = True
+_debug = os.environ.get("KIPEKEE_DEMO_DEBUG", "1")
+if _debug not in ("0", "1"):
+    raise ValueError(f"KIPEKEE_DEMO_DEBUG must be 1 or 0, not {_debug!r}")
+DEBUG = _debug == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 USE_TZ = True
 TIME_ZONE = "UTC"
@@ -38,6 +43,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",  # the admin's CSS and JS
     "kipekee",
     "devinbox",
     "shop",
@@ -49,6 +55,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
 ROOT_URLCONF = "demo_site.urls"
+# Served by `kipekee_demo_serve` (runserver's static handler, with DEBUG on or off):
+# there is no web server in front of the demo to do it.
+STATIC_URL = "static/"
 TEMPLATES = [{
     "BACKEND": "django.template.backends.django.DjangoTemplates",
     "APP_DIRS": True,

@@ -1,9 +1,20 @@
-"""The dev inbox: what the capture servers received, as a person would read it."""
+"""The dev inbox: what the capture servers received, as a person would read it.
+
+It holds every mail the site sent — sign-in codes included — and switches the capture
+servers: with ``DEBUG`` on it is open (a developer's machine), with ``DEBUG`` off only
+staff may open it; anyone else is sent to the admin's sign-in page and sees nothing.
+"""
 
 from __future__ import annotations
 
+import base64
+import functools
 import re
+from collections.abc import Callable
+from typing import Any
 
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -15,15 +26,39 @@ from .models import CapturedMessage
 
 _CID = re.compile(r"cid:([^\"'\s)>]+)", re.IGNORECASE)
 
+View = Callable[..., HttpResponse]
+# Shown as images; any other part is offered as a download, never rendered as a page.
+_IMAGES = ("image/png", "image/jpeg", "image/gif")
 
+
+def staff_unless_debug(view: View) -> View:
+    """``view`` for anyone with DEBUG on, for active staff only with DEBUG off: an
+    anonymous visitor goes to the admin's sign-in page, a signed-in non-staff user gets
+    404."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        user = request.user
+        if settings.DEBUG or (user.is_active and user.is_staff):
+            return view(request, *args, **kwargs)
+        if not user.is_authenticated:
+            return redirect_to_login(request.get_full_path(), reverse("admin:login"))
+        raise Http404("No such page.")
+
+    return wrapped
+
+
+@staff_unless_debug
 def index(request: HttpRequest) -> HttpResponse:
     return render(request, "devinbox/index.html", {
+        "debug": settings.DEBUG,
         "messages_": CapturedMessage.objects.defer("raw")[:200],
         "servers": [{"name": name, "port": server.port, "down": capture.is_down(name)}
                     for name, server in capture.servers.items()],
     })
 
 
+@staff_unless_debug
 def detail(request: HttpRequest, pk: int) -> HttpResponse:
     captured = get_object_or_404(CapturedMessage, pk=pk)
     message = captured.message
@@ -44,25 +79,32 @@ def detail(request: HttpRequest, pk: int) -> HttpResponse:
     })
 
 
+@staff_unless_debug
 def html(request: HttpRequest, pk: int) -> HttpResponse:
-    """The HTML part, with cid: images pointed at their parts; shown in a sandboxed
-    iframe, and sandboxed again by its own CSP in case it is opened directly."""
+    """The HTML part, with cid: images put in as data: URIs; shown in a sandboxed iframe,
+    and sandboxed again by its own CSP in case it is opened directly. (Not links to their
+    parts: a sandboxed document's requests go without the session cookie, which staff
+    need with DEBUG off.)"""
     captured = get_object_or_404(CapturedMessage, pk=pk)
     body = captured.message.get_body(("html",))
     if body is None:
         raise Http404("This message has no HTML part.")
-    by_cid = {(p["Content-ID"] or "").strip("<>"): i for i, p in enumerate(captured.parts())
-              if p["Content-ID"]}
+    by_cid = {(p["Content-ID"] or "").strip("<>"): p for p in captured.parts() if p["Content-ID"]}
 
-    def link(match: re.Match[str]) -> str:
-        index = by_cid.get(match.group(1))
-        return match.group(0) if index is None else reverse("devinbox:part", args=[pk, index])
+    def inline(match: re.Match[str]) -> str:
+        part = by_cid.get(match.group(1))
+        if part is None or part.get_content_type() not in _IMAGES:
+            return match.group(0)
+        payload = part.get_payload(decode=True)
+        data = base64.b64encode(payload if isinstance(payload, bytes) else b"").decode()
+        return f"data:{part.get_content_type()};base64,{data}"
 
-    response = HttpResponse(_CID.sub(link, body.get_content()), content_type="text/html; charset=utf-8")
+    response = HttpResponse(_CID.sub(inline, body.get_content()), content_type="text/html; charset=utf-8")
     response["Content-Security-Policy"] = "sandbox; script-src 'none'"
     return response
 
 
+@staff_unless_debug
 def part(request: HttpRequest, pk: int, index: int) -> HttpResponse:
     captured = get_object_or_404(CapturedMessage, pk=pk)
     parts = captured.parts()
@@ -70,18 +112,20 @@ def part(request: HttpRequest, pk: int, index: int) -> HttpResponse:
         raise Http404("No such part.")
     chosen = parts[index]
     response = HttpResponse(chosen.get_payload(decode=True) or b"", content_type=chosen.get_content_type())
-    if chosen.get_content_type() not in ("image/png", "image/jpeg", "image/gif"):
+    if chosen.get_content_type() not in _IMAGES:
         # Never render an attachment as a page of this site.
         response["Content-Disposition"] = content_disposition_header(True, chosen.get_filename() or "part")
     response["X-Content-Type-Options"] = "nosniff"
     return response
 
 
+@staff_unless_debug
 def raw(request: HttpRequest, pk: int) -> HttpResponse:
     captured = get_object_or_404(CapturedMessage, pk=pk)
     return HttpResponse(bytes(captured.raw), content_type="text/plain; charset=utf-8")
 
 
+@staff_unless_debug
 @require_POST
 def toggle_server(request: HttpRequest, name: str) -> HttpResponse:
     if name not in capture.servers:

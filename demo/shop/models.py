@@ -1,4 +1,9 @@
-"""The business objects of the four seed systems, as small as the flows need."""
+"""The business objects of the four seed systems, as small as the flows need.
+
+Two columns recur: ``owner``, the visitor that made the row (:mod:`shop.visitors`: pages
+and actions look rows up by it), and ``submission``, the key of the form that made it
+(:class:`shop.forms.OnceForm`: unique, so a form sent twice writes one row and one mail).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,15 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+
+
+def owner_field() -> models.CharField:
+    return models.CharField(max_length=64, blank=True, db_index=True, editable=False)
+
+
+def submission_field() -> models.UUIDField:
+    # null: rows written by code rather than a form (the one-shot demo command) have none.
+    return models.UUIDField(null=True, blank=True, unique=True, editable=False)
 
 
 class Order(models.Model):
@@ -22,6 +36,8 @@ class Order(models.Model):
     total = models.DecimalField(max_digits=10, decimal_places=2)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.CREATED)
     paid = models.BooleanField(default=False)
+    owner = owner_field()
+    submission = submission_field()
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -36,6 +52,8 @@ class QuoteRequest(models.Model):
     tour = models.CharField(max_length=100)
     travellers = models.PositiveSmallIntegerField()
     message = models.TextField(blank=True)
+    owner = owner_field()
+    submission = submission_field()
     created_at = models.DateTimeField(auto_now_add=True)
 
 
@@ -45,11 +63,18 @@ class JobApplication(models.Model):
     position = models.CharField(max_length=100)
     cv_name = models.CharField(max_length=255)
     cv = models.BinaryField()
+    submission = submission_field()
     created_at = models.DateTimeField(auto_now_add=True)
 
 
 class Subscriber(models.Model):
-    email = models.EmailField(unique=True)
+    """One row per mailbox: ``mailbox`` is the address's one spelling
+    (:func:`kipekee.addresses.canonical`: IDNA domain, Unicode NFC, lower case), so
+    ``user@bücher.example`` and ``user@xn--bcher-kva.example`` are one subscriber.
+    ``email`` is the address as first typed, where the mail goes."""
+
+    email = models.EmailField()
+    mailbox = models.CharField(max_length=320, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
 
@@ -61,6 +86,7 @@ class OneTimePassword(models.Model):
     expires_at = models.DateTimeField()
     attempts = models.PositiveSmallIntegerField(default=0)
     used = models.BooleanField(default=False)
+    submission = submission_field()
     created_at = models.DateTimeField(auto_now_add=True)
 
 
@@ -89,4 +115,14 @@ class Booking(models.Model):
     seat = models.CharField(max_length=8)
     number = models.CharField(max_length=16, default=_booking_number, unique=True)
     status = models.CharField(max_length=16, choices=Status.choices)
+    owner = owner_field()
+    submission = submission_field()
     created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # A seat is sold once per show, whoever wins a race: the database decides.
+            # (A declined card holds no seat.)
+            models.UniqueConstraint(fields=["show", "seat"], condition=models.Q(status="confirmed"),
+                                    name="shop_booking_one_per_seat"),
+        ]

@@ -9,27 +9,34 @@ search by subject and recipient.
 
 Status changes go through :mod:`kipekee.outbox` only (retry, cancel, resend): the admin
 shows, it does not edit. The HTML preview is served by its own view with a Content
-Security Policy that forbids scripts and remote loads, inside a sandboxed iframe.
+Security Policy that sandboxes the page and forbids scripts and remote loads, inside a
+sandboxed iframe. Bad ids in its URLs answer 404, never 500.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterator
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db import connections
-from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
+from django.db import connections, router
+from django.db.models import BooleanField, JSONField, Q, QuerySet
+from django.db.models.expressions import RawSQL
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.defaultfilters import truncatechars
 from django.urls import URLPattern, path, reverse
 from django.utils.functional import cached_property
 from django.utils.html import escape, format_html, format_html_join
 
 from . import conf, outbox
+from .addresses import canonical
 from .exceptions import InvalidMessage
 from .models import (
     FINAL_STATUSES,
@@ -44,8 +51,11 @@ from .models import (
 )
 
 #: The preview may show inline styles and embedded images, nothing else: no scripts, no
-#: remote images (tracking pixels), fonts, frames or forms.
-PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:; "
+#: remote images (tracking pixels), fonts, frames or forms. ``sandbox`` (no ``allow-*``)
+#: also when the page is opened alone, outside the change page's sandboxed iframe: no
+#: ``<meta http-equiv=refresh>`` navigation, no popups, no top-level navigation, and an
+#: opaque origin (no access to the admin's cookies or storage).
+PREVIEW_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:; "
                "form-action 'none'; base-uri 'none'")
 
 _FINAL = frozenset(FINAL_STATUSES)
@@ -55,6 +65,9 @@ _ROW_ACTIONS = [
     ("cancel", "Cancel", set(WAITING_STATUSES)),
     ("resend", "Resend as a new message", set(FINAL_STATUSES)),
 ]
+
+#: The row's JSON columns (recipient lists, headers, metadata, results).
+_JSON_FIELDS = frozenset(f.name for f in OutboxEmail._meta.fields if isinstance(f, JSONField))
 
 _CID = re.compile(r"""(["'(])cid:([^"')\s]+)""", re.IGNORECASE)
 
@@ -121,6 +134,59 @@ class EventFilter(admin.SimpleListFilter):
         return queryset.filter(event=value) if value else queryset
 
 
+class RecipientFilter(admin.ListFilter):
+    """``?to__contains=ann@example.com`` (also ``cc``, ``bcc``, ``reply_to``) in the URL:
+    rows where one address of that list is the value, on every database.
+
+    That is JSON containment, which PostgreSQL answers natively; SQLite has none (Django
+    raises NotSupportedError, and the admin answered 500), so there it is asked through
+    ``json_each``. Shown in the sidebar only while in use, with a link to drop it; the
+    search box finds parts of addresses.
+    """
+
+    title = "recipient"
+    parameters = ("to__contains", "cc__contains", "bcc__contains", "reply_to__contains")
+
+    def __init__(self, request: HttpRequest, params: dict[str, Any], model: Any,
+                 model_admin: Any) -> None:
+        super().__init__(request, params, model, model_admin)
+        for name in self.expected_parameters():
+            if name in params:
+                value = params.pop(name)  # a list of values on Django >= 5.0
+                self.used_parameters[name] = value[-1] if isinstance(value, list) else value
+
+    def expected_parameters(self) -> list[str]:
+        return list(self.parameters)
+
+    def has_output(self) -> bool:
+        return bool(self.used_parameters)
+
+    def choices(self, changelist: Any) -> Iterator[dict[str, Any]]:
+        yield {"selected": False, "display": "All",
+               "query_string": changelist.get_query_string(remove=self.expected_parameters())}
+        for name, value in self.used_parameters.items():
+            yield {"selected": True, "display": f"{name.removesuffix('__contains')}: {value}",
+                   "query_string": changelist.get_query_string({name: value})}
+
+    def queryset(self, request: HttpRequest,
+                 queryset: QuerySet[OutboxEmail]) -> QuerySet[OutboxEmail]:
+        for name, value in self.used_parameters.items():
+            queryset = queryset.filter(_has_element(queryset, name.removesuffix("__contains"),
+                                                    str(value)))
+        return queryset
+
+
+def _has_element(queryset: QuerySet[OutboxEmail], field: str, value: str) -> Any:
+    """A condition: the JSON list ``field`` holds the string ``value``."""
+    connection = connections[queryset.db]
+    if connection.features.supports_json_field_contains:
+        return Q(**{f"{field}__contains": [value]})
+    quote = connection.ops.quote_name
+    column = f"{quote(OutboxEmail._meta.db_table)}.{quote(OutboxEmail._meta.get_field(field).column)}"
+    return RawSQL(f"EXISTS (SELECT 1 FROM json_each({column}) WHERE json_each.value = %s)",
+                  [value], output_field=BooleanField())
+
+
 class AtLeast(int):
     """A count that stopped at its cap: shows as "more than 10,000" in the admin."""
 
@@ -171,7 +237,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
                     "sent_by", "created_at", "sent_at", "short_error"]
     list_display_links = ["id", "short_subject"]
     list_filter = ["status", ProviderFilter, *([EventFilter] if _has_field("event") else []),
-                   ("created_at", admin.DateFieldListFilter), "mode"]
+                   ("created_at", admin.DateFieldListFilter), "mode", RecipientFilter]
     search_fields = ["subject", "to"]
     search_help_text = ("Subject or recipient (part of it), or an exact <Message-ID>.")
     ordering = ["-id"]
@@ -262,6 +328,31 @@ class OutboxEmailAdmin(admin.ModelAdmin):
                                 'formaction="{}" name="kipekee_action" value="{}">{}</button>',
                                 ((name, url, name, label) for name, label in buttons))
 
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        # JSON containment in the URL (``?metadata__contains=``) where the database has
+        # none: refused (400) rather than a NotSupportedError (500) when the page runs.
+        # The recipients' lists are RecipientFilter's, which works everywhere.
+        field, _, rest = lookup.partition("__")
+        if (field in _JSON_FIELDS and rest in {"contains", "contained_by"}
+                and lookup not in RecipientFilter.parameters
+                and not connections[router.db_for_read(OutboxEmail)].features
+                .supports_json_field_contains):
+            return False
+        return bool(super().lookup_allowed(lookup, value, request))
+
+    def response_action(self, request: HttpRequest, queryset: QuerySet[OutboxEmail],
+                        *args: Any, **kwargs: Any) -> Any:
+        # Django filters pk__in=<the posted ids> and a non-number raises (500). (Django 6.1
+        # passes more arguments: handed on as they come.)
+        for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
+            try:
+                OutboxEmail._meta.pk.to_python(value)
+            except ValidationError:
+                self.message_user(request, f"Nothing done: {value!r} is not a message id.",
+                                  messages.WARNING)
+                return None  # Django redirects back to the list
+        return super().response_action(request, queryset, *args, **kwargs)
+
     # --- search --------------------------------------------------------------------------
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[OutboxEmail],
@@ -281,8 +372,15 @@ class OutboxEmailAdmin(admin.ModelAdmin):
                      name="kipekee_outboxemail_act")]
         return urls + super().get_urls()
 
+    def _object_or_404(self, request: HttpRequest, object_id: str) -> OutboxEmail:
+        # get_object answers None for an id that is no number as for a missing row.
+        obj: OutboxEmail | None = self.get_object(request, unquote(object_id))
+        if obj is None:
+            raise Http404(f"No outbox email with id {object_id!r}.")
+        return obj
+
     def preview_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = get_object_or_404(OutboxEmail, pk=object_id)
+        obj = self._object_or_404(request, object_id)
         if not self.has_view_permission(request, obj):
             return HttpResponse(status=403)
         response = HttpResponse(render_preview(obj), content_type="text/html; charset=utf-8")
@@ -295,7 +393,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     def act_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """One message's retry, cancel or resend (POST from the change page's buttons)."""
-        obj = get_object_or_404(OutboxEmail, pk=object_id)
+        obj = self._object_or_404(request, object_id)
         if request.method != "POST" or not self.has_change_permission(request, obj):
             return HttpResponse(status=405 if request.method != "POST" else 403)
         action = request.POST.get("kipekee_action", "")
@@ -305,8 +403,13 @@ class OutboxEmailAdmin(admin.ModelAdmin):
         elif action == "cancel" and outbox.cancel(obj.pk):
             self.message_user(request, "Cancelled.")
         elif action == "resend" and obj.status in _FINAL:
-            target = outbox.resend(obj.pk).pk
-            self.message_user(request, f"Resent as a new message (#{target}): an engine sends it.")
+            try:
+                target = outbox.resend(obj.pk).pk
+            except InvalidMessage as exc:  # nothing to send it to: say why
+                self.message_user(request, f"Not resent: {exc}", messages.WARNING)
+            else:
+                self.message_user(request,
+                                  f"Resent as a new message (#{target}): an engine sends it.")
         else:
             self.message_user(request,
                               f"Cannot {action or 'do that'}: the message is {obj.status}.",
@@ -337,15 +440,24 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend selected as new messages", permissions=["change"])
     def resend_selected(self, request: HttpRequest, queryset: QuerySet[OutboxEmail]) -> None:
+        reasons: list[str] = []
+
         def resend(pk: int) -> bool:
             try:
                 outbox.resend(pk)
-            except InvalidMessage:
+            except InvalidMessage as exc:  # still going out, or no recipient left
+                reasons.append(str(exc))
                 return False
             return True
 
-        self._act(request, queryset, resend, "copied as new queued messages: an engine sends them",
-                  "not resent (still going out)")
+        changed = sum(1 for pk in queryset.values_list("pk", flat=True) if resend(pk))
+        self.message_user(request,
+                          f"{changed} copied as new queued messages: an engine sends them.",
+                          messages.SUCCESS if changed else messages.WARNING)
+        if reasons:
+            shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more"
+                                              if len(reasons) > 5 else "")
+            self.message_user(request, f"{len(reasons)} not resent: {shown}", messages.WARNING)
 
 
 def render_preview(obj: OutboxEmail) -> str:
@@ -369,16 +481,37 @@ def render_preview(obj: OutboxEmail) -> str:
     return html
 
 
+class SuppressionForm(forms.ModelForm):
+    """The address in its canonical spelling before the uniqueness check, so another
+    spelling of a listed mailbox is reported as already listed (not a 500 on save)."""
+
+    class Meta:
+        model = Suppression
+        fields = ["address", "reason", "source", "detail"]
+
+    def clean_address(self) -> str:
+        return canonical(self.cleaned_data["address"])
+
+
 @admin.register(Suppression)
 class SuppressionAdmin(admin.ModelAdmin):
     """The suppression list, editable: add an address by hand, or remove one to send to it
     again (say, after a person asked to be subscribed back)."""
 
+    form = SuppressionForm
     list_display = ["address", "reason", "source", "created_at"]
     list_filter = ["reason", "source"]
     search_fields = ["address", "detail"]
+    search_help_text = "Part of an address or of the detail, or a whole address in any spelling."
     fields = ["address", "reason", "source", "detail", "created_at"]
     readonly_fields = ["created_at"]
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Suppression],
+                           search_term: str) -> tuple[QuerySet[Suppression], bool]:
+        found, duplicates = super().get_search_results(request, queryset, search_term)
+        if "@" in search_term:  # stored canonical: "User@Bücher.example" finds xn--bcher-kva
+            found = found | queryset.filter(address=canonical(search_term))
+        return found, duplicates
 
 
 @admin.register(WebhookEvent)

@@ -163,6 +163,8 @@ class KipekeeSettings:
     # Highest priority first (ties: by name, so the order never depends on the dict's).
     lanes: tuple[LaneConfig, ...] = tuple(
         sorted(DEFAULT_LANES.values(), key=lambda lane: (-lane.priority, lane.name)))
+    # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
+    max_message_size: int | None = 25_000_000
 
     def lane(self, name: str) -> LaneConfig:
         """The lane called ``name``; ``InvalidMessage`` naming the known ones if none is."""
@@ -198,6 +200,7 @@ _KNOWN_KEYS = {
     "CHECK",
     "METRICS",
     "LANES",
+    "MAX_MESSAGE_SIZE",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -334,6 +337,7 @@ def parse(raw: Any) -> KipekeeSettings:
         message_id_domain=domain,
         webhook_secrets=tuple(secrets),
         lanes=_parse_lanes(raw.get("LANES", {})),
+        max_message_size=_max_message_size(raw),
         **_parse_operations(raw),
     )
 
@@ -376,6 +380,18 @@ def _parse_lanes(raw: Any) -> tuple[LaneConfig, ...]:
             'KIPEKEE["LANES"]: the SHAREs add up to 1 or more; nothing would be left for the '
             "lanes in priority order.")
     return tuple(sorted(lanes.values(), key=lambda lane: (-lane.priority, lane.name)))
+
+
+def _max_message_size(raw: dict[str, Any]) -> int | None:
+    """``MAX_MESSAGE_SIZE``: 25 MB by default, on the wire. Mailgun takes 25 MB, SendGrid
+    30, Gmail and Microsoft 365 about 35, SES 40; Postmark 10 and a default Postfix
+    (10,240,000 bytes) take less: set it to your smallest provider's."""
+    value = raw.get("MAX_MESSAGE_SIZE", 25_000_000)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(
+            f'KIPEKEE["MAX_MESSAGE_SIZE"] must be a number of bytes (an int >= 1) or None '
+            f"(no cap), not {value!r}.")
+    return value
 
 
 #: What Django 6.1 uses for a MAILERS entry without "BACKEND".

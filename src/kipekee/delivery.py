@@ -196,12 +196,19 @@ class Deliverer:
             message.cc = [a for a in message.cc if a not in now_suppressed]
             message.bcc = [a for a in message.bcc if a not in now_suppressed]
             refused.update(now_suppressed)
-            if not message.recipients():
+        if not message.recipients():
+            # Nothing to send. Never handed to a provider: an empty envelope is no
+            # message, and its refusal would count against the provider's breaker.
+            if refused:
                 return Outcome(
                     ok=False, provider="", started_at=started, finished_at=timezone.now(),
                     kind=ErrorKind.PERMANENT, suppressed=True, refused=refused,
                     error="not sent, every recipient is on the suppression list: "
-                          + "; ".join(f"{a} ({why})" for a, why in now_suppressed.items()))
+                          + "; ".join(f"{a} ({why})" for a, why in refused.items()))
+            return Outcome(ok=False, provider="", started_at=started, finished_at=timezone.now(),
+                           kind=ErrorKind.PERMANENT,
+                           error="not sent: the message has no recipients (to, cc and bcc "
+                                 "are empty)")
         return message, refused
 
     def _through(self, p: _Pending, aliases: Sequence[str],
@@ -234,7 +241,7 @@ class Deliverer:
                 logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
                            else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
                            alias, failure.error, failure.kind, row.pk)
-                if failure.kind == ErrorKind.PERMANENT:
+                if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
                     return self._outcome(started, alias, failure, refused)
@@ -246,9 +253,11 @@ class Deliverer:
             return self._outcome(started, "", Failure(
                 kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
                 refused)
-        kind = (ErrorKind.CONFIGURATION
-                if all(f.kind == ErrorKind.CONFIGURATION for _, f in failures)
-                else ErrorKind.TRANSIENT)
+        # Later when any provider may take it later (transient) or once one is fixed
+        # (configuration); failed only when every provider refused it for good.
+        kinds = {f.kind for _, f in failures}
+        kind = next((k for k in (ErrorKind.TRANSIENT, ErrorKind.CONFIGURATION) if k in kinds),
+                    ErrorKind.PERMANENT)
         hints = [f.retry_after for _, f in failures if f.retry_after is not None]
         last_alias, last = failures[-1]
         return self._outcome(started, last_alias, Failure(
@@ -397,7 +406,7 @@ class Deliverer:
 
     def _after(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
         """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
-        if failure.kind == ErrorKind.PERMANENT:
+        if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
             return self._outcome(p.started, alias, failure, p.refused)
         return self._through(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
 

@@ -26,6 +26,7 @@ from django.core.mail.utils import DNS_NAME
 from django.core.validators import EmailValidator
 from django.utils.encoding import force_str, punycode
 
+from . import wire
 from .exceptions import InvalidMessage
 
 if TYPE_CHECKING:
@@ -350,3 +351,46 @@ class RelatedMessage(EmailMultiAlternatives):
                     parts[index] = related(part)
                     return msg
         return related(msg)
+
+
+def check_size(message: EmailMessage, limit: int | None) -> None:
+    """Raise ``InvalidMessage`` if ``message`` takes more than ``limit`` bytes on the wire
+    (``KIPEKEE["MAX_MESSAGE_SIZE"]``; ``None``: no cap).
+
+    Measured as Kipekee's SMTP backend will send it: attachments base64-encoded, CRLF
+    line ends (:func:`kipekee.wire.message_size`, exact without encoding them). Most
+    messages are far below the limit: an upper bound from the raw sizes (every part
+    quoted-printable at worst, attachments base64) clears them without building the
+    message; only the others are measured exactly.
+    """
+    if limit is None or _size_bound(message) <= limit:
+        return
+    size = wire.message_size(message)
+    if size > limit:
+        raise InvalidMessage(
+            f"The message is {size:,} bytes ({size / 1e6:.1f} MB) as it goes on the wire "
+            f'(attachments base64-encoded), over KIPEKEE["MAX_MESSAGE_SIZE"] = {limit:,} bytes '
+            f"({limit / 1e6:.1f} MB). Send a link to large files instead, or raise the "
+            "limit if every provider takes more."
+        )
+
+
+def _size_bound(message: EmailMessage) -> int:
+    """At least the message's size on the wire (a quick upper bound)."""
+    text = [force_str(message.subject), force_str(message.body),
+            *(force_str(a) for a in [*message.to, *message.cc, *message.reply_to]),
+            *(force_str(v) for v in (message.extra_headers or {}).values()),
+            *(force_str(content) for content, _ in getattr(message, "alternatives", []))]
+    # Quoted-printable of UTF-8 is at most 3 characters a byte, plus soft line breaks.
+    bound = 8192 + sum(4 * len(t.encode("utf-8", "surrogatepass")) for t in text)
+    for attachment in message.attachments:
+        if isinstance(attachment, (MIMEBase, email.message.Message)):
+            payload = attachment.get_payload()
+            bound += 1024 + 4 * len(payload if isinstance(payload, (str, bytes)) else str(attachment))
+            continue
+        filename, content, _ = attachment
+        size = len(content.encode("utf-8", "surrogatepass") if isinstance(content, str)
+                   else content if isinstance(content, (bytes, bytearray, memoryview))
+                   else force_str(content).encode("utf-8"))
+        bound += 1024 + 4 * len(force_str(filename or "")) + 4 * size
+    return bound

@@ -14,6 +14,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from .addresses import canonical
+
 
 class Status(models.TextChoices):
     QUEUED = "queued", "queued"
@@ -267,7 +269,8 @@ class Suppression(models.Model):
     """An address Kipekee does not send to, on any path.
 
     Filled by delivery webhooks (hard bounces, spam complaints, unsubscribes) and by
-    people in the admin. ``address`` is stored lower-cased.
+    people in the admin. ``address`` is stored canonical
+    (:func:`kipekee.addresses.canonical`): one row per mailbox, however it is written.
     """
 
     address = models.CharField(max_length=254, unique=True)
@@ -285,7 +288,7 @@ class Suppression(models.Model):
         return f"{self.address} ({self.get_reason_display()})"
 
     def save(self, *args: object, **kwargs: object) -> None:
-        self.address = self.address.strip().lower()
+        self.address = canonical(self.address)
         super().save(*args, **kwargs)  # type: ignore[arg-type]
 
 

@@ -35,11 +35,11 @@ from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
-from django.utils.encoding import punycode
 
 from . import conf, lanes, signals, suppression
+from .addresses import canonical
 from .exceptions import InvalidMessage
-from .message import StoredAttachment, make_message_id, to_fields, validate
+from .message import StoredAttachment, check_size, make_message_id, to_fields, validate
 from .models import (
     WAITING_STATUSES,
     Attachment,
@@ -215,6 +215,7 @@ def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[
     message = item.message
     validate(message)
     settings = conf.get()
+    check_size(message, settings.max_message_size)
     if item.provider:
         settings.provider(item.provider)  # raises UnknownProvider at the call site
     if item.lane != conf.TRANSACTIONAL:
@@ -672,14 +673,7 @@ def _sent_changes(outcome: Outcome) -> dict[str, Any]:
 
 def _envelope_key(address: str) -> str:
     """``address`` as an SMTP envelope names it: lower-cased addr-spec, IDNA domain."""
-    from . import suppression
-
-    local, _, domain = suppression.normalize(address).rpartition("@")
-    try:
-        domain = punycode(domain)  # as message.check_address and the SMTP backend do
-    except UnicodeError:  # not encodable: then the envelope could not have named it either
-        pass
-    return f"{local}@{domain}"
+    return canonical(address)
 
 
 def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,
@@ -944,8 +938,10 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
 
     The copy has its own Message-ID (it is a new message, not a duplicate receivers
     should drop) and ``metadata["resent_from"] = pk``; attachments are copied. Only rows
-    in a final status can be resent (a waiting one would go out twice). Raises
-    ``OutboxEmail.DoesNotExist`` or ``InvalidMessage``.
+    in a final status can be resent (a waiting one would go out twice). Recipients on
+    the suppression list are taken off the copy, as :func:`enqueue` does; a message left
+    with no recipient is not resent. Raises ``OutboxEmail.DoesNotExist`` or
+    ``InvalidMessage`` (saying why), and then writes nothing.
     """
     from .exceptions import InvalidMessage
     from .models import FINAL_STATUSES
@@ -956,9 +952,26 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
         raise InvalidMessage(
             f"Outbox email {pk} is {original.status}, not finished: it is still going out."
         )
+    if not original.recipients:
+        # Every recipient was taken off when it was written (suppressed): a copy would
+        # be an empty envelope. Their addresses are only in ``refused``, without saying
+        # which were Bcc, so they are not put back.
+        taken_off = "; ".join(f"{a} ({why})" for a, why in original.refused.items())
+        raise InvalidMessage(f"Outbox email {pk} has no recipients left to resend to"
+                             + (f"; taken off when it was written: {taken_off}"
+                                if taken_off else "."))
+    # As for a new message: recipients suppressed since are taken off the copy.
+    refused = suppression.check(original.recipients, using=db)
+    to, cc, bcc = ([a for a in addresses if a not in refused]
+                   for addresses in (original.to, original.cc, original.bcc))
+    if not (to or cc or bcc):
+        raise InvalidMessage(
+            f"Outbox email {pk} was not resent: every recipient is on the suppression list: "
+            + "; ".join(f"{a} ({why})" for a, why in refused.items()))
     now = timezone.now()
     with transaction.atomic(using=db):
-        copy = _copy(original, db, mode=mode, created_at=now, due_at=now,
+        copy = _copy(original, db, mode=mode, created_at=now, due_at=now, to=to, cc=cc, bcc=bcc,
+                     refused=refused,
                      message_id=make_message_id(original.from_email, conf.get().message_id_domain),
                      metadata={**original.metadata, "resent_from": pk})
     signals.queued.send(sender=OutboxEmail, email=copy)

@@ -8,7 +8,9 @@ so the same configuration works on Django 5.2 LTS.
 
 - *transient*: retry later, maybe through the next provider (SMTP 4xx, disconnects,
   timeouts, socket errors);
-- *permanent*: this message cannot be delivered, do not retry (SMTP 5xx);
+- *permanent*: this message cannot be delivered, do not retry (SMTP 5xx). When the
+  refusal is a property of the provider rather than of the message (``provider_level``:
+  a 5xx to ``MAIL FROM``, a size limit) the next provider is tried first;
 - *configuration*: the provider itself is misconfigured (bad credentials, an untrusted
   certificate, TLS not offered): stop using it and alarm.
 
@@ -70,6 +72,10 @@ class Failure:
     refused: dict[str, str] = field(default_factory=dict)
     # Seconds the provider asked us to wait (HTTP 429 Retry-After, …).
     retry_after: float | None = None
+    # A permanent refusal that is a property of this provider, not of the message: its
+    # account may not send as this sender, or the message is over its size limit.
+    # Delivery tries the next provider; the message fails only when every one refuses.
+    provider_level: bool = False
 
 
 @cache
@@ -152,6 +158,33 @@ def _kind_for_code(code: int) -> ErrorKind:
     return ErrorKind.PERMANENT if 500 <= code < 600 else ErrorKind.TRANSIENT
 
 
+# RFC 3463 X.3.4 "message too big for system", X.2.3 "message length exceeds
+# administrative limit".
+_SIZE_STATUS = re.compile(r"^\d{3}[ -][45]\.(?:3\.4|2\.3)(?:\s|$)")
+
+
+def _provider_level(exc: smtplib.SMTPResponseException, reply: str) -> bool:
+    """Whether a permanent SMTP refusal is the provider's, not the message's.
+
+    - Any 5xx to ``MAIL FROM``: at that point the server knows only the sender and the
+      size smtplib declares (``SIZE=``, RFC 1870). RFC 5321 gives 550/553 for a sender
+      it will not take and 552 for the size; submission services answer there "sender
+      not owned by this account", "unauthenticated senders not allowed", "sender not
+      verified", or refuse the client (554). Another account, another service, may take
+      it. (530/535 are configuration.)
+    - A size refusal after the data (552, or X.3.4 / X.2.3): the message is over this
+      provider's limit; another's may be higher (Mailgun 25 MB, SES 40 MB …).
+
+    Everything else stays with the message: recipients refused at ``RCPT TO``, content
+    refused after the data (554 / 550 5.7.1 spam, a virus): another provider must not
+    deliver what one judged undeliverable.
+    """
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return True
+    return isinstance(exc, smtplib.SMTPDataError) and (
+        exc.smtp_code == 552 or bool(_SIZE_STATUS.match(reply)))
+
+
 def classify(exc: BaseException, backend: Any = None) -> Failure:
     """Classify what sending raised; a backend's own ``classify_error`` is asked first.
 
@@ -199,7 +232,8 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
         reply = _reply(exc.smtp_code, exc.smtp_error)
         kind = _kind_for_code(exc.smtp_code)
         return Failure(kind=kind, code=exc.smtp_code, error=f"{name}: {reply}",
-                       retry_after=smtp_retry_hint(reply) if kind == ErrorKind.TRANSIENT else None)
+                       retry_after=smtp_retry_hint(reply) if kind == ErrorKind.TRANSIENT else None,
+                       provider_level=kind == ErrorKind.PERMANENT and _provider_level(exc, reply))
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return Failure(kind=ErrorKind.CONFIGURATION, error=f"server does not support: {exc}")
     if isinstance(exc, ssl.SSLCertVerificationError):

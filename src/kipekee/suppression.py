@@ -8,29 +8,28 @@ remove addresses in the admin. It is enforced in two places, so no path around i
   left the row is written as ``suppressed`` and the receipt says why;
 - :class:`kipekee.delivery.Deliverer` checks again just before sending, for addresses
   suppressed after the row was queued.
+
+Addresses are stored and compared in their canonical spelling
+(:func:`kipekee.addresses.canonical`): ``"User"@Bücher.example`` on the list keeps
+``user@xn--bcher-kva.example`` from being sent to, and the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from email.utils import parseaddr
 
 from django.db import IntegrityError, connections, router, transaction
 
-from .message import is_plain_addr_spec
+from .addresses import canonical
 from .models import Suppression, SuppressionReason
 
-
-def normalize(address: str) -> str:
-    """The lower-cased addr-spec of ``address`` (``"Ann <Ann@X.org>"`` → ``ann@x.org``)."""
-    if is_plain_addr_spec(address):
-        return address.lower()
-    return (parseaddr(address)[1] or address).strip().lower()
+#: The name this had before canonical addresses; the same function.
+normalize = canonical
 
 
 def check(addresses: Iterable[str], *, using: str | None = None) -> dict[str, str]:
     """The suppressed ones among ``addresses``: address as given → why, for the caller."""
-    wanted = {address: normalize(address) for address in addresses}
+    wanted = {address: canonical(address) for address in addresses}
     if not wanted:
         return {}
     listed = _listed(set(wanted.values()), using)
@@ -43,7 +42,7 @@ def check(addresses: Iterable[str], *, using: str | None = None) -> dict[str, st
 
 
 def _listed(keys: set[str], using: str | None) -> set[str]:
-    """Which of ``keys`` (normalized addresses) are on the list.
+    """Which of ``keys`` (canonical addresses) are on the list.
 
     A plain SELECT through the cursor: it runs on every enqueue and every claimed batch,
     and the ORM takes about 0.2 ms to build this query, ten times what the database
@@ -72,8 +71,9 @@ def describe(suppression: Suppression) -> str:
 
 def add(address: str, reason: str = SuppressionReason.MANUAL, *, source: str = "",
         detail: str = "", using: str | None = None) -> tuple[Suppression, bool]:
-    """Put ``address`` on the list (keeps the first entry if it is already there)."""
-    key = normalize(address)
+    """Put ``address`` on the list (keeps the first entry if its mailbox is already there,
+    however it was written)."""
+    key = canonical(address)
     try:
         with transaction.atomic(using=using):
             return Suppression.objects.using(using).get_or_create(
@@ -83,6 +83,6 @@ def add(address: str, reason: str = SuppressionReason.MANUAL, *, source: str = "
 
 
 def remove(address: str, *, using: str | None = None) -> bool:
-    """Take ``address`` off the list; False if it was not on it."""
-    deleted, _ = Suppression.objects.using(using).filter(address=normalize(address)).delete()
+    """Take ``address`` (its mailbox, however written) off the list; False if it was not on it."""
+    deleted, _ = Suppression.objects.using(using).filter(address=canonical(address)).delete()
     return bool(deleted)

@@ -36,6 +36,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from . import outbox, suppression
+from .addresses import canonical
 from .message import check_address
 from .models import OutboxEmail, ProviderMessage, SuppressionReason, WebhookEvent
 
@@ -115,7 +116,7 @@ class _Event:
                 check_address("recipient", recipient)
             except ValueError as exc:
                 raise BadEvent(f"recipient {recipient!r} is not an address: {exc}") from None
-            recipient = suppression.normalize(recipient)
+            recipient = canonical(recipient)
         self.recipient = recipient
         self.kind = kind
         self.message_id = _text(event.message_id, "message_id", _MAX_ID)

@@ -8,140 +8,31 @@ fresh SQLite file, free ports for the site and both capture SMTP servers), exact
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import socket
-import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
+
+from .demo_server import ROOT, Site, admin_styled, child_env, serve
 
 playwright_sync = pytest.importorskip("playwright.sync_api")  # in the "test" extra
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 # Submissions per client per form: enough for the quote tests, few enough to exceed.
 RATE_LIMIT = 8
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# The PostgreSQL pass of `make test` runs the same demo the way the README switches it:
-# PostgreSQL (a database of its own) and `manage.py kipekee_worker` beside the site.
-ON_POSTGRES = os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres"
-PG_USER = os.environ.get("KIPEKEE_PG_USER", "postgres")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The demo's own environment: this process's, without the switch the browser
-    fixture sets for the test process only (the site must keep Django's async check)."""
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
-    return {**env, "DJANGO_SETTINGS_MODULE": "demo_site.settings", **extra}
-
-
-class Site:
-    def __init__(self, url: str, database: str) -> None:
-        self.url = url
-        self.database = database  # a SQLite path or a postgres:// URL
-
-    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        if self.database.startswith("postgres://"):
-            import psycopg
-
-            with psycopg.connect(self.database) as conn:
-                return conn.execute(sql.replace("?", "%s"), params).fetchall()
-        with sqlite3.connect(self.database) as conn:
-            return conn.execute(sql, params).fetchall()
-
-    def count(self, sql: str, *params: Any) -> int:
-        return self.rows(sql, *params)[0][0]
-
-
-@contextlib.contextmanager
-def database(tmp: Path) -> Iterator[str]:
-    if not ON_POSTGRES:
-        yield str(tmp / "demo.sqlite3")
-        return
-    import psycopg
-
-    name = f"kipekee_demo_test_{os.getpid()}"
-    admin = f"postgres://{PG_USER}@127.0.0.1:5432/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgres://{PG_USER}@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def start(args: list[str], env: dict[str, str], log: IO[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT / "demo", env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    tmp = tmp_path_factory.mktemp("demo")
-    port = free_port()
-    with contextlib.ExitStack() as stack:
-        db = stack.enter_context(database(tmp))
-        # Fixed ports (not 0): a worker process must reach the same capture servers.
-        env = child_env(KIPEKEE_DEMO_DATABASE=db,
-                        KIPEKEE_DEMO_ENGINE="worker" if ON_POSTGRES else "thread",
-                        KIPEKEE_DEMO_SMTP_PORT=str(free_port()),
-                        KIPEKEE_DEMO_BACKUP_SMTP_PORT=str(free_port()),
-                        KIPEKEE_DEMO_RATE_LIMIT=f"{RATE_LIMIT}/600",
-                        KIPEKEE_DEMO_FAST_PASSWORDS="1", PYTHONUNBUFFERED="1")
-        log = (tmp / "demo-server.log").open("w+")
-        stack.callback(log.close)  # last: the processes stop first
-        server = start(["kipekee_demo_serve", "--addrport", f"127.0.0.1:{port}"], env, log)
-        stack.callback(stop, server)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"The demo server did not start:\n{log.read()}")
-                time.sleep(0.2)
-        processes = [server]
-        if ON_POSTGRES:  # after the site has migrated
-            processes.append(start(["kipekee_worker", "--poll-interval", "0.5"], env, log))
-            stack.callback(stop, processes[-1])
-        yield Site(url, db)
-        for process in processes:  # (stopping twice is harmless)
-            stop(process)
-        log.seek(0)
-        output = log.read()
-    # A server error in any request is a failure even if the page looked right.
-    assert "Traceback" not in output, output
+    """The demo as `make demo` serves it (DEBUG on)."""
+    with serve(tmp_path_factory.mktemp("demo"), KIPEKEE_DEMO_RATE_LIMIT=f"{RATE_LIMIT}/600") as site:
+        yield site
 
 
 @pytest.fixture
@@ -176,6 +67,26 @@ def html_body(page: Page) -> str:
 def fill(page: Page, **fields: str) -> None:
     for name, value in fields.items():
         page.fill(f"#id_{name}", value)
+
+
+# --- The admin --------------------------------------------------------------------------
+
+def test_admin_is_styled(page: Page) -> None:
+    admin_styled(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo-admin-login.png"), full_page=True)
+    fill(page, username="admin", password="kipekee-demo")
+    page.click("#login-form input[type=submit]")
+    expect(page.locator("#site-name")).to_be_visible()
+    page.goto("/admin/kipekee/outboxemail/")
+    expect(page.locator("#changelist")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "demo-admin-outbox.png"), full_page=True)
+
+
+def test_dev_inbox_says_it_is_open_because_debug_is_on(page: Page) -> None:
+    page.goto("/inbox/")
+    expect(page.locator("#access")).to_contain_text("Open to every visitor because DEBUG is on")
+    expect(page.locator("#access")).to_contain_text("only to staff")
 
 
 # --- Tours ----------------------------------------------------------------------------
@@ -447,6 +358,31 @@ def test_booking_ticket_with_qr_and_reminder_fast_forward(page: Page) -> None:
     expect(page.locator(".flash")).to_contain_text("the reminder is due now")
     open_email(page, "Reminder:", "baraka@example.com")
     expect(page.locator("#text")).to_contain_text("Seat F7")
+
+
+def test_a_taken_seat_is_refused_with_a_message(page: Page, browser: Browser, site: Site) -> None:
+    page.goto("/cinema/")
+    page.select_option("#id_show", index=3)
+    fill(page, name="First", email="first@example.com", seat="C3")
+    page.click("#booking-form button")
+    expect(page.locator("#booking-status")).to_have_text("confirmed")
+    first = page.url
+
+    other = browser.new_context(base_url=site.url).new_page()  # another customer
+    try:
+        other.goto("/cinema/")
+        other.select_option("#id_show", index=3)
+        fill(other, name="Second", email="second@example.com", seat="c3")
+        other.click("#booking-form button")
+        expect(other.locator("#booking-form .errorlist")).to_contain_text(
+            "Seat C3 is already taken for this show")
+        # Nor can it open the first customer's booking.
+        assert other.goto(first).status == 404
+    finally:
+        other.context.close()
+    assert site.count("SELECT count(*) FROM shop_booking WHERE email = 'second@example.com'") == 0
+    assert site.count("SELECT count(*) FROM kipekee_outboxemail WHERE CAST(\"to\" AS TEXT) LIKE ?",
+                      "%second@%") == 0
 
 
 def test_declined_card_sends_payment_failed_and_no_reminder(page: Page) -> None:

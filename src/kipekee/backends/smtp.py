@@ -18,7 +18,6 @@ The connection is reused across ``send_messages`` calls while it is open (``open
 
 from __future__ import annotations
 
-import email.policy
 import functools
 import smtplib
 import socket
@@ -27,12 +26,12 @@ from email.headerregistry import AddressHeader
 from typing import Any
 
 import certifi
-import django
 from django.core.mail import EmailMessage
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.utils.encoding import punycode
 from django.utils.functional import cached_property
 
+from .. import wire
 from ..exceptions import ConfigurationError
 from ..message import is_plain_addr_spec
 
@@ -68,11 +67,9 @@ class IPv4SMTP_SSL(smtplib.SMTP_SSL, IPv4SMTP):
 
 
 def _wire_bytes(email_message: EmailMessage) -> bytes:
-    """The message as bytes with CRLF line ends, as each Django version builds it."""
-    if django.VERSION >= (6, 0):
-        # Django 6 builds a modern email.message.EmailMessage under a policy.
-        return email_message.message(policy=email.policy.SMTP).as_bytes()  # type: ignore[call-arg]
-    return email_message.message().as_bytes(linesep="\r\n")
+    """The message as bytes with CRLF line ends, as each Django version builds it, with
+    large attachments encoded once (kipekee.wire; message_chunks() to stream them)."""
+    return wire.message_bytes(email_message)
 
 
 class EmailBackend(DjangoSMTPBackend):

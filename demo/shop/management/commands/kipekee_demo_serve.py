@@ -3,6 +3,7 @@
 The capture servers ("primary" and "backup", the failover chain) run in this process,
 each message stored for the dev inbox. ``--addrport``/``--smtp-port``/``--backup-port``
 with port 0 pick free ports (the browser tests do); the providers follow the ports.
+The admin's static files are served too, with ``DEBUG`` on or off.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Command(BaseCommand):
         try:
             # No autoreloader: it would run the site in a child process, away from the
             # capture servers the inbox page switches.
-            call_command("runserver", addrport, use_reloader=False, skip_checks=True)
+            # insecure_serving: the admin's static files also with DEBUG off. That is
+            # runserver's --insecure, Django's own static view, made for exactly this (a
+            # development server without a web server in front); a deployment would put
+            # WhiteNoise or the web server there instead. No extra dependency for a demo.
+            call_command("runserver", addrport, use_reloader=False, skip_checks=True,
+                         insecure_serving=True)
         finally:
             capture.stop_all()

@@ -7,7 +7,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('contenttypes', '0002_remove_content_type_name'),
-        ('kipekee', '0007_provider_message_per_recipient'),
+        ('kipekee', '0008_canonical_suppressions'),
     ]
 
     operations = [
