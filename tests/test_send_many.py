@@ -97,6 +97,13 @@ def test_suppressed_recipients_are_taken_off_each_message(sink_provider):
     assert "guest1@example.com" in row.refused
 
 
+def test_suppression_matches_any_spelling_of_a_mailbox(sink_provider):
+    suppression.add("user@bücher.example")
+    receipts = kipekee.send_many([email(1, to="USER@xn--bcher-kva.example"),
+                                  email(2, to='"user"@Bu\u0308cher.example'), email(3)])
+    assert [r.suppressed for r in receipts] == [True, True, False]
+
+
 def test_a_bad_message_is_named_and_nothing_is_written(sink_provider):
     emails = [email(i) for i in range(5)] + [email(5, to="not an address")]
     with pytest.raises(InvalidMessage, match=r"^Message 5: to: invalid address"):
