@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import django
 from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.expressions import RawSQL
