@@ -777,7 +777,7 @@ def _finished(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[
 
 def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> None:
     """The attempt log and the provider's message ids of finished attempts."""
-    Attempt.objects.using(db).bulk_create(
+    _insert(Attempt, [
         Attempt(email=row, number=row.attempts, provider=outcome.provider,
                 started_at=outcome.started_at, finished_at=outcome.finished_at,
                 outcome="sent" if outcome.ok else (
@@ -786,7 +786,7 @@ def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> 
                 # custom engine may build an Outcome by hand.
                 code=outcome.code, error=redact(outcome.error), refused=outcome.refused)
         for row, outcome in results
-    )
+    ], db)
     ids = [ProviderMessage(email=row, provider=outcome.provider, message_id=mid,
                            recipient=recipient)
            for row, outcome in results for recipient, mid in outcome.provider_message_ids.items()]
@@ -795,59 +795,123 @@ def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> 
         ProviderMessage.objects.using(db).bulk_create(ids, ignore_conflicts=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """What a finished attempt does to its claimed row: the status it moves to, the
+    fields that change with it, the signal that announces it, and whether it counts as
+    an attempt (goes into the attempt log)."""
+
+    row: OutboxEmail
+    outcome: Outcome
+    status: str
+    changes: dict[str, Any]
+    signal: Any
+    attempted: bool = True
+
+
 class _Moved(Exception):
-    """Inside :func:`mark_sent_many`: a row of the batch is no longer this attempt's."""
+    """Inside :func:`finish_many`: a row of the batch is no longer this attempt's."""
 
 
 def mark_sent_many(results: Sequence[tuple[OutboxEmail, Outcome]]) -> list[bool]:
-    """Record several successful attempts of one claim at once: what :func:`mark_sent`
-    does for each, in one UPDATE and one INSERT instead of two statements per row.
+    """Record several successful attempts at once: :func:`finish_many` of each one's
+    :func:`mark_sent` changes. For plain successes only: outcomes with ``refused``
+    recipients that may need a follow-up row go through :func:`mark_sent`."""
+    return finish_many([Finish(row, outcome, Status.SENT, _sent_changes(outcome), signals.sent)
+                        for row, outcome in results])
 
-    Engines finish a claimed batch with it. The rows must come from one claim (one
-    ``claimed_by`` token, which names that attempt of each row as the attempt number
-    does). Should any row have moved on (its lease expired and another engine took it),
-    nothing of the bulk write stays and every row is recorded on its own, so only the
-    moved row's result is refused. For plain successes only: outcomes with ``refused``
-    recipients (which may need a follow-up row) go through :func:`mark_sent`. Returns,
-    per row, whether its result was recorded.
+
+def finish_many(finishes: Sequence[Finish]) -> list[bool]:
+    """Record several finished attempts at once: what :func:`_finish` does for each, in
+    one UPDATE per claim and one INSERT of their attempts, instead of two statements per
+    row. Returns, per row, whether its result was recorded.
+
+    Engines finish a claimed batch with it, whatever became of each row (sent, deferred,
+    failed, suppressed). The UPDATE is fenced by the claim's token (which names that
+    attempt of each row, as the attempt number does) and gives each row its own values
+    (a ``CASE`` over the ids for a column whose value differs between rows). Should any
+    row of a claim have moved on (its lease expired and another engine took it), nothing
+    of that claim's bulk write stays and each of its rows is recorded on its own, so only
+    the moved row's result is refused.
     """
-    token = results[0][0].claimed_by if results else ""
-    providers = {outcome.provider for _, outcome in results}
-    if (len(results) < 2 or not token or len(providers) != 1
-            or any(row.claimed_by != token or outcome.refused or not outcome.ok
-                   for row, outcome in results)):
-        # Also one by one: a batch sent through several providers (failover part-way).
-        return [mark_sent(row, outcome) for row, outcome in results]
-    db = results[0][0]._state.db or db_for_write()
-    ops = connections[db].ops
-    # Each row's own sent_at in one CASE. Raw, because the ORM's Case(When(...)) takes
-    # about 4 ms a batch of 10 to compile, more than the UPDATE takes to run.
-    params: list[Any] = []
-    for row, outcome in results:
-        params += [row.pk, ops.adapt_datetimefield_value(outcome.finished_at)]
-    sent_at = RawSQL(f"CASE {ops.quote_name(OutboxEmail._meta.pk.column)} "
-                     + " ".join(["WHEN %s THEN %s"] * len(results)) + " END",
-                     params, output_field=models.DateTimeField())
-    try:
-        with transaction.atomic(using=db):
-            updated = (
-                OutboxEmail.objects.using(db)
-                .filter(pk__in=[row.pk for row, _ in results], status=Status.SENDING,
-                        claimed_by=token)
-                # The same provider and no refusals throughout (checked above): the first
-                # outcome's changes hold for every row but sent_at.
-                .update(status=Status.SENT, lease_until=None, claimed_by="",
-                        **{**_sent_changes(results[0][1]), "sent_at": sent_at})
-            )
-            if updated != len(results):
-                raise _Moved  # undo the bulk write; each row on its own below
-            _write_attempts(db, results)
-    except _Moved:
-        return [mark_sent(row, outcome) for row, outcome in results]
-    for row, outcome in results:
-        _finished(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
-                  signal=signals.sent)
-    return [True] * len(results)
+    done: dict[int, bool] = {}
+    claims: dict[str, list[Finish]] = {}
+    for finish in finishes:
+        claims.setdefault(finish.row.claimed_by, []).append(finish)
+    for token, group in claims.items():
+        if len(group) < 2 or not token:
+            for finish in group:
+                done[id(finish)] = _finish(finish.row, finish.outcome, status=finish.status,
+                                           changes=dict(finish.changes), signal=finish.signal)
+            continue
+        db = group[0].row._state.db or db_for_write()
+        try:
+            with transaction.atomic(using=db):
+                if _update_finished(db, token, group) != len(group):
+                    raise _Moved  # undo the bulk write; each row on its own below
+                _write_attempts(db, [(f.row, f.outcome) for f in group if f.attempted])
+        except _Moved:
+            for finish in group:
+                done[id(finish)] = _finish(finish.row, finish.outcome, status=finish.status,
+                                           changes=dict(finish.changes), signal=finish.signal)
+            continue
+        for finish in group:
+            _finished(finish.row, finish.outcome, status=finish.status,
+                      changes=dict(finish.changes), signal=finish.signal)
+            done[id(finish)] = True
+    return [done[id(finish)] for finish in finishes]
+
+
+def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
+    """The UPDATE of :func:`finish_many` for the rows of one claim; how many it changed.
+
+    Written out, not built by the ORM: a ``Case(When(...))`` per column took some 4 ms a
+    batch of 10 to compile, more than the UPDATE takes to run.
+    """
+    connection = connections[db]
+    quote = connection.ops.quote_name
+    meta = OutboxEmail._meta
+    pk = quote(meta.pk.column)
+    # Values as the ORM writes them; a CASE's branches cast on PostgreSQL, where a
+    # literal's type is not taken from the column it is assigned to.
+    cast = connection.vendor == "postgresql"
+    columns: dict[str, list[Any]] = {"status": [f.status for f in group],
+                                     "lease_until": [None] * len(group),
+                                     "claimed_by": [""] * len(group)}
+    for index, finish in enumerate(group):
+        for name, value in finish.changes.items():
+            if name == "last_error" and value:
+                value = redact(value)
+            columns.setdefault(name, [_UNCHANGED] * len(group))[index] = value
+    sets, params = [], []
+    for name, values in columns.items():
+        field = meta.get_field(name)
+        column = quote(field.column)
+        adapted = [value if value is _UNCHANGED else field.get_db_prep_save(value, connection)
+                   for value in values]
+        placeholder = f"CAST(%s AS {field.db_type(connection)})" if cast else "%s"
+        if all(value is not _UNCHANGED for value in values) and all(
+                values[0] == value and type(values[0]) is type(value) for value in values):
+            sets.append(f"{column} = {placeholder}")
+            params.append(adapted[0])
+            continue
+        whens = []
+        for finish, value in zip(group, adapted, strict=True):
+            if value is not _UNCHANGED:
+                whens.append(f"WHEN %s THEN {placeholder}")
+                params += [finish.row.pk, value]
+        sets.append(f"{column} = CASE {pk} {' '.join(whens)} ELSE {column} END")
+    params += [row_pk for row_pk in (f.row.pk for f in group)] + [token]
+    sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(sets)} "
+           f"WHERE {pk} IN ({', '.join(['%s'] * len(group))}) "
+           f"AND {quote('status')} = 'sending' AND {quote('claimed_by')} = %s")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return int(cursor.rowcount)
+
+
+#: In a column of :func:`_update_finished`: this row keeps its value.
+_UNCHANGED = object()
 
 
 def cancel(pk: int, *, using: str | None = None) -> bool:
