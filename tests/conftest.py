@@ -57,6 +57,22 @@ def smtp_provider(server: LocalSMTPServer, **options: Any) -> dict[str, Any]:
     }
 
 
+def subprocess_env(kipekee: dict[str, Any]) -> dict[str, str]:
+    """The environment of a Django process started by a test: the test's settings module,
+    ``kipekee`` as its KIPEKEE, and the test's database (SQLite file or PostgreSQL)."""
+    import json
+    import os
+
+    from django.db import connection
+
+    name = connection.settings_dict["NAME"]
+    database = ({"KIPEKEE_TEST_DATABASE": "postgres", "KIPEKEE_PG_NAME": name}
+                if connection.vendor == "postgresql" else {"KIPEKEE_SQLITE_NAME": name})
+    return {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "KIPEKEE_TEST_SETTINGS": json.dumps(kipekee), "KIPEKEE_LOG_LEVEL": "INFO",
+            **database}
+
+
 def unused_port() -> int:
     """A port on 127.0.0.1 where nothing listens (connection refused)."""
     with socket.socket() as s:

@@ -44,7 +44,9 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": os.path.join(tempfile.gettempdir(), "kipekee-dev.sqlite3"),
+            # KIPEKEE_SQLITE_NAME: a subprocess started by a test uses the test's database.
+            "NAME": os.environ.get("KIPEKEE_SQLITE_NAME",
+                                   os.path.join(tempfile.gettempdir(), "kipekee-dev.sqlite3")),
             # A file with WAL, as in production: engines write from several threads, and
             # an in-memory shared-cache database fails them at once with "table is locked"
             # instead of waiting. IMMEDIATE avoids deadlocks on lock upgrades.

@@ -118,3 +118,80 @@ def test_stopping_finishes_the_batches_in_hand_and_records_them(smtp_server, kip
     assert set(status) == {Status.SENT, Status.QUEUED}
     assert status[Status.SENT] == result[0] == len(server.messages) <= 10
     assert Attempt.objects.count() == result[0]
+
+
+@pytest.fixture
+def recording_refused():
+    """A trigger in the database that refuses to mark any row ``sent``: the books thread's
+    record fails for real, as on a database that refuses writes (disk full, read-only
+    replica after a failover). Dropped afterwards (flushing tables keeps triggers)."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        create = [("CREATE FUNCTION kipekee_test_refuse() RETURNS trigger AS $$ BEGIN "
+                   "RAISE EXCEPTION 'recording refused by the test'; END $$ LANGUAGE plpgsql"),
+                  ("CREATE TRIGGER kipekee_test_no_sent BEFORE UPDATE ON kipekee_outboxemail "
+                   "FOR EACH ROW WHEN (NEW.status = 'sent') "
+                   "EXECUTE FUNCTION kipekee_test_refuse()")]
+        drop = ["DROP TRIGGER kipekee_test_no_sent ON kipekee_outboxemail",
+                "DROP FUNCTION kipekee_test_refuse()"]
+    else:
+        create = [("CREATE TRIGGER kipekee_test_no_sent BEFORE UPDATE OF status ON "
+                   "kipekee_outboxemail WHEN NEW.status = 'sent' BEGIN "
+                   "SELECT RAISE(ABORT, 'recording refused by the test'); END")]
+        drop = ["DROP TRIGGER kipekee_test_no_sent"]
+    with connection.cursor() as cursor:
+        for sql in create:
+            cursor.execute(sql)
+    dropped = False
+
+    def lift() -> None:
+        nonlocal dropped
+        with connection.cursor() as cursor:
+            for sql in drop:
+                cursor.execute(sql)
+        dropped = True
+
+    yield lift
+    if not dropped:
+        lift()
+
+
+def test_a_failed_record_gives_back_the_batch_claimed_ahead(smtp_sink, kipekee_settings,
+                                                            recording_refused):
+    """The books thread fails to record batch 1 while batch 2 is being sent and batch 3
+    has been claimed ahead. Before: drain raised and left batch 3 ``sending``, untried,
+    until its lease ended. Now it goes back to the queue at once, its claim not counted;
+    the sent batches stay leased (their record may yet come: they go out again only
+    after the lease, with the same Message-IDs)."""
+    from django.db import DatabaseError
+
+    from .conftest import smtp_provider
+
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+    ids = enqueue(20)
+    sender = Sender(engine="t", batch_size=5, stats=Stats())
+    try:
+        with pytest.raises(DatabaseError, match="recording refused"):
+            sender.drain(threading.Event())
+    finally:
+        sender.close()
+    rows = OutboxEmail.objects.filter(pk__in=ids)
+    sent_ids = {m.message_id for m in smtp_sink.wait_for(10)}
+    assert len(smtp_sink.messages) == 10  # batches 1 and 2 were sent
+    assert set(rows.filter(status=Status.SENDING).values_list("message_id", flat=True)) == sent_ids
+    waiting = rows.filter(status=Status.QUEUED)
+    assert waiting.count() == 10 and set(waiting.values_list("attempts", flat=True)) == {0}
+    assert not waiting.filter(due_at__gt=timezone.now()).exists()  # due now, not leased
+    # The database takes writes again; the sent ones come back when their lease ends.
+    recording_refused()
+    OutboxEmail.objects.filter(status=Status.SENDING).update(
+        lease_until=timezone.now() - timedelta(seconds=1))
+    sender = Sender(engine="t", batch_size=5, stats=Stats())
+    try:
+        assert sender.drain(threading.Event()) == 20
+    finally:
+        sender.close()
+    assert Counter(rows.values_list("status", flat=True)) == {Status.SENT: 20}
+    received = Counter(m.message_id for m in smtp_sink.wait_for(30))
+    assert sorted(received.values()) == [1] * 10 + [2] * 10

@@ -12,11 +12,13 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from django.db import connection, transaction
+from django.utils import timezone
 
 import kipekee
 from kipekee.models import OutboxEmail, Status
@@ -192,3 +194,23 @@ def test_marketplace_order_lifecycle_end_to_end(smtp_sink, broker, workers):
     subjects = sorted(m.subject for m in smtp_sink.wait_for(5))
     assert subjects == sorted(f"Order COVU-1042: {e}" for e in events)
     assert len(smtp_sink.messages) == 5
+
+
+def test_a_scheduled_mail_goes_out_within_a_sweep_of_its_time(smtp_sink, broker, workers,
+                                                              settings):
+    """Before: a due scheduled row was taken for one whose task was still in a queue and
+    passed over for SWEEP_GRACE_SECONDS (30 s by default): 30 s late. Its task at commit
+    found it not due; nothing else is coming for it but the sweep (every second here)."""
+    settings.KIPEKEE = {**settings.KIPEKEE,
+                        "CELERY": {**settings.KIPEKEE["CELERY"], "SWEEP_GRACE_SECONDS": 30}}
+    workers.settings = settings.KIPEKEE
+    workers.start("w1", beat=True)
+    time.sleep(2)  # the worker and beat are up
+    send_at = timezone.now() + timedelta(seconds=2)
+    receipt = kipekee.send(subject="Reminder", text="tomorrow", to=["sam@example.com"],
+                           send_at=send_at, mode="queue")
+    wait_until(lambda: receipt.refresh().sent, 20, "the scheduled mail sent", workers)
+    late = (OutboxEmail.objects.get(pk=receipt.id).sent_at - send_at).total_seconds()
+    assert 0 <= late < 10, late  # a sweep interval (1 s) plus a loaded machine's slack
+    assert [m.subject for m in smtp_sink.wait_for(1)] == ["Reminder"]
+    print(f"celery: scheduled mail sent {late:.1f} s after its time")

@@ -3,6 +3,7 @@ with a circuit breaker, lifetimes — against real local SMTP servers."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -230,7 +231,10 @@ def test_all_circuits_open_keeps_mail_deferred_with_a_hint(kipekee_settings, smt
     receipt = kipekee.send(**MAIL)
     assert receipt.status == Status.DEFERRED and "circuit open" in receipt.error
     row = OutboxEmail.objects.get(pk=receipt.id)
-    assert 50 < (row.due_at - timezone.now()).total_seconds() <= 60  # waits for the trial
+    # Waits for the trial, plus up to one cool-down so the waiting rows do not all come
+    # back at the same moment; nothing was tried, so no attempt is counted.
+    assert 50 < (row.due_at - timezone.now()).total_seconds() <= 120
+    assert row.attempts == receipt.attempts == 0 and not Attempt.objects.filter(email=row).exists()
 
 
 # --- the thread engine ----------------------------------------------------------------
@@ -276,3 +280,90 @@ def test_prefork_once_counts_each_failed_process_once():
 
     assert Prefork(3, partial(_exit_with, 3), once=True).run() == 3
     assert Prefork(2, partial(_exit_with, 0), once=True).run() == 0
+
+
+# --- an outage behind an open circuit (issue 17, item 1) ------------------------------------
+
+
+def _attempts_per_row(ids: list[int]) -> dict[int, list[Attempt]]:
+    per_row: dict[int, list[Attempt]] = {pk: [] for pk in ids}
+    for attempt in Attempt.objects.filter(email_id__in=ids).order_by("email_id", "number"):
+        per_row[attempt.email_id].append(attempt)
+    return per_row
+
+
+def test_a_half_open_circuit_with_its_trial_out_is_a_cool_down_from_the_next():
+    """The breaker's answer to "when may a passed-over message come back?" while its one
+    trial is in flight: not 0 s (it used to be: the row was back before the trial had
+    even answered), but the next trial should this one fail."""
+    from kipekee.circuit import CircuitBreaker
+
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, cooldown=30, clock=lambda: now[0])
+    breaker.failure()
+    now[0] = 10.0
+    assert (breaker.allow(), breaker.retry_in()) == (False, 20.0)
+    now[0] = 31.0
+    assert breaker.allow() is True  # the trial
+    assert (breaker.allow(), breaker.state, breaker.retry_in()) == (False, "half-open", 30.0)
+    assert 30.0 <= breaker.postpone_for() <= 60.0  # spread over the cool-down after it
+    breaker.success()
+    assert (breaker.allow(), breaker.retry_in()) == (True, 0.0)
+
+
+def test_a_10_s_outage_costs_each_mail_a_few_attempts_and_fails_none(smtp_server,
+                                                                     kipekee_settings):
+    """A provider answering 421 for 10 s, the breaker's cool-down 1 s: while the circuit
+    is open (or half-open with its one trial out), rows are not sent and not charged an
+    attempt; only the trials and the sends before the circuit opened count. Before the
+    fix the half-open breaker answered "next trial in 0 s": rows came back at once and
+    spent their 25 attempts in seconds."""
+    server = smtp_server(faults=Faults(greeting="421 4.3.2 down for maintenance"))
+    kipekee_settings(primary=smtp_provider(server),
+                     _extra={"CIRCUIT_BREAKER": {"COOLDOWN_SECONDS": 1},
+                             "RETRY": {"BASE_DELAY": 2, "MAX_DELAY": 8, "JITTER": False}})
+    ids = enqueue(60)
+    with running_worker(concurrency=2):
+        time.sleep(10)
+        server.faults.greeting = None  # the provider is back
+        wait_until(lambda: OutboxEmail.objects.sent().count() == 60, timeout=40,
+                   what="all 60 sent after the outage")
+    assert not OutboxEmail.objects.filter(status=Status.FAILED).exists()
+    per_row = _attempts_per_row(ids)
+    worst = max(len(attempts) for attempts in per_row.values())
+    assert worst <= 5, {pk: len(a) for pk, a in per_row.items() if len(a) > 5}
+    # The attempt log agrees with the rows: no attempt counted that was not made.
+    assert all(OutboxEmail.objects.get(pk=pk).attempts == len(a) for pk, a in per_row.items())
+    assert Counter(m.message_id for m in server.messages).most_common(1)[0][1] == 1
+    print(f"10 s outage: at most {worst} attempts per mail, "
+          f"{sum(len(a) for a in per_row.values())} in all for 60 mails, none failed")
+
+
+def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_server,
+                                                                       kipekee_settings):
+    """An outage of hours, compressed: a cool-down of 50 ms against a backoff of 0.4 s
+    then 0.8 s (a 30 s cool-down against hours of backoff, in scale). Every attempt that
+    reached the provider is followed by the policy's own wait before the next one: a
+    breaker's next trial never shortens it. Before the fix the breaker's hint (≤ 50 ms)
+    won over the backoff."""
+    from kipekee.retry import RetryPolicy
+
+    server = smtp_server(faults=Faults(greeting="421 4.3.2 down"))
+    kipekee_settings(primary=smtp_provider(server),
+                     _extra={"CIRCUIT_BREAKER": {"FAILURES": 2, "COOLDOWN_SECONDS": 0.05},
+                             "RETRY": {"BASE_DELAY": 0.4, "MAX_DELAY": 0.8, "JITTER": False}})
+    policy = RetryPolicy.from_settings()
+    ids = enqueue(20)
+    with running_worker(concurrency=2):
+        time.sleep(4)
+    assert not OutboxEmail.objects.filter(status=Status.FAILED).exists()
+    per_row = _attempts_per_row(ids)
+    # Not vacuous: the breaker's trials did reach the provider, again and again.
+    assert max(len(attempts) for attempts in per_row.values()) >= 3
+    for pk, attempts in per_row.items():
+        # So no more attempts than the policy's schedule allows in the time: each one
+        # waited at least the policy's delay after the one before.
+        for before, after in itertools.pairwise(attempts):
+            waited = (after.started_at - before.finished_at).total_seconds()
+            assert waited >= policy.delay(before.number) - 0.001, (pk, before.number, waited)
+    assert not server.messages

@@ -266,3 +266,78 @@ def test_a_worker_survives_its_database_connections_being_killed(smtp_sink, kipe
     assert set(received) == first | second and set(received.values()) == {1}
     assert proc.returncode == 0, outputs[0]
     assert EngineHeartbeat.objects.get().beat_at > timezone.now() - timedelta(seconds=15)
+
+
+def test_a_delivery_longer_than_the_lease_keeps_its_row(smtp_server, kipekee_settings,
+                                                       settings):
+    """A server that takes 5 s to answer the message, a lease of 1.5 s, a second worker
+    polling: before, the lease ran out mid-delivery, the second worker took the row and
+    sent it again. Now the first renews the lease while it sends (every third of it)."""
+    from kipekee.testing import Faults
+
+    slow = smtp_server(faults=Faults(stall_before_data_reply=5))
+    kipekee_settings(primary=smtp_provider(slow, timeout=15), _extra={"LEASE_SECONDS": 1.5})
+    [message_id] = bulk_enqueue(1)
+    first = worker_process(settings.KIPEKEE, "--concurrency", "1", "--poll-interval", "0.2")
+    procs = [first]
+    try:
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENDING).exists(),
+                      timeout=30, what="the first worker sending", procs=procs)
+        procs.append(worker_process(settings.KIPEKEE, "--concurrency", "1",
+                                    "--poll-interval", "0.2"))
+        wait_for_rows(lambda: OutboxEmail.objects.filter(status=Status.SENT).exists(),
+                      timeout=30, what="sent", procs=procs)
+        time.sleep(1)  # a copy the second worker took would be in the server by now
+    finally:
+        outputs = stop_all(procs)
+    row = OutboxEmail.objects.get()
+    assert row.attempts == 1, outputs
+    assert [m.message_id for m in slow.messages] == [message_id], outputs
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie left for init to reap does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1]
+                           for line in status)
+    except FileNotFoundError:
+        return False
+
+
+def test_worker_processes_stop_when_their_supervisor_is_killed(smtp_server, kipekee_settings,
+                                                              settings):
+    """``--processes 2`` and the command itself is killed with SIGKILL (an OOM kill, a
+    container runtime's kill after its grace period). Before: the two worker processes
+    went on sending, orphans no supervisor could stop. Now each notices (a pipe from the
+    supervisor whose last write end closed) and stops as on a first SIGTERM: it finishes
+    the batch in hand, gives back the rest and exits."""
+    from kipekee.testing import Faults
+
+    slow = smtp_server(faults=Faults(stall_before_data_reply=0.05))
+    kipekee_settings(primary=smtp_provider(slow))
+    bulk_enqueue(600)
+    proc = worker_process(settings.KIPEKEE, "--processes", "2", "--concurrency", "1",
+                          "--batch-size", "5", "--poll-interval", "0.2")
+    try:
+        wait_for_rows(lambda: EngineHeartbeat.objects.filter(sent__gt=0).count() == 2,
+                      timeout=60, what="both processes sending", procs=[proc])
+        children = set(EngineHeartbeat.objects.values_list("pid", flat=True))
+        assert len(children) == 2 and proc.pid not in children
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, f"orphans still running: {children}"
+            time.sleep(0.1)
+    finally:
+        for pid in children if "children" in locals() else ():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    output = output_of(proc)
+    assert output.count("SIGTERM: finishing the batches in hand") == 2, output
+    assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()
+    sent = OutboxEmail.objects.filter(status=Status.SENT).count()
+    time.sleep(0.5)
+    assert len(slow.messages) == sent < 600  # nothing sent after they stopped, no copies
+    assert all(b.stopped_at is not None for b in EngineHeartbeat.objects.all())

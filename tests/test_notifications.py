@@ -3,6 +3,7 @@ that follow their booking. Delivered to a real SMTP server."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -221,6 +222,64 @@ def test_a_reminder_a_person_cancelled_stays_cancelled(sink_provider):
     booking.seat = "A1"
     booking.save()
     assert [r.status for r in reminders(booking)] == [Status.CANCELLED]
+
+
+@pytest.fixture
+def soon_reminder() -> Iterator[None]:
+    """A reminder 24 h before a show, for bookings made 24 h and 1 s before it: due a
+    second after the booking is saved."""
+    notifications.register(
+        "booking.soon",
+        Message("emails/show_reminder", to=lambda b: b.email,
+                at=lambda b: b.starts_at - timedelta(hours=24),
+                when=lambda b: b.status == Booking.Status.CONFIRMED),
+        model=Booking,
+    )
+    yield
+    notifications.unregister("booking.soon")
+
+
+def _due_reminder() -> tuple[Booking, OutboxEmail]:
+    booking = make_booking(starts_in=timedelta(hours=24, seconds=1))
+    [row] = notifications.rows("booking.soon", booking)
+    time.sleep(1.1)  # its time comes; no engine runs in these tests to send it
+    return booking, row
+
+
+def test_saving_the_booking_keeps_a_due_reminder_not_sent_yet(sink_provider, soon_reminder):
+    """Before the fix any save of the booking cancelled a reminder whose time had come
+    but which no engine had sent yet: "too late to remind"."""
+    booking, row = _due_reminder()
+    booking.seat = "F8"  # the reminder's time does not change
+    booking.save()
+    assert [(r.pk, r.status) for r in notifications.rows("booking.soon", booking)] == [
+        (row.pk, Status.QUEUED)]
+    assert deliver_due(row.pk).status == Status.SENT
+
+
+def test_saving_the_booking_keeps_a_deferred_reminder(smtp_server, kipekee_settings,
+                                                      soon_reminder):
+    """A reminder whose first try met a busy server is deferred (its due_at is now the
+    retry's); a save that does not move the show keeps it, to be sent on the retry."""
+    from kipekee.testing import Faults
+
+    from .conftest import smtp_provider
+
+    server = smtp_server(faults=Faults(data_replies=["451 4.3.0 busy"]))
+    kipekee_settings(primary=smtp_provider(server))
+    booking, row = _due_reminder()
+    assert deliver_due(row.pk).status == Status.DEFERRED
+    booking.seat = "F8"
+    booking.save()
+    kipekee.notify("booking.soon", booking)  # the same: it is already there
+    [kept] = notifications.rows("booking.soon", booking)
+    assert (kept.pk, kept.status, kept.attempts) == (row.pk, Status.DEFERRED, 1)
+    # Moving the show does change the reminder: too late now for the new time.
+    booking.starts_at -= timedelta(minutes=30)
+    booking.save()
+    kept.refresh_from_db()
+    assert kept.status == Status.CANCELLED
+    assert [r.pk for r in notifications.rows("booking.soon", booking)] == [row.pk]
 
 
 def test_reschedule_moves_only_waiting_rows(sink_provider):

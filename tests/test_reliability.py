@@ -12,6 +12,10 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,7 +38,7 @@ from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
 from kipekee.providers import build
 from kipekee.testing import Faults, LocalSMTPServer
 
-from .conftest import smtp_provider
+from .conftest import smtp_provider, subprocess_env
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
 
@@ -132,41 +136,51 @@ def test_random_rollbacks_deliver_exactly_the_committed(smtp_sink, kipekee_setti
 # --- a worker slower than its lease ----------------------------------------------------
 
 
-def test_worker_slower_than_its_lease_is_fenced(smtp_server, kipekee_settings, scenario, caplog):
-    """Engine A's send stalls past its lease; engine B reclaims and sends; A's late result
-    is not recorded (fenced by the attempt number)."""
+def test_worker_slower_than_its_lease_is_fenced(smtp_server, kipekee_settings, settings,
+                                                scenario):
+    """Engine A's send outlasts its lease without renewing it (its process is frozen:
+    SIGSTOP stands in for a VM paused, a swap storm, a database it cannot reach); engine
+    B reclaims and sends; A's late result is not recorded (fenced by the attempt
+    number). A live engine renews its leases while it sends (tests/test_engines_pg.py)."""
     accepted = threading.Event()
     slow = smtp_server(faults=Faults(stall_before_data_reply=2.5),
                        on_message=lambda m: accepted.set())
     kipekee_settings(primary=smtp_provider(slow, timeout=10), _extra={"LEASE_SECONDS": 1})
     [message_id] = queue(1)
-    stats_a = Stats()
-    sender_a = Sender(engine="slow-a", batch_size=1, stats=stats_a)
-    thread = threading.Thread(target=sender_a.run_once)
-    thread.start()
-    try:
-        assert accepted.wait(10)  # the server has A's copy and holds its reply
-        row = OutboxEmail.objects.get()
-        while timezone.now() <= row.lease_until:  # A's lease runs out while it waits
-            time.sleep(0.05)
-        slow.faults.stall_before_data_reply = 0  # the server is already stalling A
-        with caplog.at_level(logging.WARNING, logger="kipekee.outbox"):
+    with tempfile.TemporaryFile(mode="w+") as log:
+        engine_a = subprocess.Popen(
+            [sys.executable, "-m", "django", "kipekee_worker", "--once", "--concurrency", "1",
+             "--batch-size", "1", "--name", "slow-a"],
+            cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(settings.KIPEKEE),
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert accepted.wait(20)  # the server has A's copy and holds its reply
+            engine_a.send_signal(signal.SIGSTOP)
+            row = OutboxEmail.objects.get()
+            while timezone.now() <= row.lease_until:  # A's lease runs out while it is frozen
+                time.sleep(0.05)
+                row.refresh_from_db()
+            slow.faults.stall_before_data_reply = 0  # the server is already stalling A
             drain("fast-b")
-            thread.join(15)
-        assert not thread.is_alive()
-    finally:
-        sender_a.deliverer.close()
+            engine_a.send_signal(signal.SIGCONT)
+            assert engine_a.wait(20) == 0
+        finally:
+            if engine_a.poll() is None:
+                engine_a.kill()
+                engine_a.wait()
+        log.seek(0)
+        output = log.read()
     row.refresh_from_db()
-    assert row.status == Status.SENT and row.attempts == 2
+    assert row.status == Status.SENT and row.attempts == 2, output
     # One attempt row: B's. A's late success was fenced off, not recorded over it.
     assert list(Attempt.objects.values_list("number", "outcome")) == [(2, "sent")]
-    assert stats_a.snapshot() == (0, 0, 0)
-    assert "Result of attempt 1" in caplog.text and "not recorded" in caplog.text
+    assert "Result of attempt 1" in output and "not recorded" in output, output
+    assert "slow-a stopped: sent=0 deferred=0 failed=0" in output, output
     copies = [m.message_id for m in slow.messages]
     assert copies == [message_id, message_id]  # the one extra copy, same Message-ID
     delivered, lost, duplicated = figures(slow, [message_id])
     scenario.record("worker slower than its lease", load="1 message, lease 1 s",
-                    faults="server stalls 2.5 s before its DATA reply",
+                    faults="worker frozen while the server holds its DATA reply 2.5 s",
                     delivered=delivered, lost=lost, duplicated=duplicated)
 
 

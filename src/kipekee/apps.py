@@ -26,12 +26,12 @@ class KipekeeConfig(AppConfig):
 
         # The thread engine starts with the first request of a process (not at import,
         # which also happens in migrate, shell and friends), so rows left deferred by a
-        # previous deploy are picked up without waiting for a new email.
+        # previous deploy are picked up without waiting for a new email. Later requests
+        # only check that it runs: a commit that queued mail is what wakes it.
         request_started.connect(_start_thread_engine, dispatch_uid="kipekee-thread-engine")
 
 
 def _start_thread_engine(**kwargs: object) -> None:
-    from . import conf, engines
+    from . import engines
 
-    if conf.get().engine == "thread":
-        engines.wake()
+    engines.start()

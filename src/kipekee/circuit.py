@@ -5,10 +5,15 @@ opens: delivery skips it (and fails over at once instead of waiting for a timeou
 every message). After ``COOLDOWN_SECONDS`` one trial send is let through (half-open): a
 success closes the circuit, a failure opens it for another cool-down. A permanent
 failure (a refused message) proves the provider is up and counts as a success.
+
+A message passed over because every circuit was open was not sent anywhere:
+:meth:`CircuitBreaker.postpone_for` says how long it waits for the next trial, and the
+outbox does not count that as an attempt (``dispatch.record``).
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -48,11 +53,25 @@ class CircuitBreaker:
             return False
 
     def retry_in(self) -> float:
-        """Seconds until the next trial may go through (0 when closed)."""
+        """Seconds until the next trial may go through (0 when closed).
+
+        Half-open with its trial out: a whole cool-down, the time of the next trial
+        should this one fail (should it succeed, the circuit closes at once). Not 0: a
+        message passed over now would be back before the trial has even answered.
+        """
         with self._lock:
             if self._state == self.CLOSED:
                 return 0.0
+            if self._state == self.HALF_OPEN:
+                return self.cooldown if self._trial_out else 0.0
             return max(0.0, self._opened_at + self.cooldown - self._clock())
+
+    def postpone_for(self) -> float:
+        """Seconds a message passed over by this open circuit waits: until the next
+        trial, plus a random part of one cool-down, so the messages waiting for the
+        trial come back spread over the cool-down after it, not all at the same moment
+        (of which one would be the trial and the rest passed over again)."""
+        return self.retry_in() + random.uniform(0.0, self.cooldown)
 
     def success(self) -> None:
         with self._lock:

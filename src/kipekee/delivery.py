@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, cast, runtime_checkable
@@ -66,6 +66,9 @@ class Outcome:
     retry_after: float | None = None
     # Every recipient is on the suppression list: nothing was sent (status suppressed).
     suppressed: bool = False
+    # False when no provider was tried: every one's circuit was open. Not an attempt:
+    # the row waits ``retry_after`` seconds (the next trial) without being charged one.
+    attempted: bool = True
     # Recipient -> the id the provider gave the message (HTTP APIs), for its webhooks.
     provider_message_ids: dict[str, str] = field(default_factory=dict)
 
@@ -88,6 +91,18 @@ class BatchBackend(Protocol):
     def send_batch_item(self, message: EmailMessage) -> Any: ...
 
     def send_batch(self, items: Sequence[Any]) -> list[BaseException | None]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PassedOver(Failure):
+    """A provider not tried because its circuit is open (``retry_after``: until the
+    circuit lets the message through, see ``CircuitBreaker.postpone_for``)."""
+
+    @classmethod
+    def by(cls, breaker: circuit.CircuitBreaker) -> _PassedOver:
+        return cls(kind=ErrorKind.TRANSIENT, retry_after=breaker.postpone_for(),
+                   error="circuit open after repeated failures "
+                         f"(next trial in {breaker.retry_in():.0f} s)")
 
 
 @dataclass
@@ -219,9 +234,7 @@ class Deliverer:
         for alias in aliases:
             breaker = circuit.for_provider(alias)
             if not breaker.allow():
-                failures.append((alias, Failure(
-                    kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
-                    error=f"circuit open after repeated failures (next trial in {breaker.retry_in():.0f} s)")))
+                failures.append((alias, _PassedOver.by(breaker)))
                 continue
             backend = None
             try:
@@ -258,15 +271,21 @@ class Deliverer:
         kinds = {f.kind for _, f in failures}
         kind = next((k for k in (ErrorKind.TRANSIENT, ErrorKind.CONFIGURATION) if k in kinds),
                     ErrorKind.PERMANENT)
-        hints = [f.retry_after for _, f in failures if f.retry_after is not None]
+        tried = [f for _, f in failures if not isinstance(f, _PassedOver)]
+        # A provider's own hint (4xx text, Retry-After) counts; an open circuit's next
+        # trial does not shorten the retry policy's wait after a real attempt. Without
+        # any real attempt the row waits for the earliest trial, uncharged.
+        hints = [f.retry_after for f in (tried or [f for _, f in failures])
+                 if f.retry_after is not None]
         last_alias, last = failures[-1]
-        return self._outcome(started, last_alias, Failure(
+        outcome = self._outcome(started, last_alias, Failure(
             kind=kind,
             error="; ".join(f"{alias}: {f.error}" for alias, f in failures),
             code=last.code,
             refused={k: v for _, f in failures for k, v in f.refused.items()},
             retry_after=min(hints) if hints else None,
         ), refused)
+        return outcome if tried else replace(outcome, attempted=False)
 
     @staticmethod
     def _sent(started: datetime, alias: str, message: EmailMessage,
@@ -362,8 +381,7 @@ class Deliverer:
                 outcomes[chunk[0][0].index] = self._through(chunk[0][0], chunk[0][0].aliases)
                 continue
             if broken is None and not breaker.allow():
-                broken = Failure(kind=ErrorKind.TRANSIENT, retry_after=breaker.retry_in(),
-                                 error="circuit open after repeated failures")
+                broken = _PassedOver.by(breaker)
             if broken is not None:
                 # The provider failed a request of this call for a reason that is not
                 # the messages': do not send it more now, go on to the next provider.

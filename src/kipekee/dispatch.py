@@ -119,6 +119,8 @@ def submit(
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
+        send_at = outbox.stored_time(send_at, "send_at")
     db = using or outbox.db_for_write()
     row, created = outbox.enqueue(
         message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
@@ -136,9 +138,12 @@ def submit(
     receipt = Receipt(row, created=created)
     if not created or receipt.suppressed:  # nothing (new) to deliver
         return receipt
-    # (send_at was checked by enqueue: aware, so comparable.)
-    if mode == "queue" or (send_at is not None and send_at > timezone.now()):
-        transaction.on_commit(partial(engines.wake, [row.pk]), using=db)
+    later = send_at is not None and send_at > timezone.now()
+    if mode == "queue" or later:
+        # The ids only for rows due now: a task for a row written for later would find
+        # it not due (the sweep hands it out when it is); the thread engine still wakes
+        # to sleep until its time.
+        transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
     else:
         transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
@@ -164,6 +169,8 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
         if item.mode not in MANY_MODES:
             raise InvalidMessage(f"Message {index}: mode must be one of {MANY_MODES} when "
                                  f"sending many, not {item.mode!r}.")
+    items = [replace(item, send_at=outbox.stored_time(item.send_at, f"Message {index}: send_at"))
+             if item.send_at is not None else item for index, item in enumerate(items)]
     db = using or outbox.db_for_write()
     own = not transaction.get_connection(db).in_atomic_block
     now = timezone.now()
@@ -172,18 +179,24 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
             [replace(item, hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
              for item in items], using=db)
         receipts = [Receipt(row, created=created) for row, created in results]
-        later: list[int] = []
+        due: list[int] = []  # for engines, due now
+        scheduled = False  # for engines, due later
         here: list[Receipt] = []
         for item, receipt in zip(items, receipts, strict=True):
             if not receipt.created or receipt.suppressed:
                 continue
-            if item.mode == "queue" or (item.send_at is not None and item.send_at > now):
-                later.append(receipt.id)
+            if item.send_at is not None and item.send_at > now:
+                scheduled = True
+            elif item.mode == "queue":
+                due.append(receipt.id)
             else:
                 here.append(receipt)
-        if later:
+        if due or scheduled:
             notify_if_listening(db)
-            transaction.on_commit(partial(engines.wake, later), using=db)
+        if due:
+            transaction.on_commit(partial(engines.wake, due), using=db)
+        if scheduled:  # (no ids: a task would find them not due; see submit)
+            transaction.on_commit(partial(engines.wake, None), using=db)
         if here:
             transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
     return receipts
@@ -234,7 +247,9 @@ def deliver_in_request(receipt: Receipt) -> None:
             if (not outcome.ok and outcome.kind == ErrorKind.TRANSIENT and quick is not None
                     and time.monotonic() + quick < deadline
                     and not policy.exhausted(attempt=row.attempts, created_at=row.created_at)):
-                outbox.defer(row, outcome, due_at=timezone.now() + timedelta(seconds=quick))
+                # Charged only if a provider was tried (not when every circuit was open).
+                (outbox.defer if outcome.attempted else outbox.postpone)(
+                    row, outcome, due_at=timezone.now() + timedelta(seconds=quick))
                 time.sleep(quick)
                 continue
             record(row, outcome, policy)
@@ -245,56 +260,77 @@ def deliver_in_request(receipt: Receipt) -> None:
 
 
 def record_many(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> list[bool]:
-    """Record a claimed batch's outcomes, as :func:`record` would one by one.
-
-    The plain successes (the common case) are written together
-    (:func:`kipekee.outbox.mark_sent_many`); every other outcome goes through
-    :func:`record`. Call it inside one transaction to make it one commit.
-    """
-    plain = [i for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True))
-             if outcome.ok and not outcome.refused]
-    recorded = dict(zip(plain, outbox.mark_sent_many([(rows[i], outcomes[i]) for i in plain]),
-                        strict=True))
-    if plain:
-        logger.debug("Sent outbox emails %s", ", ".join(str(rows[i].pk) for i in plain))
+    """Record a claimed batch's outcomes, as :func:`record` would one by one, in one
+    UPDATE per claim whatever each outcome was (:func:`kipekee.outbox.finish_many`);
+    only a success with recipients refused for now, which may need a follow-up row,
+    goes on its own. Call it inside one transaction to make it one commit."""
     policy = RetryPolicy.from_settings()
-    return [recorded[i] if i in recorded else record(row, outcome, policy)
-            for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True))]
+    results: dict[int, outbox.Finish] = {}
+    alone: list[int] = []
+    for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
+        result = _result(row, outcome, policy)
+        if result is None:
+            alone.append(index)
+        else:
+            results[index] = result
+    recorded = dict(zip(results, outbox.finish_many(list(results.values())), strict=True))
+    for index in alone:
+        recorded[index] = record(rows[index], outcomes[index], policy)
+    return [recorded[index] for index in range(len(rows))]
 
 
 def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None) -> bool:
     """Record an outcome, deciding with the retry policy between deferred and failed."""
+    policy = policy or RetryPolicy.from_settings()
+    result = _result(row, outcome, policy)
+    if result is not None:
+        return outbox.finish(result)
+    # Some recipients were refused for now (4xx): they get it again in a follow-up row
+    # when the policy allows another attempt; otherwise their reply stays in
+    # ``refused`` of this sent row, as a 5xx one does.
+    again = transient_refusals(outcome.refused)
+    hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
+    again_at = policy.next_due(
+        kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
+        hint=max(hints, default=None), now=outcome.finished_at,
+    )
+    logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
+                outcome.provider, ", ".join(sorted(again)),
+                f"again at {again_at.isoformat()}" if again_at else "no attempts left")
+    return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+
+
+def _result(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy) -> outbox.Finish | None:
+    """What ``outcome`` does to ``row`` (logged), or None for a success with recipients
+    refused for now (:func:`record` writes their follow-up row)."""
     if outcome.ok:
+        if transient_refusals(outcome.refused):
+            return None
         # Per message at DEBUG: the worker's INFO lines are counts and rates.
         logger.debug("Sent outbox email %s via %s", row.pk, outcome.provider)
-        again = transient_refusals(outcome.refused)
-        if not again:
-            return outbox.mark_sent(row, outcome)
-        # Some recipients were refused for now (4xx): they get it again in a follow-up
-        # row when the policy allows another attempt; otherwise their reply stays in
-        # ``refused`` of this sent row, as a 5xx one does.
-        hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
-        again_at = (policy or RetryPolicy.from_settings()).next_due(
-            kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
-            hint=max(hints, default=None), now=outcome.finished_at,
-        )
-        logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
-                    outcome.provider, ", ".join(sorted(again)),
-                    f"again at {again_at.isoformat()}" if again_at else "no attempts left")
-        return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+        return outbox.sent(row, outcome)
+    if not outcome.attempted:
+        # Every provider's circuit was open: nothing was sent, so no attempt is spent;
+        # the row waits for the next trial. Only its lifetime can end it here.
+        due = policy.postponed_due(wait=outcome.retry_after or 0.0, created_at=row.created_at,
+                                   now=outcome.finished_at)
+        if due is not None:
+            logger.info("Outbox email %s waits until %s: %s", row.pk, due.isoformat(),
+                        outcome.error)
+            return outbox.postponed(row, outcome, due_at=due)
     if outcome.suppressed:
         logger.info("Outbox email %s not sent: %s", row.pk, outcome.error)
-        return outbox.suppress(row, outcome)
+        return outbox.suppressed(row, outcome)
     if outcome.kind == ErrorKind.CONFIGURATION:
         logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
     # Counted from the end of the attempt, not from now: an engine's books thread may
     # write the outcome a moment after the provider answered.
-    due = (policy or RetryPolicy.from_settings()).next_due(
+    due = policy.next_due(
         kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
         hint=outcome.retry_after, now=outcome.finished_at,
     )
     if due is None:
         logger.warning("Outbox email %s failed: %s", row.pk, outcome.error)
-        return outbox.fail(row, outcome)
+        return outbox.failed(row, outcome)
     logger.info("Outbox email %s deferred until %s: %s", row.pk, due.isoformat(), outcome.error)
-    return outbox.defer(row, outcome, due_at=due)
+    return outbox.deferred(row, outcome, due_at=due)

@@ -27,9 +27,10 @@ once; ``status("quote_request.received", quote)`` → ``{"admin": "sent", "custo
 A message with ``at`` is a reminder: written with ``send_at=at(obj)``. With ``model=``,
 saving the object moves the reminder when ``at(obj)`` changed (re-rendered if its text
 changed), cancels it when ``when(obj)`` turns false, and deleting the object cancels it.
-A reminder whose time has already passed is not written (no "24 h before" reminder for a
-booking made two hours before the show), and one that a person cancelled stays cancelled
-while its time stays the same.
+A save that leaves ``at(obj)`` as it was keeps the reminder as it is: waiting, due and
+about to go out, deferred after a failed try, sent, or cancelled by a person. A reminder
+whose time has already passed is not written, nor moved to (no "24 h before" reminder
+for a booking made two hours before the show).
 """
 
 from __future__ import annotations
@@ -339,7 +340,9 @@ def _email(notification: Notification, message: Message, obj: models.Model,
         attachments=list(message.attachments(obj)) if message.attachments else (),
         mode=message.mode, lane=message.lane, provider=message.provider, send_at=send_at,
         language=_resolve(message.language, obj) or None,
-        event=notification.event, target=obj, metadata={"notification": message.name},
+        event=notification.event, target=obj,
+        metadata={"notification": message.name,
+                  **({REMINDER_AT: send_at.isoformat()} if send_at is not None else {})},
     )
 
 
@@ -353,7 +356,18 @@ def _key(event: str, message: Message, obj: models.Model, suffix: str) -> str:
     return key
 
 
+#: The metadata key of a reminder's time (``at(obj)`` when it was written or moved).
+REMINDER_AT = "reminder_at"
+
 _COMPARED = ("subject", "body", "alternatives", "to", "cc", "bcc", "reply_to", "from_email")
+
+
+def _reminder_time(row: OutboxEmail) -> datetime:
+    """The time ``row`` was written (or last moved) for: ``at(obj)`` then. Its ``due_at``
+    moves on when a try is deferred, so the time is kept in its metadata (rows written
+    before it was kept there: their ``due_at``)."""
+    at = row.metadata.get(REMINDER_AT)
+    return datetime.fromisoformat(at) if at else row.due_at
 
 
 def _sync_reminder(notification: Notification, message: Message, obj: models.Model,
@@ -363,22 +377,25 @@ def _sync_reminder(notification: Notification, message: Message, obj: models.Mod
                 if r.metadata.get("notification") == message.name]
     waiting = [r for r in existing if r.status in WAITING_STATUSES]
     due = message.at(obj) if message.when is None or message.when(obj) else None
-    if due is not None and timezone.is_naive(due):
-        raise InvalidMessage(f"Reminder {notification.event!r}: at() returned a naive datetime.")
+    if due is not None:
+        due = outbox.stored_time(due, f"Reminder {notification.event!r}: at()")
+    latest = existing[-1] if existing else None
+    if due is not None and latest is not None and _reminder_time(latest) == due:
+        # Already written for this time: waiting (due or not), deferred after a failed
+        # try, sent, or cancelled by a person. A save that did not move it keeps it so.
+        return Receipt(latest, created=False)
     if due is None or due <= timezone.now():
+        # Turned off, or moved to a time already past: too late to remind.
         for row in waiting:
             outbox.cancel(row.pk)
         return None
-    latest = existing[-1] if existing else None
-    if latest is not None and latest.due_at == due:
-        # Already written for this time: waiting, sent, or cancelled by a person.
-        return Receipt(latest, created=False)
     email = _email(notification, message, obj, extra, send_at=due)
     fields, _ = to_fields(email.build())
     for row in waiting:
         same_text = all(getattr(row, name) == fields[name] for name in _COMPARED)
         # Same text at another time: move it, keeping its row and Message-ID.
-        if same_text and outbox.reschedule(row.pk, due):
+        if same_text and outbox.reschedule(
+                row.pk, due, metadata={**row.metadata, REMINDER_AT: due.isoformat()}):
             for other in waiting:
                 if other.pk != row.pk:
                     outbox.cancel(other.pk)

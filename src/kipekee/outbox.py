@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.expressions import RawSQL
@@ -66,6 +67,18 @@ NOTIFY_CHANNEL = "kipekee_outbox"
 
 def db_for_write() -> str:
     return router.db_for_write(OutboxEmail)
+
+
+def stored_time(value: datetime, name: str) -> datetime:
+    """``value`` as the outbox stores and compares times, as Django's ``DateTimeField``
+    does: with ``USE_TZ``, aware (a naive one is refused: which zone it meant would be
+    a guess); without, naive wall-clock time in ``TIME_ZONE`` (an aware one is
+    converted to it). Raises ``InvalidMessage`` naming ``name``."""
+    if settings.USE_TZ:
+        if timezone.is_naive(value):
+            raise InvalidMessage(f"{name} must be an aware datetime (USE_TZ is True).")
+        return value
+    return timezone.make_naive(value) if timezone.is_aware(value) else value
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -135,7 +148,7 @@ def enqueue(
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
             return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
         _insert(Attachment, _attachment_rows(row, attachments), db)
-    _announce([row])
+    _announce([row], db)
     return row, True
 
 
@@ -178,7 +191,7 @@ def enqueue_many(items: Sequence[NewEmail], *,
                 row.pk, row._state.adding = None, True
             if tries_left == 0 or not any(row.idempotency_key for row, _ in built):
                 raise
-    _announce([row for row, created in results if created])
+    _announce([row for row, created in results if created], db)
     return results
 
 
@@ -213,22 +226,22 @@ def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[
     ``UnknownProvider`` for what is wrong with it."""
     message = item.message
     validate(message)
-    settings = conf.get()
-    check_size(message, settings.max_message_size)
+    config = conf.get()
+    check_size(message, config.max_message_size)
     if item.provider:
-        settings.provider(item.provider)  # raises UnknownProvider at the call site
+        config.provider(item.provider)  # raises UnknownProvider at the call site
     if item.lane != conf.TRANSACTIONAL:
-        settings.lane(item.lane)  # raises InvalidMessage at the call site
+        config.lane(item.lane)  # raises InvalidMessage at the call site
     send_at = item.send_at
-    if send_at is not None and timezone.is_naive(send_at):
-        raise InvalidMessage("send_at must be an aware datetime.")
+    if send_at is not None:
+        send_at = stored_time(send_at, "send_at")
     target = item.target
     if target is not None and target.pk is None:
         raise InvalidMessage(f"The email's target {target!r} is not saved (it has no pk).")
     fields, attachments = to_fields(message)
     headers: dict[str, str] = fields.pop("headers")
     message_id = _pop_header(headers, "Message-ID") or make_message_id(
-        fields["from_email"], settings.message_id_domain
+        fields["from_email"], config.message_id_domain
     )
     if target is not None:
         from django.contrib.contenttypes.models import ContentType
@@ -259,13 +272,15 @@ def _attachment_rows(row: OutboxEmail, attachments: Sequence[StoredAttachment]) 
                        content_id=a.content_id) for a in attachments]
 
 
-def _announce(rows: Sequence[OutboxEmail]) -> None:
-    """The signals of newly written rows: ``suppressed`` or ``queued``."""
+def _announce(rows: Sequence[OutboxEmail], db: str) -> None:
+    """The signals of newly written rows, once they are committed: ``suppressed`` or
+    ``queued``."""
     for row in rows:
         if row.status == Status.SUPPRESSED:
-            signals.suppressed.send(sender=OutboxEmail, email=row, outcome=None)
+            signals.send_on_commit(signals.suppressed, using=db, sender=OutboxEmail, email=row,
+                                   outcome=None)
         else:
-            signals.queued.send(sender=OutboxEmail, email=row)
+            signals.send_on_commit(signals.queued, using=db, sender=OutboxEmail, email=row)
 
 
 def _max_params(db: str) -> int:
@@ -590,17 +605,29 @@ def release(row: OutboxEmail) -> bool:
     )
 
 
+def renew_lease(token: str, pks: Sequence[int], *, using: str | None = None) -> int:
+    """Extend by a whole lease the rows of claim ``token`` still being sent (a delivery
+    that takes longer than the lease); how many still were. Fenced by the claim's token:
+    a row taken over by another engine, or finished, is left alone."""
+    return (OutboxEmail.objects.using(using or db_for_write())
+            .filter(pk__in=list(pks), status=Status.SENDING, claimed_by=token)
+            .update(lease_until=timezone.now() + conf.get().lease))
+
+
 def due_ids(limit: int, *, queued_grace: timedelta = timedelta(0),
             using: str | None = None) -> list[int]:
     """Ids of rows an engine may claim now (without claiming them), oldest due first.
 
-    ``queued_grace``: pass over ``queued`` rows that fell due less than this long ago
-    (a task was sent for them on commit and is probably still in a queue).
+    ``queued_grace``: pass over ``queued`` rows that were due when they were written and
+    fell due less than this long ago (a task was sent for them on commit and is probably
+    still in a queue). Rows written for later (``send_at``, a request's hold) and rows
+    queued again (released, retried by a person) have no task coming: no grace.
     """
     now = timezone.now()
     rows = OutboxEmail.objects.using(using or db_for_write()).filter(
         Q(status=Status.DEFERRED, due_at__lte=now)
-        | Q(status=Status.QUEUED, due_at__lte=now - queued_grace)
+        | (Q(status=Status.QUEUED, due_at__lte=now)
+           & (Q(due_at__lte=now - queued_grace) | Q(due_at__gt=F("created_at"))))
         | Q(status=Status.SENDING, lease_until__lt=now)
     )
     return list(rows.order_by("due_at", "pk").values_list("pk", flat=True)[:limit])
@@ -660,7 +687,8 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
     done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
                    signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
-        signals.queued.send(sender=OutboxEmail, email=copy)
+        signals.send_on_commit(signals.queued, using=copy._state.db or db_for_write(),
+                               sender=OutboxEmail, email=copy)
     return done
 
 
@@ -719,29 +747,74 @@ def _copy(original: OutboxEmail, db: str, **fields: Any) -> OutboxEmail:
 
 def suppress(row: OutboxEmail, outcome: Outcome) -> bool:
     """Every recipient was suppressed after the row was queued: ``sending → suppressed``."""
-    return _finish(row, outcome, status=Status.SUPPRESSED, changes={
-        "error_kind": "", "last_error": outcome.error, "refused": outcome.refused,
-    }, signal=signals.suppressed)
+    return finish(suppressed(row, outcome))
 
 
 def defer(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
     """Record a transient failure: ``sending → deferred`` until ``due_at``."""
-    return _finish(row, outcome, status=Status.DEFERRED, changes={
-        "due_at": due_at, "error_kind": outcome.kind, "last_error": outcome.error,
-        "refused": outcome.refused,
-    }, signal=signals.deferred)
+    return finish(deferred(row, outcome, due_at=due_at))
+
+
+def postpone(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> bool:
+    """No provider was tried (every circuit was open): ``sending → deferred`` until
+    ``due_at``, and the claim not counted as an attempt (nor written to the attempt log),
+    as :func:`release` does for a row not tried at all."""
+    return finish(postponed(row, outcome, due_at=due_at))
 
 
 def fail(row: OutboxEmail, outcome: Outcome) -> bool:
     """Record a final failure: ``sending → failed``."""
-    return _finish(row, outcome, status=Status.FAILED, changes={
+    return finish(failed(row, outcome))
+
+
+# What each result does to its row, for finish() and finish_many(): ----------------------
+
+def sent(row: OutboxEmail, outcome: Outcome) -> Finish:
+    """``sending → sent`` (without follow-up rows: see :func:`mark_sent`)."""
+    return Finish(row, outcome, Status.SENT, _sent_changes(outcome), signals.sent)
+
+
+def suppressed(row: OutboxEmail, outcome: Outcome) -> Finish:
+    """``sending → suppressed``: every recipient was suppressed after it was queued."""
+    return Finish(row, outcome, Status.SUPPRESSED, {
+        "error_kind": "", "last_error": outcome.error, "refused": outcome.refused,
+    }, signals.suppressed)
+
+
+def deferred(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> Finish:
+    """``sending → deferred`` until ``due_at``: a transient failure."""
+    return Finish(row, outcome, Status.DEFERRED, {
+        "due_at": due_at, "error_kind": outcome.kind, "last_error": outcome.error,
+        "refused": outcome.refused,
+    }, signals.deferred)
+
+
+def postponed(row: OutboxEmail, outcome: Outcome, *, due_at: datetime) -> Finish:
+    """``sending → deferred`` until ``due_at``, no provider tried: not an attempt."""
+    return Finish(row, outcome, Status.DEFERRED, {
+        "due_at": due_at, "attempts": row.attempts - 1, "error_kind": outcome.kind,
+        "last_error": outcome.error, "refused": outcome.refused,
+    }, signals.deferred, attempted=False)
+
+
+def failed(row: OutboxEmail, outcome: Outcome) -> Finish:
+    """``sending → failed``: a permanent failure, or no attempts left."""
+    return Finish(row, outcome, Status.FAILED, {
         "error_kind": outcome.kind or ErrorKind.PERMANENT, "last_error": outcome.error,
         "refused": outcome.refused,
-    }, signal=signals.failed)
+    }, signals.failed)
+
+
+def finish(result: Finish) -> bool:
+    """Record one result on its row (see :func:`finish_many` for a batch)."""
+    return _finish(result.row, result.outcome, status=result.status,
+                   changes=dict(result.changes), signal=result.signal,
+                   attempted=result.attempted)
 
 
 def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
-            signal: Any, then: Callable[[str], None] | None = None) -> bool:
+            signal: Any, then: Callable[[str], None] | None = None,
+            attempted: bool = True) -> bool:
     db = row._state.db or db_for_write()
     if changes.get("last_error"):  # redacted again: a custom engine may build an Outcome
         changes["last_error"] = redact(changes["last_error"])
@@ -759,7 +832,8 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
                 row.attempts, row.pk,
             )
             return False
-        _write_attempts(db, [(row, outcome)])
+        if attempted:
+            _write_attempts(db, [(row, outcome)])
         if then is not None:  # more writes that stand or fall with this result
             then(db)
     _finished(row, outcome, status=status, changes=changes, signal=signal)
@@ -768,11 +842,13 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
 
 def _finished(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
               signal: Any) -> None:
-    """After the write: the row in hand as the database now has it, then the signal."""
+    """After the write: the row in hand as the database now has it, then the signal
+    (once the write is committed: an engine records a batch in one transaction)."""
     row.status, row.lease_until, row.claimed_by = status, None, ""
     for name, value in changes.items():
         setattr(row, name, value)
-    signal.send(sender=OutboxEmail, email=row, outcome=outcome)
+    signals.send_on_commit(signal, using=row._state.db or db_for_write(), sender=OutboxEmail,
+                           email=row, outcome=outcome)
 
 
 def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> None:
@@ -817,11 +893,10 @@ def mark_sent_many(results: Sequence[tuple[OutboxEmail, Outcome]]) -> list[bool]
     """Record several successful attempts at once: :func:`finish_many` of each one's
     :func:`mark_sent` changes. For plain successes only: outcomes with ``refused``
     recipients that may need a follow-up row go through :func:`mark_sent`."""
-    return finish_many([Finish(row, outcome, Status.SENT, _sent_changes(outcome), signals.sent)
-                        for row, outcome in results])
+    return finish_many([sent(row, outcome) for row, outcome in results])
 
 
-def finish_many(finishes: Sequence[Finish]) -> list[bool]:
+def finish_many(results: Sequence[Finish]) -> list[bool]:
     """Record several finished attempts at once: what :func:`_finish` does for each, in
     one UPDATE per claim and one INSERT of their attempts, instead of two statements per
     row. Returns, per row, whether its result was recorded.
@@ -836,30 +911,28 @@ def finish_many(finishes: Sequence[Finish]) -> list[bool]:
     """
     done: dict[int, bool] = {}
     claims: dict[str, list[Finish]] = {}
-    for finish in finishes:
-        claims.setdefault(finish.row.claimed_by, []).append(finish)
+    for result in results:
+        claims.setdefault(result.row.claimed_by, []).append(result)
     for token, group in claims.items():
         if len(group) < 2 or not token:
-            for finish in group:
-                done[id(finish)] = _finish(finish.row, finish.outcome, status=finish.status,
-                                           changes=dict(finish.changes), signal=finish.signal)
+            for result in group:
+                done[id(result)] = finish(result)
             continue
         db = group[0].row._state.db or db_for_write()
         try:
             with transaction.atomic(using=db):
                 if _update_finished(db, token, group) != len(group):
                     raise _Moved  # undo the bulk write; each row on its own below
-                _write_attempts(db, [(f.row, f.outcome) for f in group if f.attempted])
+                _write_attempts(db, [(r.row, r.outcome) for r in group if r.attempted])
         except _Moved:
-            for finish in group:
-                done[id(finish)] = _finish(finish.row, finish.outcome, status=finish.status,
-                                           changes=dict(finish.changes), signal=finish.signal)
+            for result in group:
+                done[id(result)] = finish(result)
             continue
-        for finish in group:
-            _finished(finish.row, finish.outcome, status=finish.status,
-                      changes=dict(finish.changes), signal=finish.signal)
-            done[id(finish)] = True
-    return [done[id(finish)] for finish in finishes]
+        for result in group:
+            _finished(result.row, result.outcome, status=result.status,
+                      changes=dict(result.changes), signal=result.signal)
+            done[id(result)] = True
+    return [done[id(result)] for result in results]
 
 
 def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
@@ -878,8 +951,8 @@ def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
     columns: dict[str, list[Any]] = {"status": [f.status for f in group],
                                      "lease_until": [None] * len(group),
                                      "claimed_by": [""] * len(group)}
-    for index, finish in enumerate(group):
-        for name, value in finish.changes.items():
+    for index, result in enumerate(group):
+        for name, value in result.changes.items():
             if name == "last_error" and value:
                 value = redact(value)
             columns.setdefault(name, [_UNCHANGED] * len(group))[index] = value
@@ -896,12 +969,12 @@ def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
             params.append(adapted[0])
             continue
         whens = []
-        for finish, value in zip(group, adapted, strict=True):
+        for result, value in zip(group, adapted, strict=True):
             if value is not _UNCHANGED:
                 whens.append(f"WHEN %s THEN {placeholder}")
-                params += [finish.row.pk, value]
+                params += [result.row.pk, value]
         sets.append(f"{column} = CASE {pk} {' '.join(whens)} ELSE {column} END")
-    params += [row_pk for row_pk in (f.row.pk for f in group)] + [token]
+    params += [result.row.pk for result in group] + [token]
     sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(sets)} "
            f"WHERE {pk} IN ({', '.join(['%s'] * len(group))}) "
            f"AND {quote('status')} = 'sending' AND {quote('claimed_by')} = %s")
@@ -923,25 +996,25 @@ def cancel(pk: int, *, using: str | None = None) -> bool:
         .update(status=Status.CANCELLED, lease_until=None, claimed_by="")
     )
     if updated:
-        signals.cancelled.send(sender=OutboxEmail, email=OutboxEmail.objects.using(db).get(pk=pk))
+        signals.send_on_commit(signals.cancelled, using=db, sender=OutboxEmail,
+                               email=OutboxEmail.objects.using(db).get(pk=pk))
     return bool(updated)
 
 
-def reschedule(pk: int, due_at: datetime, *, using: str | None = None) -> bool:
+def reschedule(pk: int, due_at: datetime, *, metadata: dict[str, Any] | None = None,
+               using: str | None = None) -> bool:
     """Move a message that has not gone out to ``due_at`` (a reminder whose booking moved).
 
-    Only ``queued|deferred`` rows move, in one conditional UPDATE; a row being sent, sent
-    or cancelled stays as it is and ``False`` is returned.
+    Only ``queued|deferred`` rows move, in one conditional UPDATE (which also replaces
+    the row's ``metadata``, when given); a row being sent, sent or cancelled stays as it
+    is and ``False`` is returned.
     """
-    if timezone.is_naive(due_at):
-        from .exceptions import InvalidMessage
-
-        raise InvalidMessage("due_at must be an aware datetime.")
+    due_at = stored_time(due_at, "due_at")
     db = using or db_for_write()
     updated = (
         OutboxEmail.objects.using(db)
         .filter(pk=pk, status__in=WAITING_STATUSES)
-        .update(due_at=due_at)
+        .update(due_at=due_at, **({"metadata": metadata} if metadata is not None else {}))
     )
     return bool(updated)
 
@@ -1006,7 +1079,6 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
     with no recipient is not resent. Raises ``OutboxEmail.DoesNotExist`` or
     ``InvalidMessage`` (saying why), and then writes nothing.
     """
-    from .exceptions import InvalidMessage
     from .models import FINAL_STATUSES
 
     db = using or db_for_write()
@@ -1037,5 +1109,5 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
                      refused=refused,
                      message_id=make_message_id(original.from_email, conf.get().message_id_domain),
                      metadata={**original.metadata, "resent_from": pk})
-    signals.queued.send(sender=OutboxEmail, email=copy)
+    signals.send_on_commit(signals.queued, using=db, sender=OutboxEmail, email=copy)
     return copy

@@ -54,6 +54,15 @@ class RetryPolicy:
         due = (now or timezone.now()) + timedelta(seconds=self.delay(attempt, hint))
         return None if self.exhausted(attempt=attempt, created_at=created_at, at=due) else due
 
+    def postponed_due(self, *, wait: float, created_at: datetime,
+                      now: datetime | None = None) -> datetime | None:
+        """When to take again a message that no provider was tried for (every circuit
+        open): after ``wait`` seconds, the circuits' next trial. Not an attempt, so the
+        attempts left stay as they were; only the lifetime ends it (``None``: give up).
+        """
+        due = (now or timezone.now()) + timedelta(seconds=max(wait, 0.0))
+        return None if due > created_at + self.lifetime else due
+
     def exhausted(self, *, attempt: int, created_at: datetime, at: datetime | None = None) -> bool:
         """True when no attempt after number ``attempt`` may be made (at time ``at``)."""
         return attempt >= self.max_attempts or (at or timezone.now()) > created_at + self.lifetime

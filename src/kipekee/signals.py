@@ -1,11 +1,14 @@
 """Signals sent by :mod:`kipekee.outbox` after each status change is written to the row.
 
-Every signal is sent with ``sender=OutboxEmail`` and these keyword arguments:
+Every signal is sent once the change it announces is committed (at once when no
+transaction is open; a rolled-back change is never announced), with
+``sender=OutboxEmail`` and these keyword arguments:
 
 ``queued``
-    ``email``: the new row (status ``queued``), sent right after the INSERT — inside the
-    caller's transaction, which may still roll back. Also sent for a person's resend
-    (``email.metadata["resent_from"]`` is the original's id).
+    ``email``: the new row (status ``queued``), once the caller's transaction that wrote
+    it commits. Also sent for a person's resend (``email.metadata["resent_from"]`` is
+    the original's id) and for the follow-up row of recipients refused for now
+    (``email.metadata["recipients_of"]``).
 ``sent``
     ``email`` (status ``sent``, ``sent_by`` is the provider alias) and ``outcome``, a
     :class:`kipekee.delivery.Outcome`: ``provider``, ``started_at``/``finished_at`` of the
@@ -23,11 +26,23 @@ Every signal is sent with ``sender=OutboxEmail`` and these keyword arguments:
 ``cancelled``
     ``email`` (status ``cancelled``), cancelled by a person.
 
-Receivers run in the thread that changed the row (a request, an engine). An exception
-in a receiver propagates, as with any Django signal: keep receivers small.
+Receivers run in the thread that changed the row (a request, an engine), outside any
+transaction of Kipekee's. A receiver cannot change what Kipekee recorded: what it raises
+is logged (``kipekee.signals`` logger, with the traceback) and goes no further — not
+into the engine, not into the caller's ``send()``, and the other receivers still run.
+Keep receivers small: an engine waits for them before its next batch.
 """
 
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+from django.db import transaction
 from django.dispatch import Signal
+
+logger = logging.getLogger("kipekee.signals")
 
 queued = Signal()
 sent = Signal()
@@ -35,3 +50,30 @@ deferred = Signal()
 failed = Signal()
 cancelled = Signal()
 suppressed = Signal()
+
+_NAMES = {id(signal): name for name, signal in (
+    ("queued", queued), ("sent", sent), ("deferred", deferred), ("failed", failed),
+    ("cancelled", cancelled), ("suppressed", suppressed))}
+
+
+def send_on_commit(signal: Signal, *, using: str, sender: type, **kwargs: Any) -> None:
+    """Send ``signal`` when the current transaction on ``using`` commits (now, outside
+    one) to every receiver; log what a receiver raises instead of raising it.
+
+    Kipekee's own code sends its signals only through here: a receiver's error inside
+    the transaction that records an outcome would undo the record (and the row would be
+    sent again and again), and raised after a commit it would skip the application's
+    later on_commit hooks.
+    """
+    transaction.on_commit(partial(_send_robust, signal, sender, kwargs), using=using)
+
+
+def _send_robust(signal: Signal, sender: type, kwargs: dict[str, Any]) -> None:
+    for receiver, result in signal.send_robust(sender=sender, **kwargs):
+        if isinstance(result, Exception):
+            email = kwargs.get("email")
+            logger.error(
+                "A receiver of kipekee.signals.%s (%s) raised for outbox email %s; what "
+                "Kipekee recorded stands.", _NAMES.get(id(signal), "?"),
+                getattr(receiver, "__qualname__", receiver), getattr(email, "pk", None),
+                exc_info=result)

@@ -23,6 +23,7 @@ from django.utils import timezone
 from .. import conf, outbox
 from ..delivery import Deliverer, Outcome
 from ..models import EngineHeartbeat, OutboxEmail, Status
+from . import leases
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -64,14 +65,20 @@ class Sender:
         self.stats = stats
         self.deliverer = Deliverer()
         self._books: ThreadPoolExecutor | None = None
+        # Claim tokens whose leases are being renewed (claimed in either thread).
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
 
     def run_once(self, ids: list[int] | None = None) -> int:
         """Handle one batch (of ``ids`` only, if given); return how many rows it held
         (0: nothing was due)."""
-        rows = self._claim(ids)
-        if rows:
-            self._record(rows, self.deliverer.deliver_many(rows))
-        return len(rows)
+        try:
+            rows = self._claim(ids)
+            if rows:
+                self._record(rows, self.deliverer.deliver_many(rows))
+            return len(rows)
+        finally:
+            self._let_go()
 
     def drain(self, stopping: threading.Event) -> int:
         """Handle batches until none is due or ``stopping`` is set; return how many rows.
@@ -80,44 +87,97 @@ class Sender:
         batch's outcomes and claims the next batch, so the provider connection does not
         wait on the database between batches. The cost: a process killed mid-way may
         have sent two batches per sender whose outcomes are not committed yet (they are
-        sent again after their lease, with the same Message-IDs), not one. A batch
-        claimed ahead when ``stopping`` is set is still sent: it is in hand.
+        sent again after their lease, with the same Message-IDs), not one.
+
+        A batch claimed ahead but not sent yet is given back at once (``outbox.release``:
+        due now, its claim not counted) when ``stopping`` is set or when anything failed
+        on the way (then the error is raised once every batch that was sent had its
+        record attempted); it does not wait for its lease to end. A batch whose sending
+        raised stays leased: which of its messages went out is not known.
         """
         if self._books is None:
             self._books = ThreadPoolExecutor(1, thread_name_prefix="kipekee-books")
         books = self._books
         handled = 0
-        recording: Future[None] | None = None
+        recording: list[Future[None]] = []  # records submitted, oldest first
+        upcoming: Future[list[OutboxEmail]] | None = None
         try:
             rows = self._claim()
             while rows:
                 upcoming = None if stopping.is_set() else books.submit(self._claim)
                 outcomes = self.deliverer.deliver_many(rows)
-                if recording is not None:
-                    recording.result()  # in order: batch n is recorded before n + 1
-                recording = books.submit(self._record, rows, outcomes)
+                # The books run in order: batch n is recorded before n + 1.
+                recording.append(books.submit(self._record, rows, outcomes))
                 handled += len(rows)
-                rows = upcoming.result() if upcoming is not None else []
+                if len(recording) > 1:
+                    recording.pop(0).result()  # raises what recording batch n - 1 raised
+                rows = []
+                if upcoming is not None:
+                    rows, upcoming = upcoming.result(), None
+                    if stopping.is_set():
+                        self._release(rows)  # claimed ahead, not sent: back to the queue
+                        rows = []
         finally:
-            if recording is not None:
-                recording.result()  # what was sent is recorded before returning
+            try:
+                if upcoming is not None:
+                    self._release_claimed(upcoming)
+                _wait_all(recording)  # what was sent is recorded (or failed to) first
+            finally:
+                self._let_go()  # a batch whose sending raised: its lease may now end
         return handled
 
+    def _release_claimed(self, claim: Future[list[OutboxEmail]]) -> None:
+        try:
+            rows = claim.result()
+        except Exception:  # noqa: BLE001 - a claim that failed holds nothing; logged
+            logger.exception("%s: claiming the next batch failed", self.engine)
+            return
+        self._release(rows)
+
+    def _release(self, rows: list[OutboxEmail]) -> None:
+        if rows:
+            tokens = {row.claimed_by for row in rows}
+            released = sum(outbox.release(row) for row in rows)
+            self._drop(tokens)
+            logger.info("%s: %d row(s) claimed ahead given back unsent", self.engine, released)
+
     def _claim(self, ids: list[int] | None = None) -> list[OutboxEmail]:
-        return outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
+        rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
+        # Their leases renewed until they are recorded or given back (engines.leases).
+        tokens = leases.keeper().hold(rows)
+        with self._held_lock:
+            self._held |= tokens
+        return rows
 
     def _record(self, rows: list[OutboxEmail], outcomes: list[Outcome]) -> None:
         from ..dispatch import record_many
 
+        tokens = {row.claimed_by for row in rows}  # (recording clears them on the rows)
         # The batch's outcomes in one transaction: one commit (one flush to disk on
         # PostgreSQL) per batch instead of one per message, the plain successes in one
         # fenced UPDATE. Should the process die before the commit, the batch's rows are
         # taken again after their lease, as rows not yet recorded always were.
-        with transaction.atomic(using=rows[0]._state.db):
-            recorded = record_many(rows, outcomes)
+        try:
+            with transaction.atomic(using=rows[0]._state.db):
+                recorded = record_many(rows, outcomes)
+        finally:
+            self._drop(tokens)  # recorded, or given up on: the lease may end
         for row, done in zip(rows, recorded, strict=True):
             if done:
                 self.stats.add(row.status)
+
+    def _drop(self, tokens: set[str]) -> None:
+        leases.keeper().drop(tokens)
+        with self._held_lock:
+            self._held -= tokens
+
+    def _let_go(self) -> None:
+        """Stop renewing whatever this sender still holds (nothing, unless a batch's
+        sending raised: what went out of it is unknown, so it waits for its lease)."""
+        with self._held_lock:
+            held = set(self._held)
+        if held:
+            self._drop(held)
 
     def recover(self) -> None:
         """After a failed batch: drop this sender's database connections that broke (a
@@ -135,6 +195,18 @@ class Sender:
             self._books.shutdown()
             self._books = None
         connections.close_all()  # this thread's database connections
+
+
+def _wait_all(futures: list[Future[None]]) -> None:
+    """Wait for every future, then raise the first error among them (if any)."""
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001 - re-raised below once all have finished
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _drop_broken_connections() -> None:
@@ -172,14 +244,33 @@ def _beat(name: str, kind: str, stats: Stats, *, stopped: bool) -> None:
     )
 
 
-def wake(ids: list[int] | None = None) -> None:
-    """Tell the engine that rows are waiting (called after commit; ``ids`` when known)."""
-    kind = conf.get().engine
-    if kind == "thread":
+def start() -> None:
+    """Start the engine that runs in this process, if any (the thread engine), without
+    waking it: it looks for due rows once as it starts (a web process's first request)."""
+    if conf.get().engine == "thread":
         from .thread import engine
 
-        engine().wake()
-    elif kind == "celery" and ids:
-        from ..contrib.celery import send_ids
+        engine().start()
 
-        send_ids(ids)
+
+def wake(ids: list[int] | None = None) -> None:
+    """Tell the engine that rows are waiting (called after commit; ``ids`` when known).
+
+    Never raises: it runs in the caller's ``on_commit``, after the rows are safe in the
+    outbox, where an exception would reach the caller and skip the application's later
+    on_commit hooks. A wake that fails (a Celery broker that is down) is logged; the
+    rows wait for the next sweep or poll.
+    """
+    kind = conf.get().engine
+    try:
+        if kind == "thread":
+            from .thread import engine
+
+            engine().wake()
+        elif kind == "celery" and ids:
+            from ..contrib.celery import send_ids
+
+            send_ids(ids)
+    except Exception:  # noqa: BLE001 - the rows are committed; logged, left to the sweep
+        logger.warning("Could not wake the %s engine for outbox email(s) %s; they stay "
+                       "queued for its next sweep or poll", kind, ids, exc_info=True)

@@ -2,17 +2,26 @@
 
 For a single deployment (the tours seed ran exactly one): no extra service, yet queued
 and deferred rows are delivered with retries. The thread starts on the first enqueue or
-the first request of the process, wakes when a transaction that enqueued commits, and
-otherwise sleeps until the next row falls due. Several gunicorn workers each run one;
+the first request of the process, wakes when a transaction that enqueued commits (and
+only then: a request that queued nothing costs it nothing), and otherwise sleeps until
+the next row falls due. Several gunicorn workers each run one;
 claims are atomic, so they share the outbox safely. A forked child starts its own.
+
+At a normal exit of the process (``sys.exit``, the end of the main module: what a
+gunicorn or uWSGI worker does when it stops) the engine finishes the batch it is sending
+and records it, and gives back what it claimed ahead, waiting at most ``EXIT_WAIT``
+seconds; only what is still in flight then is left to its lease (a process killed with
+SIGKILL leaves everything it held to the lease).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from django.utils import timezone
 
@@ -23,6 +32,9 @@ logger = logging.getLogger("kipekee.thread")
 
 MAX_SLEEP = 30.0  # re-check at least this often (rows written by other processes)
 HEARTBEAT_SECONDS = 10.0
+#: Seconds a normal exit waits for the engine to record what it is sending (a worker
+#: of gunicorn is killed after its graceful timeout, 30 s by default).
+EXIT_WAIT = 10.0
 
 
 class ThreadEngine:
@@ -34,13 +46,16 @@ class ThreadEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._exit_hook = False
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
-        self._ensure_started()
+        """Rows are waiting (a commit queued mail): look now, not at the next due time."""
+        self.start()
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -49,15 +64,32 @@ class ThreadEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _ensure_started(self) -> None:
+    def start(self) -> None:
+        """Start the thread if it is not running; it looks for due rows once, then
+        sleeps until the next due time or a :meth:`wake`."""
         if self.alive:
             return
         with self._lock:
             if not self.alive:
                 self._stopping.clear()
+                # A daemon thread, so that a stop that overruns EXIT_WAIT cannot hold the
+                # process; the exit hook below is what stops it in order.
                 self._thread = threading.Thread(target=self._run, name="kipekee-engine",
                                                 daemon=True)
                 self._thread.start()
+                if not self._exit_hook:
+                    _at_interpreter_exit(self._at_exit)
+                    self._exit_hook = True
+
+    def _at_exit(self) -> None:
+        """At interpreter exit, before daemon threads are stopped: finish the batch in
+        hand, give back the rest, within ``EXIT_WAIT`` seconds."""
+        if self._pid != os.getpid() or not self.alive:
+            return  # a forked child inherits the hook, not the thread
+        self.stop(EXIT_WAIT)
+        if self.alive:
+            logger.warning("Kipekee thread engine: still sending after %.0f s at exit; the "
+                           "rows it holds go out again when their lease ends", EXIT_WAIT)
 
     def _run(self) -> None:
         sender = Sender(engine=self.name, batch_size=self.batch_size, stats=self.stats)
@@ -84,6 +116,23 @@ class ThreadEngine:
         if due is None:
             return MAX_SLEEP
         return min(MAX_SLEEP, max(0.05, (due - timezone.now()).total_seconds()))
+
+
+def _at_interpreter_exit(hook: Callable[[], None]) -> None:
+    """Call ``hook`` when the interpreter exits normally, early enough for the engine to
+    record what it sent.
+
+    ``atexit`` is too late: its hooks run after ``threading``'s own exit hooks, where
+    ``concurrent.futures`` shuts its executors down, and the engine's books thread (an
+    executor) would then refuse the last batch's record. ``threading._register_atexit``
+    (private, CPython 3.9+) is the hook ``concurrent.futures`` uses itself; hooks run
+    last-registered first, so this one runs before the executors are shut.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        atexit.register(hook)
+    else:
+        register(hook)
 
 
 _engine: ThreadEngine | None = None

@@ -125,6 +125,13 @@ class Prefork:
     process: they handle it as a single worker does (the first finishes the batches in
     hand, a second exits at once). The processes ignore SIGINT: a Ctrl-C in a terminal
     reaches the whole process group, and only this process's forwarding should count.
+
+    Should this process die without stopping them (SIGKILL, an OOM kill), each process
+    stops as on a first SIGTERM: it watches a pipe whose only write end this process
+    holds, and the kernel closes that end when this process ends, however it ends. A
+    pipe rather than Linux's ``prctl(PR_SET_PDEATHSIG)``: it works on every POSIX
+    system, needs no ctypes, and does not fire when the thread that forked exits (which
+    PDEATHSIG does) nor miss a parent that died before the child armed it.
     """
 
     def __init__(self, processes: int, target: Callable[[], None], *, once: bool = False) -> None:
@@ -138,6 +145,7 @@ class Prefork:
         # get this process's settings as they are, as threads of one worker do.
         self._context = multiprocessing.get_context("fork")
         self._children: list[Any] = []
+        self._lifeline = (-1, -1)  # (read end, write end), made by run()
 
     def stop(self) -> None:
         """Ask every process to stop (again: to exit at once)."""
@@ -150,6 +158,7 @@ class Prefork:
         """Start the processes, supervise them until :meth:`stop` (or, with ``once``, until
         each has drained), wait for them; return how many exited with an error."""
         connections.close_all()  # each child opens its own; a shared socket would be corrupted
+        self._lifeline = os.pipe()  # this process holds the write end while it lives
         self._children = [self._start(i) for i in range(self.processes)]
         started = [time.monotonic()] * self.processes
         finished: set[int] = set()  # with once: slots whose process is done, for good
@@ -174,21 +183,37 @@ class Prefork:
             child.join()
             if self._stopping.is_set() and child.exitcode:
                 failed += 1
+        for end in self._lifeline:
+            os.close(end)
         return failed
 
     def _start(self, index: int) -> Any:
-        child = self._context.Process(target=_child, args=(self.target,),
+        child = self._context.Process(target=_child, args=(self.target, *self._lifeline),
                                       name=f"kipekee-worker-{index}")
         child.start()
         return child
 
 
-def _child(target: Callable[[], None]) -> None:
+def _child(target: Callable[[], None], lifeline: int, parent_end: int) -> None:
     # Not the supervisor's handlers (a copy of them would signal the siblings): SIGTERM
     # as by default until the target installs its own; SIGINT ignored (see Prefork).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.close(parent_end)  # only the supervisor may hold it, or its death goes unseen
+    threading.Thread(target=_stop_with_parent, args=(lifeline,), name="kipekee-lifeline",
+                     daemon=True).start()
     target()
+
+
+def _stop_with_parent(lifeline: int) -> None:
+    """Wait for the supervisor to end (nothing is ever written: the read returns at the
+    end of the pipe, when the supervisor's write end is closed), then stop this worker
+    as the supervisor's SIGTERM would have."""
+    while os.read(lifeline, 1):
+        pass
+    # A supervisor that stops in order waits for its processes before it lets go.
+    logger.error("kipekee worker process %s: its supervisor is gone; stopping", os.getpid())
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Listener:
