@@ -242,3 +242,60 @@ def test_an_idle_worker_hears_of_new_mail_at_once(sink_provider, how: str):
         worker.stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+# --- the worker's loop -----------------------------------------------------------------------
+
+def test_once_returns_when_the_last_row_is_sent_not_a_poll_later(sink_provider):
+    """Four senders, a poll of 30 s: the command ends once the queue is empty (the
+    idle senders used to wait out their poll before anyone saw they were all done)."""
+    from django.core.management import call_command
+
+    queue(40, "transactional")
+    started = time.monotonic()
+    call_command("kipekee_worker", once=True, concurrency=4, batch_size=5, poll_interval=30)
+    assert time.monotonic() - started < 15  # not 30 s
+    assert OutboxEmail.objects.filter(status=Status.SENT).count() == 40
+
+
+def test_an_idle_worker_sends_a_retry_when_it_falls_due_not_at_its_next_poll(
+        smtp_server, kipekee_settings):
+    """A row deferred for 1 s goes out after about 1 s, though the worker polls every
+    30 s (it used to sleep the poll interval, unless a NOTIFY came)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from .conftest import smtp_provider
+    from .test_engines import wait_until
+
+    kipekee_settings(primary=smtp_provider(smtp_server()))
+    [pk] = queue(1, "transactional")
+    OutboxEmail.objects.filter(pk=pk).update(
+        status=Status.DEFERRED, due_at=timezone.now() + timedelta(seconds=1))
+    worker = Worker(concurrency=2, poll_interval=30.0)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_until(lambda: OutboxEmail.objects.filter(pk=pk, status=Status.SENT).exists(),
+                   timeout=10, what="the retry to be sent")
+    finally:
+        worker.stop()
+        thread.join(40)
+    assert not thread.is_alive()
+
+
+def test_once_in_forked_processes_leaves_nothing_due(sink_provider):
+    """4 processes x 4 senders, --once, on SQLite: every row is sent, each once (one
+    process used to end while rows were due: its senders had lost every race)."""
+    from collections import Counter
+
+    from django.core.management import call_command
+
+    ids = queue(600, "transactional")
+    connections.close_all()
+    call_command("kipekee_worker", once=True, processes=4, concurrency=4, batch_size=10,
+                 poll_interval=5)
+    assert OutboxEmail.objects.filter(pk__in=ids, status=Status.SENT).count() == 600
+    received = Counter(m.message_id for m in sink_provider.wait_for(600))
+    assert len(received) == 600 and set(received.values()) == {1}

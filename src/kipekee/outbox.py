@@ -634,13 +634,32 @@ def due_ids(limit: int, *, queued_grace: timedelta = timedelta(0),
 
 
 def next_due_at(*, using: str | None = None) -> datetime | None:
-    """When the next waiting row falls due (or a lease expires), for engines to sleep until."""
-    rows = OutboxEmail.objects.using(using or db_for_write())
-    waiting = rows.filter(status__in=WAITING_STATUSES).order_by("due_at").values_list(
-        "due_at", flat=True).first()
-    lease = rows.filter(status=Status.SENDING).order_by("lease_until").values_list(
-        "lease_until", flat=True).first()
-    times = [t for t in (waiting, lease) if t is not None]
+    """When the next waiting row falls due (or a lease expires), for engines to sleep
+    until: one statement, the first entry of each lane's partial index and of the
+    expired-leases index (the earliest waiting row over all lanes is not the head of
+    any one index: asked that way, SQLite scanned and sorted every waiting row)."""
+    db = using or db_for_write()
+    connection = connections[db]
+    quote = connection.ops.quote_name
+    table = quote(OutboxEmail._meta.db_table)
+    names = [lane.name for lane in conf.get().lanes]
+    heads = [f"SELECT * FROM (SELECT {quote('due_at')} AS t FROM {table} "
+             f"WHERE {quote('status')} IN ('queued', 'deferred') AND {quote('lane')} = %s "
+             f"ORDER BY {quote('due_at')} LIMIT 1) AS l{index}" for index in range(len(names))]
+    heads.append(f"SELECT * FROM (SELECT {quote('lease_until')} AS t FROM {table} "
+                 f"WHERE {quote('status')} = 'sending' ORDER BY {quote('lease_until')} "
+                 f"LIMIT 1) AS leases")
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(heads), names)
+        found = [value for (value,) in cursor.fetchall() if value is not None]
+    field = OutboxEmail._meta.get_field("due_at")
+    col = field.get_col(OutboxEmail._meta.db_table)
+    converters = [*connection.ops.get_db_converters(col), *col.get_db_converters(connection)]
+    times = []
+    for value in found:
+        for converter in converters:
+            value = converter(value, col, connection)
+        times.append(value)
     return min(times) if times else None
 
 

@@ -1,10 +1,14 @@
 """``Worker``: the dedicated engine behind ``manage.py kipekee_worker``.
 
 ``concurrency`` sender threads each claim batches and deliver them over their own
-provider connections. The worker wakes promptly: on PostgreSQL it LISTENs for the
-``NOTIFY`` that enqueue sends (delivered when the enqueuing transaction commits);
-elsewhere it polls every ``poll_interval`` seconds. ``stop()`` (the first SIGTERM) lets
-every thread finish the batch it holds and exit; the command exits at once on a second.
+provider connections. A claim that finds nothing found nothing due (claims never lose a
+race), so a sender goes idle only then, and sleeps until the next row falls due (a
+retry, a scheduled send), a wake, or ``poll_interval`` seconds for rows other processes
+write. Wakes: on PostgreSQL the ``NOTIFY`` that enqueue sends (delivered when the
+enqueuing transaction commits); everywhere, a sibling whose claim came back full (more
+may be due than it takes). With ``once`` the worker ends when every sender is idle and
+nothing is due, at once. ``stop()`` (the first SIGTERM) lets every thread finish the
+batch it holds and exit; the command exits at once on a second.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import connection, connections, router
+from django.utils import timezone
 
+from .. import lanes, outbox
 from ..models import OutboxEmail
 from ..outbox import NOTIFY_CHANNEL
 from . import Sender, Stats, beat, engine_name
@@ -27,6 +33,8 @@ from . import Sender, Stats, beat, engine_name
 logger = logging.getLogger("kipekee.worker")
 
 HEARTBEAT_SECONDS = 5.0
+#: The shortest sleep of an idle sender (a row due "now" in another process's clock).
+MIN_SLEEP = 0.01
 LOG_SECONDS = 10.0
 LISTEN_RETRY_SECONDS = 5.0
 
@@ -46,7 +54,9 @@ class Worker:
         self.stats = Stats()
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        self._done = threading.Event()  # with once: everything due was sent
         self._idle: list[bool] = [False] * concurrency
+        self._idle_lock = threading.Lock()
 
     def stop(self) -> None:
         """Finish the batches in hand, then return from :meth:`run`."""
@@ -91,9 +101,14 @@ class Worker:
         return now
 
     def _send_loop(self, index: int) -> None:
-        sender = Sender(engine=self.name, batch_size=self.batch_size, stats=self.stats)
+        # A claim that came back full wakes the idle senders: there may be more due
+        # than one sender takes (rows written by another process, with no NOTIFY on
+        # SQLite, are otherwise found only at each sender's next poll).
+        sender = Sender(engine=self.name, batch_size=self.batch_size, stats=self.stats,
+                        on_full_claim=self._wake.set)
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self._done.is_set():
+                self._set_idle(index, False)
                 try:
                     handled = sender.drain(self._stopping)
                 except Exception:  # noqa: BLE001 - a database blip must not kill the thread
@@ -103,15 +118,41 @@ class Worker:
                     handled = 0
                     self._stopping.wait(self.poll_interval)
                 if handled:
-                    self._idle[index] = False
                     continue
-                self._idle[index] = True
-                if self.once and all(self._idle):
+                # A claim comes back empty only when nothing is due (claims never lose
+                # a race to each other): sleep until a row falls due, a wake (NOTIFY, a
+                # sibling's full claim) or the next poll, whichever comes first.
+                if self._set_idle(index, True) and self._nothing_due():
+                    self._done.set()  # --once: everyone is idle and nothing is due
+                    self._wake.set()
                     return
-                self._wake.wait(self.poll_interval)
+                self._wake.wait(self._sleep_for())
                 self._wake.clear()
         finally:
             sender.close()
+
+    def _set_idle(self, index: int, idle: bool) -> bool:
+        """Mark sender ``index`` (not) idle; True when, with ``once``, all now are."""
+        with self._idle_lock:
+            self._idle[index] = idle
+            return self.once and all(self._idle)
+
+    @staticmethod
+    def _nothing_due() -> bool:
+        due = outbox.next_due_at()
+        return due is None or due > timezone.now()
+
+    def _sleep_for(self) -> float:
+        """Seconds an idle sender sleeps: until the next row falls due (or a lease
+        expires, or a lane's rate lets rows through again), at most ``poll_interval``."""
+        wait = self.poll_interval
+        due = outbox.next_due_at()
+        if due is not None:
+            wait = min(wait, (due - timezone.now()).total_seconds())
+        rate = lanes.planner().rate_wait()
+        if rate > 0:
+            wait = min(wait, rate)
+        return max(MIN_SLEEP, wait)
 
 
 class Prefork:
