@@ -217,3 +217,40 @@ def test_hybrid_goes_through_a_providers_batch_api(mailtrap, kipekee_settings):
     assert {r.status for r in receipts} == {"sent"}
     assert [r.path for r in mailtrap.requests] == ["/api/batch"]
     assert len(mailtrap.requests[0].json["requests"]) == 120
+
+
+def test_notify_many_writes_reminders_in_bulk(sink_provider):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from .app.models import Booking
+
+    def bookings(n: int, tag: str, **kw: object) -> list[Booking]:
+        # bulk_create: no post_save, so no reminder is written for them yet.
+        fields = {"film": "Sarafina", "seat": "F7",
+                  "starts_at": timezone.now() + timedelta(days=3), **kw}
+        return Booking.objects.bulk_create(
+            Booking(number=f"{tag}-{i}", email=f"{tag}{i}@example.com", **fields)
+            for i in range(n))
+
+    kipekee.notify_many("booking.reminder", bookings(1, "warm"))  # content type cached
+    due = bookings(20, "due")
+    too_close = bookings(1, "close", starts_at=timezone.now() + timedelta(hours=2))
+    cancelled = bookings(1, "off", status=Booking.Status.CANCELLED)
+    few = bookings(2, "few")
+    with CaptureQueriesContext(connection) as captured:
+        per_object = kipekee.notify_many("booking.reminder", due + too_close + cancelled)
+    assert [len(r) for r in per_object] == [1] * 20 + [0, 0]
+    rows_by_id = OutboxEmail.objects.in_bulk([rs[0].id for rs in per_object[:20]])
+    for booking, (receipt,) in zip(due, per_object[:20], strict=True):
+        row = rows_by_id[receipt.id]
+        assert row.due_at == booking.starts_at - timedelta(hours=24)
+        assert row.to == [booking.email] and row.status == Status.QUEUED
+    with CaptureQueriesContext(connection) as two:
+        kipekee.notify_many("booking.reminder", few)
+    assert len(two.captured_queries) == len(captured.captured_queries)
+    # Written: a second call keeps them (one object at a time, as a save would).
+    again = kipekee.notify_many("booking.reminder", due)
+    assert [rs[0].id for rs in again] == [rs[0].id for rs in per_object[:20]]
+    assert not any(rs[0].created for rs in again)

@@ -226,9 +226,9 @@ def notify_many(event: str, objects: Iterable[models.Model], *, key: str = "",
                         if receipt is not None:
                             per_object[index].append(receipt)
                         continue
-                    due = _reminder_due(notification, message, obj)
-                    if due is None:
-                        continue
+                    due = _reminder_at(notification, message, obj)
+                    if due is None or due <= timezone.now():
+                        continue  # turned off, or too late to remind
                     email = _email(notification, message, obj, extra, send_at=due)
                     email.idempotency_key = _key(event, message, obj, "#0")
                 elif message.when is not None and not message.when(obj):
@@ -266,17 +266,14 @@ def _with_reminders(notification: Notification, objects: Sequence[models.Model])
     return {obj.pk for obj in objects if str(obj.pk) in found}
 
 
-def _reminder_due(notification: Notification, message: Message,
-                  obj: models.Model) -> datetime | None:
-    """When the reminder ``message`` of ``obj`` is due, or None (turned off by ``when``,
-    or its time has passed)."""
+def _reminder_at(notification: Notification, message: Message,
+                 obj: models.Model) -> datetime | None:
+    """``at(obj)`` as the outbox stores times, or None when ``when(obj)`` turns the
+    reminder off."""
     assert message.at is not None
     due = message.at(obj) if message.when is None or message.when(obj) else None
-    if due is not None and timezone.is_naive(due):
-        raise InvalidMessage(f"Reminder {notification.event!r}: at() returned a naive datetime.")
-    if due is None or due <= timezone.now():
-        return None
-    return due
+    return None if due is None else outbox.stored_time(
+        due, f"Reminder {notification.event!r}: at()")
 
 
 def sync(event: str, obj: models.Model, **extra: Any) -> list[Receipt]:
@@ -372,13 +369,10 @@ def _reminder_time(row: OutboxEmail) -> datetime:
 
 def _sync_reminder(notification: Notification, message: Message, obj: models.Model,
                    extra: Mapping[str, Any]) -> Receipt | None:
-    assert message.at is not None
     existing = [r for r in rows(notification.event, obj).order_by("id")
                 if r.metadata.get("notification") == message.name]
     waiting = [r for r in existing if r.status in WAITING_STATUSES]
-    due = message.at(obj) if message.when is None or message.when(obj) else None
-    if due is not None:
-        due = outbox.stored_time(due, f"Reminder {notification.event!r}: at()")
+    due = _reminder_at(notification, message, obj)
     latest = existing[-1] if existing else None
     if due is not None and latest is not None and _reminder_time(latest) == due:
         # Already written for this time: waiting (due or not), deferred after a failed
