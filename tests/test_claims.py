@@ -17,7 +17,8 @@ import kipekee
 from kipekee import conf, lanes, outbox
 from kipekee.engines.worker import Worker
 from kipekee.exceptions import ConfigurationError
-from kipekee.models import OutboxEmail, Status
+from kipekee.models import Attempt, OutboxEmail, Status
+from kipekee.testing import Faults
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -299,3 +300,72 @@ def test_once_in_forked_processes_leaves_nothing_due(sink_provider):
     assert OutboxEmail.objects.filter(pk__in=ids, status=Status.SENT).count() == 600
     received = Counter(m.message_id for m in sink_provider.wait_for(600))
     assert len(received) == 600 and set(received.values()) == {1}
+
+
+def test_the_last_rows_of_a_backlog_spread_over_every_sender(smtp_server, kipekee_settings):
+    """12 rows, 4 senders, batches of 10: every sender sends some (each used to claim
+    a whole batch, so one sender took 10 while three waited)."""
+    from .conftest import smtp_provider
+
+    server = smtp_server(faults=Faults(stall_before_data_reply=0.05))
+    kipekee_settings(primary=smtp_provider(server))
+    queue(12, "transactional")
+    Worker(concurrency=4, batch_size=10, poll_interval=5, once=True).run()
+    senders = Counter(m.peer for m in server.wait_for(12))
+    assert len(senders) == 4 and max(senders.values()) <= 4, senders
+
+
+def test_stopping_a_worker_gives_back_what_it_claimed_and_did_not_send(
+        smtp_server, kipekee_settings):
+    from .conftest import smtp_provider
+    from .test_engines import wait_until
+
+    server = smtp_server(faults=Faults(stall_before_data_reply=0.05))
+    kipekee_settings(primary=smtp_provider(server))
+    ids = queue(300, "transactional")
+    worker = Worker(concurrency=2, batch_size=10, poll_interval=5)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_until(lambda: len(server.messages) >= 10, what="some sent")
+    worker.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+    rows = OutboxEmail.objects.filter(pk__in=ids)
+    # Nothing is left leased: what was sent is recorded, the rest is queued again,
+    # its claim not counted.
+    assert not rows.filter(status=Status.SENDING).exists()
+    sent = rows.filter(status=Status.SENT).count()
+    assert sent == len(server.messages) and sent >= 10
+    assert rows.filter(status=Status.QUEUED, attempts=0).count() == 300 - sent
+    assert Attempt.objects.filter(email_id__in=ids).count() == sent
+
+
+def test_outcomes_of_several_senders_are_recorded_together(sink_provider):
+    """The feed's books record what every sender finished since the last record in one
+    transaction: far fewer recording transactions than shares sent."""
+    from django.db import connection as conn
+
+    queue(200, "transactional")
+    worker = Worker(concurrency=4, batch_size=5, poll_interval=5, once=True)
+    updates: list[str] = []
+
+    def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("UPDATE") and "'sending' AND" in sql and "CASE" in sql:
+            updates.append(sql)
+        return execute(sql, params, many, context)
+
+    from kipekee.engines import feed
+
+    original = feed.Feed._record
+
+    def recording(self: Any) -> None:
+        with conn.execute_wrapper(record):
+            original(self)
+
+    feed.Feed._record = recording  # type: ignore[method-assign]
+    try:
+        worker.run()
+    finally:
+        feed.Feed._record = original  # type: ignore[method-assign]
+    assert OutboxEmail.objects.filter(status=Status.SENT).count() == 200
+    assert 0 < len(updates) < 200 / 5, len(updates)

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q, prefetch_related_objects
-from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 

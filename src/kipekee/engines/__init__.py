@@ -2,10 +2,12 @@
 hand them to :class:`kipekee.delivery.Deliverer` and record the outcomes.
 
 - ``thread``: a background thread in each web process (one deployment, still retries);
-- ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``);
+- ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``), whose
+  sender threads share one :class:`~kipekee.engines.feed.Feed` (claims sized to their
+  free slots, records for all of them);
 - ``celery``: Celery tasks (``kipekee.contrib.celery``).
 
-All share :class:`Sender`, the loop one sender thread runs.
+The thread engine and Celery tasks run :class:`Sender`, the loop of one sender thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -60,14 +61,10 @@ class Sender:
     batch, each step in turn.
     """
 
-    def __init__(self, *, engine: str, batch_size: int, stats: Stats,
-                 on_full_claim: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, engine: str, batch_size: int, stats: Stats) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.stats = stats
-        # Called when a claim came back full: more rows may be due than this sender
-        # takes (a worker wakes its idle senders with it).
-        self.on_full_claim = on_full_claim
         self.deliverer = Deliverer()
         self._books: ThreadPoolExecutor | None = None
         # Claim tokens whose leases are being renewed (claimed in either thread).
@@ -148,8 +145,6 @@ class Sender:
 
     def _claim(self, ids: list[int] | None = None) -> list[OutboxEmail]:
         rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
-        if ids is None and len(rows) == self.batch_size and self.on_full_claim is not None:
-            self.on_full_claim()
         # Their leases renewed until they are recorded or given back (engines.leases).
         tokens = leases.keeper().hold(rows)
         with self._held_lock:

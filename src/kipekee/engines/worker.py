@@ -1,14 +1,16 @@
 """``Worker``: the dedicated engine behind ``manage.py kipekee_worker``.
 
-``concurrency`` sender threads each claim batches and deliver them over their own
-provider connections. A claim that finds nothing found nothing due (claims never lose a
-race), so a sender goes idle only then, and sleeps until the next row falls due (a
-retry, a scheduled send), a wake, or ``poll_interval`` seconds for rows other processes
-write. Wakes: on PostgreSQL the ``NOTIFY`` that enqueue sends (delivered when the
-enqueuing transaction commits); everywhere, a sibling whose claim came back full (more
-may be due than it takes). With ``once`` the worker ends when every sender is idle and
-nothing is due, at once. ``stop()`` (the first SIGTERM) lets every thread finish the
-batch it holds and exit; the command exits at once on a second.
+``concurrency`` sender threads deliver over their own provider connections what the
+worker's :class:`~kipekee.engines.feed.Feed` claims for all of them (sized to the free
+sending slots, handed out a share at a time) and records for all of them. A claim that
+finds nothing found nothing due (claims never lose a race), so a sender goes idle only
+then, and sleeps until the next row falls due (a retry, a scheduled send), a wake, or
+``poll_interval`` seconds for rows other processes write. Wakes: on PostgreSQL the
+``NOTIFY`` that enqueue sends (delivered when the enqueuing transaction commits);
+everywhere, a claim that brings rows (there is work for the idle senders). With
+``once`` the worker ends when every sender is idle and nothing is due, at once.
+``stop()`` (the first SIGTERM) lets every thread finish the rows it holds, gives back
+what was claimed and not sent, and exits; the command exits at once on a second.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from django.utils import timezone
 from .. import lanes, outbox
 from ..models import OutboxEmail
 from ..outbox import NOTIFY_CHANNEL
-from . import Sender, Stats, beat, engine_name
+from ..delivery import Deliverer
+from . import Stats, _drop_broken_connections, beat, engine_name
+from .feed import Feed
 
 logger = logging.getLogger("kipekee.worker")
 
@@ -57,6 +61,10 @@ class Worker:
         self._done = threading.Event()  # with once: everything due was sent
         self._idle: list[bool] = [False] * concurrency
         self._idle_lock = threading.Lock()
+        # Claims for every sender at once, sized to the free sending slots, and records
+        # what they send (engines.feed); a claim that brings rows wakes the idle ones.
+        self._feed = Feed(engine=self.name, senders=concurrency, batch_size=batch_size,
+                          stats=self.stats, on_rows=self._wake.set)
 
     def stop(self) -> None:
         """Finish the batches in hand, then return from :meth:`run`."""
@@ -88,6 +96,10 @@ class Worker:
         finally:
             if listener is not None:
                 listener.stop()
+            try:
+                self._feed.close()  # what was claimed and not sent goes back; records finish
+            except Exception:  # noqa: BLE001 - what it held is left to the leases; logged
+                logger.exception("%s: giving back unsent rows failed", self.name)
             beat(self.name, self.kind, self.stats, stopped=True)
             sent, deferred, failed = self.stats.snapshot()
             logger.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s", self.name,
@@ -101,35 +113,39 @@ class Worker:
         return now
 
     def _send_loop(self, index: int) -> None:
-        # A claim that came back full wakes the idle senders: there may be more due
-        # than one sender takes (rows written by another process, with no NOTIFY on
-        # SQLite, are otherwise found only at each sender's next poll).
-        sender = Sender(engine=self.name, batch_size=self.batch_size, stats=self.stats,
-                        on_full_claim=self._wake.set)
+        deliverer = Deliverer()
         try:
             while not self._stopping.is_set() and not self._done.is_set():
                 self._set_idle(index, False)
                 try:
-                    handled = sender.drain(self._stopping)
+                    rows = self._feed.take(self._stopping)
+                    if rows:
+                        try:
+                            outcomes = deliverer.deliver_many(rows)
+                        except Exception:
+                            self._feed.abandon(rows)
+                            raise
+                        self._feed.done(rows, outcomes)
+                        continue
                 except Exception:  # noqa: BLE001 - a database blip must not kill the thread
-                    logger.exception("%s sender %d: batch failed; its rows are retried after "
+                    logger.exception("%s sender %d: sending failed; its rows are retried after "
                                      "their lease", self.name, index)
-                    sender.recover()
-                    handled = 0
+                    _drop_broken_connections()
+                    self._feed.recover()
                     self._stopping.wait(self.poll_interval)
-                if handled:
                     continue
-                # A claim comes back empty only when nothing is due (claims never lose
-                # a race to each other): sleep until a row falls due, a wake (NOTIFY, a
-                # sibling's full claim) or the next poll, whichever comes first.
+                # Nothing was due (claims never lose a race): sleep until a row falls
+                # due, a wake (NOTIFY, a claim that found rows) or the next poll.
                 if self._set_idle(index, True) and self._nothing_due():
                     self._done.set()  # --once: everyone is idle and nothing is due
                     self._wake.set()
                     return
                 self._wake.wait(self._sleep_for())
-                self._wake.clear()
+                if not self._done.is_set():  # once done, the wake stays set for every sender
+                    self._wake.clear()
         finally:
-            sender.close()
+            deliverer.close()
+            connections.close_all()  # this thread's database connections
 
     def _set_idle(self, index: int, idle: bool) -> bool:
         """Mark sender ``index`` (not) idle; True when, with ``once``, all now are."""
