@@ -6,7 +6,8 @@ last rows sat in whole batches of some senders while the others were idle. The f
 claims for all of them at once, sized to the free sending slots (``senders ×
 batch_size``, less what it already holds), and hands rows out a share at a time: a
 sender takes an equal share of what is queued (at most ``batch_size``), so the last rows
-spread over every sender. Outcomes are recorded by the feed's books thread, everything
+spread over every sender; rows of a higher lane go before those of lower lanes queued
+earlier. Outcomes are recorded by the feed's books thread, everything
 finished since its last record in one transaction (one UPDATE per claim): recording
 waits on nobody, and nobody waits on it. When the queue runs low the books claim ahead,
 so senders do not wait for the database between shares.
@@ -29,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from django.db import connections, transaction
 
-from .. import outbox
+from .. import lanes, outbox
 from ..delivery import Outcome
 from ..models import OutboxEmail
 from . import Stats, _drop_broken_connections, leases
@@ -146,7 +147,12 @@ class Feed:
             with self._lock:
                 for row in rows:
                     self._held[row.claimed_by] = self._held.get(row.claimed_by, 0) + 1
-                self._queue.extend(rows)
+                if rows:
+                    # Higher lanes first, also before rows of lower lanes claimed earlier:
+                    # a sign-in code claimed now is sent before the newsletter queued.
+                    order = lanes.planner().order
+                    self._queue = deque(sorted([*self._queue, *rows],
+                                               key=lambda row: order(row.lane)))
                 self._found_nothing = not rows
                 self._tail = len(rows) < want
                 self._claiming = False
