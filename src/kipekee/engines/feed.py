@@ -66,8 +66,8 @@ class Feed:
     # --- senders -----------------------------------------------------------------------
 
     def take(self, stopping: threading.Event) -> list[OutboxEmail]:
-        """Rows for one sender: an equal share of what is queued, at most ``batch_size``;
-        claimed first if nothing is queued. Empty: nothing is due (or ``stopping``)."""
+        """Rows for one sender (see :meth:`_share`); claimed first if nothing is queued.
+        Empty: nothing is due (or ``stopping``)."""
         with self._lock:
             seen = self._claims
             while not stopping.is_set():
@@ -75,8 +75,10 @@ class Feed:
                     rows = self._share()
                     self._claim_ahead()
                     return rows
-                if self._claiming:
-                    self._lock.wait()  # a claim is under way: its rows, or its "nothing due"
+                if self._claiming or self._free() <= 0:
+                    # A claim is under way (its rows, or its "nothing due"), or every slot
+                    # is held until the books record what was sent.
+                    self._lock.wait(1.0)
                     continue
                 if self._claims != seen and self._found_nothing:
                     return []  # the claim that ran meanwhile found nothing due
@@ -197,6 +199,7 @@ class Feed:
                 else:
                     self._held.pop(token, None)
                     ended.append(token)
+            self._lock.notify_all()  # slots are free: a sender waiting for them may claim
         if ended:
             leases.keeper().drop(ended)
 
