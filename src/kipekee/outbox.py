@@ -432,10 +432,10 @@ def _pop_header(headers: dict[str, str], name: str) -> str:
 
 def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = None,
                 own: bool = False, using: str | None = None) -> list[OutboxEmail]:
-    """Claim up to ``limit`` due rows for one sender, with a lease: the rows whose lease
-    expired (their engine died), then lane by lane as :func:`kipekee.lanes.planner`
-    plans it (highest priority first, each lane's reserved share and rate honoured),
-    oldest due first within a lane.
+    """Claim up to ``limit`` due rows for a sender (or a worker's senders), with a lease:
+    the rows whose lease expired (their engine died), then lane by lane as
+    :func:`kipekee.lanes.planner` plans it (highest priority first, each lane's reserved
+    share and rate honoured), oldest due first within a lane.
 
     Each step is one ``UPDATE … WHERE id IN (SELECT … ORDER BY due_at, id LIMIT k)``
     walking one partial index (``kipekee_sending_lease``, ``kipekee_waiting_lane_due``).
@@ -475,7 +475,7 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
             else:
                 claimed = take(rows.filter(pk__in=list(ids)).due(now), limit)
         else:
-            lease_until = now + conf.get().lease
+            lease_until = changes["lease_until"]
             claimed = _claim_step(db, "lease", [now], limit, lease_until, token)
             for ask in planner.plan(limit):
                 count = min(ask.count, limit - len(claimed))
