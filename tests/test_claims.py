@@ -20,6 +20,8 @@ from kipekee.exceptions import ConfigurationError
 from kipekee.models import Attempt, OutboxEmail, Status
 from kipekee.testing import Faults
 
+from .test_batches import recording_refused  # noqa: F401 - a fixture
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -369,3 +371,39 @@ def test_outcomes_of_several_senders_are_recorded_together(sink_provider):
         feed.Feed._record = original  # type: ignore[method-assign]
     assert OutboxEmail.objects.filter(status=Status.SENT).count() == 200
     assert 0 < len(updates) < 200 / 5, len(updates)
+
+
+def test_while_records_fail_the_worker_stops_sending_and_gives_back_its_claims(
+        smtp_sink, kipekee_settings, recording_refused):
+    """The database refuses to record (a trigger): the senders stop after what they had
+    in hand, what was claimed and not sent goes back to the queue at once, and once the
+    database takes writes again everything goes out (the unrecorded ones a second time,
+    after their lease, with the same Message-IDs)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from .conftest import smtp_provider
+    from .test_engines import wait_until
+
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+    ids = queue(200, "transactional")
+    worker = Worker(concurrency=2, batch_size=5, poll_interval=30)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_until(lambda: len(smtp_sink.messages) >= 10, what="the first shares")
+        time.sleep(1.0)  # records fail meanwhile
+        sent_while_failing = len(smtp_sink.messages)
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    rows = OutboxEmail.objects.filter(pk__in=ids)
+    assert sent_while_failing <= 40, sent_while_failing  # not the 200
+    assert rows.filter(status=Status.SENDING).count() == len(smtp_sink.messages)
+    assert rows.filter(status=Status.QUEUED, attempts=0).count() == 200 - len(smtp_sink.messages)
+    recording_refused()  # the database takes writes again
+    rows.filter(status=Status.SENDING).update(lease_until=timezone.now() - timedelta(seconds=1))
+    Worker(concurrency=2, batch_size=5, poll_interval=5, once=True).run()
+    assert rows.filter(status=Status.SENT).count() == 200

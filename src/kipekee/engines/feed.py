@@ -61,6 +61,7 @@ class Feed:
         self._tail = False  # the latest claim found fewer rows than it asked for
         self._finished: list[tuple[OutboxEmail, Outcome]] = []
         self._recording: Future[None] | None = None
+        self._record_failed: Exception | None = None  # raised to the next sender to take
         self._books = ThreadPoolExecutor(1, thread_name_prefix="kipekee-books")
 
     # --- senders -----------------------------------------------------------------------
@@ -69,6 +70,10 @@ class Feed:
         """Rows for one sender (see :meth:`_share`); claimed first if nothing is queued.
         Empty: nothing is due (or ``stopping``)."""
         with self._lock:
+            failed, self._record_failed = self._record_failed, None
+            if failed is not None:
+                # The worker's loop logs it and waits a poll before sending more.
+                raise failed
             seen = self._claims
             while not stopping.is_set():
                 if self._queue:
@@ -165,6 +170,7 @@ class Feed:
 
     def _record(self) -> None:
         """Record everything finished so far, in one transaction; again while more came."""
+        # Imported here: dispatch imports engines (to wake them after a commit).
         from ..dispatch import record_many
 
         while True:
@@ -178,10 +184,16 @@ class Feed:
             try:
                 with transaction.atomic(using=rows[0]._state.db):
                     recorded = record_many(rows, [outcome for _, outcome in finished])
-            except Exception:  # noqa: BLE001 - the rows stay leased and go out again later
+            except Exception as exc:  # noqa: BLE001 - the rows stay leased, go out again later
                 logger.exception("%s: recording %d outcome(s) failed; their rows are sent "
                                  "again when their lease ends", self.engine, len(rows))
                 recorded = [False] * len(rows)
+                # Nothing more goes out while records fail: what was claimed and not sent
+                # goes back now (or, should that fail too, when its lease ends), and the
+                # next sender to take is told.
+                with self._lock:
+                    self._record_failed = exc
+                self._give_back()
             for row, done in zip(rows, recorded, strict=True):
                 if done:
                     self.stats.add(row.status)
@@ -203,17 +215,27 @@ class Feed:
         if ended:
             leases.keeper().drop(ended)
 
+    def _give_back(self) -> None:
+        """Give back the rows claimed and not handed out: due now, their claim not
+        counted (``outbox.release``)."""
+        with self._lock:
+            unsent, self._queue = list(self._queue), deque()
+        if not unsent:
+            return
+        try:
+            released = sum(outbox.release(row) for row in unsent)
+        except Exception:  # noqa: BLE001 - then they go out again when their lease ends
+            logger.exception("%s: giving back %d row(s) failed", self.engine, len(unsent))
+            released = 0
+        self._let_go([row.claimed_by for row in unsent])
+        logger.info("%s: %d row(s) claimed ahead given back unsent", self.engine, released)
+
     # --- the end -------------------------------------------------------------------------
 
     def close(self) -> None:
         """Give back what was claimed and not handed out, wait for the records, and stop
         the books thread (closing its database connection)."""
-        with self._lock:
-            unsent, self._queue = list(self._queue), deque()
-        if unsent:
-            released = sum(outbox.release(row) for row in unsent)
-            self._let_go([row.claimed_by for row in unsent])
-            logger.info("%s: %d row(s) claimed ahead given back unsent", self.engine, released)
+        self._give_back()
         with self._lock:
             recording = self._recording
         if recording is not None:
