@@ -487,10 +487,39 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
                 planner.took(ask.lane, allowed, len(got))
                 claimed += got
     if claimed:
-        # Attachments for the whole batch in one query, not one per message.
-        prefetch_related_objects(claimed, "attachments")
+        _prefetch_attachments(claimed, db)
         claimed.sort(key=lambda row: (planner.order(row.lane), row.due_at, row.pk))
     return claimed
+
+
+def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str) -> None:
+    """``rows``' attachments in hand, so that delivery reads none per message.
+
+    Most rows have none: one SELECT finds the rows that do, and only those go through
+    ``prefetch_related_objects``; the others get an empty result in the same prefetch
+    cache. (Prefetching every row built a queryset per row: 0.8 ms of CPU a claim of
+    ten, half of it with 100,000 rows queued.)"""
+    connection = connections[db]
+    quote = connection.ops.quote_name
+    column = quote(Attachment._meta.get_field("email").column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT DISTINCT {column} FROM {quote(Attachment._meta.db_table)} "
+            f"WHERE {column} IN ({', '.join(['%s'] * len(rows))})", [row.pk for row in rows])
+        with_attachments = {pk for (pk,) in cursor.fetchall()}
+    if with_attachments:
+        prefetch_related_objects([row for row in rows if row.pk in with_attachments],
+                                 "attachments")
+    none = Attachment.objects.using(db).none()
+    for row in rows:
+        if row.pk not in with_attachments:
+            # Where prefetch_related puts its results (and row.attachments.all() finds
+            # them): an empty queryset, which reads nothing.
+            row._prefetched_objects_cache = {_ATTACHMENTS: none}
+
+
+#: The cache name of OutboxEmail.attachments (its related_name).
+_ATTACHMENTS = "attachments"
 
 
 #: One step of an engine's claim: which rows it takes, oldest first, through which index.
@@ -554,13 +583,12 @@ def _returning(db: str, sql: str, params: list[Any]) -> list[OutboxEmail]:
         cursor.execute(f"{sql} RETURNING {columns}", params)
         returned = cursor.fetchall()
     names = [f.attname for f in fields]
-    json_fields = {f for f in fields if isinstance(f, models.JSONField)}
     result = []
     for values in returned:
         converted = list(values)
-        for index, col, field_converters in converters:
+        for index, col, field_converters, json in converters:
             value = converted[index]
-            if col.field in json_fields and type(value) is str and value in _EMPTY_JSON_TEXT:
+            if json and type(value) is str and value in _EMPTY_JSON_TEXT:
                 converted[index] = _EMPTY_JSON_TEXT[value]()  # most JSON columns: not decoded
                 continue
             for converter in field_converters:
@@ -571,23 +599,25 @@ def _returning(db: str, sql: str, params: list[Any]) -> list[OutboxEmail]:
 
 
 _EMPTY_JSON_TEXT: dict[Any, Callable[[], Any]] = {"[]": list, "{}": dict}
-_returned: dict[str, tuple[list[Any], str, list[tuple[int, Any, list[Any]]]]] = {}
+_Converters = list[tuple[int, Any, list[Any], bool]]
+_returned: dict[str, tuple[list[Any], str, _Converters]] = {}
 
 
-def _returned_columns(connection: Any) -> tuple[list[Any], str, list[tuple[int, Any, list[Any]]]]:
+def _returned_columns(connection: Any) -> tuple[list[Any], str, _Converters]:
     """The outbox row's fields, its columns for ``RETURNING``, and the converters of the
-    values that need one (as ``SQLCompiler.get_converters`` finds them)."""
+    values that need one (as ``SQLCompiler.get_converters`` finds them), each with
+    whether its column holds JSON."""
     if connection.vendor not in _returned:
         meta = OutboxEmail._meta
         quote = connection.ops.quote_name
         fields = list(meta.concrete_fields)
         columns = ", ".join(f"{quote(meta.db_table)}.{quote(f.column)}" for f in fields)
-        converters = []
+        converters: _Converters = []
         for index, field in enumerate(fields):
             col = field.get_col(meta.db_table)
             found = [*connection.ops.get_db_converters(col), *col.get_db_converters(connection)]
             if found:
-                converters.append((index, col, found))
+                converters.append((index, col, found, isinstance(field, models.JSONField)))
         _returned[connection.vendor] = (fields, columns, converters)
     return _returned[connection.vendor]
 
