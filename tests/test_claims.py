@@ -288,6 +288,8 @@ def test_an_idle_worker_sends_a_retry_when_it_falls_due_not_at_its_next_poll(
     assert not thread.is_alive()
 
 
+# The test process runs threads (the SMTP server's); the command forks on purpose.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_once_in_forked_processes_leaves_nothing_due(sink_provider):
     """4 processes x 4 senders, --once, on SQLite: every row is sent, each once (one
     process used to end while rows were due: its senders had lost every race)."""
