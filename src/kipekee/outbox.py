@@ -127,20 +127,21 @@ def enqueue(
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
     ``InvalidMessage`` / ``UnknownProvider`` before writing anything.
 
-    A message without attachments is one INSERT (after the suppression lookup): it
-    cannot be left half-done, and outside a transaction of the caller's a view's
-    ``send()`` pays no BEGIN and COMMIT. With attachments, the row and its attachments
-    are written in a transaction (a savepoint inside the caller's): a failure part-way
-    leaves nothing behind and does not spoil the caller's transaction. A key already
-    there is an ``INSERT … ON CONFLICT DO NOTHING`` that writes nothing (nor spoils the
-    caller's transaction), then its row is read.
+    Inside the caller's transaction the row (and its attachments) is written under a
+    savepoint: a refused INSERT raises here and the caller's own work goes on. Outside
+    one, a message without attachments is one INSERT in autocommit (after the
+    suppression lookup): it cannot be left half-done, and a view's ``send()`` pays no
+    BEGIN and COMMIT; with attachments, the row and its attachments are one
+    transaction. A key already there is an ``INSERT … ON CONFLICT DO NOTHING`` that
+    writes nothing, then its row is read.
     """
     db = using or db_for_write()
     row, attachments = _new_row(NewEmail(
         message=message, mode=mode, lane=lane, idempotency_key=idempotency_key,
         send_at=send_at, provider=provider, template=template, metadata=metadata,
         event=event, target=target, hold=hold), db, timezone.now())
-    with transaction.atomic(using=db) if attachments else nullcontext():
+    alone = not attachments and not connections[db].in_atomic_block
+    with nullcontext() if alone else transaction.atomic(using=db):
         _apply_suppressions(row, suppression.check(row.recipients, using=db))
         inserted = _insert(OutboxEmail, [row], db, if_new=bool(idempotency_key),
                            notify=announce)
