@@ -7,25 +7,25 @@ the business event, then delivered right away or by an engine, with retries and 
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Email", "Receipt", "asend", "notify", "send"]
+__all__ = ["Email", "Receipt", "asend", "notify", "notify_many", "send", "send_many"]
 
 if TYPE_CHECKING:
-    from .compose import Email, asend, send
+    from .compose import Email, asend, send, send_many
     from .dispatch import Receipt
-    from .notifications import notify
+    from .notifications import notify, notify_many
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``import kipekee`` works before Django's app registry is ready
     # (settings files, INSTALLED_APPS).
-    if name in {"Email", "asend", "send"}:
+    if name in {"Email", "asend", "send", "send_many"}:
         from . import compose
 
         return getattr(compose, name)
-    if name == "notify":
-        from .notifications import notify
+    if name in {"notify", "notify_many"}:
+        from . import notifications
 
-        return notify
+        return getattr(notifications, name)
     if name == "Receipt":
         from .dispatch import Receipt
 

@@ -36,9 +36,10 @@ from django.template.base import VariableNode
 from django.utils import translation
 
 from . import conf
-from .dispatch import Receipt, submit
+from .dispatch import Receipt, submit, submit_many
 from .exceptions import InvalidMessage, TemplateError
 from .message import RelatedMessage, inline_part
+from .outbox import NewEmail
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -207,6 +208,7 @@ class Email:
         language: str | None = None,
         event: str = "",
         target: Model | None = None,
+        lane: str | None = None,
     ) -> None:
         if template is None and subject is None:
             raise InvalidMessage("Give a template name, or a subject and a body.")
@@ -234,6 +236,9 @@ class Email:
         # The notification event and business object the outbox row is linked to.
         self.event = event
         self.target = target
+        # The outbox lane (KIPEKEE["LANES"]); None: "transactional" from send(), "bulk"
+        # from send_many().
+        self.lane = lane
         self._inline: dict[str, InlineImage] = {}
         self._rendered_inline: dict[str, InlineImage] = {}
 
@@ -335,9 +340,20 @@ class Email:
     def send(self, *, using: str | None = None) -> Receipt:
         """Write to the outbox in the current transaction; deliver as the mode says."""
         return submit(
-            self.build(), mode=self.mode, idempotency_key=self.idempotency_key,
-            send_at=self.send_at, provider=self.provider, template=self.template or "",
-            metadata=self.metadata, event=self.event, target=self.target, using=using,
+            self.build(), mode=self.mode, lane=self.lane or conf.TRANSACTIONAL,
+            idempotency_key=self.idempotency_key, send_at=self.send_at,
+            provider=self.provider, template=self.template or "", metadata=self.metadata,
+            event=self.event, target=self.target, using=using,
+        )
+
+    def new_email(self, *, mode: str, lane: str) -> NewEmail:
+        """This email built, as the outbox writes it; ``mode`` and ``lane`` unless it
+        names its own."""
+        return NewEmail(
+            message=self.build(), mode=self.mode or mode, lane=self.lane or lane,
+            idempotency_key=self.idempotency_key, send_at=self.send_at,
+            provider=self.provider, template=self.template or "", metadata=self.metadata,
+            event=self.event, target=self.target,
         )
 
     async def asend(self, *, using: str | None = None) -> Receipt:
@@ -360,3 +376,33 @@ async def asend(template: str | None = None, **kwargs: Any) -> Receipt:
     while the provider answers.
     """
     return await sync_to_async(send)(template, **kwargs)
+
+
+def send_many(emails: Iterable[Email], *, lane: str = conf.BULK, mode: str = "queue",
+              using: str | None = None) -> list[Receipt]:
+    """Send many emails at once: one transaction, a fixed number of queries; their
+    receipts, in order.
+
+    ``kipekee.send_many(Email("newsletter/november", to=s.email, context={"s": s})
+    for s in subscribers)``. Each email is rendered and checked as ``send()`` would,
+    all before anything is written: an ``InvalidMessage`` (or ``TemplateError``) names
+    the first bad one by its position and nothing is sent. Idempotency keys hold as for
+    ``send()`` (a key already in the outbox gives its first row, ``created=False``; a
+    key twice in ``emails`` is written once), suppressed recipients are taken off.
+
+    They wait in ``lane`` (``"bulk"``: claimed after transactional mail, never starved)
+    unless an email names its own. ``mode``: ``"queue"`` (engines deliver them) or
+    ``"hybrid"`` (delivered in this thread after commit, through a provider's batch API
+    where it has one; a transient failure is left to an engine), unless an email names
+    its own.
+    """
+    items = []
+    for index, email in enumerate(emails):
+        if not isinstance(email, Email):
+            raise InvalidMessage(f"Message {index}: send_many takes kipekee.Email objects, "
+                                 f"not {type(email).__name__}.")
+        try:
+            items.append(email.new_email(mode=mode, lane=lane))
+        except InvalidMessage as exc:
+            raise type(exc)(f"Message {index}: {exc}") from exc
+    return submit_many(items, using=using)

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,7 +34,8 @@ from django.conf import settings as django_settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, InvalidMessage
+from .limits import Rate
 
 Mode = Literal["now", "hybrid", "queue"]
 MODES: tuple[Mode, ...] = ("now", "hybrid", "queue")
@@ -81,6 +83,34 @@ class CeleryConfig:
     queue: str = "kipekee"
     # New rows get a task on commit; the sweep leaves them this long to be picked up first.
     sweep_grace: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaneConfig:
+    """One entry of ``KIPEKEE["LANES"]``: a queue of mail within the outbox.
+
+    Engines claim due rows lane by lane, the highest ``priority`` first (as Django's
+    tasks: higher runs first), so a sign-in code never waits behind a newsletter.
+    ``share`` (0 to 1) of every claim is kept for this lane while it has due rows, so
+    a low-priority lane is slowed by the others, never starved. ``rate`` ("20/s")
+    caps how many of its rows are claimed per window, per process.
+    """
+
+    name: str
+    priority: int = 0
+    share: float = 0.0
+    rate: str | None = None
+
+
+#: The lane of a message that names none (``kipekee.send``, ``notify``, the drop-in backend).
+TRANSACTIONAL = "transactional"
+#: The lane of ``kipekee.send_many`` and ``notify_many`` unless told otherwise.
+BULK = "bulk"
+#: Lanes every project has; ``KIPEKEE["LANES"]`` adds lanes and changes these.
+DEFAULT_LANES = {
+    TRANSACTIONAL: LaneConfig(name=TRANSACTIONAL, priority=0),
+    BULK: LaneConfig(name=BULK, priority=-10, share=0.1),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,8 +171,19 @@ class KipekeeSettings:
     check: CheckConfig = CheckConfig()
     metrics: bool = False
     connections: ConnectionsConfig = ConnectionsConfig()
+    # Highest priority first (ties: by name, so the order never depends on the dict's).
+    lanes: tuple[LaneConfig, ...] = tuple(
+        sorted(DEFAULT_LANES.values(), key=lambda lane: (-lane.priority, lane.name)))
     # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
     max_message_size: int | None = 25_000_000
+
+    def lane(self, name: str) -> LaneConfig:
+        """The lane called ``name``; ``InvalidMessage`` naming the known ones if none is."""
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane
+        raise InvalidMessage(f"Unknown lane {name!r}; the lanes are "
+                             f"{sorted(lane.name for lane in self.lanes)} (KIPEKEE[\"LANES\"]).")
 
     def provider(self, alias: str) -> ProviderConfig:
         for p in self.providers:
@@ -170,6 +211,7 @@ _KNOWN_KEYS = {
     "CHECK",
     "METRICS",
     "CONNECTIONS",
+    "LANES",
     "MAX_MESSAGE_SIZE",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
@@ -307,6 +349,7 @@ def parse(raw: Any) -> KipekeeSettings:
         message_id_domain=domain,
         webhook_secrets=tuple(secrets),
         connections=_parse_connections(raw),
+        lanes=_parse_lanes(raw.get("LANES", {})),
         max_message_size=_max_message_size(raw),
         **_parse_operations(raw),
     )
@@ -328,6 +371,46 @@ def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
         idle_seconds=_positive_number(section, "IDLE_SECONDS", d.idle_seconds, "CONNECTIONS"),
         max_age=_positive_number(section, "MAX_AGE_SECONDS", d.max_age, "CONNECTIONS"),
     )
+
+
+_LANE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+
+
+def _parse_lanes(raw: Any) -> tuple[LaneConfig, ...]:
+    """``KIPEKEE["LANES"]``: ``{"name": {"PRIORITY": int, "SHARE": 0..1, "LIMITS": {"RATE":
+    "20/s"}}}``, merged over :data:`DEFAULT_LANES` (an entry there changes a built-in lane)."""
+    if not isinstance(raw, dict):
+        raise ConfigurationError('KIPEKEE["LANES"] must be a dict of {"name": {"PRIORITY": ...}}.')
+    lanes = dict(DEFAULT_LANES)
+    for name, entry in raw.items():
+        where = f'KIPEKEE["LANES"][{name!r}]'
+        if not isinstance(name, str) or not _LANE_NAME.match(name):
+            raise ConfigurationError(
+                f"{where}: a lane name is 1 to 32 lower-case letters, digits, '_', '.' or '-'.")
+        if not isinstance(entry, dict) or set(entry) - {"PRIORITY", "SHARE", "LIMITS"}:
+            raise ConfigurationError(f"{where} must be a dict with keys among "
+                                     "['LIMITS', 'PRIORITY', 'SHARE'].")
+        base = lanes.get(name, LaneConfig(name=name))
+        priority = entry.get("PRIORITY", base.priority)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigurationError(f"{where}['PRIORITY'] must be an int (higher is claimed "
+                                     f"first), not {priority!r}.")
+        share = entry.get("SHARE", base.share)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ConfigurationError(f"{where}['SHARE'] is the fraction of each claim kept for "
+                                     f"this lane, 0 <= SHARE < 1, not {share!r}.")
+        limits = entry.get("LIMITS", {})
+        if not isinstance(limits, dict) or set(limits) - {"RATE"}:
+            raise ConfigurationError(f"{where}['LIMITS'] takes 'RATE' (e.g. '20/s').")
+        rate = limits.get("RATE", base.rate if "LIMITS" not in entry else None)
+        if rate is not None:
+            Rate.parse(rate)
+        lanes[name] = LaneConfig(name=name, priority=priority, share=float(share), rate=rate)
+    if sum(lane.share for lane in lanes.values()) >= 1:
+        raise ConfigurationError(
+            'KIPEKEE["LANES"]: the SHAREs add up to 1 or more; nothing would be left for the '
+            "lanes in priority order.")
+    return tuple(sorted(lanes.values(), key=lambda lane: (-lane.priority, lane.name)))
 
 
 def _max_message_size(raw: dict[str, Any]) -> int | None:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -105,6 +106,7 @@ def submit(
     message: EmailMessage,
     *,
     mode: str | None = None,
+    lane: str = conf.TRANSACTIONAL,
     idempotency_key: str | None = None,
     send_at: datetime | None = None,
     provider: str = "",
@@ -124,36 +126,110 @@ def submit(
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
     if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
         send_at = outbox.stored_time(send_at, "send_at")
-    # One transaction for the row and the NOTIFY when the caller has none: on PostgreSQL
-    # a NOTIFY of its own is a second commit, flushed to disk like the first. Inside the
-    # caller's transaction nothing is added (an error must not mark it for rollback).
+    db = using or outbox.db_for_write()
+    row, created = outbox.enqueue(
+        message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
+        provider=provider, template=template, metadata=metadata, event=event,
+        target=target,
+        # Delivered here right after commit (unless send_at is still ahead): an engine
+        # polling at that moment must not take it first (the caller would lose its
+        # answer).
+        hold=None if mode == "queue" else IN_REQUEST_HOLD,
+        # Workers LISTENing on PostgreSQL hear of it when (and only if) it is committed
+        # (also of one with a send_at that has passed: the request delivers that itself,
+        # and the workers find nothing they may take).
+        announce=mode == "queue" or send_at is not None, using=db,
+    )
+    receipt = Receipt(row, created=created)
+    if not created or receipt.suppressed:  # nothing (new) to deliver
+        return receipt
+    later = send_at is not None and send_at > timezone.now()
+    if mode == "queue" or later:
+        # The ids only for rows due now: a task for a row written for later would find
+        # it not due (the sweep hands it out when it is); the thread engine still wakes
+        # to sleep until its time.
+        transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
+    else:
+        transaction.on_commit(partial(deliver_in_request, receipt), using=db)
+    return receipt
+
+
+#: The modes of :func:`submit_many`: many messages are never retried inside the request.
+MANY_MODES = ("queue", "hybrid")
+#: Rows claimed and delivered at a time when a request delivers what it sent in bulk.
+IN_REQUEST_BATCH = 500
+
+
+def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -> list[Receipt]:
+    """Enqueue many messages in the current transaction and arrange their delivery;
+    their receipts, in order.
+
+    Mode ``queue``: engines deliver them (woken on commit). Mode ``hybrid``: delivered in
+    this thread right after commit, a batch at a time through the providers' batch APIs
+    where they have one (as engines do), each once; what fails for a transient reason
+    is left deferred to an engine. ``now`` is refused: in-request quick retries of many
+    messages would hold the request for the sum of their budgets.
+    """
+    for index, item in enumerate(items):
+        if item.mode not in MANY_MODES:
+            raise InvalidMessage(f"Message {index}: mode must be one of {MANY_MODES} when "
+                                 f"sending many, not {item.mode!r}.")
+    items = [replace(item, send_at=outbox.stored_time(item.send_at, f"Message {index}: send_at"))
+             if item.send_at is not None else item for index, item in enumerate(items)]
     db = using or outbox.db_for_write()
     own = not transaction.get_connection(db).in_atomic_block
+    now = timezone.now()
     with transaction.atomic(using=db) if own else nullcontext():
-        row, created = outbox.enqueue(
-            message, mode=mode, idempotency_key=idempotency_key, send_at=send_at,
-            provider=provider, template=template, metadata=metadata, event=event,
-            target=target,
-            # Delivered here right after commit (unless send_at is still ahead): an engine
-            # polling at that moment must not take it first (the caller would lose its
-            # answer).
-            hold=None if mode == "queue" else IN_REQUEST_HOLD,
-            using=db, own_transaction=own,
-        )
-        receipt = Receipt(row, created=created)
-        if not created or receipt.suppressed:  # nothing (new) to deliver
-            return receipt
-        later = send_at is not None and send_at > timezone.now()
-        if mode == "queue" or later:
-            # Workers LISTENing on PostgreSQL get this when (and only if) the caller commits.
+        results = outbox.enqueue_many(
+            [replace(item, hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
+             for item in items], using=db)
+        receipts = [Receipt(row, created=created) for row, created in results]
+        due: list[int] = []  # for engines, due now
+        scheduled = False  # for engines, due later
+        here: list[Receipt] = []
+        for item, receipt in zip(items, receipts, strict=True):
+            if not receipt.created or receipt.suppressed:
+                continue
+            if item.send_at is not None and item.send_at > now:
+                scheduled = True
+            elif item.mode == "queue":
+                due.append(receipt.id)
+            else:
+                here.append(receipt)
+        if due or scheduled:
             notify_if_listening(db)
-            # The ids only for rows due now: a task for a row written for later would find
-            # it not due (the sweep hands it out when it is); the thread engine still
-            # wakes to sleep until its time.
-            transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
-        else:
-            transaction.on_commit(partial(deliver_in_request, receipt), using=db)
-    return receipt
+        if due:
+            transaction.on_commit(partial(engines.wake, due), using=db)
+        if scheduled:  # (no ids: a task would find them not due; see submit)
+            transaction.on_commit(partial(engines.wake, None), using=db)
+        if here:
+            transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
+    return receipts
+
+
+def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
+    """Deliver freshly committed ``hybrid`` rows now, once each; update their receipts.
+
+    A row an engine took first (its hold ran out) is left to it: its receipt stays as
+    it was written (``refresh()`` reads what became of it).
+    """
+    by_id = {receipt.id: receipt for receipt in receipts}
+    ids = list(by_id)
+    deferred = False
+    with Deliverer() as deliverer:
+        for start in range(0, len(ids), IN_REQUEST_BATCH):
+            rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", own=True,
+                                      ids=ids[start:start + IN_REQUEST_BATCH], using=using)
+            if not rows:
+                continue
+            outcomes = deliverer.deliver_many(rows)
+            with transaction.atomic(using=using):
+                record_many(rows, outcomes)
+            for row in rows:
+                by_id[row.pk]._update(row)
+                deferred = deferred or row.status == Status.DEFERRED
+    if deferred:
+        engines.wake()  # so the in-process engine sleeps until they are due
 
 
 def deliver_in_request(receipt: Receipt) -> None:
@@ -194,44 +270,55 @@ def deliver_in_request(receipt: Receipt) -> None:
 
 
 def record_many(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> list[bool]:
-    """Record a claimed batch's outcomes, as :func:`record` would one by one.
-
-    The plain successes (the common case) are written together
-    (:func:`kipekee.outbox.mark_sent_many`); every other outcome goes through
-    :func:`record`. Call it inside one transaction to make it one commit.
-    """
-    plain = [i for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True))
-             if outcome.ok and not outcome.refused]
-    recorded = dict(zip(plain, outbox.mark_sent_many([(rows[i], outcomes[i]) for i in plain]),
-                        strict=True))
-    if plain:
-        logger.debug("Sent outbox emails %s", ", ".join(str(rows[i].pk) for i in plain))
+    """Record a claimed batch's outcomes, as :func:`record` would one by one, in one
+    UPDATE per claim whatever each outcome was (:func:`kipekee.outbox.finish_many`);
+    only a success with recipients refused for now, which may need a follow-up row,
+    goes on its own. Call it inside one transaction to make it one commit."""
     policy = RetryPolicy.from_settings()
-    return [recorded[i] if i in recorded else record(row, outcome, policy)
-            for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True))]
+    results: dict[int, outbox.Finish] = {}
+    alone: list[int] = []
+    for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
+        result = _result(row, outcome, policy)
+        if result is None:
+            alone.append(index)
+        else:
+            results[index] = result
+    recorded = dict(zip(results, outbox.finish_many(list(results.values())), strict=True))
+    for index in alone:
+        recorded[index] = record(rows[index], outcomes[index], policy)
+    return [recorded[index] for index in range(len(rows))]
 
 
 def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None) -> bool:
     """Record an outcome, deciding with the retry policy between deferred and failed."""
+    policy = policy or RetryPolicy.from_settings()
+    result = _result(row, outcome, policy)
+    if result is not None:
+        return outbox.finish(result)
+    # Some recipients were refused for now (4xx): they get it again in a follow-up row
+    # when the policy allows another attempt; otherwise their reply stays in
+    # ``refused`` of this sent row, as a 5xx one does.
+    again = transient_refusals(outcome.refused)
+    hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
+    again_at = policy.next_due(
+        kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
+        hint=max(hints, default=None), now=outcome.finished_at,
+    )
+    logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
+                outcome.provider, ", ".join(sorted(again)),
+                f"again at {again_at.isoformat()}" if again_at else "no attempts left")
+    return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+
+
+def _result(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy) -> outbox.Finish | None:
+    """What ``outcome`` does to ``row`` (logged), or None for a success with recipients
+    refused for now (:func:`record` writes their follow-up row)."""
     if outcome.ok:
+        if transient_refusals(outcome.refused):
+            return None
         # Per message at DEBUG: the worker's INFO lines are counts and rates.
         logger.debug("Sent outbox email %s via %s", row.pk, outcome.provider)
-        again = transient_refusals(outcome.refused)
-        if not again:
-            return outbox.mark_sent(row, outcome)
-        # Some recipients were refused for now (4xx): they get it again in a follow-up
-        # row when the policy allows another attempt; otherwise their reply stays in
-        # ``refused`` of this sent row, as a 5xx one does.
-        hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
-        again_at = (policy or RetryPolicy.from_settings()).next_due(
-            kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
-            hint=max(hints, default=None), now=outcome.finished_at,
-        )
-        logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
-                    outcome.provider, ", ".join(sorted(again)),
-                    f"again at {again_at.isoformat()}" if again_at else "no attempts left")
-        return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
-    policy = policy or RetryPolicy.from_settings()
+        return outbox.sent(row, outcome)
     if not outcome.attempted:
         # Every provider's circuit was open: nothing was sent, so no attempt is spent;
         # the row waits for the next trial. Only its lifetime can end it here.
@@ -240,10 +327,10 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         if due is not None:
             logger.info("Outbox email %s waits until %s: %s", row.pk, due.isoformat(),
                         outcome.error)
-            return outbox.postpone(row, outcome, due_at=due)
+            return outbox.postponed(row, outcome, due_at=due)
     if outcome.suppressed:
         logger.info("Outbox email %s not sent: %s", row.pk, outcome.error)
-        return outbox.suppress(row, outcome)
+        return outbox.suppressed(row, outcome)
     if outcome.kind == ErrorKind.CONFIGURATION:
         logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
     # Counted from the end of the attempt, not from now: an engine's books thread may
@@ -254,6 +341,6 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
     )
     if due is None:
         logger.warning("Outbox email %s failed: %s", row.pk, outcome.error)
-        return outbox.fail(row, outcome)
+        return outbox.failed(row, outcome)
     logger.info("Outbox email %s deferred until %s: %s", row.pk, due.isoformat(), outcome.error)
-    return outbox.defer(row, outcome, due_at=due)
+    return outbox.deferred(row, outcome, due_at=due)

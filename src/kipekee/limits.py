@@ -6,10 +6,11 @@ Configured next to the backend::
                  "LIMITS": {"RATE": "150/10s", "CONCURRENCY": 10}}
 
 ``RATE`` counts calls into the provider (one ``send_messages`` call, or one batch
-request), in a sliding window, per process. ``CONCURRENCY`` bounds how many connections
-this process has open to the provider at once (Mailtrap allows 10 SMTP connections); the
-connection pool enforces it (:mod:`kipekee.connections`): a thread sends only on a
-connection it checked out.
+request), in a sliding window, per process. A lane's ``RATE`` (``KIPEKEE["LANES"]``)
+counts the rows claimed from it, the same way (:func:`for_lane`). ``CONCURRENCY`` bounds
+how many connections this process has open to the provider at once (Mailtrap allows 10
+SMTP connections); the connection pool enforces it (:mod:`kipekee.connections`): a thread
+sends only on a connection it checked out.
 """
 
 from __future__ import annotations
@@ -81,6 +82,29 @@ class SlidingWindow:
             time.sleep(wait)
         return start
 
+    def take(self, count: int) -> int:
+        """Take up to ``count`` slots that are free now, without waiting; how many."""
+        with self._lock:
+            now = time.monotonic()
+            del self._times[:bisect.bisect_right(self._times, now - self.rate.per)]
+            granted = max(0, min(count, self.rate.count - len(self._times)))
+            self._times.extend([now] * granted)  # now is the newest time: still sorted
+            return granted
+
+    def give_back(self, count: int) -> None:
+        """Return ``count`` of the slots :meth:`take` just took (they were not used)."""
+        with self._lock:
+            del self._times[len(self._times) - min(count, len(self._times)):]
+
+    def free_in(self) -> float:
+        """Seconds until a slot is free (0: one is free now)."""
+        with self._lock:
+            now = time.monotonic()
+            del self._times[:bisect.bisect_right(self._times, now - self.rate.per)]
+            if len(self._times) < self.rate.count:
+                return 0.0
+            return self._times[-self.rate.count] + self.rate.per - now
+
     def finished(self, start: float) -> None:
         """The call that took the slot at ``start`` ended now: count it from now on."""
         with self._lock:
@@ -122,6 +146,21 @@ def for_provider(alias: str, rate: str | None) -> ProviderLimits:
         return limits
 
 
+_lanes: dict[tuple[str, str], SlidingWindow] = {}
+
+
+def for_lane(name: str, rate: str) -> SlidingWindow:
+    """The window of rows claimed from lane ``name`` (``KIPEKEE["LANES"][name]["LIMITS"]``),
+    shared by the process: a row counts when it is claimed."""
+    key = (name, rate)
+    with _lock:
+        window = _lanes.get(key)
+        if window is None:
+            window = _lanes[key] = SlidingWindow(Rate.parse(rate))
+        return window
+
+
 def reset() -> None:
     with _lock:
         _limits.clear()
+        _lanes.clear()

@@ -105,6 +105,9 @@ class OutboxEmail(models.Model):
     headers = models.JSONField(default=dict, blank=True)
     template = models.CharField(max_length=255, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
+    # Which queue of the outbox it waits in (KIPEKEE["LANES"]): engines claim the lanes
+    # in priority order, so transactional mail never waits behind a newsletter.
+    lane = models.CharField(max_length=32, default="transactional")
     # Only this provider alias may send it (empty: all providers, in failover order).
     provider = models.CharField(max_length=100, blank=True)
     # The notification that wrote it ("order.created") and the business object it is
@@ -139,10 +142,11 @@ class OutboxEmail(models.Model):
         verbose_name = "outbox email"
         ordering = ["-id"]
         indexes = [
-            # Engines look only at waiting rows: keep that index small.
+            # Engines look only at waiting rows: keep that index small. A claim walks it
+            # for one lane, oldest due first (id breaks ties: no sort step).
             models.Index(
-                fields=["due_at"],
-                name="kipekee_waiting_due",
+                fields=["lane", "due_at", "id"],
+                name="kipekee_waiting_lane_due",
                 condition=Q(status__in=["queued", "deferred"]),
             ),
             models.Index(

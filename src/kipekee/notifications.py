@@ -42,13 +42,14 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
-from . import outbox
+from . import conf, outbox
 from .compose import Attachment, Email
-from .dispatch import Receipt
+from .dispatch import Receipt, submit_many
 from .exceptions import ConfigurationError, InvalidMessage
 from .message import to_fields
 from .models import WAITING_STATUSES, OutboxEmail
@@ -84,6 +85,8 @@ class Message:
     reply_to: Recipients = None
     from_email: str | None = None
     mode: str | None = None
+    # The outbox lane; None: "transactional" from notify(), the call's from notify_many().
+    lane: str | None = None
     provider: str = ""
     when: Callable[[Any], bool] | None = None
     at: Callable[[Any], datetime | None] | None = None
@@ -196,6 +199,83 @@ def notify(event: str, obj: models.Model, *, key: str = "", **extra: Any) -> lis
     return receipts
 
 
+def notify_many(event: str, objects: Iterable[models.Model], *, key: str = "",
+                lane: str = conf.BULK, mode: str = "queue", **extra: Any) -> list[list[Receipt]]:
+    """:func:`notify` for many objects at once (an announcement to every booking of a
+    cancelled tour): per object, the receipts ``notify(event, obj)`` would return.
+
+    Written as :func:`kipekee.send_many` writes, in one transaction, all or nothing: the
+    messages wait in ``lane`` (``"bulk"``) and are sent by ``mode`` (``"queue"``) unless
+    their :class:`Message` names its own. Idempotent per (event, message, object) as
+    ``notify`` is. Reminders of objects that have no reminder row yet are written in bulk
+    too; the others are brought in line one object at a time, as a save would.
+    """
+    notification = get(event)
+    objects = list(objects)
+    db = outbox.db_for_write()
+    with transaction.atomic(using=db):
+        items: list[outbox.NewEmail] = []
+        owners: list[int] = []  # per item: the index of its object
+        per_object: list[list[Receipt]] = [[] for _ in objects]
+        written = _with_reminders(notification, objects)
+        for index, obj in enumerate(objects):
+            for message in notification.messages:
+                if message.is_reminder:
+                    if obj.pk in written:  # an earlier row: moved or kept, one by one
+                        receipt = _sync_reminder(notification, message, obj, extra)
+                        if receipt is not None:
+                            per_object[index].append(receipt)
+                        continue
+                    due = _reminder_at(notification, message, obj)
+                    if due is None or due <= timezone.now():
+                        continue  # turned off, or too late to remind
+                    email = _email(notification, message, obj, extra, send_at=due)
+                    email.idempotency_key = _key(event, message, obj, "#0")
+                elif message.when is not None and not message.when(obj):
+                    continue
+                else:
+                    email = _email(notification, message, obj, extra)
+                    email.idempotency_key = _key(event, message, obj, key)
+                try:
+                    items.append(email.new_email(mode=mode, lane=message.lane or lane))
+                except InvalidMessage as exc:
+                    raise type(exc)(f"Object {index} ({obj!r}): {exc}") from exc
+                owners.append(index)
+        for owner, receipt in zip(owners, submit_many(items, using=db), strict=True):
+            per_object[owner].append(receipt)
+    return per_object
+
+
+def _with_reminders(notification: Notification, objects: Sequence[models.Model]) -> set[Any]:
+    """The pks of ``objects`` that have an outbox row of one of the notification's
+    reminders (one query per model)."""
+    if not any(m.is_reminder for m in notification.messages) or not objects:
+        return set()
+    by_model: dict[type[models.Model], list[str]] = {}
+    for obj in objects:
+        by_model.setdefault(type(obj), []).append(str(obj.pk))
+    names = {m.name for m in notification.messages if m.is_reminder}
+    found: set[Any] = set()
+    for model, pks in by_model.items():
+        content_type = ContentType.objects.get_for_model(model)
+        for object_id, metadata in OutboxEmail.objects.filter(
+                content_type=content_type, object_id__in=pks, event=notification.event,
+        ).values_list("object_id", "metadata"):
+            if (metadata or {}).get("notification") in names:
+                found.add(object_id)
+    return {obj.pk for obj in objects if str(obj.pk) in found}
+
+
+def _reminder_at(notification: Notification, message: Message,
+                 obj: models.Model) -> datetime | None:
+    """``at(obj)`` as the outbox stores times, or None when ``when(obj)`` turns the
+    reminder off."""
+    assert message.at is not None
+    due = message.at(obj) if message.when is None or message.when(obj) else None
+    return None if due is None else outbox.stored_time(
+        due, f"Reminder {notification.event!r}: at()")
+
+
 def sync(event: str, obj: models.Model, **extra: Any) -> list[Receipt]:
     """Bring the reminders of ``event`` for ``obj`` in line with it (what a save does)."""
     notification = get(event)
@@ -255,7 +335,7 @@ def _email(notification: Notification, message: Message, obj: models.Model,
         cc=_resolve(message.cc, obj), bcc=_resolve(message.bcc, obj),
         reply_to=_resolve(message.reply_to, obj), from_email=message.from_email,
         attachments=list(message.attachments(obj)) if message.attachments else (),
-        mode=message.mode, provider=message.provider, send_at=send_at,
+        mode=message.mode, lane=message.lane, provider=message.provider, send_at=send_at,
         language=_resolve(message.language, obj) or None,
         event=notification.event, target=obj,
         metadata={"notification": message.name,
@@ -289,13 +369,10 @@ def _reminder_time(row: OutboxEmail) -> datetime:
 
 def _sync_reminder(notification: Notification, message: Message, obj: models.Model,
                    extra: Mapping[str, Any]) -> Receipt | None:
-    assert message.at is not None
     existing = [r for r in rows(notification.event, obj).order_by("id")
                 if r.metadata.get("notification") == message.name]
     waiting = [r for r in existing if r.status in WAITING_STATUSES]
-    due = message.at(obj) if message.when is None or message.when(obj) else None
-    if due is not None:
-        due = outbox.stored_time(due, f"Reminder {notification.event!r}: at()")
+    due = _reminder_at(notification, message, obj)
     latest = existing[-1] if existing else None
     if due is not None and latest is not None and _reminder_time(latest) == due:
         # Already written for this time: waiting (due or not), deferred after a failed

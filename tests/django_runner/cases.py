@@ -85,7 +85,7 @@ class CommittedTransactions(TransactionTestCase):
         self.assertEqual(mail.outbox, [])
         call_command("kipekee_worker", "--once", stdout=io.StringIO(), stderr=io.StringIO())
         self.assertEqual([m.subject for m in mail.outbox], ["Later"])
-        self.assertTrue(receipt.refresh().sent)
+        self.assertTrue(receipt.refresh().sent, receipt)
 
     def test_rolled_back_mail_is_never_delivered(self):
         try:

@@ -2,10 +2,12 @@
 hand them to :class:`kipekee.delivery.Deliverer` and record the outcomes.
 
 - ``thread``: a background thread in each web process (one deployment, still retries);
-- ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``);
+- ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``), whose
+  sender threads share one :class:`~kipekee.engines.feed.Feed` (claims sized to their
+  free slots, records for all of them);
 - ``celery``: Celery tasks (``kipekee.contrib.celery``).
 
-All share :class:`Sender`, the loop one sender thread runs.
+The thread engine and Celery tasks run :class:`Sender`, the loop of one sender thread.
 """
 
 from __future__ import annotations

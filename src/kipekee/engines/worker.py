@@ -1,10 +1,16 @@
 """``Worker``: the dedicated engine behind ``manage.py kipekee_worker``.
 
-``concurrency`` sender threads each claim batches and deliver them over their own
-provider connections. The worker wakes promptly: on PostgreSQL it LISTENs for the
+``concurrency`` sender threads deliver over their own provider connections what the
+worker's :class:`~kipekee.engines.feed.Feed` claims for all of them (sized to the free
+sending slots, handed out a share at a time) and records for all of them. A claim that
+finds nothing found nothing due (claims never lose a race), so a sender goes idle only
+then, and sleeps until the next row falls due (a retry, a scheduled send), a wake, or
+``poll_interval`` seconds for rows other processes write. Wakes: on PostgreSQL the
 ``NOTIFY`` that enqueue sends (delivered when the enqueuing transaction commits);
-elsewhere it polls every ``poll_interval`` seconds. ``stop()`` (the first SIGTERM) lets
-every thread finish the batch it holds and exit; the command exits at once on a second.
+everywhere, a claim that brings rows (there is work for the idle senders). With
+``once`` the worker ends when every sender is idle and nothing is due, at once.
+``stop()`` (the first SIGTERM) lets every thread finish the rows it holds, gives back
+what was claimed and not sent, and exits; the command exits at once on a second.
 """
 
 from __future__ import annotations
@@ -19,15 +25,21 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import connection, connections, router
+from django.utils import timezone
 
+from .. import lanes, outbox
 from ..connections import close_all as close_provider_connections
 from ..models import OutboxEmail
-from . import Sender, Stats, beat, engine_name
+from ..outbox import NOTIFY_CHANNEL
+from ..delivery import Deliverer
+from . import Stats, _drop_broken_connections, beat, engine_name
+from .feed import Feed
 
 logger = logging.getLogger("kipekee.worker")
 
-NOTIFY_CHANNEL = "kipekee_outbox"
 HEARTBEAT_SECONDS = 5.0
+#: The shortest sleep of an idle sender (a row due "now" in another process's clock).
+MIN_SLEEP = 0.01
 LOG_SECONDS = 10.0
 LISTEN_RETRY_SECONDS = 5.0
 
@@ -47,7 +59,13 @@ class Worker:
         self.stats = Stats()
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        self._done = threading.Event()  # with once: everything due was sent
         self._idle: list[bool] = [False] * concurrency
+        self._idle_lock = threading.Lock()
+        # Claims for every sender at once, sized to the free sending slots, and records
+        # what they send (engines.feed); a claim that brings rows wakes the idle ones.
+        self._feed = Feed(engine=self.name, senders=concurrency, batch_size=batch_size,
+                          stats=self.stats, on_rows=self._wake.set)
 
     def stop(self) -> None:
         """Finish the batches in hand, then return from :meth:`run`."""
@@ -79,6 +97,10 @@ class Worker:
         finally:
             if listener is not None:
                 listener.stop()
+            try:
+                self._feed.close()  # what was claimed and not sent goes back; records finish
+            except Exception:  # noqa: BLE001 - what it held is left to the leases; logged
+                logger.exception("%s: giving back unsent rows failed", self.name)
             beat(self.name, self.kind, self.stats, stopped=True)
             sent, deferred, failed = self.stats.snapshot()
             logger.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s", self.name,
@@ -95,27 +117,63 @@ class Worker:
         return now
 
     def _send_loop(self, index: int) -> None:
-        sender = Sender(engine=self.name, batch_size=self.batch_size, stats=self.stats)
+        deliverer = Deliverer()
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self._done.is_set():
+                self._set_idle(index, False)
                 try:
-                    handled = sender.drain(self._stopping)
+                    rows = self._feed.take(self._stopping)
+                    if rows:
+                        try:
+                            outcomes = deliverer.deliver_many(rows)
+                        except Exception:
+                            self._feed.abandon(rows)
+                            raise
+                        self._feed.done(rows, outcomes)
+                        continue
+                    # Nothing was due (claims never lose a race): sleep until a row falls
+                    # due, a wake (NOTIFY, a claim that found rows) or the next poll.
+                    if self._set_idle(index, True) and self._nothing_due():
+                        self._done.set()  # --once: everyone is idle and nothing is due
+                        self._wake.set()
+                        return
+                    sleep_for = self._sleep_for()
                 except Exception:  # noqa: BLE001 - a database blip must not kill the thread
-                    logger.exception("%s sender %d: batch failed; its rows are retried after "
+                    logger.exception("%s sender %d: sending failed; its rows are retried after "
                                      "their lease", self.name, index)
-                    sender.recover()
-                    handled = 0
+                    _drop_broken_connections()
+                    self._feed.recover()
                     self._stopping.wait(self.poll_interval)
-                if handled:
-                    self._idle[index] = False
                     continue
-                self._idle[index] = True
-                if self.once and all(self._idle):
-                    return
-                self._wake.wait(self.poll_interval)
-                self._wake.clear()
+                self._wake.wait(sleep_for)
+                if not self._done.is_set():  # once done, the wake stays set for every sender
+                    self._wake.clear()
         finally:
-            sender.close()
+            deliverer.close()
+            connections.close_all()  # this thread's database connections
+
+    def _set_idle(self, index: int, idle: bool) -> bool:
+        """Mark sender ``index`` (not) idle; True when, with ``once``, all now are."""
+        with self._idle_lock:
+            self._idle[index] = idle
+            return self.once and all(self._idle)
+
+    @staticmethod
+    def _nothing_due() -> bool:
+        due = outbox.next_due_at()
+        return due is None or due > timezone.now()
+
+    def _sleep_for(self) -> float:
+        """Seconds an idle sender sleeps: until the next row falls due (or a lease
+        expires, or a lane's rate lets rows through again), at most ``poll_interval``."""
+        wait = self.poll_interval
+        due = outbox.next_due_at()
+        if due is not None:
+            wait = min(wait, (due - timezone.now()).total_seconds())
+        rate = lanes.planner().rate_wait()
+        if rate > 0:
+            wait = min(wait, rate)
+        return max(MIN_SLEEP, wait)
 
 
 class Prefork:
