@@ -227,3 +227,49 @@ def test_a_meta_refresh_in_a_mail_does_not_navigate_the_preview(page: Page, live
     assert frame.locator("#greeting").inner_text() == "Your ticket"
     page.wait_for_timeout(1000)
     assert remote.paths == []
+
+
+def test_sample_previews_in_the_browser(page: Page, live_server, remote, tmp_path, settings):
+    """A registered notification's preview (HTML in the sandboxed frame, its inline QR
+    code shown), a hostile template's preview (no script, nothing remote), a test send."""
+    from kipekee import previews
+
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "DIRS": [str(tmp_path)]}]
+    (tmp_path / "hostile.subject.txt").write_text("Hostile")
+    (tmp_path / "hostile.html").write_text(
+        '<h1 id="h">{{ name }}</h1><img id="pixel" src="{{ remote }}/pixel.png">'
+        '<script>document.title = "script ran"; fetch("{{ remote }}/fetch");</script>')
+    previews.register_template("hostile", sample=lambda: {"name": "Hi", "remote": remote.url})
+    try:
+        page.goto(f"{live_server.url}/admin/kipekee/outboxemail/")
+        page.click("#kipekee-previews-link")
+        page.click("a:text-is('notification/booking.confirmed/customer')")
+        expect(page.locator("#kipekee-subject")).to_have_text("Your ticket B-1001")
+        frame = page.frame_locator("iframe.kipekee-preview")
+        expect(frame.locator("body")).to_contain_text("Queen of Katwe")
+        expect(frame.locator("body")).to_contain_text("Seat F7")
+        qr = frame.locator("img[alt='Your ticket']")
+        expect(qr).to_be_visible()
+        assert qr.evaluate("e => e.naturalWidth") > 0  # the cid: image, as data:
+        assert "ticket-B-1001.png" in page.inner_text("#kipekee-attachments")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "admin-sample-preview.png"), full_page=True)
+
+        page.fill("#id_to", "designer@example.com")
+        page.click("#kipekee-test-send input[type=submit]")
+        expect(page.locator("ul.messagelist")).to_contain_text("Test queued as #")
+        row = OutboxEmail.objects.get(to=["designer@example.com"])
+        assert row.subject.startswith("[Test] Your ticket")
+
+        page.goto(f"{live_server.url}/admin/kipekee/outboxemail/previews/show/template/hostile")
+        expect(page.frame_locator("iframe.kipekee-preview").locator("#h")).to_have_text("Hi")
+        page.wait_for_load_state("networkidle")
+        alone = page.context.new_page()
+        alone.goto(f"{live_server.url}/admin/kipekee/outboxemail/previews/frame/template/hostile")
+        alone.wait_for_load_state("networkidle")
+        assert alone.title() == ""
+        assert alone.eval_on_selector("#pixel", "e => e.naturalWidth") == 0
+        alone.close()
+        assert remote.paths == []
+    finally:
+        previews.unregister_template("hostile")

@@ -124,6 +124,10 @@ KIPEKEE = {
     "CIRCUIT_BREAKER": {"FAILURES": 3, "COOLDOWN_SECONDS": 10},
     "RETRY": {"BASE_DELAY": 2, "MAX_DELAY": 60},
     "ENGINE": _engine,
+    # The newsletter's unsubscribe links (kipekee.lists): `kipekee_demo_serve` puts the
+    # address it serves on in BASE_URL. Mail to MAILTO reaching the capture servers is
+    # acted on as a mailbox provider's inbound webhook would be (devinbox.capture).
+    "UNSUBSCRIBE": {"BASE_URL": "http://127.0.0.1:8000", "MAILTO": "unsubscribe@kipekee.example"},
 }
 
 CELERY_BROKER_URL = os.environ.get("KIPEKEE_DEMO_CELERY_BROKER", "redis://127.0.0.1:6379/0")

@@ -5,6 +5,11 @@ They run in the web process (``manage.py kipekee_demo_serve``), so the inbox pag
 a server down and bring it back: ``set_down("primary", True)`` closes its open sessions
 and answers every new connection with ``421`` (a provider outage), and Kipekee fails
 over to the next provider.
+
+Mail to the newsletter's unsubscribe address (``KIPEKEE["UNSUBSCRIBE"]["MAILTO"]``: what a
+mail client sends for the ``mailto:`` link of ``List-Unsubscribe``) is handed to
+:func:`kipekee.lists.unsubscribe_by_mail`, as an ESP's inbound webhook would hand it over
+in production (anymail's ``inbound`` signal).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from django.db import close_old_connections
 
+from kipekee import lists
 from kipekee.testing import Faults, LocalSMTPServer, ReceivedMessage
 
 from .models import CapturedMessage
@@ -36,6 +42,8 @@ def _write(name: str, received: ReceivedMessage) -> None:
     CapturedMessage.objects.create(
         server=name, mail_from=received.mail_from, rcpt_tos=list(received.rcpt_tos),
         subject=received.subject or "", raw=received.data)
+    # Not ours (None) unless it is to the unsubscribe address; a bad token changes nothing.
+    lists.unsubscribe_by_mail(to=received.rcpt_tos, subject=received.subject or "")
 
 
 def _store(name: str) -> Callable[[ReceivedMessage], None]:

@@ -11,15 +11,20 @@ import base64
 import functools
 import re
 from collections.abc import Callable
+from email.message import EmailMessage
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import content_disposition_header, url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
+
+import kipekee
 
 from . import capture
 from .models import CapturedMessage
@@ -76,7 +81,48 @@ def detail(request: HttpRequest, pk: int) -> HttpResponse:
         "m": captured, "headers": list(message.items()),
         "text": text.get_content() if text is not None else None,
         "has_html": html is not None, "files": files,
+        "unsubscribe": unsubscribe_links(message),
     })
+
+
+def unsubscribe_links(message: EmailMessage) -> dict[str, Any] | None:
+    """What a mail client reads from ``List-Unsubscribe`` (RFC 2369) and
+    ``List-Unsubscribe-Post`` (RFC 8058): the https link, the mailto: address and subject,
+    and whether one-click is offered. None for mail that is not list mail."""
+    header = message.get("List-Unsubscribe")
+    if header is None:
+        return None
+    found: dict[str, Any] = {"https": "", "mailto": "", "subject": "",
+                             "one_click": str(message.get("List-Unsubscribe-Post", "")).strip()
+                             == "List-Unsubscribe=One-Click"}
+    for uri in re.findall(r"<([^>]+)>", str(header)):
+        if uri.startswith(("https:", "http:")) and not found["https"]:
+            found["https"] = uri
+        elif uri.startswith("mailto:") and not found["mailto"]:
+            parts = urlsplit(uri)
+            found["mailto"] = unquote(parts.path)
+            found["subject"] = parse_qs(parts.query).get("subject", [""])[0]
+    return found
+
+
+@staff_unless_debug
+@require_POST
+def mailto(request: HttpRequest, pk: int) -> HttpResponse:
+    """Send the email a mail client sends for the ``mailto:`` unsubscribe link: from the
+    recipient, to the unsubscribe address, the token in the subject (through Kipekee and
+    the capture servers, whose hook unsubscribes)."""
+    captured = get_object_or_404(CapturedMessage, pk=pk)
+    links = unsubscribe_links(captured.message)
+    if links is None or not links["mailto"]:
+        raise Http404("This message has no mailto: unsubscribe link.")
+    receipt = kipekee.send(subject=links["subject"], text="Please unsubscribe me.\n",
+                           to=links["mailto"], from_email=captured.rcpt_tos[0], mode="now")
+    if receipt.sent:
+        messages.success(request, f"Sent “{links['subject'][:30]}…” to {links['mailto']}.")
+    else:
+        messages.error(request, f"The unsubscribe email was not sent ({receipt.status}): "
+                                f"{receipt.error}")
+    return redirect("devinbox:detail", pk)
 
 
 @staff_unless_debug

@@ -111,6 +111,13 @@ class NewsletterForm(Honeypot):
     email = EmailAddressField()
 
 
+class IssueForm(OnceForm):
+    """An issue of the newsletter (demo: staff, or anyone with DEBUG on)."""
+
+    title = HeaderTextField(max_length=200, initial="The great migration is on",
+                            error_messages=NAME_ERRORS)
+
+
 class OrderForm(PublicForm):
     customer_name = name_field(label="Name")
     customer_email = EmailAddressField(label="Email")

@@ -78,6 +78,22 @@ class Subscriber(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
 
+#: The tours newsletter's kipekee.models.MailingList (created by migration 0004).
+NEWSLETTER = "tours-news"
+
+
+class NewsletterIssue(models.Model):
+    """One issue of the tours newsletter, sent to every subscriber as list mail (the bulk
+    lane, one-click unsubscribe). ``submission``: the issue form's key (sent once)."""
+
+    title = models.CharField(max_length=200)
+    submission = submission_field()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.title
+
+
 class OneTimePassword(models.Model):
     """Payments (seed 002): a login code sent by email; stored hashed."""
 

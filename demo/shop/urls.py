@@ -8,6 +8,7 @@ urlpatterns = [
     path("tours/quotes/<int:pk>/", views.quote_sent, name="quote_sent"),
     path("tours/careers/", views.careers, name="careers"),
     path("tours/newsletter/", views.newsletter, name="newsletter"),
+    path("tours/newsletter/issues/", views.newsletter_issue, name="newsletter_issue"),
     path("thanks/", views.thanks, name="thanks"),
     path("payments/login/", views.payments_login, name="payments_login"),
     path("payments/login/code/", views.payments_code, name="payments_code"),

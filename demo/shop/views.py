@@ -23,23 +23,34 @@ from django.views.decorators.http import require_POST
 
 import kipekee
 from devinbox import capture
+from devinbox.views import staff_unless_debug
 from kipekee import notifications, outbox
 from kipekee.addresses import canonical
 from kipekee.engines import wake
-from kipekee.models import OutboxEmail
+from kipekee.models import OutboxEmail, Unsubscription
 
 from .abuse import rate_limited
 from .forms import (
     ApplicationForm,
     BookingForm,
     CodeForm,
+    IssueForm,
     LoginForm,
     NewsletterForm,
     NoticeForm,
     OrderForm,
     QuoteForm,
 )
-from .models import Booking, JobApplication, OneTimePassword, Order, QuoteRequest, Subscriber
+from .models import (
+    NEWSLETTER,
+    Booking,
+    JobApplication,
+    NewsletterIssue,
+    OneTimePassword,
+    Order,
+    QuoteRequest,
+    Subscriber,
+)
 from .visitors import owned, visitor
 
 OTP_MINUTES = 5
@@ -150,7 +161,60 @@ def newsletter(request: HttpRequest) -> HttpResponse:
             kipekee.notify("newsletter.subscribed", subscriber)  # once per subscriber
         messages.success(request, "Subscribed: a welcome email is on its way.")
         return redirect("newsletter")
-    return render(request, "shop/newsletter.html", {"form": form})
+    return render(request, "shop/newsletter.html", {"form": form, **_newsletter_desk(request)})
+
+
+def _may_send_issues(request: HttpRequest) -> bool:
+    """The issue desk, like the dev inbox: anyone with DEBUG on, staff only with it off."""
+    return settings.DEBUG or (request.user.is_active and request.user.is_staff)
+
+
+def _newsletter_desk(request: HttpRequest) -> dict[str, object]:
+    if not _may_send_issues(request):
+        return {}
+    left = set(Unsubscription.objects.filter(mailing_list_id=NEWSLETTER)
+               .values_list("address", flat=True))
+    issues = []
+    for issue in NewsletterIssue.objects.order_by("-id")[:5]:
+        counts: dict[str, int] = {}
+        for status in OutboxEmail.objects.filter(metadata__issue=issue.pk).values_list(
+                "status", flat=True):
+            counts[status] = counts.get(status, 0) + 1
+        issues.append({"issue": issue, "counts": sorted(counts.items())})
+    return {"desk": True, "debug": settings.DEBUG, "issue_form": IssueForm.from_request(request), "issues": issues,
+            "subscribers": [{"email": s.email, "left": s.mailbox in left}
+                            for s in Subscriber.objects.order_by("id")[:50]]}
+
+
+@staff_unless_debug
+@require_POST
+def newsletter_issue(request: HttpRequest) -> HttpResponse:
+    """An issue to every subscriber: list mail (one-click unsubscribe headers, not sent to
+    who left the list) written at once with ``send_many``, waiting in the bulk lane for
+    the engine. The form's key makes it once."""
+    form = IssueForm.from_request(request)
+    if not form.is_valid():
+        messages.error(request, "; ".join(e for errors in form.errors.values() for e in errors))
+        return redirect("newsletter")
+
+    def write() -> NewsletterIssue:
+        issue = NewsletterIssue.objects.create(title=form.cleaned_data["title"],
+                                               submission=form.key)
+        kipekee.send_many(
+            kipekee.Email("emails/newsletter_issue", to=subscriber.email,
+                          mailing_list=NEWSLETTER,
+                          context={"issue": issue, "subscriber": subscriber},
+                          idempotency_key=f"demo-issue:{issue.pk}:{subscriber.pk}",
+                          metadata={"issue": issue.pk})
+            for subscriber in Subscriber.objects.order_by("id"))
+        return issue
+
+    issue = once(NewsletterIssue, form.key, write)
+    rows = OutboxEmail.objects.filter(metadata__issue=issue.pk)
+    left = rows.filter(status="suppressed").count()
+    messages.success(request, f"Issue “{issue.title}” queued for {rows.count() - left} "
+                              f"subscriber(s); {left} left the list and get none.")
+    return redirect("newsletter")
 
 
 def thanks(request: HttpRequest) -> HttpResponse:

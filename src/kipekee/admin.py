@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from django import forms
@@ -27,26 +27,31 @@ from django.contrib.admin.utils import unquote
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import connections, router
-from django.db.models import BooleanField, JSONField, Q, QuerySet
+from django.db.models import BooleanField, Count, JSONField, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.defaultfilters import truncatechars
+from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.functional import cached_property
 from django.utils.html import escape, format_html, format_html_join
 
-from . import conf, outbox
+from . import conf, lists, outbox, previews
 from .addresses import canonical
 from .exceptions import InvalidMessage
+from .forms import EmailAddressField
 from .models import (
     FINAL_STATUSES,
     WAITING_STATUSES,
     Attachment,
     Attempt,
+    MailingList,
     OutboxEmail,
     ProviderMessage,
     Status,
     Suppression,
+    UnsubscribeSource,
+    Unsubscription,
     WebhookEvent,
 )
 
@@ -257,7 +262,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
                                  "delivery", "lease_until", "claimed_by"]}),
         ("Message", {"classes": ["collapse"],
                      "fields": ["message_id", "created_at", "idempotency_key", "event",
-                                "content_type", "object_id", "template",
+                                "content_type", "object_id", "template", "mailing_list",
                                 "metadata", "headers", "content_subtype", "body",
                                 "alternatives"]}),
     ]
@@ -366,7 +371,13 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     # --- preview ---------------------------------------------------------------------------
 
     def get_urls(self) -> list[URLPattern]:
-        urls = [path("<path:object_id>/preview/", self.admin_site.admin_view(self.preview_view),
+        view = self.admin_site.admin_view
+        urls = [path("previews/", view(self.previews_view), name="kipekee_previews"),
+                path("previews/show/<path:key>", view(self.sample_view),
+                     name="kipekee_preview_sample"),
+                path("previews/frame/<path:key>", view(self.sample_frame_view),
+                     name="kipekee_preview_frame"),
+                path("<path:object_id>/preview/", self.admin_site.admin_view(self.preview_view),
                      name="kipekee_outboxemail_preview"),
                 path("<path:object_id>/act/", self.admin_site.admin_view(self.act_view),
                      name="kipekee_outboxemail_act")]
@@ -383,13 +394,74 @@ class OutboxEmailAdmin(admin.ModelAdmin):
         obj = self._object_or_404(request, object_id)
         if not self.has_view_permission(request, obj):
             return HttpResponse(status=403)
-        response = HttpResponse(render_preview(obj), content_type="text/html; charset=utf-8")
-        response["Content-Security-Policy"] = PREVIEW_CSP
-        response["X-Frame-Options"] = "SAMEORIGIN"
-        response["X-Content-Type-Options"] = "nosniff"
-        response["Referrer-Policy"] = "no-referrer"
-        response["Cache-Control"] = "private, no-store"
-        return response
+        return sandboxed(render_preview(obj))
+
+    # --- previews of registered notifications and templates (kipekee.previews) ----------
+
+    def previews_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        return TemplateResponse(request, "admin/kipekee/previews.html", {
+            **self.admin_site.each_context(request), "opts": self.model._meta,
+            "title": "Email previews", "previews": previews.all_previews(),
+            "uncovered": previews.without_sample(),
+        })
+
+    def _sample_or_404(self, key: str) -> previews.Preview:
+        try:
+            return previews.get(key)
+        except KeyError:
+            raise Http404(f"No preview {key!r}.") from None
+
+    def sample_view(self, request: HttpRequest, key: str) -> HttpResponse:
+        """One preview: what would go out, and a test send (POST ``to``) through the outbox."""
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        preview = self._sample_or_404(key)
+        form = TestSendForm(request.POST or None,
+                            initial={"to": getattr(request.user, "email", "")})
+        if request.method == "POST":
+            if not self.has_change_permission(request):
+                return HttpResponse(status=403)
+            if form.is_valid():
+                try:
+                    receipt = previews.send_test(preview, form.cleaned_data["to"],
+                                                 requested_by=request.user.get_username())
+                except Exception as exc:  # noqa: BLE001 - shown to the person who asked
+                    self.message_user(request, f"Not sent: {type(exc).__name__}: {exc}",
+                                      messages.ERROR)
+                else:
+                    url = reverse("admin:kipekee_outboxemail_change", args=[receipt.id])
+                    self.message_user(request, format_html(
+                        'Test queued as <a href="{}">#{}</a> to {}: an engine sends it.',
+                        url, receipt.id, form.cleaned_data["to"]))
+                return HttpResponseRedirect(request.path)
+        rendered, error = None, ""
+        try:
+            rendered = previews.render(preview)
+        except Exception as exc:  # noqa: BLE001 - the page shows what is wrong
+            error = f"{type(exc).__name__}: {exc}"
+        return TemplateResponse(request, "admin/kipekee/preview.html", {
+            **self.admin_site.each_context(request), "opts": self.model._meta,
+            "title": f"Preview: {preview.key}", "preview": preview, "rendered": rendered,
+            "error": error, "form": form,
+            "can_send": self.has_change_permission(request),
+            "frame_url": reverse("admin:kipekee_preview_frame", args=[preview.key]),
+        })
+
+    def sample_frame_view(self, request: HttpRequest, key: str) -> HttpResponse:
+        """The preview's HTML for the sandboxed frame, under :data:`PREVIEW_CSP`."""
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        preview = self._sample_or_404(key)
+        try:
+            rendered = previews.render(preview)
+        except Exception as exc:  # noqa: BLE001 - the frame says what is wrong
+            return sandboxed(f"<!doctype html><pre>{escape(exc)}</pre>", status=422)
+        if rendered.html is None:
+            return sandboxed('<!doctype html><meta charset="utf-8"><pre style="white-space:'
+                             f'pre-wrap;font:14px/1.4 monospace">{escape(rendered.text)}</pre>')
+        return sandboxed(with_data_uris(rendered.html, rendered.inline))
 
     def act_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """One message's retry, cancel or resend (POST from the change page's buttons)."""
@@ -460,6 +532,33 @@ class OutboxEmailAdmin(admin.ModelAdmin):
             self.message_user(request, f"{len(reasons)} not resent: {shown}", messages.WARNING)
 
 
+def sandboxed(html: str, status: int = 200) -> HttpResponse:
+    """An email's HTML as its own page, under :data:`PREVIEW_CSP` (for a sandboxed
+    iframe of the admin, and safe when opened alone)."""
+    response = HttpResponse(html, content_type="text/html; charset=utf-8", status=status)
+    response["Content-Security-Policy"] = PREVIEW_CSP
+    response["X-Frame-Options"] = "SAMEORIGIN"
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Referrer-Policy"] = "no-referrer"
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+def with_data_uris(html: str, inline: Mapping[str, tuple[str, bytes]]) -> str:
+    """``html`` with its ``cid:`` images (``inline``: Content-ID → (type, bytes)) put in as
+    ``data:`` URIs: the CSP lets the frame show those, and nothing remote."""
+    if "cid:" not in html.lower():
+        return html
+
+    def data_uri(match: re.Match[str]) -> str:
+        found = inline.get(match.group(2))
+        if found is None:
+            return match.group(0)
+        return f"{match.group(1)}data:{found[0]};base64,{base64.b64encode(found[1]).decode()}"
+
+    return _CID.sub(data_uri, html)
+
+
 def render_preview(obj: OutboxEmail) -> str:
     """The HTML part of the message (inline ``cid:`` images as ``data:``), or its text."""
     html = obj.body if obj.content_subtype == "html" else next(
@@ -468,17 +567,14 @@ def render_preview(obj: OutboxEmail) -> str:
         return ('<!doctype html><meta charset="utf-8"><pre style="white-space:pre-wrap;'
                 f'font:14px/1.4 monospace">{escape(obj.body)}</pre>')
     if "cid:" in html.lower():
-        inline = {a.content_id: a for a in obj.attachments.exclude(content_id="")}
-
-        def data_uri(match: re.Match[str]) -> str:
-            attachment = inline.get(match.group(2))
-            if attachment is None:
-                return match.group(0)
-            encoded = base64.b64encode(bytes(attachment.content)).decode()
-            return f"{match.group(1)}data:{attachment.mimetype};base64,{encoded}"
-
-        html = _CID.sub(data_uri, html)
+        html = with_data_uris(html, {a.content_id: (a.mimetype, bytes(a.content))
+                                     for a in obj.attachments.exclude(content_id="")})
     return html
+
+
+class TestSendForm(forms.Form):
+    to = EmailAddressField(label="Send a test to",
+                           help_text="Only this address gets it, through the outbox.")
 
 
 class SuppressionForm(forms.ModelForm):
@@ -523,3 +619,82 @@ class WebhookEventAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: object) -> bool:
         return False
+
+
+@admin.register(MailingList)
+class MailingListAdmin(admin.ModelAdmin):
+    """The lists people may leave. The key is what code sends with, fixed once created
+    (unsubscriptions name it); a list that someone left cannot be deleted."""
+
+    list_display = ["name", "key", "unsubscribed", "created_at"]
+    search_fields = ["name", "key"]
+    fields = ["key", "name", "description", "created_at"]
+    readonly_fields = ["created_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return ["key", "created_at"] if obj is not None else ["created_at"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[MailingList]:
+        return super().get_queryset(request).annotate(unsubscribed_count=Count("unsubscriptions"))
+
+    @admin.display(description="unsubscribed", ordering="unsubscribed_count")
+    def unsubscribed(self, obj: Any) -> str:
+        url = reverse("admin:kipekee_unsubscription_changelist")
+        return format_html('<a href="{}?mailing_list__key__exact={}">{}</a>', url, obj.key,
+                           obj.unsubscribed_count)
+
+
+class UnsubscriptionForm(forms.ModelForm):
+    """The address in its canonical spelling before the uniqueness check (another
+    spelling of a mailbox that left the list is reported, not a 500)."""
+
+    class Meta:
+        model = Unsubscription
+        fields = ["mailing_list", "address"]
+
+    def clean_address(self) -> str:
+        return canonical(self.cleaned_data["address"])
+
+
+@admin.register(Unsubscription)
+class UnsubscriptionAdmin(admin.ModelAdmin):
+    """Who left which list. Adding one unsubscribes (source "admin"); deleting one (or
+    several, with "Delete selected") subscribes the address back. Both go through :mod:`kipekee.lists`, so the
+    ``unsubscribed`` / ``resubscribed`` signals are sent as for the person's own click."""
+
+    form = UnsubscriptionForm
+    list_display = ["address", "mailing_list", "source", "created_at"]
+    list_filter = ["mailing_list", "source"]
+    list_select_related = ["mailing_list"]
+    search_fields = ["address"]
+    search_help_text = "Part of an address, or a whole address in any spelling."
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return ["mailing_list", "address"] if obj is None else [
+            "mailing_list", "address", "source", "created_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [] if obj is None else ["mailing_list", "address", "source", "created_at"]
+
+    def save_model(self, request: HttpRequest, obj: Unsubscription, form: Any,
+                   change: bool) -> None:
+        if change:
+            return  # every field is read-only once written
+        row, _ = lists.unsubscribe(obj.mailing_list_id, obj.address,
+                                   source=UnsubscribeSource.ADMIN)
+        obj.pk, obj.source, obj.created_at = row.pk, row.source, row.created_at
+
+    def delete_model(self, request: HttpRequest, obj: Unsubscription) -> None:
+        lists.resubscribe(obj.mailing_list_id, obj.address, source=UnsubscribeSource.ADMIN)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Unsubscription]) -> None:
+        # Django's "Delete selected" action: each address subscribes back, with its signal.
+        for key, address in queryset.values_list("mailing_list_id", "address"):
+            lists.resubscribe(key, address, source=UnsubscribeSource.ADMIN)
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Unsubscription],
+                           search_term: str) -> tuple[QuerySet[Unsubscription], bool]:
+        found, duplicates = super().get_search_results(request, queryset, search_term)
+        if "@" in search_term:  # stored canonical
+            found = found | queryset.filter(address=canonical(search_term))
+        return found, duplicates

@@ -23,6 +23,13 @@ class KipekeeConfig(AppConfig):
         if importlib.util.find_spec("anymail") is not None:
             # Delivery events (anymail's tracking signal) update rows and suppressions.
             from . import tracking  # noqa: F401
+            # The mailto: unsubscribe link's email, when an ESP forwards inbound mail
+            # to anymail's inbound webhook.
+            from anymail.signals import inbound
+
+            from . import lists
+
+            inbound.connect(lists.on_inbound, dispatch_uid="kipekee-lists-inbound")
 
         # The thread engine starts with the first request of a process (not at import,
         # which also happens in migrate, shell and friends), so rows left deferred by a

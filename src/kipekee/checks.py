@@ -13,6 +13,7 @@ kipekee.W010   SMTP credentials sent without TLS to a host that is not local
 kipekee.W011   a development backend (console, file, locmem, dummy) with DEBUG off
 kipekee.W012   DEFAULT_FROM_EMAIL is Django's placeholder ``webmaster@localhost``
 kipekee.W013   a boto3-based provider (anymail's Amazon SES) retries inside each send
+kipekee.W014   ``UNSUBSCRIBE["BASE_URL"]`` is not https (one-click unsubscribe needs it)
 =============  ==============================================================
 
 Checks never connect anywhere: ``manage.py kipekee_check`` does that.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
@@ -69,7 +71,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             hint='Set DEFAULT_FROM_EMAIL = "Your Shop <orders@your-domain>", a domain your '
                  "providers are allowed to send for (SPF/DKIM).",
             id="kipekee.W012"))
+    messages.extend(_check_unsubscribe(parsed.unsubscribe))
     return messages
+
+
+def _check_unsubscribe(unsubscribe: conf.UnsubscribeConfig) -> list[CheckMessage]:
+    base = urlsplit(unsubscribe.base_url or "")
+    if not base.scheme or base.scheme == "https" or base.hostname in _LOCAL_HOSTS:
+        return []
+    return [Warning(
+        f'KIPEKEE["UNSUBSCRIBE"]["BASE_URL"] is {unsubscribe.base_url!r}: mailbox providers '
+        "make the one-click unsubscribe POST only to an https link (RFC 8058), and show no "
+        "unsubscribe button otherwise.",
+        hint="Give the https address your site is served from.", id="kipekee.W014")]
 
 
 def _check_provider(p: conf.ProviderConfig) -> list[CheckMessage]:

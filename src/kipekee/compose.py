@@ -35,7 +35,7 @@ from django.template.backends.django import Template as DjangoBackendTemplate
 from django.template.base import VariableNode
 from django.utils import translation
 
-from . import conf
+from . import conf, lists
 from .dispatch import Receipt, submit, submit_many
 from .exceptions import InvalidMessage, TemplateError
 from .message import RelatedMessage, inline_part
@@ -209,6 +209,7 @@ class Email:
         event: str = "",
         target: Model | None = None,
         lane: str | None = None,
+        mailing_list: str = "",
     ) -> None:
         if template is None and subject is None:
             raise InvalidMessage("Give a template name, or a subject and a body.")
@@ -236,9 +237,15 @@ class Email:
         # The notification event and business object the outbox row is linked to.
         self.event = event
         self.target = target
-        # The outbox lane (KIPEKEE["LANES"]); None: "transactional" from send(), "bulk"
-        # from send_many().
+        # The outbox lane (KIPEKEE["LANES"]); None: "transactional" from send() (but
+        # "bulk" for list mail), "bulk" from send_many().
         self.lane = lane
+        # A MailingList key: one recipient, the unsubscribe headers and the template's
+        # ``unsubscribe_url``, and not sent to who left that list (kipekee.lists).
+        self.mailing_list = mailing_list
+        # None: KIPEKEE["STRICT_TEMPLATES"]; previews render strictly whatever it says.
+        self.strict: bool | None = None
+        self._links: tuple[tuple[str, str], lists.Links] | None = None
         self._inline: dict[str, InlineImage] = {}
         self._rendered_inline: dict[str, InlineImage] = {}
 
@@ -303,15 +310,19 @@ class Email:
     def _render_templates(self) -> tuple[str, str | None, str | None]:
         subject, text, html = self.subject, self.text, self.html
         if self.template is not None:
-            strict = conf.get().strict_templates
+            strict = conf.get().strict_templates if self.strict is None else self.strict
             name = self.template
+            context = self.context
+            links = self.list_links()
+            if links is not None:  # the footer's link; the caller's own value wins
+                context = {"unsubscribe_url": links.url, **context}
             if subject is None:
-                subject = render(f"{name}.subject.txt", self.context, autoescape=False,
+                subject = render(f"{name}.subject.txt", context, autoescape=False,
                                  strict=strict).strip()
             if html is None and _template_exists(f"{name}.html"):
-                html = render(f"{name}.html", self.context, autoescape=True, strict=strict)
+                html = render(f"{name}.html", context, autoescape=True, strict=strict)
             if text is None and _template_exists(f"{name}.txt"):
-                text = render(f"{name}.txt", self.context, autoescape=False, strict=strict)
+                text = render(f"{name}.txt", context, autoescape=False, strict=strict)
             if html is None and text is None:
                 raise TemplateError(
                     f"Email template {name!r}: neither {name}.html nor {name}.txt exists."
@@ -319,13 +330,36 @@ class Email:
         assert subject is not None
         return subject, text, html
 
+    def list_links(self) -> lists.Links | None:
+        """The unsubscribe link and headers of a list message (None for other mail),
+        made once per list and recipient: the headers and the body carry one token."""
+        if not self.mailing_list:
+            return None
+        recipients = [*self.to, *self.cc, *self.bcc]
+        if len(recipients) != 1:
+            raise InvalidMessage(
+                f"A message to mailing list {self.mailing_list!r} goes to one recipient (its "
+                f"unsubscribe link names them), not {len(recipients)}: send one per "
+                "subscriber.")
+        own = sorted(name for name in self.headers if name.lower() in lists.HEADERS)
+        if own:
+            raise InvalidMessage(
+                f"A message to mailing list {self.mailing_list!r} gets its {', '.join(own)} "
+                "header from Kipekee: do not set it yourself.")
+        wanted = (self.mailing_list, recipients[0])
+        if self._links is None or self._links[0] != wanted:
+            self._links = (wanted, lists.links(*wanted))
+        return self._links[1]
+
     def build(self) -> RelatedMessage:
         """The Django message, rendered (validation happens when it is enqueued)."""
         subject, text, html = self.render()
+        links = self.list_links()
         message = RelatedMessage(
             subject=subject, body=text if text is not None else html or "",
             from_email=self.from_email, to=self.to, cc=self.cc, bcc=self.bcc,
-            reply_to=self.reply_to, headers=self.headers,
+            reply_to=self.reply_to,
+            headers=self.headers if links is None else {**self.headers, **links.headers},
         )
         if text is None:
             message.content_subtype = "html"
@@ -340,10 +374,13 @@ class Email:
     def send(self, *, using: str | None = None) -> Receipt:
         """Write to the outbox in the current transaction; deliver as the mode says."""
         return submit(
-            self.build(), mode=self.mode, lane=self.lane or conf.TRANSACTIONAL,
+            self.build(), mode=self.mode,
+            # List mail waits behind transactional mail unless it names its lane.
+            lane=self.lane or (conf.BULK if self.mailing_list else conf.TRANSACTIONAL),
             idempotency_key=self.idempotency_key, send_at=self.send_at,
             provider=self.provider, template=self.template or "", metadata=self.metadata,
-            event=self.event, target=self.target, using=using,
+            event=self.event, target=self.target, mailing_list=self.mailing_list,
+            using=using,
         )
 
     def new_email(self, *, mode: str, lane: str) -> NewEmail:
@@ -353,7 +390,7 @@ class Email:
             message=self.build(), mode=self.mode or mode, lane=self.lane or lane,
             idempotency_key=self.idempotency_key, send_at=self.send_at,
             provider=self.provider, template=self.template or "", metadata=self.metadata,
-            event=self.event, target=self.target,
+            event=self.event, target=self.target, mailing_list=self.mailing_list,
         )
 
     async def asend(self, *, using: str | None = None) -> Receipt:

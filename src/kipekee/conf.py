@@ -29,9 +29,12 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
+from django.core.exceptions import ValidationError
 from django.core.signals import setting_changed
+from django.core.validators import validate_email
 from django.dispatch import receiver
 
 from .exceptions import ConfigurationError, InvalidMessage
@@ -153,6 +156,21 @@ class ConnectionsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UnsubscribeConfig:
+    """``KIPEKEE["UNSUBSCRIBE"]``: the links that list mail carries (:mod:`kipekee.lists`).
+
+    ``base_url`` is where ``kipekee.urls`` is served from (``"https://shop.example"``;
+    the path comes from ``reverse``), ``mailto`` an address whose inbound mail reaches
+    :func:`kipekee.lists.unsubscribe_by_mail` (none: no ``mailto:`` link), ``max_age``
+    how long a link works.
+    """
+
+    base_url: str | None = None
+    mailto: str | None = None
+    max_age: timedelta = timedelta(days=180)
+
+
+@dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
     mode: Mode = "hybrid"
@@ -176,6 +194,7 @@ class KipekeeSettings:
         sorted(DEFAULT_LANES.values(), key=lambda lane: (-lane.priority, lane.name)))
     # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
     max_message_size: int | None = 25_000_000
+    unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
 
     def lane(self, name: str) -> LaneConfig:
         """The lane called ``name``; ``InvalidMessage`` naming the known ones if none is."""
@@ -213,6 +232,7 @@ _KNOWN_KEYS = {
     "CONNECTIONS",
     "LANES",
     "MAX_MESSAGE_SIZE",
+    "UNSUBSCRIBE",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -351,6 +371,7 @@ def parse(raw: Any) -> KipekeeSettings:
         connections=_parse_connections(raw),
         lanes=_parse_lanes(raw.get("LANES", {})),
         max_message_size=_max_message_size(raw),
+        unsubscribe=_unsubscribe(raw),
         **_parse_operations(raw),
     )
 
@@ -423,6 +444,38 @@ def _max_message_size(raw: dict[str, Any]) -> int | None:
             f'KIPEKEE["MAX_MESSAGE_SIZE"] must be a number of bytes (an int >= 1) or None '
             f"(no cap), not {value!r}.")
     return value
+
+
+def _unsubscribe(raw: dict[str, Any]) -> UnsubscribeConfig:
+    value = raw.get("UNSUBSCRIBE", {})
+    keys = {"BASE_URL", "MAILTO", "MAX_AGE_DAYS"}
+    if not isinstance(value, dict) or set(value) - keys:
+        raise ConfigurationError(
+            f'KIPEKEE["UNSUBSCRIBE"] must be a dict with keys among {sorted(keys)}.')
+    base_url = value.get("BASE_URL")
+    if base_url is not None:
+        parts = urlsplit(base_url) if isinstance(base_url, str) else None
+        if (parts is None or parts.scheme not in ("https", "http") or not parts.hostname
+                or parts.query or parts.fragment or any(c.isspace() for c in base_url)
+                or not base_url.isascii()):
+            # ASCII: the link goes into a header as it is (an IDN host in its xn-- form).
+            raise ConfigurationError(
+                'KIPEKEE["UNSUBSCRIBE"]["BASE_URL"] must be the https:// address your site is '
+                f"served from (e.g. \"https://shop.example\"; a non-ASCII domain in its "
+                f"xn-- form), not {base_url!r}.")
+        base_url = base_url.rstrip("/")
+    mailto = value.get("MAILTO")
+    if mailto is not None:
+        try:
+            if not isinstance(mailto, str) or not mailto.isascii():
+                raise ValidationError("not an ASCII string")
+            validate_email(mailto)
+        except ValidationError:
+            raise ConfigurationError(
+                'KIPEKEE["UNSUBSCRIBE"]["MAILTO"] must be one plain address '
+                f"(unsubscribe@shop.example), not {mailto!r}.") from None
+    days = _positive_number(value, "MAX_AGE_DAYS", 180, "UNSUBSCRIBE")
+    return UnsubscribeConfig(base_url=base_url, mailto=mailto, max_age=timedelta(days=days))
 
 
 #: What Django 6.1 uses for a MAILERS entry without "BACKEND".

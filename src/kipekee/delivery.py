@@ -26,7 +26,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.db.models import prefetch_related_objects
 from django.utils import timezone
 
-from . import circuit, connections, deadlines, providers, suppression
+from . import circuit, connections, deadlines, lists, providers, suppression
 from .connections import Connection, ProviderBusy, is_server_closed
 from .message import from_row
 from .models import ErrorKind, OutboxEmail
@@ -133,6 +133,15 @@ class _Pending:
 _NO_KEY = object()
 
 
+def _by_list(rows: Sequence[OutboxEmail]) -> dict[str, set[str]]:
+    """The recipients of the list mail among ``rows``, by list key."""
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        if row.mailing_list:
+            wanted.setdefault(row.mailing_list, set()).update(row.recipients)
+    return wanted
+
+
 def _key(item: Any) -> Any:
     """An item's ``key``: only items with equal keys may share a request (``None``: it
     shares with none). Items without one (Mailtrap's) may share with any."""
@@ -231,7 +240,8 @@ class Deliverer:
         # Suppressions found when the row was written stay on the record.
         refused = {a: why for a, why in row.refused.items() if why.startswith("suppressed:")}
         if suppressed is None:
-            suppressed = suppression.check(row.recipients, using=row._state.db)
+            suppressed = suppression.check(row.recipients, using=row._state.db,
+                                           mailing_list=row.mailing_list)
         now_suppressed = {a: why for a, why in suppressed.items() if a in row.recipients}
         if now_suppressed:
             message.to = [a for a in message.to if a not in now_suppressed]
@@ -360,10 +370,13 @@ class Deliverer:
         prefetch_related_objects(list(rows), "attachments")
         using = rows[0]._state.db if rows else None
         suppressed = suppression.check({a for row in rows for a in row.recipients}, using=using)
+        # List mail: who left its list since it was written (one query per list).
+        left = lists.unsubscribed_many(_by_list(rows), using=using)
         groups: dict[str, list[_Pending]] = {}
         for index, row in enumerate(rows):
             started = timezone.now()
-            prepared = self._prepare(row, started, suppressed)
+            prepared = self._prepare(row, started, {**left[row.mailing_list], **suppressed}
+                                     if row.mailing_list in left else suppressed)
             if isinstance(prepared, Outcome):
                 outcomes[index] = prepared
                 continue

@@ -114,12 +114,15 @@ def submit(
     metadata: dict[str, Any] | None = None,
     event: str = "",
     target: Model | None = None,
+    mailing_list: str = "",
     using: str | None = None,
 ) -> Receipt:
     """Enqueue ``message`` in the current transaction and arrange its delivery.
 
     ``event`` and ``target`` (a saved model instance) link the row to the notification and
     the business object it is about: ``OutboxEmail.objects.for_object(target)``.
+    ``mailing_list``: the MailingList key of list mail (the caller added its headers,
+    :func:`kipekee.lists.links`); who left that list is not sent to.
     """
     mode = mode or conf.get().mode
     if mode not in conf.MODES:
@@ -130,7 +133,7 @@ def submit(
     row, created = outbox.enqueue(
         message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
         provider=provider, template=template, metadata=metadata, event=event,
-        target=target,
+        target=target, mailing_list=mailing_list,
         # Delivered here right after commit (unless send_at is still ahead): an engine
         # polling at that moment must not take it first (the caller would lose its
         # answer).

@@ -72,3 +72,12 @@ class UnknownProvider(ConfigurationError, KeyError):
 
 class RoutingLoop(ConfigurationError):
     """A provider's backend sends back into Kipekee's outbox instead of delivering."""
+
+
+class UnknownMailingList(InvalidMessage):
+    """``mailing_list=`` names no :class:`~kipekee.models.MailingList`: refused, because
+    a misspelt list has no unsubscriptions and would mail everyone who left the real one."""
+
+
+class InvalidToken(KipekeeError, ValueError):
+    """An unsubscribe token that was altered, signed with another key, or has expired."""

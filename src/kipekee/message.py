@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import email.message
+import email.policy
 import functools
 import re
 from dataclasses import dataclass
@@ -338,6 +339,55 @@ def is_inline(attachment: Any) -> bool:
     )
 
 
+#: Headers whose values are lists of <URI>s (RFC 2369, 8058, 2919).
+URI_LIST_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post", "list-id",
+                              "list-help", "list-subscribe", "list-post", "list-owner",
+                              "list-archive"})
+_BETWEEN_URIS = re.compile(r",\s*(?=<)")
+
+
+class _URIListPolicy(email.policy.EmailPolicy):
+    """Django 6's email policy, except that list headers are folded only between their
+    ``<URI>``s and never as encoded words.
+
+    The modern policy folds an unstructured header at 78 characters and, finding a word
+    longer than that (a one-click unsubscribe URL with its signed token), writes it as
+    ``=?utf-8?q?…?=`` words: valid MIME, but no mail client reads that as a link, and
+    Gmail shows no unsubscribe button. RFC 5322 lets a line run to 998 characters; the
+    legacy policy of Django 5.2 already leaves such a word whole.
+    """
+
+    def fold(self, name: str, value: Any) -> str:
+        folded = self._fold_uris(name, str(value))
+        return super().fold(name, value) if folded is None else folded
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        folded = self._fold_uris(name, str(value))
+        return super().fold_binary(name, value) if folded is None else folded.encode("ascii")
+
+    def _fold_uris(self, name: str, value: str) -> str | None:
+        if name.lower() not in URI_LIST_HEADERS or not value.isascii():
+            return None
+        parts = _BETWEEN_URIS.split(" ".join(value.split()))
+        lines = [f"{name}: {parts[0]}"]
+        for part in parts[1:]:
+            lines[-1] += ","
+            if len(lines[-1]) + 1 + len(part) <= (self.max_line_length or 998):
+                lines[-1] += " " + part
+            else:
+                lines.append(" " + part)
+        if any(len(line) > 998 for line in lines):
+            return None  # too long for any line: the email package's own folding
+        return self.linesep.join(lines) + self.linesep
+
+
+def _keep_uri_lists(policy: Any) -> Any:
+    """``policy`` (Django 6's ``message(policy=…)``) as a :class:`_URIListPolicy`."""
+    if isinstance(policy, _URIListPolicy) or not isinstance(policy, email.policy.EmailPolicy):
+        return policy
+    return _URIListPolicy(**vars(policy))
+
+
 class RelatedMessage(EmailMultiAlternatives):
     """An ``EmailMultiAlternatives`` that puts inline parts next to the HTML they illustrate.
 
@@ -386,6 +436,9 @@ class RelatedMessage(EmailMultiAlternatives):
         return [], self.attachments
 
     def message(self, **kwargs: Any) -> Any:
+        if django.VERSION >= (6, 0):
+            # List-Unsubscribe's <URI>s folded between them, never RFC 2047-encoded.
+            kwargs["policy"] = _keep_uri_lists(kwargs.get("policy", email.policy.default))
         inline, others = self.related_parts()
         if not inline:
             return _with_mime_version(super().message(**kwargs))

@@ -119,6 +119,9 @@ class OutboxEmail(models.Model):
     )
     object_id = models.CharField(max_length=255, blank=True)
     target = GenericForeignKey("content_type", "object_id")
+    # The MailingList.key it was sent to (empty: not list mail). Who left that list is
+    # not sent to, and the row carries the one-click unsubscribe headers (kipekee.lists).
+    mailing_list = models.CharField(max_length=100, blank=True)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     due_at = models.DateTimeField(default=timezone.now)
@@ -313,3 +316,64 @@ class WebhookEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider} {self.event} {self.recipient} ({self.event_id})"
+
+
+class MailingList(models.Model):
+    """A list people may leave: a newsletter, promotions, announcements.
+
+    Mail sent with ``mailing_list=<key>`` (``kipekee.send``, ``Email``, a notification's
+    ``Message``) carries one-click unsubscribe headers (RFC 8058) and is not sent to an
+    address that left this list (:class:`Unsubscription`); other mail (an order
+    confirmation) still is. Create lists in the admin or a data migration: sending to an
+    unknown key is refused, so a typo cannot send to everyone who left the real list.
+    """
+
+    key = models.SlugField(max_length=100, unique=True,
+                           help_text="The name code sends with: mailing_list=\"newsletter\". "
+                                     "Fixed once created.")
+    name = models.CharField(max_length=200,
+                            help_text="Shown to people on the unsubscribe page.")
+    description = models.TextField(blank=True, help_text="Shown on the unsubscribe page.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name or self.key
+
+
+class UnsubscribeSource(models.TextChoices):
+    ONE_CLICK = "one-click", "one-click (RFC 8058 POST from the mailbox provider)"
+    PAGE = "page", "the unsubscribe page"
+    MAILTO = "mailto", "an email to the unsubscribe address"
+    ADMIN = "admin", "the admin"
+    CODE = "code", "application code"
+
+
+class Unsubscription(models.Model):
+    """``address`` left ``mailing_list``: list mail to it is not sent (status
+    ``suppressed``); other mail is. ``address`` is stored canonical
+    (:func:`kipekee.addresses.canonical`): one row per mailbox and list."""
+
+    # to_field: the row names the list by its key, as the outbox rows do, so the check
+    # before sending needs no join. PROTECT: deleting a list must not forget who left it
+    # (a list made again under the same key would mail them).
+    mailing_list = models.ForeignKey(MailingList, to_field="key", on_delete=models.PROTECT,
+                                     related_name="unsubscriptions")
+    address = models.CharField(max_length=254)
+    source = models.CharField(max_length=16, choices=UnsubscribeSource.choices,
+                              default=UnsubscribeSource.CODE)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["mailing_list", "address"],
+                                               name="kipekee_unsubscribed_once")]
+
+    def __str__(self) -> str:
+        return f"{self.address} left {self.mailing_list_id}"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.address = canonical(self.address)
+        super().save(*args, **kwargs)  # type: ignore[arg-type]

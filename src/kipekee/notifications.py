@@ -85,12 +85,15 @@ class Message:
     reply_to: Recipients = None
     from_email: str | None = None
     mode: str | None = None
-    # The outbox lane; None: "transactional" from notify(), the call's from notify_many().
+    # The outbox lane; None: "transactional" from notify() ("bulk" for list mail), the
+    # call's from notify_many().
     lane: str | None = None
     provider: str = ""
     when: Callable[[Any], bool] | None = None
     at: Callable[[Any], datetime | None] | None = None
     attachments: Callable[[Any], Iterable[Attachment]] | None = None
+    # A MailingList key: the one-click unsubscribe headers, and not sent to who left it.
+    mailing_list: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -106,6 +109,9 @@ class Notification:
     event: str
     messages: tuple[Message, ...]
     model: type[models.Model] | None = None
+    # Makes an example of the object for previews (kipekee.previews); it may create rows:
+    # previews roll them back.
+    sample: Callable[[], Any] | None = None
     _receivers: list[Callable[..., None]] = field(default_factory=list, repr=False,
                                                   compare=False)
 
@@ -120,9 +126,11 @@ _registry: dict[str, Notification] = {}
 
 
 def register(event: str, *messages: Message, model: type[models.Model] | None = None,
-             replace: bool = False) -> Notification:
+             sample: Callable[[], Any] | None = None, replace: bool = False) -> Notification:
     """Declare ``event``. With ``model``, its reminders follow that model's saves and
-    deletes. Registering an event twice is an error unless ``replace=True``."""
+    deletes. ``sample()`` makes an example object the event is about, for previews in
+    the admin and ``manage.py kipekee_render`` (:mod:`kipekee.previews`). Registering an
+    event twice is an error unless ``replace=True``."""
     if not event or not messages:
         raise ConfigurationError("A notification needs an event name and at least one Message.")
     names = [m.name for m in messages]
@@ -134,7 +142,7 @@ def register(event: str, *messages: Message, model: type[models.Model] | None = 
         if not replace:
             raise ConfigurationError(f"Notification {event!r} is already registered.")
         unregister(event)
-    notification = Notification(event, tuple(messages), model)
+    notification = Notification(event, tuple(messages), model, sample)
     if model is not None and any(m.is_reminder for m in messages):
         _connect(notification, model)
     _registry[event] = notification
@@ -315,6 +323,18 @@ def status(event: str, obj: models.Model) -> dict[str, str | None]:
     return result
 
 
+def registered() -> list[Notification]:
+    """Every registered notification, by event name."""
+    return [_registry[event] for event in sorted(_registry)]
+
+
+def email(event: str, name: str, obj: models.Model, **extra: Any) -> Email:
+    """The :class:`Email` that message ``name`` of ``event`` makes about ``obj``, not
+    sent (previews; a test's look at what would go out)."""
+    notification = get(event)
+    return _email(notification, notification.message(name), obj, extra)
+
+
 def _resolve(value: Any, obj: Any) -> Any:
     return value(obj) if callable(value) else value
 
@@ -334,6 +354,7 @@ def _email(notification: Notification, message: Message, obj: models.Model,
         message.template, to=to, context=context,
         cc=_resolve(message.cc, obj), bcc=_resolve(message.bcc, obj),
         reply_to=_resolve(message.reply_to, obj), from_email=message.from_email,
+        mailing_list=message.mailing_list,
         attachments=list(message.attachments(obj)) if message.attachments else (),
         mode=message.mode, lane=message.lane, provider=message.provider, send_at=send_at,
         language=_resolve(message.language, obj) or None,

@@ -35,7 +35,7 @@ from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
-from . import conf, lanes, signals, suppression
+from . import conf, lanes, lists, signals, suppression
 from .addresses import canonical
 from .exceptions import InvalidMessage
 from .message import StoredAttachment, make_message_id, to_fields, validate
@@ -97,6 +97,7 @@ class NewEmail:
     event: str = ""
     target: Model | None = None
     hold: timedelta | None = None
+    mailing_list: str = ""
 
 
 def enqueue(
@@ -111,6 +112,7 @@ def enqueue(
     metadata: dict[str, Any] | None = None,
     event: str = "",
     target: Model | None = None,
+    mailing_list: str = "",
     hold: timedelta | None = None,
     using: str | None = None,
     announce: bool = False,
@@ -123,6 +125,9 @@ def enqueue(
 
     ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
     row is committed), in the INSERT itself.
+
+    ``mailing_list``: the MailingList key of list mail; an unknown key is refused
+    (``UnknownMailingList``), and who left that list is taken off as the suppressed are.
 
     Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
@@ -140,10 +145,13 @@ def enqueue(
     row, attachments = _new_row(NewEmail(
         message=message, mode=mode, lane=lane, idempotency_key=idempotency_key,
         send_at=send_at, provider=provider, template=template, metadata=metadata,
-        event=event, target=target, hold=hold), db, timezone.now())
+        event=event, target=target, hold=hold, mailing_list=mailing_list), db, timezone.now())
+    if mailing_list:
+        lists.require(mailing_list, using=db)
     alone = not attachments and not connections[db].in_atomic_block
     with nullcontext() if alone else transaction.atomic(using=db):
-        _apply_suppressions(row, suppression.check(row.recipients, using=db))
+        _apply_suppressions(row, suppression.check(row.recipients, using=db,
+                                                   mailing_list=mailing_list))
         inserted = _insert(OutboxEmail, [row], db, if_new=bool(idempotency_key),
                            notify=announce)
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
@@ -168,16 +176,23 @@ def enqueue_many(items: Sequence[NewEmail], *,
     db = using or db_for_write()
     now = timezone.now()
     built: list[tuple[OutboxEmail, list[StoredAttachment]]] = []
+    by_list: dict[str, set[str]] = {}
     for index, item in enumerate(items):
         try:
             built.append(_new_row(item, db, now))
+            if item.mailing_list and item.mailing_list not in by_list:
+                lists.require(item.mailing_list, using=db)  # once per list named
         except InvalidMessage as exc:
             raise type(exc)(f"Message {index}: {exc}") from exc
+        if item.mailing_list:
+            by_list.setdefault(item.mailing_list, set()).update(built[-1][0].recipients)
     if not built:
         return []
     found = suppression.check({a for row, _ in built for a in row.recipients}, using=db)
+    left = lists.unsubscribed_many(by_list, using=db)
     for row, _ in built:
-        _apply_suppressions(row, {a: found[a] for a in row.recipients if a in found})
+        refused = {**left.get(row.mailing_list, {}), **found}
+        _apply_suppressions(row, {a: refused[a] for a in row.recipients if a in refused})
     for tries_left in (2, 1, 0):
         try:
             # The caller's transaction (or one of its own) with a savepoint: a refused
@@ -256,6 +271,7 @@ def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[
         message_id=message_id,
         mode=item.mode,
         lane=item.lane,
+        mailing_list=item.mailing_list,
         idempotency_key=item.idempotency_key or None,
         template=item.template,
         metadata=item.metadata or {},
@@ -1145,8 +1161,10 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
         raise InvalidMessage(f"Outbox email {pk} has no recipients left to resend to"
                              + (f"; taken off when it was written: {taken_off}"
                                 if taken_off else "."))
-    # As for a new message: recipients suppressed since are taken off the copy.
-    refused = suppression.check(original.recipients, using=db)
+    # As for a new message: recipients suppressed since (or who left its list) are
+    # taken off the copy.
+    refused = suppression.check(original.recipients, using=db,
+                                mailing_list=original.mailing_list)
     to, cc, bcc = ([a for a in addresses if a not in refused]
                    for addresses in (original.to, original.cc, original.bcc))
     if not (to or cc or bcc):

@@ -26,6 +26,16 @@ transaction is open; a rolled-back change is never announced), with
 ``cancelled``
     ``email`` (status ``cancelled``), cancelled by a person.
 
+Mailing lists (:mod:`kipekee.lists`) send two more, with ``sender=MailingList``:
+
+``unsubscribed``
+    ``mailing_list`` (the :class:`~kipekee.models.MailingList`), ``address`` (canonical)
+    and ``source`` (``"one-click"``, ``"page"``, ``"mailto"``, ``"admin"``, ``"code"``):
+    the address left the list. Not sent again for an address that had already left.
+``resubscribed``
+    the same arguments: the address came back (the unsubscribe page's way back, the
+    admin, :func:`kipekee.lists.resubscribe`).
+
 Receivers run in the thread that changed the row (a request, an engine), outside any
 transaction of Kipekee's. A receiver cannot change what Kipekee recorded: what it raises
 is logged (``kipekee.signals`` logger, with the traceback) and goes no further — not
@@ -50,10 +60,13 @@ deferred = Signal()
 failed = Signal()
 cancelled = Signal()
 suppressed = Signal()
+unsubscribed = Signal()
+resubscribed = Signal()
 
 _NAMES = {id(signal): name for name, signal in (
     ("queued", queued), ("sent", sent), ("deferred", deferred), ("failed", failed),
-    ("cancelled", cancelled), ("suppressed", suppressed))}
+    ("cancelled", cancelled), ("suppressed", suppressed), ("unsubscribed", unsubscribed),
+    ("resubscribed", resubscribed))}
 
 
 def send_on_commit(signal: Signal, *, using: str, sender: type, **kwargs: Any) -> None:
@@ -72,8 +85,9 @@ def _send_robust(signal: Signal, sender: type, kwargs: dict[str, Any]) -> None:
     for receiver, result in signal.send_robust(sender=sender, **kwargs):
         if isinstance(result, Exception):
             email = kwargs.get("email")
+            about = (f"outbox email {email.pk}" if email is not None
+                     else f"list {getattr(kwargs.get('mailing_list'), 'key', '?')}")
             logger.error(
-                "A receiver of kipekee.signals.%s (%s) raised for outbox email %s; what "
-                "Kipekee recorded stands.", _NAMES.get(id(signal), "?"),
-                getattr(receiver, "__qualname__", receiver), getattr(email, "pk", None),
-                exc_info=result)
+                "A receiver of kipekee.signals.%s (%s) raised for %s; what Kipekee "
+                "recorded stands.", _NAMES.get(id(signal), "?"),
+                getattr(receiver, "__qualname__", receiver), about, exc_info=result)

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 from django.db import IntegrityError, connections, router, transaction
 
+from . import lists
 from .addresses import canonical
 from .models import Suppression, SuppressionReason
 
@@ -27,8 +28,19 @@ from .models import Suppression, SuppressionReason
 normalize = canonical
 
 
-def check(addresses: Iterable[str], *, using: str | None = None) -> dict[str, str]:
-    """The suppressed ones among ``addresses``: address as given → why, for the caller."""
+def check(addresses: Iterable[str], *, using: str | None = None,
+          mailing_list: str = "") -> dict[str, str]:
+    """The suppressed ones among ``addresses``: address as given → why, for the caller.
+
+    With ``mailing_list`` (list mail), also those who left that list
+    (:func:`kipekee.lists.unsubscribed`); the suppression list's reason wins.
+    """
+    addresses = list(addresses)
+    found = lists.unsubscribed(mailing_list, addresses, using=using) if mailing_list else {}
+    return {**found, **_check(addresses, using)}
+
+
+def _check(addresses: Iterable[str], using: str | None) -> dict[str, str]:
     wanted = {address: canonical(address) for address in addresses}
     if not wanted:
         return {}

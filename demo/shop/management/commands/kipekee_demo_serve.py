@@ -56,7 +56,12 @@ class Command(BaseCommand):
                      for name, config in settings.KIPEKEE["PROVIDERS"].items()}
         # Follow the ports actually bound (port 0 = a free one), for the whole process.
         # (SETTINGS_MODULE kept: runserver's banner names it, and an override drops it.)
-        override_settings(KIPEKEE={**settings.KIPEKEE, "PROVIDERS": providers},
+        # The unsubscribe links point at this server.
+        host, _, port = addrport.rpartition(":")
+        site = f"http://{host if host not in ('', '0.0.0.0', '[::]') else '127.0.0.1'}:{port}"
+        unsubscribe = {**settings.KIPEKEE.get("UNSUBSCRIBE", {}), "BASE_URL": site}
+        override_settings(KIPEKEE={**settings.KIPEKEE, "PROVIDERS": providers,
+                                   "UNSUBSCRIBE": unsubscribe},
                           SETTINGS_MODULE=settings.SETTINGS_MODULE).enable()
         url = f"http://{addrport}/"
         self.stdout.write(self.style.MIGRATE_HEADING("Kipekee demo"))
