@@ -33,11 +33,17 @@ class RetryPolicy:
                    max_attempts=r.max_attempts, lifetime=r.lifetime, jitter=r.jitter)
 
     def delay(self, attempt: int, hint: float | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        """Seconds to wait after failed attempt number ``attempt`` (1-based).
+
+        Full jitter: ``uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1)))``. Of
+        the AWS article's shapes it spreads the retries of many messages that failed
+        together (a provider outage) the widest, so they do not return as one wave; a
+        short wait now and then costs one attempt of the many ``max_attempts`` allows.
+        """
         if hint is not None and hint >= 0:
             return min(hint, self.max_delay)
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
-        return random.uniform(self.base_delay / 2, ceiling) if self.jitter else ceiling
+        return random.uniform(0.0, ceiling) if self.jitter else ceiling
 
     def next_due(
         self,
