@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   the demo site (four seed systems, dev inbox) on http://127.0.0.1:8000/
 #               (make demo-script: the one-shot version that prints outbox rows)
-#   make test   the whole test suite on Django 5.2 LTS (Python 3.11), 6.0 and 6.1 (Python 3.13),
+#   make test   the static checks (make lint: ruff, mypy --strict, the layer contract), then
+#               the whole test suite on Django 5.2 LTS (Python 3.11), 6.0 and 6.1 (Python 3.13),
 #               on SQLite, each with Django's own mail tests against Kipekee's backends
 #               (tests/django_gate), then on Django 5.2 against PostgreSQL at 127.0.0.1:5432
 #               (where the multi-process worker tests run)
@@ -16,7 +17,7 @@
 SHELL := /bin/bash
 VENVS := .venvs
 
-.PHONY: demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
+.PHONY: lint demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
 	chromium bench bench-latency
 
 $(VENVS)/django52/.installed: pyproject.toml
@@ -82,9 +83,19 @@ test-django52 test-django60 test-django61: test-%: $(VENVS)/%/.installed chromiu
 test-postgres: $(VENVS)/django52/.installed chromium
 	KIPEKEE_TEST_DATABASE=postgres $(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
 
+# The static checks, in seconds (mypy keeps its cache in .mypy_cache): ruff (rules in
+# pyproject), mypy --strict with django-stubs on src/kipekee, and the layer contract
+# (import-linter, [tool.importlinter] in pyproject).
+lint: $(VENVS)/django52/.installed
+	@status=0; \
+	$(VENVS)/django52/bin/ruff check src || status=1; \
+	$(VENVS)/django52/bin/mypy || status=1; \
+	exit $$status
+
 # Every run always happens; the target fails if any failed.
 test:
 	@status=0; \
+	echo "=== Static checks (make lint) ==="; $(MAKE) --no-print-directory lint || status=1; \
 	echo "=== Django 5.2 LTS on Python 3.11, SQLite ==="; $(MAKE) --no-print-directory test-django52 || status=1; \
 	echo "=== Django 6.0 on Python 3.13, SQLite ==="; $(MAKE) --no-print-directory test-django60 || status=1; \
 	echo "=== Django 6.1 on Python 3.13, SQLite ==="; $(MAKE) --no-print-directory test-django61 || status=1; \

@@ -6,6 +6,7 @@ PostgreSQL server at 127.0.0.1:5432 (database ``test``, trust auth).
 
 import json
 import os
+from typing import Any
 
 SECRET_KEY = "kipekee-tests-only"
 USE_TZ = True
@@ -82,7 +83,7 @@ ADMINS = [("Tours Office", "office@tours.example")]
 
 # Tests configure providers per test. No in-process engine unless a test starts one:
 # a background thread would deliver rows other tests are asserting on.
-KIPEKEE = {
+KIPEKEE: dict[str, Any] = {
     "PROVIDERS": {},
     "ENGINE": None,
 }

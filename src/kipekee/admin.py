@@ -53,6 +53,7 @@ from .models import (
     UnsubscribeSource,
     Unsubscription,
     WebhookEvent,
+    db_column,
 )
 
 #: The preview may show inline styles and embedded images, nothing else: no scripts, no
@@ -85,9 +86,8 @@ class AttemptInline(admin.TabularInline):
     model = Attempt
     extra = 0
     can_delete = False
-    fields = ["number", "provider", "outcome", "code", "error", "refused", "started_at",
-              "finished_at"]
-    readonly_fields = fields
+    fields = readonly_fields = ("number", "provider", "outcome", "code", "error", "refused",
+                                "started_at", "finished_at")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -97,8 +97,7 @@ class AttachmentInline(admin.TabularInline):
     model = Attachment
     extra = 0
     can_delete = False
-    fields = ["filename", "mimetype", "content_id"]
-    readonly_fields = fields
+    fields = readonly_fields = ("filename", "mimetype", "content_id")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -160,7 +159,7 @@ class RecipientFilter(admin.ListFilter):
                 value = params.pop(name)  # a list of values on Django >= 5.0
                 self.used_parameters[name] = value[-1] if isinstance(value, list) else value
 
-    def expected_parameters(self) -> list[str]:
+    def expected_parameters(self) -> list[str | None]:
         return list(self.parameters)
 
     def has_output(self) -> bool:
@@ -187,8 +186,11 @@ def _has_element(queryset: QuerySet[OutboxEmail], field: str, value: str) -> Any
     if connection.features.supports_json_field_contains:
         return Q(**{f"{field}__contains": [value]})
     quote = connection.ops.quote_name
-    column = f"{quote(OutboxEmail._meta.db_table)}.{quote(OutboxEmail._meta.get_field(field).column)}"
-    return RawSQL(f"EXISTS (SELECT 1 FROM json_each({column}) WHERE json_each.value = %s)",
+    table, name = OutboxEmail._meta.db_table, db_column(OutboxEmail._meta.get_field(field))
+    column = f"{quote(table)}.{quote(name)}"
+    # The column is quote_name()d from our own model; the value is a parameter.
+    sql = f"EXISTS (SELECT 1 FROM json_each({column}) WHERE json_each.value = %s)"  # noqa: S608
+    return RawSQL(sql,  # noqa: S611
                   [value], output_field=BooleanField())
 
 
@@ -232,8 +234,7 @@ class ProviderMessageInline(admin.TabularInline):
     model = ProviderMessage
     extra = 0
     can_delete = False
-    fields = ["provider", "recipient", "message_id", "created_at"]
-    readonly_fields = fields
+    fields = readonly_fields = ("provider", "recipient", "message_id", "created_at")
 
 
 @admin.register(OutboxEmail)
@@ -296,9 +297,10 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: OutboxEmail) -> str:
-        colour = {Status.SENT: "#2e7d32", Status.FAILED: "#c62828", Status.DEFERRED: "#ef6c00",
-                  Status.SUPPRESSED: "#6a1b9a", Status.CANCELLED: "#616161"}.get(
-                      obj.status, "#1565c0")
+        colours: dict[str, str] = {
+            Status.SENT: "#2e7d32", Status.FAILED: "#c62828", Status.DEFERRED: "#ef6c00",
+            Status.SUPPRESSED: "#6a1b9a", Status.CANCELLED: "#616161"}
+        colour = colours.get(obj.status, "#1565c0")
         return format_html('<span class="kipekee-status kipekee-status-{}" '
                            'style="color:{};font-weight:bold">{}</span>',
                            obj.status, colour, obj.status)
@@ -309,7 +311,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     @admin.display(description="preview")
     def preview(self, obj: OutboxEmail) -> str:
-        if obj.pk is None:
+        if not obj.pk:  # the add form's unsaved row
             return ""
         url = reverse("admin:kipekee_outboxemail_preview", args=[obj.pk])
         # sandbox without allow-scripts / allow-same-origin: the body runs nothing and
@@ -333,7 +335,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
                                 'formaction="{}" name="kipekee_action" value="{}">{}</button>',
                                 ((name, url, name, label) for name, label in buttons))
 
-    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
         # JSON containment in the URL (``?metadata__contains=``) where the database has
         # none: refused (400) rather than a NotSupportedError (500) when the page runs.
         # The recipients' lists are RecipientFilter's, which works everywhere.
@@ -635,7 +637,8 @@ class MailingListAdmin(admin.ModelAdmin):
         return ["key", "created_at"] if obj is not None else ["created_at"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[MailingList]:
-        return super().get_queryset(request).annotate(unsubscribed_count=Count("unsubscriptions"))
+        lists: QuerySet[MailingList] = super().get_queryset(request)
+        return lists.annotate(unsubscribed_count=Count("unsubscriptions"))
 
     @admin.display(description="unsubscribed", ordering="unsubscribed_count")
     def unsubscribed(self, obj: Any) -> str:
@@ -659,8 +662,9 @@ class UnsubscriptionForm(forms.ModelForm):
 @admin.register(Unsubscription)
 class UnsubscriptionAdmin(admin.ModelAdmin):
     """Who left which list. Adding one unsubscribes (source "admin"); deleting one (or
-    several, with "Delete selected") subscribes the address back. Both go through :mod:`kipekee.lists`, so the
-    ``unsubscribed`` / ``resubscribed`` signals are sent as for the person's own click."""
+    several, with "Delete selected") subscribes the address back. Both go through
+    :mod:`kipekee.lists`, so the ``unsubscribed`` / ``resubscribed`` signals are sent as for
+    the person's own click."""
 
     form = UnsubscriptionForm
     list_display = ["address", "mailing_list", "source", "created_at"]
@@ -669,7 +673,10 @@ class UnsubscriptionAdmin(admin.ModelAdmin):
     search_fields = ["address"]
     search_help_text = "Part of an address, or a whole address in any spelling."
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+    # (A flat list of names, one of the shapes django-stubs' nested fieldsets type allows,
+    # which its invariant list type cannot say.)
+    def get_fields(self, request: HttpRequest,  # type: ignore[override]
+                   obj: Any = None) -> list[str]:
         return ["mailing_list", "address"] if obj is None else [
             "mailing_list", "address", "source", "created_at"]
 
@@ -685,12 +692,12 @@ class UnsubscriptionAdmin(admin.ModelAdmin):
         obj.pk, obj.source, obj.created_at = row.pk, row.source, row.created_at
 
     def delete_model(self, request: HttpRequest, obj: Unsubscription) -> None:
-        lists.resubscribe(obj.mailing_list_id, obj.address, source=UnsubscribeSource.ADMIN)
+        lists.resubscribe(str(obj.mailing_list_id), obj.address, source=UnsubscribeSource.ADMIN)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Unsubscription]) -> None:
         # Django's "Delete selected" action: each address subscribes back, with its signal.
         for key, address in queryset.values_list("mailing_list_id", "address"):
-            lists.resubscribe(key, address, source=UnsubscribeSource.ADMIN)
+            lists.resubscribe(str(key), address, source=UnsubscribeSource.ADMIN)
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[Unsubscription],
                            search_term: str) -> tuple[QuerySet[Unsubscription], bool]:

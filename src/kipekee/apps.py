@@ -21,13 +21,12 @@ class KipekeeConfig(AppConfig):
 
             metrics.install()
         if importlib.util.find_spec("anymail") is not None:
-            # Delivery events (anymail's tracking signal) update rows and suppressions.
-            from . import tracking  # noqa: F401
-            # The mailto: unsubscribe link's email, when an ESP forwards inbound mail
-            # to anymail's inbound webhook.
+            # Delivery events (anymail's tracking signal) update rows and suppressions
+            # (tracking connects its receiver when imported). The mailto: unsubscribe
+            # link's email, when an ESP forwards inbound mail to anymail's inbound webhook.
             from anymail.signals import inbound
 
-            from . import lists
+            from . import lists, tracking  # noqa: F401
 
             inbound.connect(lists.on_inbound, dispatch_uid="kipekee-lists-inbound")
 

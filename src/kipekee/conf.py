@@ -282,7 +282,8 @@ def parse(raw: Any) -> KipekeeSettings:
             )
         limits = entry.get("LIMITS", {})
         if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
-            raise ConfigurationError(f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s') and 'CONCURRENCY'.")
+            raise ConfigurationError(
+                f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s') and 'CONCURRENCY'.")
         rate = limits.get("RATE")
         if rate is not None:
             from .limits import Rate
@@ -307,7 +308,8 @@ def parse(raw: Any) -> KipekeeSettings:
 
     retry_raw = raw.get("RETRY", {})
     if not isinstance(retry_raw, dict) or set(retry_raw) - _RETRY_KEYS:
-        raise ConfigurationError(f'KIPEKEE["RETRY"] must be a dict with keys among {sorted(_RETRY_KEYS)}.')
+        raise ConfigurationError(
+            f'KIPEKEE["RETRY"] must be a dict with keys among {sorted(_RETRY_KEYS)}.')
     default_retry = RetryConfig()
     retry = RetryConfig(
         base_delay=_positive_number(retry_raw, "BASE_DELAY", default_retry.base_delay, "RETRY"),

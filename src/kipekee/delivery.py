@@ -489,7 +489,7 @@ class Deliverer:
                         outcomes[p.index] = self._after(p, alias, failure)
                 continue
             breaker.success()
-            for (p, _), result in zip(chunk, results):
+            for (p, _), result in zip(chunk, results, strict=True):
                 if result is None:
                     outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused,
                                                    backend)

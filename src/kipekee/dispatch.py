@@ -27,10 +27,10 @@ from django.utils import timezone
 
 from . import conf, deadlines, engines, outbox
 from .delivery import Deliverer, Outcome
+from .engines.worker import notify_if_listening
 from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
 from .providers import smtp_retry_hint, transient_refusals
-from .engines.worker import notify_if_listening
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:

@@ -447,13 +447,14 @@ class RelatedMessage(EmailMultiAlternatives):
         built = super(RelatedMessage, bare).message(**kwargs)
         if django.VERSION >= (6, 0):
             html = built.get_body(("html",))
+            assert html is not None  # inline parts come with an HTML body (related_parts)
             # Content-* headers move down into a new part; the rest stay (on the top
             # part: MIME-Version, Subject…, with the new Content-Type after them).
             html.make_related()
             if html is built:
                 # The message's own Content-* headers (Content-Language…) moved down
                 # too: they go back up.
-                moved = built.get_payload(0)
+                moved: Any = built.get_payload(0)
                 for name in dict.fromkeys(n.lower() for n in self.extra_headers):
                     if name.startswith("content-") and name in moved:
                         values = moved.get_all(name)

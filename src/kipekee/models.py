@@ -17,6 +17,18 @@ from django.utils import timezone
 from .addresses import canonical
 
 
+def db_column(field: object) -> str:
+    """The database column of a concrete model field, for SQL written by hand.
+
+    django-stubs types ``Field.column`` as optional (and ``Meta.get_field`` may return a
+    relation, which has none); a field with no column here is a programming error.
+    """
+    column = getattr(field, "column", None)
+    if not isinstance(column, str):
+        raise TypeError(f"{field!r} has no database column")
+    return column
+
+
 class Status(models.TextChoices):
     QUEUED = "queued", "queued"
     SENDING = "sending", "sending"

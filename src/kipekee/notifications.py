@@ -341,7 +341,7 @@ def _resolve(value: Any, obj: Any) -> Any:
 
 def _email(notification: Notification, message: Message, obj: models.Model,
            extra: Mapping[str, Any], send_at: datetime | None = None) -> Email:
-    context: dict[str, Any] = {"object": obj, obj._meta.model_name: obj}
+    context: dict[str, Any] = {"object": obj, obj._meta.model_name or "object": obj}
     if message.context is not None:
         context.update(message.context(obj))
     context.update(extra)

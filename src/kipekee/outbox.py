@@ -47,6 +47,7 @@ from .models import (
     OutboxEmail,
     ProviderMessage,
     Status,
+    db_column,
 )
 from .redact import redact
 from .wire import check_size
@@ -214,7 +215,7 @@ def enqueue_many(items: Sequence[NewEmail], *,
 def _insert_new(built: Sequence[tuple[OutboxEmail, list[StoredAttachment]]],
                 db: str) -> list[tuple[OutboxEmail, bool]]:
     keys = list({row.idempotency_key for row, _ in built if row.idempotency_key})
-    first: dict[str, OutboxEmail] = {}
+    first: dict[str | None, OutboxEmail] = {}
     for chunk in _chunks(keys, _max_params(db)):
         # (Not in_bulk: on Django 5.2 it splits the keys at SQLite's old 999 too.)
         first.update((row.idempotency_key, row) for row in
@@ -391,11 +392,12 @@ def _make_insert_sql(model: type[models.Model], quote: Callable[[str], str],
                      ) -> tuple[list[Any], list[str], str, str, str]:
     meta = model._meta
     fields = [f for f in meta.concrete_fields if not f.primary_key]
-    head = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+    head = (f"INSERT INTO {quote(meta.db_table)} "
+            f"({', '.join(quote(db_column(f)) for f in fields)}) "
             "VALUES ")
     placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
     return (fields, [_adapter(f) for f in fields], head, placeholder,
-            f" RETURNING {quote(meta.pk.column)}")
+            f" RETURNING {quote(db_column(meta.pk))}")
 
 
 _empty_jsons: dict[tuple[Any, type, str], Any] = {}
@@ -533,7 +535,7 @@ def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str) -> None:
         if row.pk not in with_attachments:
             # Where prefetch_related puts its results (and row.attachments.all() finds
             # them): an empty queryset, which reads nothing.
-            row._prefetched_objects_cache = {_ATTACHMENTS: none}
+            row._prefetched_objects_cache = {_ATTACHMENTS: none}  # type: ignore[attr-defined]
 
 
 #: The cache name of OutboxEmail.attachments (its related_name).
@@ -566,7 +568,7 @@ def _claim_step(db: str, step: str, params: list[Any], count: int, lease_until: 
     key = (connection.vendor, step, lock)
     if key not in _claim_sqls:
         quote = connection.ops.quote_name
-        names = {f.name: quote(f.column) for f in OutboxEmail._meta.concrete_fields}
+        names = {f.name: quote(db_column(f)) for f in OutboxEmail._meta.concrete_fields}
         where, order = (part.format(**names) for part in _CLAIM_STEPS[step])
         table, pk = quote(OutboxEmail._meta.db_table), names["id"]
         _claim_sqls[key] = (
@@ -1010,7 +1012,7 @@ def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
     connection = connections[db]
     quote = connection.ops.quote_name
     meta = OutboxEmail._meta
-    pk = quote(meta.pk.column)
+    pk = quote(db_column(meta.pk))
     # Values as the ORM writes them; a CASE's branches cast on PostgreSQL, where a
     # literal's type is not taken from the column it is assigned to.
     cast = connection.vendor == "postgresql"
@@ -1022,10 +1024,12 @@ def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
             if name == "last_error" and value:
                 value = redact(value)
             columns.setdefault(name, [_UNCHANGED] * len(group))[index] = value
-    sets, params = [], []
+    sets: list[str] = []
+    params: list[Any] = []
     for name, values in columns.items():
         field = meta.get_field(name)
-        column = quote(field.column)
+        assert isinstance(field, models.Field)  # a concrete field of the row
+        column = quote(db_column(field))
         adapted = [value if value is _UNCHANGED else field.get_db_prep_save(value, connection)
                    for value in values]
         placeholder = f"CAST(%s AS {field.db_type(connection)})" if cast else "%s"

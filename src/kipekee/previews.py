@@ -45,8 +45,8 @@ from .compose import Email
 from .dispatch import Receipt, submit
 from .exceptions import ConfigurationError
 from .message import RelatedMessage, is_inline, make_message_id, validate
-from .wire import check_size
 from .models import OutboxEmail
+from .wire import check_size
 
 #: Where a template's preview is addressed unless its registration says otherwise.
 SAMPLE_TO = "Sample Recipient <recipient@example.com>"
@@ -61,7 +61,7 @@ class Preview:
     template: str
     mailing_list: str = ""
     has_sample: bool = True
-    make: Callable[[], Email] = field(repr=False, compare=False, default=lambda: _no_email())
+    make: Callable[[], Email] = field(repr=False, compare=False, default=lambda: _no_email())  # noqa: PLW0108
 
     @property
     def key(self) -> str:

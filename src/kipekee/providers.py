@@ -137,8 +137,10 @@ def _reply(code: int, text: bytes | str) -> str:
     return f"{code} {text}".strip()
 
 
-_HINT = re.compile(r"(?:try|retry)[^0-9]{0,20}?(\d+)\s*(s|sec|second|m|min|minute|h|hour)s?\b", re.I)
-_HINT_UNIT = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+_HINT = re.compile(r"(?:try|retry)[^0-9]{0,20}?(\d+)\s*(s|sec|second|m|min|minute|h|hour)s?\b",
+                   re.I)
+_HINT_UNIT = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+              "h": 3600, "hour": 3600}
 
 
 def smtp_retry_hint(reply: str) -> float | None:
@@ -221,7 +223,8 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         refused = {addr: _reply(code, text) for addr, (code, text) in exc.recipients.items()}
         codes = [code for code, _ in exc.recipients.values()]
-        kind = ErrorKind.PERMANENT if codes and all(500 <= c < 600 for c in codes) else ErrorKind.TRANSIENT
+        kind = (ErrorKind.PERMANENT if codes and all(500 <= c < 600 for c in codes)
+                else ErrorKind.TRANSIENT)
         detail = "; ".join(f"{a}: {r}" for a, r in refused.items())
         return Failure(kind=kind, error=f"all recipients refused: {detail}",
                        code=max(codes) if codes else None, refused=refused)
@@ -230,7 +233,8 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
                        error=f"authentication failed: {_reply(exc.smtp_code, exc.smtp_error)}")
     if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
         # The server turned the session down before any message was involved.
-        kind = ErrorKind.TRANSIENT if 400 <= exc.smtp_code < 500 or exc.smtp_code < 0 else ErrorKind.CONFIGURATION
+        kind = (ErrorKind.TRANSIENT if 400 <= exc.smtp_code < 500 or exc.smtp_code < 0
+                else ErrorKind.CONFIGURATION)
         return Failure(kind=kind, code=exc.smtp_code,
                        error=f"{name}: {_reply(exc.smtp_code, exc.smtp_error)}")
     if isinstance(exc, smtplib.SMTPResponseException):

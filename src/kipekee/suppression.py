@@ -22,7 +22,7 @@ from django.db import IntegrityError, connections, router, transaction
 
 from . import lists
 from .addresses import canonical
-from .models import Suppression, SuppressionReason
+from .models import Suppression, SuppressionReason, db_column
 
 #: The name this had before canonical addresses; the same function.
 normalize = canonical
@@ -63,7 +63,7 @@ def _listed(keys: set[str], using: str | None) -> set[str]:
     """
     connection = connections[using or router.db_for_read(Suppression)]
     quote = connection.ops.quote_name
-    column = quote(Suppression._meta.get_field("address").column)
+    column = quote(db_column(Suppression._meta.get_field("address")))
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {column} FROM {quote(Suppression._meta.db_table)} "

@@ -100,7 +100,8 @@ if not _DJANGO6:
     # Django 5.2's email.mime helpers (deprecated on Django 6, to be removed).
     from django.core.mail.message import SafeMIMEText, forbid_multi_line_headers
 
-_HeaderWriteError: type[Exception] = getattr(email_errors, "HeaderWriteError", email_errors.MessageError)
+_HeaderWriteError: type[Exception] = getattr(email_errors, "HeaderWriteError",
+                                             email_errors.MessageError)
 
 
 class _HeaderRefused(_HeaderWriteError, ValueError):  # type: ignore[misc, valid-type]
@@ -217,7 +218,8 @@ def _size_bound(message: EmailMessage) -> int:
     for attachment in message.attachments:
         if isinstance(attachment, (MIMEBase, email.message.Message)):
             payload = attachment.get_payload()
-            bound += 1024 + 4 * len(payload if isinstance(payload, (str, bytes)) else str(attachment))
+            data = payload if isinstance(payload, (str, bytes)) else str(attachment)
+            bound += 1024 + 4 * len(data)
             continue
         filename, content, _ = attachment
         size = len(content.encode("utf-8", "surrogatepass") if isinstance(content, str)
@@ -597,7 +599,7 @@ class _SMTPPolicy(email.policy.EmailPolicy):
             text = str(value)
             if ("=?" not in text and _PRINTABLE.fullmatch(text)
                     and issubclass(_header_class6(name.lower()), UnstructuredHeader)):
-                return _COMPAT32.fold_binary(name, text)  # type: ignore[no-any-return]
+                return _COMPAT32.fold_binary(name, text)
         return folded
 
 
@@ -825,7 +827,8 @@ class _Django6(_Builder):
 def _first_html(part: _Part) -> _Part:
     """The first text/html part that is not an attachment, in document order."""
     if part.parts is None:
-        if part.ctype == "text/html" and not any(h[0] == "content-disposition" for h in part.headers):
+        if part.ctype == "text/html" and not any(h[0] == "content-disposition"
+                                                 for h in part.headers):
             return part
         raise LookupError
     for sub in part.parts:
@@ -914,7 +917,7 @@ class _Django5(_Builder):
 
     def __init__(self, message: EmailMessage) -> None:
         super().__init__(message)
-        if message.mixed_subtype != "mixed" or getattr(
+        if getattr(message, "mixed_subtype", "mixed") != "mixed" or getattr(
                 message, "alternative_subtype", "alternative") != "alternative":
             raise _Unsupported("a multipart subtype of its own")
 
@@ -1013,7 +1016,8 @@ def _replace(tree: _Part, old: _Part, new: _Part) -> None:
 
 
 def _contains(tree: _Part, part: _Part) -> bool:
-    return any(sub is part or (isinstance(sub, _Part) and sub.parts is not None and _contains(sub, part))
+    return any(sub is part
+               or (isinstance(sub, _Part) and sub.parts is not None and _contains(sub, part))
                for sub in tree.parts or ())
 
 
@@ -1024,7 +1028,7 @@ def _django_bytes(message: EmailMessage) -> bytes:
     built: Any
     if _DJANGO6:
         # Django 6 builds a modern email.message.EmailMessage under a policy.
-        built = message.message(policy=email.policy.SMTP)  # type: ignore[call-arg]
+        built = message.message(policy=email.policy.SMTP)
         if "MIME-Version" not in built:
             built["MIME-Version"] = "1.0"  # RFC 2045 section 4; see the module docstring
         data: bytes = built.as_bytes()

@@ -129,7 +129,8 @@ class EmailBackend(AnymailMailtrapBackend):
         if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_MAX_MESSAGES:
             raise ConfigurationError(
                 f"{where}: 'batch_size' must be an int from 1 to {BATCH_MAX_MESSAGES}.")
-        options: dict[str, Any] = {"api_token": api_token, "api_url": api_url or STREAM_URLS[stream],
+        options: dict[str, Any] = {"api_token": api_token,
+                                   "api_url": api_url or STREAM_URLS[stream],
                                    "timeout": timeout, "sandbox_id": sandbox_id}
         if alias is not None:
             options["alias"] = alias
@@ -202,7 +203,7 @@ class EmailBackend(AnymailMailtrapBackend):
                 f"Unexpected batch answer for {len(items)} messages",
                 email_message=first.message, payload=request, response=response, backend=self)
         results: list[BaseException | None] = []
-        for item, answer in zip(items, responses):
+        for item, answer in zip(items, responses, strict=True):
             if not isinstance(answer, dict) or not answer.get("success"):
                 errors = answer.get("errors", []) if isinstance(answer, dict) else []
                 results.append(MailtrapBatchItemError(errors, email_message=item.message,

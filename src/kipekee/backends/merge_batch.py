@@ -93,10 +93,10 @@ class MergeBatch:
         merged.to = [item.address for item in items]
         addr_specs = [_addr_spec(item.address) for item in items]
         merged.merge_headers = {  # type: ignore[attr-defined]
-            a: {"Message-ID": item.message_id} for a, item in zip(addr_specs, items)}
+            a: {"Message-ID": item.message_id} for a, item in zip(addr_specs, items, strict=True)}
         merged.merge_metadata = {  # type: ignore[attr-defined]
             a: {"kipekee_id": str(getattr(item.message, "kipekee_id", ""))}
-            for a, item in zip(addr_specs, items)}
+            for a, item in zip(addr_specs, items, strict=True)}
         try:
             self.backend.send_messages([merged])
         except AnymailRecipientsRefused:
@@ -104,7 +104,7 @@ class MergeBatch:
         status = getattr(merged, "anymail_status", None)
         recipients = {k.lower(): v for k, v in (status.recipients if status else {}).items()}
         results: list[BaseException | None] = []
-        for address, item in zip(addr_specs, items):
+        for address, item in zip(addr_specs, items, strict=True):
             one = recipients.get(address.lower())
             item_status = AnymailStatus()
             if one is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import email.policy
 import functools
+import os
 import select
 import smtplib
 import socket
@@ -66,7 +67,10 @@ from .smtp_client import SMTP, SMTP_SSL
 
 if django.VERSION >= (6, 1):
     from django.core.mail import InvalidMailer as DjangoInvalidMailer
-    from django.utils.deprecation import RemovedInDjango2028Warning, warn_about_external_use
+    from django.utils.deprecation import (  # type: ignore[attr-defined]  # not in django-stubs 6.1
+        RemovedInDjango2028Warning,
+        warn_about_external_use,
+    )
 
 #: Django 6.1 introduced MAILERS: an alias means "configured by OPTIONS only".
 _MAILERS = django.VERSION >= (6, 1)
@@ -102,13 +106,17 @@ def _wire_bytes(email_message: EmailMessage, *, utf8: bool = False) -> bytes:
     encodes its headers as it builds them, so they stay as they are.
     """
     if utf8 and django.VERSION >= (6, 0):
-        return email_message.message(  # type: ignore[call-arg,no-any-return]
+        return email_message.message(
             policy=email.policy.SMTPUTF8).as_bytes()
     return wire.message_bytes(email_message)
 
 
-def _new_ssl_context(ca_file: str | None, certfile: str | None,
-                     keyfile: str | None) -> ssl.SSLContext:
+#: What ``ssl_certfile``/``ssl_keyfile`` may be (Django's types, ssl.load_cert_chain's).
+_Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def _new_ssl_context(ca_file: str | None, certfile: _Path | None,
+                     keyfile: _Path | None) -> ssl.SSLContext:
     # Verified TLS (hostname and chain: PROTOCOL_TLS_CLIENT's defaults) against certifi's
     # bundle, or the CA file the user chose to trust (a private relay with its own CA or
     # a self-signed certificate). Built as Django builds its context.
@@ -271,7 +279,7 @@ class EmailBackend(DjangoSMTPBackend):
         # Connect, TLS and AUTH together within the exchange time limit (and within any
         # deadline of the caller's).
         with deadlines.within(self.exchange_time_limit):
-            return super().open()  # type: ignore[no-any-return]
+            return super().open()
 
     def close(self) -> None:
         # QUIT is a courtesy: never worth more than one timeout, however the server
@@ -330,7 +338,8 @@ class EmailBackend(DjangoSMTPBackend):
                 raise
             return False
         email_message.refused_recipients = {  # type: ignore[attr-defined]
-            addr: f"{code} {text.decode('utf-8', 'replace')}" for addr, (code, text) in refused.items()
+            addr: f"{code} {text.decode('utf-8', 'replace')}"
+            for addr, (code, text) in refused.items()
         }
         delivery = connection.last_delivery if isinstance(connection, SMTP) else None
         email_message.provider_message_ids = (  # type: ignore[attr-defined]

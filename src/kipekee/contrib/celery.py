@@ -5,8 +5,9 @@ task, which claims exactly those rows and delivers them with the same code as ev
 engine. The outbox stays the truth: ``kipekee.sweep`` (add :func:`beat_schedule` to your
 beat schedule) finds due rows — scheduled ones whose time came, deferred and
 lease-expired ones, queued ones whose task is late — and hands them out again, so a task
-lost in Redis is never a lost email, and a broker that is down at commit only delays. Retries are scheduled by the outbox (``due_at``),
-never with long ETA tasks, which Redis' visibility timeout would redeliver in a loop.
+lost in Redis is never a lost email, and a broker that is down at commit only delays.
+Retries are scheduled by the outbox (``due_at``), never with long ETA tasks, which Redis'
+visibility timeout would redeliver in a loop.
 
 Setup, in the project's Celery app module::
 

@@ -29,9 +29,9 @@ from django.utils import timezone
 
 from .. import lanes, outbox
 from ..connections import close_all as close_provider_connections
+from ..delivery import Deliverer
 from ..models import OutboxEmail
 from ..outbox import NOTIFY_CHANNEL
-from ..delivery import Deliverer
 from . import Stats, _drop_broken_connections, beat, engine_name
 from .feed import Feed
 

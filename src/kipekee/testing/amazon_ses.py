@@ -57,10 +57,10 @@ _ERRORS = {
     404: ("NotFoundException", "Resource not found"),
     413: ("BadRequestException", "Message length is more than 40 MB"),
     429: ("TooManyRequestsException", "Too many requests"),
-    500: ("InternalFailure", "The request processing has failed because of an unknown "
-                             "error, exception or failure."),
-    503: ("ServiceUnavailable", "The request has failed due to a temporary failure of the "
-                                "server."),
+    500: ("InternalFailure", ("The request processing has failed because of an unknown "
+                             "error, exception or failure.")),
+    503: ("ServiceUnavailable", ("The request has failed due to a temporary failure of the "
+                                "server.")),
 }
 
 

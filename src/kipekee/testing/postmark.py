@@ -38,8 +38,8 @@ __all__ = ["LocalPostmarkServer"]
 MAX_BATCH = 500
 MAX_RECIPIENTS = 50
 _ERRORS = {
-    401: (10, "The Server API token you provided in the X-Postmark-Server-Token request header "
-              "was invalid. Please verify that you are using a valid token."),
+    401: (10, ("The Server API token you provided in the X-Postmark-Server-Token request header "
+              "was invalid. Please verify that you are using a valid token.")),
     422: (300, "Invalid email request"),
     429: (429, "Rate Limit Exceeded"),
     500: (0, "Internal Server Error"),

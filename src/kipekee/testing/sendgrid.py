@@ -112,10 +112,10 @@ class LocalSendGridServer(ContractServer):
         if self.verified_senders is not None and not (
                 sender in self.verified_senders
                 or sender.rpartition("@")[2] in self.verified_senders):
-            return _errors(403, ("from", "The from address does not match a verified Sender "
+            return _errors(403, ("from", ("The from address does not match a verified Sender "
                                  "Identity. Mail cannot be sent until this error is resolved. "
                                  "Visit https://sendgrid.com/docs/for-developers/sending-email/"
-                                 "sender-identity/ to see the Sender Identity requirements"))
+                                 "sender-identity/ to see the Sender Identity requirements")))
         personalizations = data["personalizations"]
         self.refused_recipient([r["email"] for p in personalizations
                                 for key in ("to", "cc", "bcc") for r in p.get(key) or []])
@@ -161,23 +161,23 @@ def _validate(data: dict[str, Any]) -> Iterable[tuple[str | None, str]]:
     """The documented validation errors, as (field, message)."""
     sender = data.get("from")
     if not isinstance(sender, dict) or not sender.get("email"):
-        yield ("from.email", "The from object must be provided for every email send. It is "
+        yield ("from.email", ("The from object must be provided for every email send. It is "
                              "an object that requires the email parameter, but may also "
-                             "contain a name parameter.")
+                             "contain a name parameter."))
     elif not _ADDRESS.fullmatch(str(sender["email"])):
         yield ("from.email", "Does not contain a valid address.")
     personalizations = data.get("personalizations")
     if not isinstance(personalizations, list) or not personalizations:
-        yield ("personalizations", "The personalizations field is required and must have "
-                                   "at least one personalization.")
+        yield ("personalizations", ("The personalizations field is required and must have "
+                                   "at least one personalization."))
         return
     total = 0
     for i, p in enumerate(personalizations):
         if not isinstance(p, dict) or not p.get("to"):
-            yield (f"personalizations.{i}.to", "The to array is required for all "
+            yield (f"personalizations.{i}.to", ("The to array is required for all "
                                                "personalization objects, and must have at "
                                                "least one email object with a valid email "
-                                               "address.")
+                                               "address."))
             continue
         for key in ("to", "cc", "bcc"):
             for j, r in enumerate(p.get(key) or []):
@@ -186,21 +186,21 @@ def _validate(data: dict[str, Any]) -> Iterable[tuple[str | None, str]]:
                     yield (f"personalizations.{i}.{key}.{j}.email",
                            "Does not contain a valid address.")
     if total > MAX_RECIPIENTS:
-        yield ("personalizations", f"The total number of recipients must be less than "
-                                   f"{MAX_RECIPIENTS + 1}.")
+        yield ("personalizations", (f"The total number of recipients must be less than "
+                                   f"{MAX_RECIPIENTS + 1}."))
     templated = bool(data.get("template_id"))
     if not templated and not data.get("subject") and not all(
             isinstance(p, dict) and p.get("subject") for p in personalizations):
-        yield ("subject", "The subject is required. You can get around this requirement if "
+        yield ("subject", ("The subject is required. You can get around this requirement if "
                           "you use a template with a subject defined or if every "
-                          "personalization has a subject defined.")
+                          "personalization has a subject defined."))
     content = data.get("content")
     if not templated and (not isinstance(content, list) or not content):
-        yield ("content", "Unless a valid template_id is provided, the content parameter is "
+        yield ("content", ("Unless a valid template_id is provided, the content parameter is "
                           "required. There must be at least one defined content block. We "
                           "typically suggest both text/plain and text/html blocks are "
-                          "included, but only one block is required.")
+                          "included, but only one block is required."))
     for i, block in enumerate(content or []):
         if not isinstance(block, dict) or not block.get("value"):
-            yield (f"content.{i}.value", "The content value must be a string at least one "
-                                         "character in length.")
+            yield (f"content.{i}.value", ("The content value must be a string at least one "
+                                         "character in length."))

@@ -285,7 +285,7 @@ class _SessionProtocol(SMTP):
 
     def _set_post_data_state(self) -> None:
         # A new transaction (after a message, RSET, EHLO) starts without BDAT chunks.
-        super()._set_post_data_state()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd's, untyped
         self._chunks = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -779,6 +779,9 @@ class LocalSMTPServer:
             self._commands.clear()
             self._auth_failures = 0
 
+    def _startup_failure(self) -> BaseException | None:
+        return self._startup_error
+
     def wait_for(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Block until at least ``count`` messages have arrived; return them all.
 
@@ -815,9 +818,10 @@ class LocalSMTPServer:
         )
         thread.start()
         ready.wait()
-        if self._startup_error is not None:
+        # (Set by the server thread: read through a call, which mypy does not narrow.)
+        if (error := self._startup_failure()) is not None:
             thread.join()
-            raise self._startup_error
+            raise error
         self._thread = thread
 
     def stop(self) -> None:
@@ -863,7 +867,7 @@ class LocalSMTPServer:
                 ssl=self.ssl_context if implicit_tls else None,
                 ssl_handshake_timeout=_SSL_HANDSHAKE_TIMEOUT if implicit_tls else None,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             # Reported to start()'s caller, in their thread.
             self._startup_error = exc
             sock.close()

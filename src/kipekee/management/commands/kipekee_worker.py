@@ -43,7 +43,8 @@ class Command(BaseCommand):
         parser.add_argument("--batch-size", type=_positive_int, default=10,
                             help="rows a sender claims at a time (10)")
         parser.add_argument("--poll-interval", type=_positive_float, default=1.0,
-                            help="seconds between polls when idle; PostgreSQL also wakes on NOTIFY (1)")
+                            help="seconds between polls when idle; "
+                                 "PostgreSQL also wakes on NOTIFY (1)")
         parser.add_argument("--once", action="store_true",
                             help="deliver everything due now, then exit")
         parser.add_argument("--name", help="engine name in heartbeats (kind@host:pid)")
@@ -51,7 +52,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not logging.getLogger("kipekee").handlers and not logging.getLogger().handlers:
             handler = logging.StreamHandler(self.stdout)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
             logging.getLogger("kipekee").addHandler(handler)
             logging.getLogger("kipekee").setLevel(logging.INFO)
         if options["processes"] == 1:
