@@ -24,7 +24,7 @@ $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
 	"$$(scripts/python-for 3.11)" -m venv $(VENVS)/django52
 	$(VENVS)/django52/bin/pip install -q --upgrade pip
-	$(VENVS)/django52/bin/pip install -q -e '.[test]' 'Django>=5.2,<5.3'
+	$(VENVS)/django52/bin/pip install -q -e '.[test,lint]' 'Django>=5.2,<5.3'
 	touch $@
 
 # Django 6.x on Python 3.13: its mail tests import email.errors.HeaderWriteError, which
@@ -90,6 +90,7 @@ lint: $(VENVS)/django52/.installed
 	@status=0; \
 	$(VENVS)/django52/bin/ruff check src || status=1; \
 	$(VENVS)/django52/bin/mypy || status=1; \
+	cd src && ../$(VENVS)/django52/bin/lint-imports --config ../pyproject.toml || status=1; \
 	exit $$status
 
 # Every run always happens; the target fails if any failed.

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from . import conf
+from . import conf, providers
 from .exceptions import ConfigurationError, RoutingLoop
 
 #: Option names that hold a secret; an empty value is almost always an unset variable.
@@ -87,8 +87,6 @@ def _check_unsubscribe(unsubscribe: conf.UnsubscribeConfig) -> list[CheckMessage
 
 
 def _check_provider(p: conf.ProviderConfig) -> list[CheckMessage]:
-    from . import providers
-
     where = f'KIPEKEE["PROVIDERS"][{p.alias!r}]'
     try:
         cls = providers._backend_class(p.backend)

@@ -17,6 +17,10 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 from . import conf
 
@@ -101,3 +105,9 @@ def for_provider(alias: str) -> CircuitBreaker:
 def reset() -> None:
     with _lock:
         _breakers.clear()
+
+
+@receiver(setting_changed)
+def _settings_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in conf.SETTINGS:
+        reset()

@@ -29,11 +29,15 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import css_inline
 from asgiref.sync import sync_to_async
 from django.template import Context, Engine, TemplateDoesNotExist, loader
 from django.template.backends.django import Template as DjangoBackendTemplate
 from django.template.base import VariableNode
 from django.utils import translation
+from inscriptis import get_text
+from inscriptis.css_profiles import CSS_PROFILES
+from inscriptis.model.config import ParserConfig
 
 from . import conf, lists
 from .dispatch import Receipt, submit, submit_many
@@ -121,17 +125,11 @@ def inline_css(html: str) -> str:
     """
     if "<style" not in html.lower():
         return html  # nothing to inline: leave fragments exactly as written
-    import css_inline
-
     return css_inline.inline(html, load_remote_stylesheets=False)
 
 
 def html_to_text(html: str) -> str:
     """The plain-text part for an HTML body: layout kept, links as ``[text](url)``."""
-    from inscriptis import get_text
-    from inscriptis.css_profiles import CSS_PROFILES
-    from inscriptis.model.config import ParserConfig
-
     config = ParserConfig(css=CSS_PROFILES["strict"], display_links=True, display_images=True)
     lines = [line.rstrip() for line in get_text(html, config).strip().splitlines()]
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ from django.core.signals import setting_changed
 from django.core.validators import validate_email
 from django.dispatch import receiver
 
-from .exceptions import ConfigurationError, InvalidMessage
+from .exceptions import ConfigurationError, InvalidMessage, UnknownProvider
 from .limits import Rate
 
 Mode = Literal["now", "hybrid", "queue"]
@@ -208,8 +208,6 @@ class KipekeeSettings:
         for p in self.providers:
             if p.alias == alias:
                 return p
-        from .exceptions import UnknownProvider
-
         raise UnknownProvider(alias, [p.alias for p in self.providers])
 
 
@@ -286,8 +284,6 @@ def parse(raw: Any) -> KipekeeSettings:
                 f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s') and 'CONCURRENCY'.")
         rate = limits.get("RATE")
         if rate is not None:
-            from .limits import Rate
-
             Rate.parse(rate)
         concurrency = limits.get("CONCURRENCY")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
@@ -581,13 +577,14 @@ def get() -> KipekeeSettings:
     return current
 
 
+#: The Django settings read here: when one changes (``override_settings``), the parsed
+#: settings are read again, and each module that built something from them (providers'
+#: backend classes, circuit breakers, limits) forgets it, through its own receiver.
+SETTINGS = frozenset({"KIPEKEE", "DEFAULT_FROM_EMAIL", "MAILERS"})
+
+
 @receiver(setting_changed)
 def _reset(*, setting: str, **kwargs: Any) -> None:
     global _cached
-    if setting in {"KIPEKEE", "DEFAULT_FROM_EMAIL", "MAILERS"}:
+    if setting in SETTINGS:
         _cached = None
-        from . import circuit, limits, providers
-
-        providers.reset()
-        limits.reset()
-        circuit.reset()

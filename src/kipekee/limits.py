@@ -23,6 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
 from .exceptions import ConfigurationError
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|m|h|d)\s*$")
@@ -164,3 +167,10 @@ def reset() -> None:
     with _lock:
         _limits.clear()
         _lanes.clear()
+
+
+@receiver(setting_changed)
+def _settings_changed(*, setting: str, **kwargs: object) -> None:
+    # (Not conf.SETTINGS: conf imports this module.) Limits come from KIPEKEE alone.
+    if setting == "KIPEKEE":
+        reset()

@@ -25,6 +25,7 @@ import copy
 import email.message
 import email.policy
 import functools
+import mimetypes
 import re
 from dataclasses import dataclass
 from email import encoders
@@ -268,8 +269,6 @@ def _store_attachment(attachment: Any) -> StoredAttachment:
     if not isinstance(content, bytes):
         raise InvalidMessage(f"Attachment {filename!r}: content must be bytes or str.")
     if not mimetype:
-        import mimetypes
-
         mimetype = mimetypes.guess_type(filename or "")[0] or "application/octet-stream"
     return StoredAttachment(filename=filename or "", mimetype=mimetype, content=content)
 

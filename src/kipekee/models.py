@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -79,8 +80,6 @@ class OutboxEmailQuerySet(models.QuerySet["OutboxEmail"]):
 
     def for_object(self, obj: models.Model) -> OutboxEmailQuerySet:
         """The emails about one business object: ``for_object(quote).filter(event=…)``."""
-        from django.contrib.contenttypes.models import ContentType
-
         content_type = ContentType.objects.db_manager(self.db).get_for_model(obj)
         return self.filter(content_type=content_type, object_id=str(obj.pk))
 

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.sql import UpdateQuery
@@ -40,6 +41,7 @@ from .addresses import canonical
 from .exceptions import InvalidMessage
 from .message import StoredAttachment, make_message_id, to_fields, validate
 from .models import (
+    FINAL_STATUSES,
     WAITING_STATUSES,
     Attachment,
     Attempt,
@@ -261,8 +263,6 @@ def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[
         fields["from_email"], config.message_id_domain
     )
     if target is not None:
-        from django.contrib.contenttypes.models import ContentType
-
         fields["content_type"] = ContentType.objects.db_manager(db).get_for_model(target)
         fields["object_id"] = str(target.pk)
     hold = item.hold
@@ -1149,8 +1149,6 @@ def resend(pk: int, *, mode: str = "queue", using: str | None = None) -> OutboxE
     with no recipient is not resent. Raises ``OutboxEmail.DoesNotExist`` or
     ``InvalidMessage`` (saying why), and then writes nothing.
     """
-    from .models import FINAL_STATUSES
-
     db = using or db_for_write()
     original = OutboxEmail.objects.using(db).get(pk=pk)
     if original.status not in FINAL_STATUSES:

@@ -40,6 +40,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from . import conf, limits, testmode
@@ -86,16 +88,25 @@ def _backend_class(path: str) -> type[BaseEmailBackend]:
         raise ConfigurationError(f"Cannot import email backend {path!r}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseEmailBackend)):
         raise ConfigurationError(f"{path!r} is not a Django email backend class.")
-    from .backend import EmailBackend as DropIn
-
-    if issubclass(cls, DropIn):
+    if any(f"{base.__module__}.{base.__qualname__}" == DROP_IN for base in cls.__mro__):
         raise RoutingLoop(f"{path!r} is Kipekee's drop-in backend: a provider must deliver.")
     return cls
+
+
+#: Kipekee's drop-in backend (``kipekee.backend``), named: that module sends through the
+#: outbox, which sends through this one.
+DROP_IN = "kipekee.backend.EmailBackend"
 
 
 def reset() -> None:
     """Forget imported backend classes (settings changed)."""
     _backend_class.cache_clear()
+
+
+@receiver(setting_changed)
+def _settings_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in conf.SETTINGS:
+        reset()
 
 
 def build(alias: str) -> BaseEmailBackend:
@@ -466,6 +477,6 @@ def merge_batch(backend: Any) -> Any:
     if anymail_errors is None:
         return None
     # Lazy: the module needs the optional anymail extra (and imports nothing of ours).
-    from .backends import merge_batch
+    from .backends import merge_batch  # noqa: PLC0415
 
     return merge_batch.for_backend(backend)

@@ -20,7 +20,7 @@ def qr_png(data: str | bytes, *, scale: int = 6, border: int = 4, error: str = "
     """A PNG of the QR code of ``data``; ``scale`` pixels per module, ``border`` modules
     of quiet zone (the standard asks for 4; scanners struggle with less)."""
     try:
-        import segno
+        import segno  # noqa: PLC0415 - the optional qr extra
     except ImportError as exc:
         raise ConfigurationError(
             "QR codes need segno: pip install 'django-kipekee[qr]'."

@@ -18,6 +18,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import conf
+from .exceptions import ConfigurationError
+
 REDACTED = "[redacted]"
 
 # Option names that hold secrets; "…file"/"…path" options hold paths to them, not secrets.
@@ -50,9 +53,6 @@ def _b64(text: str) -> str:
 
 def configured_secrets() -> set[str]:
     """Every secret of every configured provider (empty if the settings do not parse)."""
-    from . import conf
-    from .exceptions import ConfigurationError
-
     try:
         providers = conf.get().providers
     except ConfigurationError:

@@ -171,7 +171,8 @@ class Feed:
     def _record(self) -> None:
         """Record everything finished so far, in one transaction; again while more came."""
         # Imported here: dispatch imports engines (to wake them after a commit).
-        from ..dispatch import record_many
+        # A layer crossed upwards (dispatch imports engines): see engines.Sender._record.
+        from ..dispatch import record_many  # noqa: PLC0415
 
         while True:
             with self._lock:

@@ -302,7 +302,7 @@ class _Listener:
         self._thread.join(timeout=self.poll_interval + 1)
 
     def _run(self) -> None:
-        import psycopg
+        import psycopg  # noqa: PLC0415 - the optional postgres extra, PostgreSQL only
 
         params = connections[self._db].get_connection_params()
         params.pop("cursor_factory", None)

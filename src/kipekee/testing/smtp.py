@@ -28,18 +28,22 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import datetime
 import email.message
 import email.policy
 import functools
 import hmac
+import ipaddress
 import secrets
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from aiosmtpd.smtp import (
@@ -1006,15 +1010,12 @@ def self_signed_context(
     each of ``hostnames`` (IP addresses become IP SANs, the rest DNS SANs). A client
     using the public CA bundle (certifi) rejects it, as it would a misconfigured server.
     """
-    import datetime
-    import ipaddress
-    import tempfile
-    from pathlib import Path
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    # Lazy: cryptography is not a dependency of the "testing" extra (trustme, in the
+    # "test" one, brings it); only this function needs it.
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
