@@ -195,9 +195,7 @@ def notify(event: str, obj: models.Model, *, key: str = "", **extra: Any) -> lis
     with transaction.atomic(using=outbox.db_for_write()):
         for message in notification.messages:
             if message.is_reminder:
-                receipt = _sync_reminder(notification, message, obj, extra)
-                if receipt is not None:
-                    receipts.append(receipt)
+                receipts += _sync_reminders(notification, [message], obj, extra)
                 continue
             if message.when is not None and not message.when(obj):
                 continue
@@ -287,14 +285,15 @@ def _reminder_at(notification: Notification, message: Message,
 def sync(event: str, obj: models.Model, **extra: Any) -> list[Receipt]:
     """Bring the reminders of ``event`` for ``obj`` in line with it (what a save does)."""
     notification = get(event)
-    receipts = []
     with transaction.atomic(using=outbox.db_for_write()):
-        for message in notification.messages:
-            if message.is_reminder:
-                receipt = _sync_reminder(notification, message, obj, extra)
-                if receipt is not None:
-                    receipts.append(receipt)
-    return receipts
+        return _sync_reminders(notification, notification.messages, obj, extra)
+
+
+def _sync_reminders(notification: Notification, messages: Sequence[Message], obj: models.Model,
+                    extra: Mapping[str, Any]) -> list[Receipt]:
+    """The receipts of the reminders among ``messages`` that were written or rewritten."""
+    return [receipt for message in messages if message.is_reminder
+            if (receipt := _sync_reminder(notification, message, obj, extra)) is not None]
 
 
 def cancel(event: str, obj: models.Model) -> int:

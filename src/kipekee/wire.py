@@ -235,6 +235,19 @@ class _Unsupported(Exception):
     """A message shape the direct builder does not cover: Django builds it."""
 
 
+def _attachment_triple(attachment: Any) -> tuple[Any, Any, str, str]:
+    """A Django ``(filename, content, mimetype)`` attachment, checked as Django checks it:
+    ``(filename, content, maintype, subtype)``."""
+    if not isinstance(attachment, tuple) or len(attachment) != 3:
+        raise _Unsupported("an attachment Django does not take")
+    filename, content, mimetype = attachment
+    if not isinstance(mimetype, str) or "/" not in mimetype or not (
+            filename is None or type(filename) is str):
+        raise _Unsupported("an attachment Django does not take")
+    maintype, subtype = mimetype.split("/", 1)
+    return filename, content, maintype, subtype
+
+
 class _Fold:
     """A header set (parsed, as Django sets it) and folded when the part is written, as
     the generator folds it: Django refuses bad values in that order too (``ValueError``
@@ -783,13 +796,7 @@ class _Django6(_Builder):
     def _attachment(self, attachment: Any) -> Any:
         if isinstance(attachment, (email.message.MIMEPart, MIMEBase)):
             return attachment  # written by the generator
-        if not isinstance(attachment, tuple) or len(attachment) != 3:
-            raise _Unsupported("an attachment Django does not take")
-        filename, content, mimetype = attachment
-        if not isinstance(mimetype, str) or "/" not in mimetype or not (
-                filename is None or type(filename) is str):
-            raise _Unsupported("an attachment Django does not take")
-        maintype, subtype = mimetype.split("/", 1)
+        filename, content, maintype, subtype = _attachment_triple(attachment)
         if maintype == "text" and isinstance(content, bytes):
             try:
                 content = content.decode()
@@ -971,13 +978,7 @@ class _Django5(_Builder):
     def _attachment(self, attachment: Any) -> Any:
         if isinstance(attachment, MIMEBase):
             return attachment  # written by the generator
-        if not isinstance(attachment, tuple) or len(attachment) != 3:
-            raise _Unsupported("an attachment Django does not take")
-        filename, content, mimetype = attachment
-        if not isinstance(mimetype, str) or "/" not in mimetype or not (
-                filename is None or type(filename) is str):
-            raise _Unsupported("an attachment Django does not take")
-        maintype, subtype = mimetype.split("/", 1)
+        filename, content, maintype, subtype = _attachment_triple(attachment)
         if maintype == "text":
             if type(content) is not str:
                 raise _Unsupported("text content that is not a str")

@@ -584,15 +584,8 @@ class SMTP(smtplib.SMTP):
                     self.close()
                     raise smtplib.SMTPSenderRefused(*sender_reply, from_addr)
             for address in to_addrs[next_rcpt: next_rcpt + len(group)]:
-                code, text = self._reply()
-                if code in (250, 251):
-                    accepted.append(address)
-                    continue
-                refused[address] = (code, text)
-                if code == 421:
-                    self.close()
-                    raise smtplib.SMTPRecipientsRefused(refused)
-                full = full or is_recipient_limit(code, text)
+                refusal = self._rcpt_reply(address, accepted, refused)
+                full = full or (refusal is not None and is_recipient_limit(*refusal))
             next_rcpt += len(group)
             if last and ending:
                 end_reply = self._reply(self._final_wait(len(content)) if chunking else None)
@@ -638,15 +631,8 @@ class SMTP(smtplib.SMTP):
         for address, command in zip(to_addrs, rcpts, strict=True):
             self._send_group([command])
             offered += 1
-            code, text = self._reply()
-            if code in (250, 251):
-                accepted.append(address)
-                continue
-            refused[address] = (code, text)
-            if code == 421:
-                self.close()
-                raise smtplib.SMTPRecipientsRefused(refused)
-            if is_recipient_limit(code, text):
+            refusal = self._rcpt_reply(address, accepted, refused)
+            if refusal is not None and is_recipient_limit(*refusal):
                 break
         if not accepted:
             self._reset()
@@ -679,6 +665,22 @@ class SMTP(smtplib.SMTP):
         else:
             self._reset()
         raise smtplib.SMTPDataError(*reply)
+
+
+    def _rcpt_reply(self, address: str, accepted: list[str],
+                    refused: dict[str, tuple[int, bytes]]) -> tuple[int, bytes] | None:
+        """Read the reply to ``RCPT TO:<address>``: the address goes to ``accepted`` (and
+        ``None`` is returned) or to ``refused`` with the reply, which is returned. A 421
+        closes the connection and raises, as smtplib does."""
+        code, text = self._reply()
+        if code in (250, 251):
+            accepted.append(address)
+            return None
+        refused[address] = (code, text)
+        if code == 421:
+            self.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+        return code, text
 
 
 class SMTP_SSL(SMTP):  # noqa: N801 - smtplib's name

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
+from .serving import ServedInThread
+
 __all__ = ["ContractServer", "ESPFaults", "ESPRequest", "Reply"]
 
 
@@ -75,7 +77,7 @@ class Refused(Exception):
         self.reply = reply
 
 
-class ContractServer:
+class ContractServer(ServedInThread):
     """Base of the ESP contract servers. Subclasses implement :meth:`answer`."""
 
     esp_name: ClassVar[str] = "ESP"
@@ -91,8 +93,6 @@ class ContractServer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._bind = (host, port)
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -102,60 +102,12 @@ class ContractServer:
         class Handler(_Handler):
             owner = server
 
-        httpd = ThreadingHTTPServer(self._bind, Handler)
-        httpd.daemon_threads = True
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"kipekee-{self.esp_name}", daemon=True)
-        self._thread.start()
+        self._serve(ThreadingHTTPServer(self._bind, Handler), f"kipekee-{self.esp_name}")
         return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return str(self._httpd.server_address[0])
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return int(self._httpd.server_address[1])
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    # -- what tests read -------------------------------------------------------------
-
-    def wait_for(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Wait until at least ``count`` messages were accepted; return them all."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while len(self.messages) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{len(self.messages)} messages accepted, not {count}")
-                self._changed.wait(left)
-            return list(self.messages)
-
-    def statuses(self) -> list[int]:
-        """The HTTP status of every request so far, in order (0: dropped)."""
-        with self._lock:
-            return [r.status for r in self.requests]
 
     # -- for subclasses ----------------------------------------------------------------
 

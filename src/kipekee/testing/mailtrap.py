@@ -52,6 +52,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+from .serving import ServedInThread
+
 __all__ = ["LocalMailtrapServer", "MailtrapFaults", "MailtrapRequest"]
 
 Stream = Literal["transactional", "bulk", "sandbox"]
@@ -125,7 +127,7 @@ class _Refused(Exception):
         self.errors = list(errors)
 
 
-class LocalMailtrapServer:
+class LocalMailtrapServer(ServedInThread):
     """A threaded HTTP server on 127.0.0.1 that speaks Mailtrap's sending API."""
 
     def __init__(
@@ -165,8 +167,6 @@ class LocalMailtrapServer:
         self._changed = threading.Condition(self._lock)
         self._windows: dict[str, deque[float]] = {}
         self._bind = (host, port)
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -176,38 +176,8 @@ class LocalMailtrapServer:
         class Handler(_Handler):
             owner = server
 
-        httpd = ThreadingHTTPServer(self._bind, Handler)
-        httpd.daemon_threads = True
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="kipekee-mailtrap", daemon=True)
-        self._thread.start()
+        self._serve(ThreadingHTTPServer(self._bind, Handler), "kipekee-mailtrap")
         return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> LocalMailtrapServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return str(self._httpd.server_address[0])
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return int(self._httpd.server_address[1])
 
     @property
     def api_url(self) -> str:
@@ -215,22 +185,6 @@ class LocalMailtrapServer:
         return f"http://{self.host}:{self.port}/api/"
 
     # -- what tests read -------------------------------------------------------------
-
-    def wait_for(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Wait until at least ``count`` messages were accepted; return them all."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while len(self.messages) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{len(self.messages)} messages accepted, not {count}")
-                self._changed.wait(left)
-            return list(self.messages)
-
-    def statuses(self) -> list[int]:
-        """The HTTP status of every request so far, in order."""
-        with self._lock:
-            return [r.status for r in self.requests]
 
     def reset(self) -> None:
         """Forget recorded requests, messages and the rate windows."""

@@ -1,0 +1,79 @@
+"""What Kipekee's local HTTP servers (:mod:`.esp`, :mod:`.mailtrap`) share: a threaded
+``http.server`` started and stopped from a test, its address, and waiting for messages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from typing import Any, Self
+
+
+class ServedInThread:
+    """Runs a :class:`ThreadingHTTPServer` in a daemon thread.
+
+    A subclass sets ``messages``, ``requests`` (each with a ``status``), ``_lock`` and
+    ``_changed`` (a Condition on ``_lock``, notified when a message is accepted) and
+    implements :meth:`start`, which builds the server and calls :meth:`_serve`.
+    """
+
+    messages: list[dict[str, Any]]
+    requests: list[Any]
+    _lock: threading.Lock
+    _changed: threading.Condition
+    _httpd: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def _serve(self, httpd: ThreadingHTTPServer, name: str) -> None:
+        httpd.daemon_threads = True
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return str(self._httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return int(self._httpd.server_address[1])
+
+    # -- what tests read -------------------------------------------------------------
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` messages were accepted; return them all."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self.messages) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(self.messages)} messages accepted, not {count}")
+                self._changed.wait(left)
+            return list(self.messages)
+
+    def statuses(self) -> list[int]:
+        """The HTTP status of every request so far, in order (0: dropped)."""
+        with self._lock:
+            return [r.status for r in self.requests]
