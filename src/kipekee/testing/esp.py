@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
-from .serving import ServedInThread
+from .serving import ServedInThread, ServedRequest
 
 __all__ = ["ContractServer", "ESPFaults", "ESPRequest", "Reply"]
 
@@ -39,20 +39,8 @@ class ESPFaults:
     """``Retry-After`` of 429 answers (seconds or an HTTP date; ``None``: no header)."""
 
 
-@dataclass(frozen=True)
-class ESPRequest:
-    """One HTTP request a server received, and the status it answered (0: dropped)."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-    at: float  # time.monotonic() when it was received
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
+#: One HTTP request an ESP server received, and the status it answered (0: dropped).
+ESPRequest = ServedRequest
 
 
 @dataclass

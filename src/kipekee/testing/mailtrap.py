@@ -52,7 +52,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-from .serving import ServedInThread
+from .serving import ServedInThread, ServedRequest
 
 __all__ = ["LocalMailtrapServer", "MailtrapFaults", "MailtrapRequest"]
 
@@ -104,20 +104,10 @@ class MailtrapFaults:
 
 
 @dataclass(frozen=True)
-class MailtrapRequest:
+class MailtrapRequest(ServedRequest):
     """One HTTP request the server received, and what it answered."""
 
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
     response: dict[str, Any] | None
-    at: float  # time.monotonic() when it was received
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
 
 
 class _Refused(Exception):

@@ -3,10 +3,28 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any, Self
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """One HTTP request a server received, and the status it answered (0: dropped)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    at: float  # time.monotonic() when it was received
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
 
 
 class ServedInThread:
