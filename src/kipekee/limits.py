@@ -282,10 +282,15 @@ class DatabaseStore:
         from .models import ProviderPermit
 
         db = self.rate_storage._db()
+        permits = ProviderPermit.objects.using(db).filter(key=key)
+        if (not permits.filter(holder=holder).exists()
+                and permits.filter(lease_until__gte=time.time()).count() >= limit):
+            # All out: said by a read, which takes no lock. Waiting takers ask again and
+            # again; on SQLite a write each time would queue them behind one another.
+            return False
         with transaction.atomic(using=db):
             lock_key(db, key)
             now = time.time()
-            permits = ProviderPermit.objects.using(db).filter(key=key)
             permits.filter(lease_until__lt=now).delete()
             if permits.filter(holder=holder).update(lease_until=now + lease):
                 return True
