@@ -19,8 +19,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--tag", default="web")
-    parser.add_argument("--start-at", type=float, default=0.0,
-                        help="time.time() to start at (all senders at once)")
+    parser.add_argument("--start-file", default="",
+                        help="start once this file exists (all senders at once)")
     args = parser.parse_args()
 
     import django
@@ -29,9 +29,12 @@ def main() -> None:
     import kipekee
     from django.db import close_old_connections
 
+    import os
+
     statuses: Counter[str] = Counter()
-    if args.start_at:
-        time.sleep(max(0.0, args.start_at - time.time()))
+    print("ready", flush=True)
+    while args.start_file and not os.path.exists(args.start_file):
+        time.sleep(0.05)
     started = time.monotonic()
     sent = 0
     while time.monotonic() - started < args.seconds:

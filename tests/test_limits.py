@@ -89,10 +89,16 @@ def test_store_rates_and_permits(settings, store):
     settings.KIPEKEE = {"ENGINE": None, "LIMITER": {**store, "PERMIT_LEASE_SECONDS": 1}}
     limiter = limits.limiter()
     rate = Rate.parse("3/2s")
-    taken = [limiter.take("p", [rate]) for _ in range(4)]
-    assert taken[:3] == [(0.0, None)] * 3
-    wait, full = taken[3]
-    assert full == rate and 1.5 < wait <= 2.0  # the first slot frees 2 s after it was taken
+    for _ in range(3):
+        limiter.acquire("p", [rate], max_wait=0)
+    with pytest.raises(limits.RateLimited) as refused:
+        limiter.acquire("p", [rate], max_wait=0)
+    # The first slot frees 2 s after it was taken; nothing was booked by the refusal.
+    assert refused.value.rate == rate and 1.5 < refused.value.wait <= 2.0
+    # A caller that may wait books the slot when it frees and sleeps until then.
+    started = time.monotonic()
+    limiter.acquire("p", [rate], max_wait=5)
+    assert 1.5 < time.monotonic() - started <= 2.5
 
     a, b = limiter.take_permit("p", 2), limiter.take_permit("p", 2)
     assert a and b and limiter.take_permit("p", 2) is None
@@ -111,9 +117,12 @@ def test_daily_quota_and_rate_together(settings):
     settings.KIPEKEE = {"ENGINE": None}
     limiter = limits.limiter()
     second, day = Rate.parse("5/s"), Rate.parse("3/d")
-    assert [limiter.take("q", [day, second])[1] for _ in range(3)] == [None] * 3
-    wait, full = limiter.take("q", [day, second])
-    assert full == day and wait > 86000  # the quota is full until a day after the first
+    for _ in range(3):
+        limiter.acquire("q", [second, day], max_wait=0)
+    with pytest.raises(limits.RateLimited) as refused:
+        limiter.acquire("q", [second, day], max_wait=60)
+    # The quota is full until a day after the first.
+    assert refused.value.rate == day and refused.value.wait > 86000
 
 
 @pytest.mark.django_db(transaction=True)
@@ -169,8 +178,9 @@ def test_limiter_tables_missing_degrade_too(settings, caplog):
         editor.delete_model(LimiterHit)
     try:
         with caplog.at_level(logging.ERROR, logger="kipekee.limits"):
-            assert limits.limiter().take("x", [Rate.parse("1/s")]) == (0.0, None)
-            assert limits.limiter().take("x", [Rate.parse("1/s")])[1] is not None
+            limits.limiter().acquire("x", [Rate.parse("1/s")], max_wait=0)
+            with pytest.raises(limits.RateLimited):  # the process's own window holds
+                limits.limiter().acquire("x", [Rate.parse("1/s")], max_wait=0)
         assert sum(r.name == "kipekee.limits" for r in caplog.records) == 1
     finally:
         with connection.schema_editor() as editor:

@@ -63,6 +63,9 @@ PROBE_TIMEOUT = 2.0
 #: Seconds an engine's Deliverer waits for a connection when all are in use (the
 #: in-request path waits at most its time budget).
 DEFAULT_WAIT = 60.0
+#: Seconds a connection under a shared ``LIMITS["CONCURRENCY"]`` stays open unused
+#: (``IDLE_SECONDS`` when lower): its permit may be wanted by another process.
+SHARED_IDLE_SECONDS = 2.0
 
 
 class ProviderBusy(Exception):
@@ -91,6 +94,14 @@ class Permits(Protocol):
         ...
 
     def give_back(self, holder: str) -> None: ...
+
+    def want(self) -> None:
+        """Say that this process waits for a permit."""
+        ...
+
+    def wanted(self) -> bool:
+        """Whether another process waits for a permit."""
+        ...
 
 
 class Connection:
@@ -138,6 +149,7 @@ class ProviderPool:
         # Connections holding a shared permit, checked out or idle (the keeper renews).
         self._permitted: set[Connection] = set()
         self._renewed_at = self._clock()
+        self._waiters = 0  # threads waiting in checkout
 
     # -- the permits ----------------------------------------------------------------
 
@@ -179,12 +191,14 @@ class ProviderPool:
         """The keeper's round (every second or so, for pools with shared permits):
         close connections idle for ``idle_seconds`` (their permits go to others), and
         renew the leases of the others every third of a lease."""
+        # (IDLE_SECONDS, or SHARED_IDLE_SECONDS when lower.)
         if self.permits is None:
             return
         now = self._clock()
+        linger = min(self.idle_seconds, SHARED_IDLE_SECONDS)
         stale: list[Connection] = []
         with self._cond:
-            while self._idle and now - self._idle[0].used_at >= self.idle_seconds:
+            while self._idle and now - self._idle[0].used_at >= linger:
                 stale.append(self._idle.pop(0))
         for conn in stale:
             self._close(conn, quietly=False)
@@ -222,27 +236,42 @@ class ProviderPool:
         """
         started = self._clock()
         poll = 0.02
-        while True:
-            with self._cond:
-                if self._idle:
-                    conn = self._idle.pop()
-                    conn.checked = False
-                    return conn
-            conn = self._take_permit()
-            if conn is not None:
-                return conn
-            waited = self._clock() - started
-            left = None if timeout is None else timeout - waited
-            if left is not None and left <= 0:
-                raise ProviderBusy(self.alias, self.max_open, waited)
-            with self._cond:
-                if self.permits is None:
-                    self._cond.wait(left)  # only a checkin here frees room
-                else:
-                    # A checkin here wakes this at once; a permit freed by another
-                    # process is seen at the next poll (backing off to 0.25 s).
-                    self._cond.wait(poll if left is None else min(left, poll))
-                    poll = min(poll * 2, 0.25)
+        wanted_at = -1.0
+        waiting = False
+        try:
+            while True:
+                with self._cond:
+                    if self._idle:
+                        conn = self._idle.pop()
+                        conn.checked = False
+                        return conn
+                taken = self._take_permit()
+                if taken is not None:
+                    return taken
+                waited = self._clock() - started
+                left = None if timeout is None else timeout - waited
+                if left is not None and left <= 0:
+                    raise ProviderBusy(self.alias, self.max_open, waited)
+                if not waiting:
+                    waiting = True
+                    with self._cond:
+                        self._waiters += 1
+                if self.permits is not None and self._clock() - wanted_at >= 0.5:
+                    # Holders elsewhere then close their idle connections, not keep them.
+                    self.permits.want()
+                    wanted_at = self._clock()
+                with self._cond:
+                    if self.permits is None:
+                        self._cond.wait(left)  # only a checkin here frees room
+                    else:
+                        # A checkin here wakes this at once; a permit freed by another
+                        # process is seen at the next poll (backing off to 0.2 s).
+                        self._cond.wait(poll if left is None else min(left, poll))
+                        poll = min(poll * 2, 0.2)
+        finally:
+            if waiting:
+                with self._cond:
+                    self._waiters -= 1
 
     def ready(self, conn: Connection) -> BaseEmailBackend:
         """``conn``'s backend, open and fit to send: an idle one checked (and replaced if
@@ -293,6 +322,11 @@ class ProviderPool:
                 and self.pool_size > 0 and now - conn.opened_at < self.max_age
                 # A connection whose shared permit was lost is not kept.
                 and (conn.permit is not None or self.permits is None))
+        if keep and self.permits is not None and not self._waiting_here():
+            # Under a shared bound an idle connection is a permit another process may
+            # be waiting for: closed then, unless a thread here takes it at once (warm,
+            # no new session: the permit is in use either way).
+            keep = not self.permits.wanted()
         if keep:
             with self._cond:
                 self._idle.append(conn)
@@ -307,6 +341,11 @@ class ProviderPool:
         for old in surplus:
             self._close(old, quietly=not reusable and old is conn)
             self._return_permit(old)
+
+    def _waiting_here(self) -> bool:
+        """Whether a thread of this process waits in :meth:`checkout`."""
+        with self._cond:
+            return self._waiters > 0
 
     def close(self) -> None:
         """Close the idle connections (``QUIT``); those checked out close at checkin."""

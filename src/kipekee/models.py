@@ -386,6 +386,10 @@ class LimiterKey(models.Model):
 
     key = models.CharField(max_length=200, primary_key=True)
     takes = models.PositiveBigIntegerField(default=0)
+    # Permits: until when (Unix time) a process waits for one, so that holders close
+    # their idle connections instead of keeping them warm.
+    wanted_until = models.FloatField(default=0.0)
+    wanted_by = models.CharField(max_length=100, blank=True)  # host:pid of the last
 
 
 class LimiterHit(models.Model):
