@@ -185,3 +185,28 @@ def test_limiter_tables_missing_degrade_too(settings, caplog):
     finally:
         with connection.schema_editor() as editor:
             editor.create_model(LimiterHit)
+
+
+def test_limiter_system_checks(settings, monkeypatch):
+    from kipekee.checks import check_settings
+
+    entry = {"BACKEND": "kipekee.backends.smtp.EmailBackend", "OPTIONS": {"host": "h"},
+             "LIMITS": {"RATE": "5/s"}}
+
+    def ids(**limiter):
+        settings.KIPEKEE = {"ENGINE": None, "PROVIDERS": {"m": entry}, "LIMITER": limiter}
+        return {m.id for m in check_settings() if m.id.startswith("kipekee.") and
+                m.id[-3:].startswith("02")}
+
+    assert ids() == set()
+    assert ids(STORE="process") == {"kipekee.W020"}
+    assert ids(PERMIT_LEASE_SECONDS=1) == {"kipekee.W021"}
+    assert ids(STORE="redis", LOCATION=REDIS) == set()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    # The redis client not installed (it is, in this suite's venv: the one fault here
+    # that cannot be produced for real without a second environment).
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "redis" else real(name, *a))
+    assert ids(STORE="redis", LOCATION=REDIS) == {"kipekee.E020"}
