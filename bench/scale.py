@@ -259,9 +259,11 @@ def part_rate(args: argparse.Namespace) -> bool:
     return ok
 
 
-def run_workers(args: argparse.Namespace, count: int, rows: int) -> tuple[float, int, int]:
+def run_workers(args: argparse.Namespace, count: int,
+                rows: int) -> tuple[float, int, int, float]:
     """``count`` workers deliver ``rows``; (messages/s between the 10th and 90th
-    percentile of arrivals, duplicates, hosts seen in the heartbeats)."""
+    percentile of arrivals, duplicates, hosts seen in the heartbeats, CPU seconds of
+    the workers per message)."""
     from kipekee.models import EngineHeartbeat
     from kipekee.testing import Faults, LocalSMTPServer
 
@@ -274,10 +276,11 @@ def run_workers(args: argparse.Namespace, count: int, rows: int) -> tuple[float,
         environ = env(args.db, kipekee)
         enqueue(rows, f"s{count}-")
         procs = Procs()
+        cpu_before = _children_cpu()
         unshare = shutil.which("unshare") is not None and os.geteuid() == 0
         try:
             for i in range(count):
-                host = f"kipekee-bench-b{i}" if unshare and count > 1 and i % 2 else None
+                host = "kipekee-bench-b" if unshare and count > 1 and i % 2 else None
                 procs.start(["-m", "django", "kipekee_worker", "--concurrency",
                              str(args.threads), "--batch-size", "10",
                              "--poll-interval", "0.5"], environ, host=host)
@@ -289,28 +292,33 @@ def run_workers(args: argparse.Namespace, count: int, rows: int) -> tuple[float,
             hosts = len(set(EngineHeartbeat.objects.values_list("host", flat=True)))
         finally:
             procs.stop()
+    cpu = (_children_cpu() - cpu_before) / max(1, len(times))
     times.sort()
     if len(times) < rows:
         print(f"only {len(times)} of {rows} arrived")
         print("\n".join(Procs.output(p)[-1500:] for p in procs.procs))
-        return 0.0, 0, hosts
+        return 0.0, 0, hosts, cpu
     low, high = times[int(rows * 0.1)], times[int(rows * 0.9)]
     rate = (int(rows * 0.9) - int(rows * 0.1)) / (high - low)
-    return rate, sum(c - 1 for c in ids.values()), hosts
+    return rate, sum(c - 1 for c in ids.values()), hosts, cpu
 
 
 def part_scale(args: argparse.Namespace) -> bool:
-    one, dup_one, _ = run_workers(args, 1, args.rows)
-    many, dup_many, hosts = run_workers(args, args.many, args.rows * args.many)
+    load = os.getloadavg()[0]
+    one, dup_one, _, cpu_one = run_workers(args, 1, args.rows)
+    many, dup_many, hosts, cpu_many = run_workers(args, args.many, args.rows * args.many)
     ratio = many / one if one else 0.0
     ok = ratio >= 7 and dup_one == 0 and dup_many == 0
     print(f"\n## scale — workers with {args.threads} sender threads each, provider "
           f"{args.latency * 1000:.0f} ms away (every reply), PostgreSQL")
-    print("| workers | messages | messages/s (10th–90th percentile) | sent twice |")
-    print("|---|---|---|---|")
-    print(f"| 1 | {args.rows} | {one:.0f} | {dup_one} |")
+    print("| workers | messages | messages/s (10th–90th percentile) | sent twice "
+          "| worker CPU per message |")
+    print("|---|---|---|---|---|")
+    print(f"| 1 | {args.rows} | {one:.0f} | {dup_one} | {cpu_one * 1000:.1f} ms |")
     print(f"| {args.many}, on {hosts} host names | {args.rows * args.many} | {many:.0f} "
-          f"| {dup_many} |")
+          f"| {dup_many} | {cpu_many * 1000:.1f} ms |")
+    print(f"\nmachine load average before: {load:.1f}, after: {os.getloadavg()[0]:.1f} "
+          f"({os.cpu_count()} cores)")
     print(f"\n{args.many} workers / 1 worker: **{ratio:.2f}×** (bar ≥ 7×): "
           f"{'PASS' if ok else 'FAIL'}")
     return ok

@@ -149,3 +149,42 @@ def test_workers_and_a_web_process_share_rate_and_concurrency(smtp_server, kipek
     web = json.loads(output(procs[-1]).strip().splitlines()[-1])
     assert set(web) <= {"sent", "deferred"}, web
     assert "per process only" not in outputs  # the shared store was used throughout
+
+
+def test_a_killed_worker_s_connection_permit_frees_with_its_lease(smtp_server, kipekee_settings,
+                                                                   settings):
+    from kipekee.models import ProviderPermit
+
+    arrivals: list[float] = []
+    server = smtp_server(on_message=lambda m: arrivals.append(time.monotonic()))
+    kipekee_settings(primary={**smtp_provider(server), "LIMITS": {"CONCURRENCY": 1,
+                                                                  "RATE": "5/s"}},
+                     _extra={"LIMITER": {"PERMIT_LEASE_SECONDS": 3}})
+    bulk_enqueue(200)
+    args = ["-m", "django", "kipekee_worker", "--concurrency", "1", "--batch-size", "5",
+            "--poll-interval", "0.2"]
+    first = start(args, settings.KIPEKEE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(arrivals) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert arrivals, output(first)
+        first.kill()  # SIGKILL: no chance to give its permit back
+        first.wait()
+        assert ProviderPermit.objects.count() == 1  # still held by the dead process
+        killed_at = time.monotonic()
+        second = start(args, settings.KIPEKEE)
+        try:
+            deadline = time.monotonic() + 60
+            while (not arrivals or arrivals[-1] < killed_at) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert arrivals[-1] > killed_at, output(second)
+    # The dead worker's permit was taken over once its lease (3 s) had run out.
+    assert server.peak_connections == 1

@@ -51,7 +51,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import random
 import re
 import socket
 import threading
