@@ -526,6 +526,7 @@ class Limiter:
 
     def renew_permits(self, alias: str, holders: Iterable[str]) -> set[str]:
         """Renew the leases of ``holders``; those lost (expired and taken) come back."""
+        holders = list(holders)
         shared = [h for h in holders if not h.startswith("local:")]
         local = [h[6:] for h in holders if h.startswith("local:")]
         lost: set[str] = set()
@@ -573,7 +574,7 @@ class Limiter:
             self._failed(exc)
 
 
-class ProviderPermits:  # noqa: D101 - the adapter the pool sees
+class ProviderPermits:
     """Provider ``alias``'s connection permits, through this process's limiter (what
     :class:`kipekee.connections.ProviderPool` asks before it opens a connection)."""
 
