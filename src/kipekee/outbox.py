@@ -716,21 +716,43 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
     ``own``: the caller that enqueued the row with a ``hold`` takes it before its
     ``due_at`` (a waiting row only: never one another sender holds); the hold ends
     there (``due_at`` now). Sets ``sending``, a lease, and counts the attempt.
+
+    One ``UPDATE … RETURNING`` written out once per database kind (as a batch claim's
+    steps are): the ORM's UPDATE and a second SELECT for the row cost a request that
+    sends in-line some 1.7 ms of CPU, for a row it wrote a moment before. The row comes
+    back with its attachments in hand.
     """
     db = using or db_for_write()
+    connection = connections[db]
     now = timezone.now()
-    rows = OutboxEmail.objects.using(db)
-    candidates = rows.filter(status__in=WAITING_STATUSES) if own else rows.due(now)
-    claimed = (
-        candidates
-        .filter(pk=pk)
-        .update(status=Status.SENDING, lease_until=now + conf.get().lease,
-                attempts=F("attempts") + 1, claimed_by=f"request:{uuid.uuid4().hex[:12]}",
-                **({"due_at": now} if own else {}))
-    )
+    key = (connection.vendor, own)
+    if key not in _claim_one_sqls:
+        quote = connection.ops.quote_name
+        names = {f.name: quote(f.column) for f in OutboxEmail._meta.concrete_fields}
+        where = (_CLAIM_OWN if own else _CLAIM_DUE).format(**names)
+        hold_ends = f", {names['due_at']} = %s" if own else ""
+        _claim_one_sqls[key] = (
+            f"UPDATE {quote(OutboxEmail._meta.db_table)} SET {names['status']} = 'sending', "
+            f"{names['lease_until']} = %s, {names['attempts']} = {names['attempts']} + 1, "
+            f"{names['claimed_by']} = %s{hold_ends} "
+            f"WHERE {names['id']} = %s AND {where}")
+    adapt = connection.ops.adapt_datetimefield_value
+    stamp = adapt(now)
+    params: list[Any] = [adapt(now + conf.get().lease), f"request:{uuid.uuid4().hex[:12]}"]
+    params += [stamp, pk] if own else [pk, stamp, stamp]
+    claimed = _returning(db, _claim_one_sqls[key], params)
     if not claimed:
         return None
-    return OutboxEmail.objects.using(db).get(pk=pk)
+    _prefetch_attachments(claimed, db)
+    return claimed[0]
+
+
+#: :func:`claim`'s conditions (the statuses written into the SQL, as in ``_CLAIM_STEPS``):
+#: a waiting row (``own``), or one due now or whose lease expired (``OutboxEmail.objects.due``).
+_CLAIM_OWN = "{status} IN ('queued', 'deferred')"
+_CLAIM_DUE = ("(({status} IN ('queued', 'deferred') AND {due_at} <= %s) "
+              "OR ({status} = 'sending' AND {lease_until} < %s))")
+_claim_one_sqls: dict[tuple[str, bool], str] = {}
 
 
 def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = (),
