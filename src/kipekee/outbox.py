@@ -318,7 +318,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
-            if_new: bool = False, notify: bool = False) -> int:
+            if_new: bool = False, notify: bool = False, ignore_conflicts: bool = False) -> int:
     """INSERT ``objs`` and set their pks, in as few statements as the database takes.
 
     What ``bulk_create`` does, for the path of every ``kipekee.send``: its INSERT
@@ -333,7 +333,10 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
 
     ``if_new`` (one object): ``ON CONFLICT DO NOTHING``: a row that would break a unique
     constraint is not written (nor is the transaction spoiled). ``notify``: ``NOTIFY``
-    LISTENing engines as well, on PostgreSQL. Returns how many rows were written.
+    LISTENing engines as well, on PostgreSQL. ``ignore_conflicts`` (any number of
+    objects): ``ON CONFLICT DO NOTHING`` as ``bulk_create(ignore_conflicts=True)``, which
+    sets no pks either. Returns how many rows were written (with ``ignore_conflicts``,
+    how many were offered).
     """
     if not objs:
         return 0
@@ -342,6 +345,8 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
     if if_new:
         assert len(objs) == 1, "if_new writes one row: which ones were skipped is unknown"
         tail = " ON CONFLICT DO NOTHING" + tail
+    if ignore_conflicts:
+        tail = " ON CONFLICT DO NOTHING"
     if notify and connection.vendor == "postgresql":
         tail += f", pg_notify('{NOTIFY_CHANNEL}', '')"
     written = 0
@@ -363,6 +368,9 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
                     else:
                         params.append(field.get_db_prep_save(value, connection))
             cursor.execute(head + ", ".join([placeholder] * len(batch)) + tail, params)
+            if ignore_conflicts:
+                written += len(batch)
+                continue
             returned = cursor.fetchall()
             if not returned and if_new:
                 return 0
@@ -907,12 +915,18 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
     if changes.get("last_error"):  # redacted again: a custom engine may build an Outcome
         changes["last_error"] = redact(changes["last_error"])
     with transaction.atomic(using=db):
-        # Fenced by the attempt number: only the attempt that holds the row may finish it.
-        updated = (
-            OutboxEmail.objects.using(db)
-            .filter(pk=row.pk, status=Status.SENDING, attempts=row.attempts)
-            .update(status=status, lease_until=None, claimed_by="", **changes)
-        )
+        if row.claimed_by:
+            # Fenced by the claim's token, which names this attempt of the row as the
+            # attempt number does; the UPDATE written out (the ORM's compile of it was
+            # a third of recording a request's send).
+            updated = _update_finished(db, row.claimed_by, [Finish(
+                row, outcome, status, changes, signal, attempted)])
+        else:  # a row in hand without a claim token (built by hand): its attempt number
+            updated = (
+                OutboxEmail.objects.using(db)
+                .filter(pk=row.pk, status=Status.SENDING, attempts=row.attempts)
+                .update(status=status, lease_until=None, claimed_by="", **changes)
+            )
         if not updated:
             logger.warning(
                 "Result of attempt %s for outbox email %s not recorded: the row moved on "
@@ -954,9 +968,8 @@ def _write_attempts(db: str, results: Sequence[tuple[OutboxEmail, Outcome]]) -> 
     ids = [ProviderMessage(email=row, provider=outcome.provider, message_id=mid,
                            recipient=recipient)
            for row, outcome in results for recipient, mid in outcome.provider_message_ids.items()]
-    if ids:
-        # A sandbox gives one id for all recipients; a resend may repeat one.
-        ProviderMessage.objects.using(db).bulk_create(ids, ignore_conflicts=True)
+    # A sandbox gives one id for all recipients; a resend may repeat one.
+    _insert(ProviderMessage, ids, db, ignore_conflicts=True)
 
 
 @dataclass(frozen=True, slots=True)
