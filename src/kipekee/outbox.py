@@ -513,26 +513,19 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
                 planner.took(ask.lane, allowed, len(got))
                 claimed += got
     if claimed:
-        _prefetch_attachments(claimed, db)
         claimed.sort(key=lambda row: (planner.order(row.lane), row.due_at, row.pk))
     return claimed
 
 
-def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str) -> None:
+def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str,
+                          with_attachments: set[int]) -> None:
     """``rows``' attachments in hand, so that delivery reads none per message.
 
-    Most rows have none: one SELECT finds the rows that do, and only those go through
-    ``prefetch_related_objects``; the others get an empty result in the same prefetch
-    cache. (Prefetching every row built a queryset per row: 0.8 ms of CPU a claim of
-    ten, half of it with 100,000 rows queued.)"""
-    connection = connections[db]
-    quote = connection.ops.quote_name
-    column = quote(Attachment._meta.get_field("email").column)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT DISTINCT {column} FROM {quote(Attachment._meta.db_table)} "
-            f"WHERE {column} IN ({', '.join(['%s'] * len(rows))})", [row.pk for row in rows])
-        with_attachments = {pk for (pk,) in cursor.fetchall()}
+    Most rows have none: the claim's ``RETURNING`` says which rows do (``with_attachments``,
+    their pks), and only those go through ``prefetch_related_objects``; the others get an
+    empty result in the same prefetch cache. (Prefetching every row built a queryset per
+    row: 0.8 ms of CPU a claim of ten, half of it with 100,000 rows queued; a SELECT for
+    the rows that have some was a statement more per claim.)"""
     if with_attachments:
         prefetch_related_objects([row for row in rows if row.pk in with_attachments],
                                  "attachments")
@@ -604,7 +597,7 @@ def _update_returning(rows: Any, changes: dict[str, Any]) -> list[OutboxEmail]:
 def _returning(db: str, sql: str, params: list[Any]) -> list[OutboxEmail]:
     """Run the UPDATE ``sql`` with a ``RETURNING`` of every column (SQLite 3.35 and
     PostgreSQL) and read the rows it changed, converted as the ORM converts what it
-    reads. Reading the claimed rows back by their claim token instead cost a second
+    reads, with their attachments in hand. Reading the claimed rows back by their claim token instead cost a second
     statement that no index serves (SQLite scanned the backlog for it: 120 ms a claim
     with 100,000 rows queued)."""
     connection = connections[db]
@@ -614,8 +607,11 @@ def _returning(db: str, sql: str, params: list[Any]) -> list[OutboxEmail]:
         returned = cursor.fetchall()
     names = [f.attname for f in fields]
     result = []
+    with_attachments: set[int] = set()
     for values in returned:
-        converted = list(values)
+        if values[-1]:  # the EXISTS of _returned_columns: the row has attachments
+            with_attachments.add(values[0])
+        converted = list(values[:-1])
         for index, col, field_converters, json in converters:
             value = converted[index]
             if json and type(value) is str and value in _EMPTY_JSON_TEXT:
@@ -625,6 +621,8 @@ def _returning(db: str, sql: str, params: list[Any]) -> list[OutboxEmail]:
                 value = converter(value, col, connection)
             converted[index] = value
         result.append(OutboxEmail.from_db(db, names, converted))
+    if result:
+        _prefetch_attachments(result, db, with_attachments)
     return result
 
 
@@ -641,7 +639,14 @@ def _returned_columns(connection: Any) -> tuple[list[Any], str, _Converters]:
         meta = OutboxEmail._meta
         quote = connection.ops.quote_name
         fields = list(meta.concrete_fields)
-        columns = ", ".join(f"{quote(meta.db_table)}.{quote(f.column)}" for f in fields)
+        table = quote(meta.db_table)
+        assert fields[0].primary_key
+        attachment = Attachment._meta
+        # Last, whether the row has attachments (a subquery in RETURNING: SQLite and
+        # PostgreSQL take one), so that the claim needs no statement to find out.
+        columns = (", ".join(f"{table}.{quote(f.column)}" for f in fields)
+                   + f", EXISTS(SELECT 1 FROM {quote(attachment.db_table)} WHERE "
+                   f"{quote(attachment.get_field('email').column)} = {table}.{quote(meta.pk.column)})")
         converters: _Converters = []
         for index, field in enumerate(fields):
             col = field.get_col(meta.db_table)
@@ -753,10 +758,7 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
     params: list[Any] = [adapt(now + conf.get().lease), f"request:{uuid.uuid4().hex[:12]}"]
     params += [stamp, pk] if own else [pk, stamp, stamp]
     claimed = _returning(db, _claim_one_sqls[key], params)
-    if not claimed:
-        return None
-    _prefetch_attachments(claimed, db)
-    return claimed[0]
+    return claimed[0] if claimed else None
 
 
 #: :func:`claim`'s conditions (the statuses written into the SQL, as in ``_CLAIM_STEPS``):
