@@ -1067,8 +1067,7 @@ def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
     for name, values in columns.items():
         field = meta.get_field(name)
         column = quote(field.column)
-        adapted = [value if value is _UNCHANGED else field.get_db_prep_save(value, connection)
-                   for value in values]
+        adapted = [_adapt(field, value, connection) for value in values]
         placeholder = f"CAST(%s AS {field.db_type(connection)})" if cast else "%s"
         if all(value is not _UNCHANGED for value in values) and all(
                 values[0] == value and type(values[0]) is type(value) for value in values):
@@ -1092,6 +1091,26 @@ def _update_finished(db: str, token: str, group: Sequence[Finish]) -> int:
 
 #: In a column of :func:`_update_finished`: this row keeps its value.
 _UNCHANGED = object()
+
+
+_adapters: dict[Any, str] = {}
+
+
+def _adapt(field: Any, value: Any, connection: Any) -> Any:
+    """``value`` as ``field.get_db_prep_save`` adapts it, as :func:`_insert` does: plain
+    ``str``/``int`` and ``None`` as they are, empty JSON adapted once (most of a
+    recorded batch's values: 0.4 of 6 s of profiled CPU for 1,000 rows, each through
+    the field's adapters)."""
+    if value is _UNCHANGED or value is None:
+        return value
+    how = _adapters.get(field)
+    if how is None:
+        how = _adapters[field] = _adapter(field)
+    if how is _PLAIN and type(value) in (str, int):
+        return value
+    if how is _EMPTY_JSON and not value and type(value) in (list, dict):
+        return _empty_json(field, type(value), connection)
+    return field.get_db_prep_save(value, connection)
 
 
 def cancel(pk: int, *, using: str | None = None) -> bool:
