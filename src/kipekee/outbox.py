@@ -533,7 +533,7 @@ def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str,
     # queryset not yet evaluated compiles its SQL (to find it has none) each time it is
     # read, 1.5 ms of profiled CPU a message for the delivery's own prefetch and from_row.
     none = Attachment.objects.using(db).none()
-    none._result_cache, none._prefetch_done = [], True
+    none._result_cache, none._prefetch_done = [], True  # type: ignore[attr-defined]
     for row in rows:
         if row.pk not in with_attachments:
             # Where prefetch_related puts its results (and row.attachments.all() finds
