@@ -22,7 +22,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from django.core.mail import EmailMessage
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from . import conf, deadlines, engines, outbox
@@ -214,8 +214,19 @@ def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     """Deliver freshly committed ``hybrid`` rows now, once each; update their receipts.
 
     A row an engine took first (its hold ran out) is left to it: its receipt stays as
-    it was written (``refresh()`` reads what became of it).
+    it was written (``refresh()`` reads what became of it). A database error is logged,
+    never raised into the caller (see :func:`deliver_in_request`).
     """
+    try:
+        _deliver_many_in_request(receipts, using)
+    except DatabaseError:
+        logger.exception("In-request delivery of %d outbox email(s) failed on a database "
+                         "error; what was not recorded stays queued for an engine",
+                         len(receipts))
+        engines.wake()  # never raises
+
+
+def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     by_id = {receipt.id: receipt for receipt in receipts}
     ids = list(by_id)
     deferred = False
@@ -236,7 +247,24 @@ def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
 
 
 def deliver_in_request(receipt: Receipt) -> None:
-    """Deliver a freshly committed row now, as its mode says; update ``receipt``."""
+    """Deliver a freshly committed row now, as its mode says; update ``receipt``.
+
+    Runs in the caller's ``on_commit``, after the business transaction (and the row) is
+    committed: a database error here (a lock held past the timeout, a restart) would
+    reach the caller's view as if its transaction had failed, and skip the
+    application's later on_commit hooks. It is logged instead; the row waits for an
+    engine (queued, or ``sending`` until its lease when only the record failed) and
+    ``receipt`` keeps the last state known.
+    """
+    try:
+        _deliver_in_request(receipt)
+    except DatabaseError:
+        logger.exception("In-request delivery of outbox email %s failed on a database "
+                         "error; it stays queued for an engine", receipt.id)
+        engines.wake()  # never raises
+
+
+def _deliver_in_request(receipt: Receipt) -> None:
     settings = conf.get()
     delays = settings.now_retry_delays if receipt.mode == "now" else ()
     deadline = time.monotonic() + settings.now_time_budget
