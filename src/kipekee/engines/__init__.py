@@ -243,8 +243,11 @@ def no_transaction_left_open(db: str) -> None:
     logger.error("The database connection %r of Kipekee's %s thread was left in a "
                  "transaction by code outside Kipekee (a signal receiver?); rolling it back",
                  db, threading.current_thread().name)
-    connection.rollback()
-    connection.set_autocommit(True)
+    try:
+        connection.rollback()
+        connection.set_autocommit(True)
+    except DatabaseError:
+        connection.close()  # broken as well: the next query opens a new connection
 
 
 def _in_transaction(raw: object) -> bool:
