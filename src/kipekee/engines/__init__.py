@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from .. import conf, outbox
@@ -153,7 +153,7 @@ class Sender:
         return rows
 
     def _record(self, rows: list[OutboxEmail], outcomes: list[Outcome]) -> None:
-        from ..dispatch import record_many
+        from .records import record_batch
 
         tokens = {row.claimed_by for row in rows}  # (recording clears them on the rows)
         # The batch's outcomes in one transaction: one commit (one flush to disk on
@@ -161,8 +161,7 @@ class Sender:
         # fenced UPDATE. Should the process die before the commit, the batch's rows are
         # taken again after their lease, as rows not yet recorded always were.
         try:
-            with transaction.atomic(using=rows[0]._state.db):
-                recorded = record_many(rows, outcomes)
+            recorded = record_batch(rows, outcomes, engine=self.engine)
         finally:
             self._drop(tokens)  # recorded, or given up on: the lease may end
         for row, done in zip(rows, recorded, strict=True):

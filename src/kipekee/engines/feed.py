@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from django.db import connections, transaction
+from django.db import connections
 
 from .. import lanes, outbox
 from ..delivery import Outcome
@@ -170,8 +170,7 @@ class Feed:
 
     def _record(self) -> None:
         """Record everything finished so far, in one transaction; again while more came."""
-        # Imported here: dispatch imports engines (to wake them after a commit).
-        from ..dispatch import record_many
+        from .records import record_batch
 
         while True:
             with self._lock:
@@ -182,8 +181,8 @@ class Feed:
             rows = [row for row, _ in finished]
             tokens = [row.claimed_by for row in rows]  # (recording clears them on the rows)
             try:
-                with transaction.atomic(using=rows[0]._state.db):
-                    recorded = record_many(rows, [outcome for _, outcome in finished])
+                recorded = record_batch(rows, [outcome for _, outcome in finished],
+                                        engine=self.engine)
             except Exception as exc:  # noqa: BLE001 - the rows stay leased, go out again later
                 logger.exception("%s: recording %d outcome(s) failed; their rows are sent "
                                  "again when their lease ends", self.engine, len(rows))
