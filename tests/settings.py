@@ -50,7 +50,9 @@ else:
             # A file with WAL, as in production: engines write from several threads, and
             # an in-memory shared-cache database fails them at once with "table is locked"
             # instead of waiting. IMMEDIATE avoids deadlocks on lock upgrades.
-            "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;",
+            # KIPEKEE_SQLITE_TIMEOUT: the soak's workers wait less than its write locks.
+            "OPTIONS": {"timeout": float(os.environ.get("KIPEKEE_SQLITE_TIMEOUT", 20)),
+                        "init_command": "PRAGMA journal_mode=WAL;",
                         "transaction_mode": "IMMEDIATE"},
             "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"kipekee-test-{os.getpid()}.sqlite3")},
         }
