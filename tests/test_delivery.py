@@ -398,3 +398,28 @@ def test_content_refused_after_data_does_not_fail_over(smtp_server, smtp_sink, k
     receipt = kipekee.send(**MAIL)
     assert receipt.failed and "554 5.7.1" in receipt.error
     assert smtp_sink.messages == []
+
+
+# --- a configuration failure opens the circuit at once (issue 17, loose end a) -------------
+
+
+def test_a_configuration_failure_opens_the_circuit_at_once(smtp_server, smtp_sink,
+                                                           kipekee_settings, caplog):
+    """Bad credentials do not get better with the next message: the first 535 opens the
+    provider's circuit (and is logged once at ERROR), so the next mails go straight to the
+    backup instead of each trying the broken provider first, as transient failures do
+    until the breaker's threshold (5 by default)."""
+    from kipekee import circuit
+
+    locked = smtp_server(auth={"user": "right"}, auth_require_tls=False)
+    kipekee_settings(primary=smtp_provider(locked, username="user", password="wrong"),
+                     backup=smtp_provider(smtp_sink))
+    receipts = [kipekee.send(**MAIL)]
+    refused_logins = locked.auth_failures  # (smtplib tries each mechanism it shares)
+    receipts += [kipekee.send(**MAIL) for _ in range(3)]
+    assert [(r.status, r.provider) for r in receipts] == [(Status.SENT, "backup")] * 4
+    assert refused_logins and locked.auth_failures == refused_logins  # not tried again
+    assert circuit.for_provider("primary").state == circuit.CircuitBreaker.OPEN
+    alarms = [r for r in caplog.records
+              if r.levelname == "ERROR" and "authentication" in r.getMessage()]
+    assert len(alarms) == 1, [r.getMessage() for r in alarms]

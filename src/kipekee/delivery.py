@@ -296,7 +296,8 @@ class Deliverer:
                 if failure.kind == ErrorKind.PERMANENT:
                     breaker.success()  # the provider answered: it is up
                 else:
-                    breaker.failure()
+                    breaker.failure(
+                        configuration=failure.kind == ErrorKind.CONFIGURATION)
                 # A misconfigured provider (bad key, unverified sender) is an alarm.
                 logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
                            else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
@@ -479,7 +480,8 @@ class Deliverer:
                 if failure.kind == ErrorKind.PERMANENT:
                     breaker.success()  # the provider answered: it is up
                 else:
-                    breaker.failure()
+                    breaker.failure(
+                        configuration=failure.kind == ErrorKind.CONFIGURATION)
                 if failure.kind == ErrorKind.PERMANENT:
                     for p, _ in chunk:
                         outcomes[p.index] = self._through(p, p.aliases)
