@@ -480,3 +480,32 @@ def test_anymails_own_ses_backend_retries_inside_a_send_and_a_check_says_so(kipe
         server.faults = ESPFaults(statuses=[429], retry_after=1800)
         kipekee_settings(ses=ESPS["amazon_ses"].provider(server, True))
         assert not [m for m in run_checks() if m.id == "kipekee.W013"]
+
+
+# --- a provider's Retry-After past MAX_DELAY (issue 17, loose end b) -----------------------
+
+
+def test_a_retry_after_longer_than_max_delay_wins(esp, kipekee_settings):
+    """The provider said when it will take the message again: trying before then only
+    spends an attempt on a certain 429. MAX_DELAY caps our own backoff, not its word."""
+    spec, server = esp
+    server.faults = ESPFaults(statuses=[429], retry_after=7200)
+    kipekee_settings(esp=spec.provider(server, True), _extra={"RETRY": {"MAX_DELAY": 600}})
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    [attempt] = attempts(receipt)
+    assert row.status == Status.DEFERRED
+    assert abs((row.due_at - attempt.finished_at).total_seconds() - 7200) < 5
+
+
+def test_a_retry_after_past_the_lifetime_fails_with_why(esp, kipekee_settings):
+    """Bounded by the message's lifetime: a wait that ends after it leaves no attempt, so
+    the message fails now, saying so (not silently at the end of its lifetime)."""
+    spec, server = esp
+    server.faults = ESPFaults(statuses=[429], retry_after=7200)
+    kipekee_settings(esp=spec.provider(server, True),
+                     _extra={"RETRY": {"MAX_DELAY": 600, "LIFETIME_SECONDS": 3600}})
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert row.status == Status.FAILED and f"{spec.name} 429" in row.last_error
+    assert "lifetime" in row.last_error, row.last_error

@@ -12,6 +12,7 @@ transaction delivers nothing: delivery starts from ``transaction.on_commit``.
 
 from __future__ import annotations
 
+
 import logging
 import time
 from collections.abc import Sequence
@@ -343,6 +344,10 @@ def _result(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy) -> outbox.F
         hint=outcome.retry_after, now=outcome.finished_at,
     )
     if due is None:
+        if outcome.kind != ErrorKind.PERMANENT:
+            # The error alone would read as a retry to come: say why there is none.
+            why = policy.why_not(attempt=row.attempts, created_at=row.created_at)
+            outcome = replace(outcome, error=f"{outcome.error}; {why}")
         logger.warning("Outbox email %s failed: %s", row.pk, outcome.error)
         return outbox.failed(row, outcome)
     logger.info("Outbox email %s deferred until %s: %s", row.pk, due.isoformat(), outcome.error)
