@@ -148,7 +148,8 @@ class Figures:
             f"  outages of both servers {self.outages}, "
             f"worker kills (SIGKILL) {self.kills}, database faults {self.db_faults}, "
             f"receivers raised {self.receiver_raises}",
-            f"  recipients delivered {self.delivered:,}, recorded failed {self.failed_recipients:,} "
+            f"  recipients delivered {self.delivered:,}, "
+            f"recorded failed {self.failed_recipients:,} "
             f"(poison {self.poison_failed}), lost {self.lost}",
             f"  extra copies {self.extra_copies} (after a crash or a cut-off worker "
             f"{self.extra_after_crash}, after an answer past the timeout or "
@@ -372,7 +373,8 @@ def lock_sqlite(path: str, seconds: float) -> None:
 # --- the run ---------------------------------------------------------------------------
 
 
-def enqueue(config: Config, rng: random.Random) -> tuple[dict[str, list[str]], set[str], dict[str, str]]:
+def enqueue(config: Config, rng: random.Random
+            ) -> tuple[dict[str, list[str]], set[str], dict[str, str]]:
     """Write the mails (send_many, in chunks); (Message-ID → recipients, poison
     Message-IDs, poison address → reply)."""
     mails: dict[str, list[str]] = {}

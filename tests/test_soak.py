@@ -45,7 +45,7 @@ def test_soak_keeps_every_promise(smtp_server, server_ssl_context, smtp_ca_file,
     figures = soak.run(config, primary, backup, settings.KIPEKEE)
     report = "\n".join(figures.lines())
     print(report)
-    if os.environ.get("KIPEKEE_SOAK_JSON"):
+    if os.environ.get("KIPEKEE_SOAK_JSON"):  # bench/soak.py
         Path(os.environ["KIPEKEE_SOAK_JSON"]).write_text(json.dumps(figures.as_dict()))
     assert not figures.violations, f"seed {config.seed}:\n{report}"
     # The soak must have hurt: every kind of fault, kills and database errors happened.
