@@ -14,9 +14,12 @@ kipekee.W011   a development backend (console, file, locmem, dummy) with DEBUG o
 kipekee.W012   DEFAULT_FROM_EMAIL is Django's placeholder ``webmaster@localhost``
 kipekee.W013   a boto3-based provider (anymail's Amazon SES) retries inside each send
 kipekee.W014   ``UNSUBSCRIBE["BASE_URL"]`` is not https (one-click unsubscribe needs it)
+kipekee.W015   rows wait in lanes no longer in ``KIPEKEE["LANES"]`` (with the database)
 =============  ==============================================================
 
-Checks never connect anywhere: ``manage.py kipekee_check`` does that.
+Checks never connect anywhere: ``manage.py kipekee_check`` does that. W015 reads the
+outbox, so it runs only when the checks are given a database (``manage.py check
+--database default``, ``migrate``).
 """
 
 from __future__ import annotations
@@ -150,4 +153,35 @@ def _check_provider(p: conf.ProviderConfig) -> list[CheckMessage]:
             hint="Use a real provider in production; keep development backends in the "
                  "development settings.",
             id="kipekee.W011"))
+    return messages
+
+
+@register("kipekee", "database")
+def check_stray_lanes(app_configs: Any = None, databases: Any = None,
+                      **kwargs: Any) -> list[CheckMessage]:
+    """Rows waiting in lanes that are not configured: engines move them to the default
+    lane (``kipekee.outbox.adopt_stray_lanes``); say so, since their lane's priority,
+    share and rate no longer apply."""
+    if not databases:
+        return []
+    from django.db import DatabaseError
+
+    from . import outbox
+
+    messages: list[CheckMessage] = []
+    for alias in databases:
+        try:
+            strays = outbox.stray_lanes(using=alias)
+        except (DatabaseError, ConfigurationError):
+            continue  # not migrated yet, or the settings are invalid (E001 says so)
+        if strays:
+            total = sum(strays.values())
+            lanes = ", ".join(f"{lane!r} ({count})" for lane, count in sorted(strays.items()))
+            messages.append(Warning(
+                f"{total} outbox {'row waits' if total == 1 else 'rows wait'} in lanes that "
+                "are not in "
+                f'KIPEKEE["LANES"]: {lanes} (database {alias!r}).',
+                hint=f"Engines deliver them in the {conf.TRANSACTIONAL!r} lane; put the lane "
+                     "back in the settings if they should keep its priority, share and rate.",
+                id="kipekee.W015"))
     return messages

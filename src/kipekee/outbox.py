@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -508,6 +509,32 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
         _prefetch_attachments(claimed, db)
         claimed.sort(key=lambda row: (planner.order(row.lane), row.due_at, row.pk))
     return claimed
+
+
+def adopt_stray_lanes(*, using: str | None = None) -> dict[str, int]:
+    """Move the waiting rows of lanes that are not configured (any more) to the default
+    lane, ``transactional``: per lane, how many.
+
+    A claim takes rows lane by lane from ``KIPEKEE["LANES"]``: a lane removed by a deploy,
+    or written by a process still on the old settings during a rolling one, would be
+    claimed by nobody, its mail waiting forever. Engines call this as they start and
+    then every minute (:func:`kipekee.engines.beat`)."""
+    db = using or db_for_write()
+    known = [lane.name for lane in conf.get().lanes]
+    strays = (OutboxEmail.objects.using(db).filter(status__in=WAITING_STATUSES)
+              .exclude(lane__in=known))
+    counts = dict(Counter(strays.values_list("lane", flat=True)))
+    if counts:
+        strays.update(lane=conf.TRANSACTIONAL)
+    return counts
+
+
+def stray_lanes(*, using: str | None = None) -> dict[str, int]:
+    """Waiting rows per lane that is not configured (:func:`adopt_stray_lanes`)."""
+    known = [lane.name for lane in conf.get().lanes]
+    return dict(Counter(OutboxEmail.objects.using(using or db_for_write())
+                        .filter(status__in=WAITING_STATUSES).exclude(lane__in=known)
+                        .values_list("lane", flat=True)))
 
 
 def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str) -> None:

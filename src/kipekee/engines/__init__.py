@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -220,14 +221,34 @@ def engine_name(kind: str) -> str:
     return f"{kind}@{socket.gethostname()}:{os.getpid()}"
 
 
-def beat(name: str, kind: str, stats: Stats, *, stopped: bool = False) -> None:
-    """Write this engine's heartbeat row (health checks read its age).
+#: Seconds between two looks for rows in lanes that are not configured.
+STRAY_LANES_SECONDS = 60.0
+_strays_looked_at: float | None = None
+
+
+def beat(name: str, kind: str, stats: Stats, *, stopped: bool = False,
+         starting: bool = False) -> None:
+    """Write this engine's heartbeat row (health checks read its age); as an engine
+    starts (``starting``) and then every minute, move rows waiting in lanes that are not
+    configured to the default lane (:func:`kipekee.outbox.adopt_stray_lanes`).
 
     A database error is logged, not raised: the engine goes on sending, and the health
     check sees the beat grow old if the database stays away.
     """
+    global _strays_looked_at
     try:
         _beat(name, kind, stats, stopped=stopped)
+        now = time.monotonic()
+        if starting or (not stopped and (_strays_looked_at is None
+                                         or now - _strays_looked_at >= STRAY_LANES_SECONDS)):
+            _strays_looked_at = now
+            adopted = outbox.adopt_stray_lanes()
+            if adopted:
+                logger.warning(
+                    "%s: outbox rows waiting in lanes that are not in KIPEKEE[\"LANES\"] "
+                    "(%s) moved to the %r lane, to be delivered", name,
+                    ", ".join(f"{lane!r}: {count}" for lane, count in sorted(adopted.items())),
+                    conf.TRANSACTIONAL)
     except DatabaseError as exc:
         logger.warning("%s: heartbeat not written (%s); retrying at the next beat", name, exc)
         _drop_broken_connections()

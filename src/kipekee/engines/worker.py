@@ -73,7 +73,7 @@ class Worker:
         self._wake.set()
 
     def run(self) -> None:
-        beat(self.name, self.kind, self.stats)
+        beat(self.name, self.kind, self.stats, starting=True)
         logger.info("%s started: %d sender thread(s), batches of %d", self.name,
                     self.concurrency, self.batch_size)
         threads = [threading.Thread(target=self._send_loop, args=(i,), name=f"kipekee-sender-{i}",
