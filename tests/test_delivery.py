@@ -423,3 +423,43 @@ def test_a_configuration_failure_opens_the_circuit_at_once(smtp_server, smtp_sin
     alarms = [r for r in caplog.records
               if r.levelname == "ERROR" and "authentication" in r.getMessage()]
     assert len(alarms) == 1, [r.getMessage() for r in alarms]
+
+
+# --- recipients refused for now, with no attempt left (issue 17, loose end g) --------------
+
+
+def test_recipients_refused_for_now_with_no_attempt_left_are_recorded_failed(smtp_server,
+                                                                            kipekee_settings):
+    """A follow-up row for two recipients, on its last attempt: the server takes one and
+    refuses the other for now (451). Before: the row was ``sent`` and the second recipient
+    was left in its ``refused`` with a 4xx reply, which promises a retry that never came:
+    dropped without a failed row or a ``failed`` signal. Now that recipient gets a row of
+    its own, ``failed``, saying why (no attempts left), announced by ``signals.failed``."""
+    from kipekee import signals
+
+    server = smtp_server(faults=Faults(refuse_recipients={
+        "b@example.com": "451 4.2.1 mailbox busy", "c@example.com": "451 4.2.1 mailbox busy"}))
+    kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"MAX_ATTEMPTS": 2}})
+    receipt = kipekee.send(subject="Team", text="x",
+                           to=["a@example.com", "b@example.com", "c@example.com"])
+    follow_up = OutboxEmail.objects.get(metadata__recipients_of=receipt.id)
+    assert sorted(follow_up.to) == ["b@example.com", "c@example.com"]
+    server.faults.refuse_recipients = {"c@example.com": "451 4.2.1 mailbox busy"}
+    failed = []
+    signals.failed.connect(receiver := lambda sender, email, **kw: failed.append(email.to))
+    try:
+        outbox.reschedule(follow_up.pk, timezone.now())
+        [claimed] = outbox.claim_batch(10)  # its second attempt: the last
+        from kipekee.delivery import Deliverer
+        from kipekee.dispatch import record
+
+        with Deliverer() as deliverer:
+            assert record(claimed, deliverer.deliver(claimed))
+    finally:
+        signals.failed.disconnect(receiver)
+    follow_up.refresh_from_db()
+    assert follow_up.status == Status.SENT  # b got it
+    last = OutboxEmail.objects.get(metadata__recipients_of=follow_up.pk)
+    assert (last.to, last.status, last.attempts) == (["c@example.com"], Status.FAILED, 2)
+    assert "451 4.2.1 mailbox busy" in last.last_error and "no attempts left" in last.last_error
+    assert last.message_id == follow_up.message_id and failed == [["c@example.com"]]

@@ -308,10 +308,13 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
         hint=max(hints, default=None), now=outcome.finished_at,
     )
+    given_up = "" if again_at is not None else policy.why_not(attempt=row.attempts,
+                                                                created_at=row.created_at)
     logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
                 outcome.provider, ", ".join(sorted(again)),
-                f"again at {again_at.isoformat()}" if again_at else "no attempts left")
-    return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+                f"again at {again_at.isoformat()}" if again_at else given_up)
+    return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at,
+                            given_up=given_up)
 
 
 def _result(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy) -> outbox.Finish | None:

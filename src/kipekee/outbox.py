@@ -761,7 +761,7 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
 
 
 def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = (),
-              again_at: datetime | None = None) -> bool:
+              again_at: datetime | None = None, given_up: str = "") -> bool:
     """Record a successful attempt: ``sending → sent``, with the provider's message ids.
 
     ``again`` (envelope addresses, as in ``outcome.refused``) and ``again_at``: recipients
@@ -770,18 +770,25 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
     content and Message-ID, ``metadata["recipients_of"]`` naming this row, its attempts
     counted on from this one's and its lifetime from this one's creation. This row stays
     ``sent`` and keeps their replies in ``refused``.
+
+    With no attempt left for them (``again_at`` None, ``given_up`` saying why) their
+    follow-up row is written ``failed`` instead, with their replies and that reason, and
+    announced by ``signals.failed``: a recipient is never dropped with only a "try later"
+    reply on a sent row.
     """
     follow_up: list[OutboxEmail] = []
 
     def write_follow_up(db: str) -> None:
-        if again and again_at is not None:
-            follow_up.extend(_follow_up(row, outcome, again, again_at, db))
+        if again and (again_at is not None or given_up):
+            follow_up.extend(_follow_up(row, outcome, again, again_at, db, given_up))
 
     done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
                    signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
-        signals.send_on_commit(signals.queued, using=copy._state.db or db_for_write(),
-                               sender=OutboxEmail, email=copy)
+        signal = signals.queued if copy.status == Status.DEFERRED else signals.failed
+        extra = {} if signal is signals.queued else {"outcome": outcome}
+        signals.send_on_commit(signal, using=copy._state.db or db_for_write(),
+                               sender=OutboxEmail, email=copy, **extra)
     return done
 
 
@@ -796,8 +803,8 @@ def _envelope_key(address: str) -> str:
     return canonical(address)
 
 
-def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,
-               db: str) -> list[OutboxEmail]:
+def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str],
+               due_at: datetime | None, db: str, given_up: str = "") -> list[OutboxEmail]:
     # ``row`` is the claimed row as read (the state fields _copy skips are set below).
     wanted = {_envelope_key(a) for a in again}
 
@@ -811,11 +818,16 @@ def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_a
                        "no follow-up written.", row.pk, sorted(again))
         return []
     replies = "; ".join(f"{a}: {outcome.refused.get(a, '')}" for a in sorted(again))
-    copy = _copy(row, db, status=Status.DEFERRED, due_at=due_at, mode="queue",
+    error = f"recipients refused for now by {outcome.provider}: {replies}"
+    if due_at is None:  # no attempt left for them: failed, with why
+        state: dict[str, Any] = {"status": Status.FAILED, "due_at": row.due_at,
+                                 "last_error": redact(f"{error}; {given_up}")}
+    else:
+        state = {"status": Status.DEFERRED, "due_at": due_at, "last_error": redact(error)}
+    copy = _copy(row, db, **state, mode="queue",
                  to=to, cc=cc, bcc=bcc, message_id=row.message_id,
                  created_at=row.created_at, attempts=row.attempts,
                  error_kind=ErrorKind.TRANSIENT,
-                 last_error=redact(f"recipients refused for now by {outcome.provider}: {replies}"),
                  metadata={**row.metadata, "recipients_of": row.pk})
     return [copy]
 
