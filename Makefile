@@ -11,13 +11,15 @@
 #   make bench-latency  one send in the request with the provider 20 ms away: Django's send_mail
 #               against kipekee.send now/hybrid/queue, cold and warm, SMTP and HTTP
 #               (bench/latency.py; BENCH_ARGS=... for flags); writes bench/LATENCY.md
+#   make bench-soak  the random-fault soak of issue 17 at N = 10,000 on PostgreSQL
+#               (bench/soak.py; BENCH_ARGS=... for flags: --seed, --n, --sqlite)
 # Each builds its own virtualenv under .venvs/ from scratch on first use.
 
 SHELL := /bin/bash
 VENVS := .venvs
 
 .PHONY: demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
-	chromium bench bench-latency
+	chromium bench bench-latency bench-soak
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -55,6 +57,9 @@ bench: $(VENVS)/bench/.installed
 
 bench-latency: $(VENVS)/bench/.installed
 	KIPEKEE_BENCH_MAKE=1 $(VENVS)/bench/bin/python bench/latency.py $(BENCH_ARGS)
+
+bench-soak: $(VENVS)/django52/.installed
+	$(VENVS)/django52/bin/python bench/soak.py $(BENCH_ARGS)
 
 demo: $(VENVS)/django52/.installed
 	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo_serve
