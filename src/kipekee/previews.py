@@ -187,7 +187,7 @@ def _build(preview: Preview, to: str | None) -> RelatedMessage:
             email_.strict = True
             message = email_.build()
             validate(message)
-            check_size(message, conf.get().max_message_size)
+            wire.check_size(message, conf.get().max_message_size)
         finally:
             transaction.set_rollback(True, using=db)
     return message
