@@ -46,7 +46,6 @@ from .dispatch import Receipt, submit
 from .exceptions import ConfigurationError
 from .message import RelatedMessage, is_inline, make_message_id, validate
 from .models import OutboxEmail
-from .wire import check_size
 
 #: Where a template's preview is addressed unless its registration says otherwise.
 SAMPLE_TO = "Sample Recipient <recipient@example.com>"
