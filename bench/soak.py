@@ -37,7 +37,7 @@ def run(database: str, n: int, seed: int) -> tuple[dict | None, int, float, str]
         started = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_soak.py", "-q", "-s",
                                "-p", "no:cacheprovider"], cwd=ROOT, env=env, text=True,
-                              capture_output=True)
+                              capture_output=True, check=False)
         seconds = time.monotonic() - started
         figures = json.loads(report.read_text()) if report.exists() else None
         return figures, proc.returncode, seconds, proc.stdout + proc.stderr

@@ -51,7 +51,7 @@ else:
             # an in-memory shared-cache database fails them at once with "table is locked"
             # instead of waiting. IMMEDIATE avoids deadlocks on lock upgrades.
             # KIPEKEE_SQLITE_TIMEOUT: the soak's workers wait less than its write locks.
-            "OPTIONS": {"timeout": float(os.environ.get("KIPEKEE_SQLITE_TIMEOUT", 20)),
+            "OPTIONS": {"timeout": float(os.environ.get("KIPEKEE_SQLITE_TIMEOUT", "20")),
                         "init_command": "PRAGMA journal_mode=WAL;",
                         "transaction_mode": "IMMEDIATE"},
             "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"kipekee-test-{os.getpid()}.sqlite3")},

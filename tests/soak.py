@@ -140,24 +140,24 @@ class Figures:
         reasons = ", ".join(f"{name} {count}" for name, count in self.failed_reasons.most_common())
         return [
             f"soak seed={self.seed} database={self.database}",
-            f"  mails {self.mails:,} ({self.recipients:,} recipients), rows {self.rows:,} "
-            f"({self.follow_ups} follow-up rows); wall {self.wall_seconds:.1f} s "
-            f"(mails written and workers up after {self.startup_seconds:.1f} s, faults until "
-            f"{self.chaos_seconds:.1f} s)",
+            (f"  mails {self.mails:,} ({self.recipients:,} recipients), rows {self.rows:,} "
+             f"({self.follow_ups} follow-up rows); wall {self.wall_seconds:.1f} s "
+             f"(mails written and workers up after {self.startup_seconds:.1f} s, faults "
+             f"until {self.chaos_seconds:.1f} s)"),
             f"  fault windows: {faults}",
-            f"  outages of both servers {self.outages}, "
-            f"worker kills (SIGKILL) {self.kills}, database faults {self.db_faults}, "
-            f"receivers raised {self.receiver_raises}",
-            f"  recipients delivered {self.delivered:,}, "
-            f"recorded failed {self.failed_recipients:,} "
-            f"(poison {self.poison_failed}), lost {self.lost}",
-            f"  extra copies {self.extra_copies} (after a crash or a cut-off worker "
-            f"{self.extra_after_crash}, after an answer past the timeout or "
-            f"a server stopped with its reply in flight "
-            f"{self.extra_after_late_answer}, unexplained {self.extra_unexplained}); "
-            f"attempts never recorded {self.unrecorded_attempts}",
-            f"  attempts per mail: mean {self.attempts_per_mail:.2f}, max {self.max_attempts} "
-            f"(MAX_ATTEMPTS {SETTINGS['RETRY']['MAX_ATTEMPTS']})",
+            (f"  outages of both servers {self.outages}, "
+             f"worker kills (SIGKILL) {self.kills}, database faults {self.db_faults}, "
+             f"receivers raised {self.receiver_raises}"),
+            (f"  recipients delivered {self.delivered:,}, "
+             f"recorded failed {self.failed_recipients:,} "
+             f"(poison {self.poison_failed}), lost {self.lost}"),
+            (f"  extra copies {self.extra_copies} (after a crash or a cut-off worker "
+             f"{self.extra_after_crash}, after an answer past the timeout or "
+             f"a server stopped with its reply in flight "
+             f"{self.extra_after_late_answer}, unexplained {self.extra_unexplained}); "
+             f"attempts never recorded {self.unrecorded_attempts}"),
+            (f"  attempts per mail: mean {self.attempts_per_mail:.2f}, max {self.max_attempts} "
+             f"(MAX_ATTEMPTS {SETTINGS['RETRY']['MAX_ATTEMPTS']})"),
             f"  rows sent {self.sent_rows:,}, failed {self.failed_rows:,}: {reasons or '-'}",
             "  outbox over time: " + " | ".join(self.timeline),
             *(f"  VIOLATION: {v}" for v in self.violations[:30]),

@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.soak, pytest.mark.django_db(transaction=True)]
 
 
 def test_soak_keeps_every_promise(smtp_server, server_ssl_context, smtp_ca_file, settings):
-    n = int(os.environ.get("KIPEKEE_SOAK_N", 1000))
+    n = int(os.environ.get("KIPEKEE_SOAK_N", "1000"))
     config = soak.Config(n=n, seed=soak.seed_from_env(),
-                         chaos_seconds=float(os.environ.get("KIPEKEE_SOAK_CHAOS_SECONDS",
-                                                            max(30.0, n / 40))),
-                         settle_seconds=float(os.environ.get("KIPEKEE_SOAK_SETTLE_SECONDS",
-                                                             max(90.0, n / 20))))
+                         chaos_seconds=float(os.environ.get("KIPEKEE_SOAK_CHAOS_SECONDS")
+                                             or max(30.0, n / 40)),
+                         settle_seconds=float(os.environ.get("KIPEKEE_SOAK_SETTLE_SECONDS")
+                                             or max(90.0, n / 20)))
     for name, key in (("KIPEKEE_SOAK_KILL_EVERY", "kill_every"),
                       ("KIPEKEE_SOAK_DB_FAULT_EVERY", "db_fault_every")):
         if os.environ.get(name):  # "lo,hi" seconds; "0,0" switches them off
