@@ -221,12 +221,16 @@ def test_a_recipient_refused_for_now_gets_the_message_in_a_follow_up_row(smtp_se
     assert again.rcpt_tos == ("B@example.com",) and again.message_id == original.message_id
 
 
-def test_no_follow_up_when_no_attempt_is_left(smtp_server, kipekee_settings):
+def test_a_failed_follow_up_when_no_attempt_is_left(smtp_server, kipekee_settings):
+    # (Before issue 17's loose end g there was no follow-up row at all: b was dropped.)
     server = smtp_server(faults=Faults(refuse_recipients={"b@example.com": "450 4.2.1 busy"}))
     kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"MAX_ATTEMPTS": 1}})
     receipt = kipekee.send(subject="Team", text="x", to=["a@example.com", "b@example.com"])
     assert receipt.sent and receipt.refused == {"b@example.com": "450 4.2.1 busy"}
-    assert not OutboxEmail.objects.exclude(pk=receipt.id).exists()
+    [follow_up] = OutboxEmail.objects.exclude(pk=receipt.id)
+    assert (follow_up.to, follow_up.status) == (["b@example.com"], Status.FAILED)
+    assert "450 4.2.1 busy" in follow_up.last_error
+    assert "no attempts left: 1 of 1" in follow_up.last_error
 
 
 def test_all_recipients_temporarily_refused_is_transient(smtp_server, kipekee_settings):
