@@ -153,8 +153,7 @@ class Figures:
              f"recorded failed {self.failed_recipients:,} "
              f"(poison {self.poison_failed}), lost {self.lost}"),
             (f"  extra copies {self.extra_copies} (after a crash or a cut-off worker "
-             f"{self.extra_after_crash}, after an answer past the timeout or "
-             f"a server stopped with its reply in flight "
+             f"{self.extra_after_crash}, after an acceptance that never reached the client "
              f"{self.extra_after_late_answer}, unexplained {self.extra_unexplained}); "
              f"attempts never recorded {self.unrecorded_attempts}"),
             (f"  attempts per mail: mean {self.attempts_per_mail:.2f}, max {self.max_attempts} "
