@@ -1,8 +1,9 @@
 """A circuit breaker per provider, per process.
 
-After ``FAILURES`` consecutive transient failures, or at the first configuration
-failure (bad credentials, an unverified account, an untrusted certificate: the next
-message would meet it too, and each try is an alarm), a provider's circuit opens:
+After ``FAILURES`` consecutive transient or configuration failures, or at the first
+configuration failure of the whole provider (bad credentials, an untrusted certificate:
+the next message would meet it too, and each try is an alarm; not a sender's unverified
+domain, which another sender does not meet), a provider's circuit opens:
 delivery skips it (and fails over at once instead of waiting for a timeout on every
 message). After ``COOLDOWN_SECONDS`` one trial send is let through (half-open): a
 success closes the circuit, a failure opens it for another cool-down. A permanent
@@ -81,7 +82,7 @@ class CircuitBreaker:
 
     def failure(self, *, configuration: bool = False) -> None:
         """The provider failed a send; ``configuration``: in a way that no retry fixes
-        (it opens the circuit at once)."""
+        and every message meets (it opens the circuit at once)."""
         with self._lock:
             self._failures += 1
             if (configuration or self._state == self.HALF_OPEN

@@ -76,6 +76,10 @@ class Failure:
     # account may not send as this sender, or the message is over its size limit.
     # Delivery tries the next provider; the message fails only when every one refuses.
     provider_level: bool = False
+    # A configuration failure of the whole provider (its credentials, its TLS), which the
+    # next message would meet too: its circuit opens at once. Not one that depends on the
+    # message's sender (an unverified domain): another sender may go through.
+    whole_provider: bool = False
 
 
 @cache
@@ -226,7 +230,7 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
         return Failure(kind=kind, error=f"all recipients refused: {detail}",
                        code=max(codes) if codes else None, refused=refused)
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        return Failure(kind=ErrorKind.CONFIGURATION, code=exc.smtp_code,
+        return Failure(kind=ErrorKind.CONFIGURATION, code=exc.smtp_code, whole_provider=True,
                        error=f"authentication failed: {_reply(exc.smtp_code, exc.smtp_error)}")
     if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
         # The server turned the session down before any message was involved.
@@ -239,11 +243,14 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
         kind = _kind_for_code(exc.smtp_code)
         return Failure(kind=kind, code=exc.smtp_code, error=f"{name}: {reply}",
                        retry_after=smtp_retry_hint(reply) if kind == ErrorKind.TRANSIENT else None,
-                       provider_level=kind == ErrorKind.PERMANENT and _provider_level(exc, reply))
+                       provider_level=kind == ErrorKind.PERMANENT and _provider_level(exc, reply),
+                       # 530/534/535/538: authentication or encryption, the whole server's
+                       whole_provider=kind == ErrorKind.CONFIGURATION)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
-        return Failure(kind=ErrorKind.CONFIGURATION, error=f"server does not support: {exc}")
+        return Failure(kind=ErrorKind.CONFIGURATION, whole_provider=True,
+                       error=f"server does not support: {exc}")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Failure(kind=ErrorKind.CONFIGURATION,
+        return Failure(kind=ErrorKind.CONFIGURATION, whole_provider=True,
                        error=f"TLS certificate not trusted ({exc.verify_message}); "
                              "trust it with the provider's 'ca_file' option if it is yours")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
@@ -424,7 +431,8 @@ def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
     if anymail_errors is None:
         return None
     if isinstance(exc, anymail_errors.AnymailConfigurationError):
-        return Failure(kind=ErrorKind.CONFIGURATION, error=f"anymail: {exc}")
+        return Failure(kind=ErrorKind.CONFIGURATION, error=f"anymail: {exc}",
+                       whole_provider=True)
     if not isinstance(exc, anymail_errors.AnymailError):
         return None
     # (Anymail leaves the backend off the errors it raises for a request that got no
@@ -456,7 +464,8 @@ def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
     status = answer.status
     error = f"{esp} {status}: {answer.detail}" if answer.detail else f"{esp} {status}"
     if status in (401, 403):
-        return Failure(kind=ErrorKind.CONFIGURATION, code=status,
+        # 401: the key, for every message; 403: often the sender's domain or identity.
+        return Failure(kind=ErrorKind.CONFIGURATION, code=status, whole_provider=status == 401,
                        error=f"{error} (check the API key and the sender's domain)")
     if status == 404:
         return Failure(kind=ErrorKind.CONFIGURATION, code=status,
