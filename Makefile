@@ -13,13 +13,16 @@
 #               (bench/latency.py; BENCH_ARGS=... for flags); writes bench/LATENCY.md
 #   make bench-soak  the random-fault soak of issue 17 at N = 10,000 on PostgreSQL
 #               (bench/soak.py; BENCH_ARGS=... for flags: --seed, --n, --sqlite)
+#   make bench-scale  provider limits shared by 4 workers + 2 web processes (database, then
+#               Redis store) and 8 workers on two host names against one, on PostgreSQL
+#               (bench/scale.py; database kipekee_scale, createdb it first; BENCH_ARGS=...)
 # Each builds its own virtualenv under .venvs/ from scratch on first use.
 
 SHELL := /bin/bash
 VENVS := .venvs
 
 .PHONY: demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
-	chromium bench bench-latency bench-soak
+	chromium bench bench-latency bench-soak bench-scale
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -60,6 +63,8 @@ bench-latency: $(VENVS)/bench/.installed
 
 bench-soak: $(VENVS)/django52/.installed
 	$(VENVS)/django52/bin/python bench/soak.py $(BENCH_ARGS)
+bench-scale: $(VENVS)/django52/.installed
+	$(VENVS)/django52/bin/python bench/scale.py $(BENCH_ARGS)
 
 demo: $(VENVS)/django52/.installed
 	cd demo && ../$(VENVS)/django52/bin/python manage.py kipekee_demo_serve
