@@ -321,6 +321,7 @@ def test_a_provider_may_name_a_mailers_alias(kipekee_settings, settings, recwarn
     import django
 
     from kipekee.conf import get as kipekee_conf
+    from kipekee.limits import Rate
 
     with LocalPostmarkServer(tokens={"pm-token"}) as server:
         settings.MAILERS = {
@@ -333,7 +334,7 @@ def test_a_provider_may_name_a_mailers_alias(kipekee_settings, settings, recwarn
             warnings.simplefilter("error")  # the README's configuration warns of nothing
             config = kipekee_conf().provider("postmark")
             assert config.backend == "anymail.backends.postmark.EmailBackend"
-            assert config.rate == "50/s"
+            assert config.rate == (Rate(count=50, per=1.0),)
             receipt = kipekee.send(**MAIL, mode="now")
             assert receipt.sent and receipt.provider == "postmark", receipt
             if django.VERSION >= (6, 1):
