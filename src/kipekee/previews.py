@@ -44,7 +44,8 @@ from . import conf, notifications, wire
 from .compose import Email
 from .dispatch import Receipt, submit
 from .exceptions import ConfigurationError
-from .message import RelatedMessage, check_size, is_inline, make_message_id, validate
+from .message import RelatedMessage, is_inline, make_message_id, validate
+from .wire import check_size
 from .models import OutboxEmail
 
 #: Where a template's preview is addressed unless its registration says otherwise.
