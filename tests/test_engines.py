@@ -3,13 +3,19 @@ with a circuit breaker, lifetimes — against real local SMTP servers."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -24,10 +30,11 @@ from kipekee.engines.worker import Worker
 from kipekee.models import Attempt, EngineHeartbeat, ErrorKind, OutboxEmail, Status
 from kipekee.testing import Faults
 
-from .conftest import smtp_provider
+from .conftest import FAST_NOW_DELAYS, smtp_provider, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+ROOT = Path(__file__).resolve().parent.parent
 MAIL = {"subject": "Order", "text": "thanks", "to": ["ann@example.com"]}
 
 
@@ -35,7 +42,7 @@ def enqueue(n: int, **kwargs) -> list[int]:
     return [kipekee.send(**{**MAIL, "subject": f"Order {i}", **kwargs}, mode="queue").id for i in range(n)]
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -58,6 +65,128 @@ class running_worker:
         self.worker.stop()
         self.thread.join(10)
         assert not self.thread.is_alive()
+
+
+# --- the engines under contract: the worker, and django.tasks run by db_worker ---------
+# A test parametrized over ``engine_kind`` runs once with the worker engine and once with
+# the "tasks" engine (kipekee.engines.tasks), whose tasks real ``db_worker`` processes of
+# django-tasks-db run from the test database.
+
+TASKS_QUEUE = "kipekee"
+
+
+@pytest.fixture
+def engine_kind() -> str:
+    return "worker"
+
+
+@pytest.fixture
+def kipekee_settings(settings, engine_kind):
+    """As conftest's, with ENGINE "tasks" (wakes enqueue tasks on commit) for that engine."""
+
+    def configure(_extra=None, **providers) -> None:
+        settings.KIPEKEE = {
+            "PROVIDERS": providers, "NOW_RETRY_DELAYS": FAST_NOW_DELAYS, "NOW_TIME_BUDGET": 5,
+            "ENGINE": None, **(_extra or {}),
+            **({"ENGINE": "tasks", "TASKS": {"QUEUE": TASKS_QUEUE}}
+               if engine_kind == "tasks" else {}),
+        }
+
+    return configure
+
+
+class TaskWorkers:
+    """``db_worker`` processes running the tasks engine's tasks from the test database."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, n: int = 1, *, batch: bool = False) -> list[subprocess.Popen]:
+        args = [sys.executable, "-m", "django", "db_worker", "--queue-name", TASKS_QUEUE,
+                "--interval", "0.05", "--no-startup-delay", "--no-reload", "-v", "1"]
+        started = []
+        for _ in range(n):
+            log = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(args + (["--batch"] if batch else []), cwd=ROOT,
+                                    env=subprocess_env(self.settings.KIPEKEE), stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
+            proc.log = log  # type: ignore[attr-defined]
+            started.append(proc)
+        self.procs += started
+        return started
+
+    def output(self) -> str:
+        out = []
+        for proc in self.procs:
+            proc.log.seek(0)
+            out.append(proc.log.read()[-3000:])
+        return "\n---\n".join(out)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
+def _log(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+class Engine:
+    """The engine under test: ``drain()`` delivers what is due and returns (the worker's
+    ``--once``; for tasks, ``db_worker --batch`` processes, which run every task that is
+    ready and exit); ``running()`` keeps the engine running for the ``with`` block."""
+
+    def __init__(self, kind: str, settings) -> None:
+        self.kind = kind
+        self.tasks = TaskWorkers(settings)
+
+    def drain(self, *, concurrency: int = 1, batch_size: int = 10) -> None:
+        if self.kind == "worker":
+            call_command("kipekee_worker", once=True, concurrency=concurrency,
+                         batch_size=batch_size, poll_interval=0.05)
+            return
+        for proc in self.tasks.start(concurrency, batch=True):
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"db_worker --batch did not finish\n{self.tasks.output()}")
+            assert proc.returncode == 0, self.tasks.output()
+
+    @contextlib.contextmanager
+    def running(self, *, concurrency: int = 1):
+        if self.kind == "worker":
+            with running_worker(concurrency=concurrency) as worker:
+                yield worker
+            return
+        procs = self.tasks.start(concurrency)
+        # Python and Django take seconds to start on a loaded machine: the test's clock
+        # starts when every db_worker is polling.
+        wait_until(lambda: all(_log(proc).count("Starting worker") for proc in procs),
+                   what="db_worker processes started")
+        try:
+            yield None
+        finally:
+            self.tasks.stop()
+
+
+@pytest.fixture
+def engine(engine_kind, settings):
+    engine = Engine(engine_kind, settings)
+    yield engine
+    engine.tasks.stop()
+
+
+both_engines = pytest.mark.parametrize("engine_kind", ["worker", "tasks"])
 
 
 # --- claiming -----------------------------------------------------------------------
@@ -90,17 +219,22 @@ def test_expired_lease_is_reclaimed_by_a_batch(sink_provider):
 # --- the worker -----------------------------------------------------------------------
 
 
-def test_worker_once_drains_the_queue_exactly_once(sink_provider):
+@both_engines
+def test_worker_once_drains_the_queue_exactly_once(sink_provider, engine):
     enqueue(60)
-    call_command("kipekee_worker", once=True, concurrency=3, batch_size=7, poll_interval=0.05)
+    engine.drain(concurrency=3, batch_size=7)
     assert OutboxEmail.objects.filter(status=Status.SENT).count() == 60
     received = Counter(m.message_id for m in sink_provider.wait_for(60))
     assert len(received) == 60 and set(received.values()) == {1}
-    beat = EngineHeartbeat.objects.get()
-    assert beat.kind == "worker" and beat.sent == 60 and beat.stopped_at is not None
+    if engine.kind == "worker":
+        beat = EngineHeartbeat.objects.get()
+        assert beat.kind == "worker" and beat.sent == 60 and beat.stopped_at is not None
+    else:  # each db_worker process that ran a task beat once, as it started
+        assert set(EngineHeartbeat.objects.values_list("kind", flat=True)) == {"tasks"}
 
 
-def test_rolled_back_transactions_deliver_nothing(sink_provider):
+@both_engines
+def test_rolled_back_transactions_deliver_nothing(sink_provider, engine):
     rng = random.Random(7)
     committed: set[str] = set()
     for i in range(1000):
@@ -113,21 +247,25 @@ def test_rolled_back_transactions_deliver_nothing(sink_provider):
         except RuntimeError:
             pass
     assert 600 < len(committed) < 800
-    call_command("kipekee_worker", once=True, concurrency=2, batch_size=50, poll_interval=0.05)
+    engine.drain(concurrency=2, batch_size=50)
     received = Counter(m.message_id for m in sink_provider.wait_for(len(committed)))
     assert set(received) == committed and set(received.values()) == {1}
     assert OutboxEmail.objects.count() == len(committed)
 
 
-def test_worker_wakes_for_new_rows_and_stops_cleanly(sink_provider):
-    with running_worker(concurrency=2) as worker:
+@both_engines
+def test_worker_wakes_for_new_rows_and_stops_cleanly(sink_provider, engine):
+    with engine.running(concurrency=2) as worker:
         enqueue(3)
-        wait_until(lambda: OutboxEmail.objects.sent().count() == 3, what="3 sent")
-    assert worker.stats.snapshot() == (3, 0, 0)
+        wait_until(lambda: OutboxEmail.objects.sent().count() == 3,
+                   what=f"3 sent\n{engine.tasks.output()}")
+    if worker is not None:
+        assert worker.stats.snapshot() == (3, 0, 0)
     assert not OutboxEmail.objects.filter(status=Status.SENDING).exists()
 
 
-def test_451_k_times_then_delivered_with_growing_gaps(smtp_server, kipekee_settings):
+@both_engines
+def test_451_k_times_then_delivered_with_growing_gaps(smtp_server, kipekee_settings, engine):
     server = smtp_server(faults=Faults(data_replies=["451 4.3.0 try later"] * 3))
     kipekee_settings(primary=smtp_provider(server),
                      _extra={"RETRY": {"BASE_DELAY": 0.1, "MAX_DELAY": 5, "JITTER": False}})
@@ -139,13 +277,18 @@ def test_451_k_times_then_delivered_with_growing_gaps(smtp_server, kipekee_setti
     signals.deferred.connect(on_deferred)
     try:
         [pk] = enqueue(1)
-        with running_worker():
+        with engine.running():
             wait_until(lambda: OutboxEmail.objects.get(pk=pk).status == Status.SENT, what="sent")
     finally:
         signals.deferred.disconnect(on_deferred)
-    assert list(Attempt.objects.filter(email_id=pk).values_list("outcome", flat=True)) == [
-        "transient", "transient", "transient", "sent"]
-    assert [round(g, 2) for g in gaps] == [0.1, 0.2, 0.4]  # delivered on try k+1 = 4
+    attempts = list(Attempt.objects.filter(email_id=pk).order_by("number"))
+    assert [a.outcome for a in attempts] == ["transient", "transient", "transient", "sent"]
+    if engine.kind == "worker":
+        assert [round(g, 2) for g in gaps] == [0.1, 0.2, 0.4]  # delivered on try k+1 = 4
+    else:  # (the signals went off in the db_worker process): each retry waited its delay
+        waited = [(after.started_at - before.finished_at).total_seconds()
+                  for before, after in itertools.pairwise(attempts)]
+        assert all(w >= d - 0.001 for w, d in zip(waited, [0.1, 0.2, 0.4])), waited
     assert len(server.messages) == 1
 
 
@@ -158,31 +301,35 @@ def test_smtp_retry_hint_wins_over_backoff(smtp_server, kipekee_settings):
     assert row.status == Status.DEFERRED and round(waited) == 420
 
 
-def test_550_is_failed_after_one_try_by_the_worker(smtp_server, kipekee_settings):
+@both_engines
+def test_550_is_failed_after_one_try_by_the_worker(smtp_server, kipekee_settings, engine):
     server = smtp_server(faults=Faults(data_replies=["550 5.7.1 rejected"] * 5))
     kipekee_settings(primary=smtp_provider(server))
     [pk] = enqueue(1)
-    call_command("kipekee_worker", once=True, concurrency=1, poll_interval=0.05)
+    engine.drain()
     row = OutboxEmail.objects.get(pk=pk)
     assert (row.status, row.attempts, row.error_kind) == (Status.FAILED, 1, ErrorKind.PERMANENT)
 
 
-def test_message_past_its_lifetime_fails_with_no_more_attempts(smtp_server, kipekee_settings):
+@both_engines
+def test_message_past_its_lifetime_fails_with_no_more_attempts(smtp_server, kipekee_settings,
+                                                               engine):
     server = smtp_server(faults=Faults(data_replies=["451 busy"] * 5))
     kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"LIFETIME_SECONDS": 3600}})
     [pk] = enqueue(1)
     OutboxEmail.objects.filter(pk=pk).update(created_at=timezone.now() - timedelta(hours=2))
-    call_command("kipekee_worker", once=True, concurrency=1, poll_interval=0.05)
+    engine.drain()
     row = OutboxEmail.objects.get(pk=pk)
     assert (row.status, row.attempts) == (Status.FAILED, 1) and "451 busy" in row.last_error
     assert outbox.claim_batch(10) == []
 
 
-def test_one_unbuildable_message_among_1000_fails_alone(sink_provider):
+@both_engines
+def test_one_unbuildable_message_among_1000_fails_alone(sink_provider, engine):
     ids = enqueue(1000)
     bad = ids[417]
     OutboxEmail.objects.filter(pk=bad).update(alternatives=[{"mimetype": "text/html"}])  # no content
-    call_command("kipekee_worker", once=True, concurrency=2, batch_size=50, poll_interval=0.05)
+    engine.drain(concurrency=2, batch_size=50)
     assert OutboxEmail.objects.sent().count() == 999
     row = OutboxEmail.objects.get(pk=bad)
     assert row.status == Status.FAILED and "cannot build message" in row.last_error
@@ -339,8 +486,10 @@ def test_a_10_s_outage_costs_each_mail_a_few_attempts_and_fails_none(smtp_server
           f"{sum(len(a) for a in per_row.values())} in all for 60 mails, none failed")
 
 
+@both_engines
 def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_server,
-                                                                       kipekee_settings):
+                                                                       kipekee_settings,
+                                                                       engine):
     """An outage of hours, compressed: a cool-down of 50 ms against a backoff of 0.4 s
     then 0.8 s (a 30 s cool-down against hours of backoff, in scale). Every attempt that
     reached the provider is followed by the policy's own wait before the next one: a
@@ -354,7 +503,7 @@ def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_serv
                              "RETRY": {"BASE_DELAY": 0.4, "MAX_DELAY": 0.8, "JITTER": False}})
     policy = RetryPolicy.from_settings()
     ids = enqueue(20)
-    with running_worker(concurrency=2):
+    with engine.running(concurrency=2):
         time.sleep(4)
     assert not OutboxEmail.objects.filter(status=Status.FAILED).exists()
     per_row = _attempts_per_row(ids)

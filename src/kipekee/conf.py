@@ -89,6 +89,15 @@ class CeleryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TasksConfig:
+    """``KIPEKEE["TASKS"]``: where the ``tasks`` engine enqueues (:mod:`kipekee.engines.tasks`):
+    a task backend alias of Django's ``TASKS`` setting and one of its queues."""
+
+    backend: str = "default"
+    queue: str = "default"
+
+
+@dataclass(frozen=True, kw_only=True)
 class LaneConfig:
     """One entry of ``KIPEKEE["LANES"]``: a queue of mail within the outbox.
 
@@ -180,6 +189,7 @@ class KipekeeSettings:
     circuit: CircuitConfig = CircuitConfig()
     engine: str | None = "thread"
     celery: CeleryConfig = CeleryConfig()
+    tasks: TasksConfig = TasksConfig()
     lease: timedelta = timedelta(minutes=5)
     strict_templates: bool = True
     message_id_domain: str | None = None
@@ -225,6 +235,7 @@ _KNOWN_KEYS = {
     "CIRCUIT_BREAKER",
     "ENGINE",
     "CELERY",
+    "TASKS",
     "WEBHOOK_SECRET",
     "RETENTION",
     "CHECK",
@@ -238,7 +249,7 @@ _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "J
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
 #: Where queued and deferred rows are delivered: None means "an engine you run yourself"
 #: (kipekee_worker, Celery) and nothing is started in the web process.
-ENGINES = ("thread", "worker", "celery", None)
+ENGINES = ("thread", "worker", "celery", "tasks", None)
 
 
 def parse(raw: Any) -> KipekeeSettings:
@@ -340,6 +351,15 @@ def parse(raw: Any) -> KipekeeSettings:
     if not isinstance(queue, str) or not queue:
         raise ConfigurationError('KIPEKEE["CELERY"]["QUEUE"] must be a queue name.')
     celery = CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
+    tasks_raw = raw.get("TASKS", {})
+    if not isinstance(tasks_raw, dict) or set(tasks_raw) - {"BACKEND", "QUEUE"}:
+        raise ConfigurationError('KIPEKEE["TASKS"] takes "BACKEND" and "QUEUE".')
+    for key in ("BACKEND", "QUEUE"):
+        if key in tasks_raw and (not isinstance(tasks_raw[key], str) or not tasks_raw[key]):
+            raise ConfigurationError(f'KIPEKEE["TASKS"]["{key}"] must be a name, not '
+                                     f'{tasks_raw[key]!r}.')
+    tasks = TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
+                        queue=tasks_raw.get("QUEUE", "default"))
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
@@ -364,6 +384,7 @@ def parse(raw: Any) -> KipekeeSettings:
         circuit=circuit,
         engine=engine,
         celery=celery,
+        tasks=tasks,
         lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,

@@ -5,9 +5,10 @@ hand them to :class:`kipekee.delivery.Deliverer` and record the outcomes.
 - ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``), whose
   sender threads share one :class:`~kipekee.engines.feed.Feed` (claims sized to their
   free slots, records for all of them);
-- ``celery``: Celery tasks (``kipekee.contrib.celery``).
+- ``celery``: Celery tasks (``kipekee.contrib.celery``);
+- ``tasks``: Django's task framework, any backend (``kipekee.engines.tasks``).
 
-The thread engine and Celery tasks run :class:`Sender`, the loop of one sender thread.
+The thread engine, Celery tasks and django.tasks tasks run :class:`Sender`, the loop of one sender thread.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
@@ -256,8 +258,9 @@ def start() -> None:
         engine().start()
 
 
-def wake(ids: list[int] | None = None) -> None:
-    """Tell the engine that rows are waiting (called after commit; ``ids`` when known).
+def wake(ids: list[int] | None = None, *, due_at: datetime | None = None) -> None:
+    """Tell the engine that rows are waiting (called after commit; ``ids`` when known,
+    ``due_at`` when they fall due later: a scheduled send, a deferred retry).
 
     Never raises: it runs in the caller's ``on_commit``, after the rows are safe in the
     outbox, where an exception would reach the caller and skip the application's later
@@ -265,15 +268,22 @@ def wake(ids: list[int] | None = None) -> None:
     rows wait for the next sweep or poll.
     """
     kind = conf.get().engine
+    later = due_at is not None and due_at > timezone.now()
     try:
         if kind == "thread":
             from .thread import engine
 
             engine().wake()
-        elif kind == "celery" and ids:
+        elif kind == "celery" and ids and not later:
+            # (a task for rows not due yet would find them not due: the sweep hands
+            # them out when they are)
             from ..contrib.celery import send_ids
 
             send_ids(ids)
+        elif kind == "tasks" and ids:
+            from .tasks import send_ids as enqueue_tasks
+
+            enqueue_tasks(ids, run_after=due_at if later else None)
     except Exception:  # noqa: BLE001 - the rows are committed; logged, left to the sweep
         logger.warning("Could not wake the %s engine for outbox email(s) %s; they stay "
                        "queued for its next sweep or poll", kind, ids, exc_info=True)
