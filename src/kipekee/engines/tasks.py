@@ -90,13 +90,15 @@ def deliver(ids: list[int], watch: bool = False) -> int:
     from ..models import OutboxEmail, Status
     from . import Sender, beat, engine_name
 
-    if watch:
-        # Rows still in a claim: taken back if its lease ran out (claim_batch does),
-        # watched again if it was renewed; rows already recorded need nothing.
-        ids = list(OutboxEmail.objects.filter(pk__in=ids, status=Status.SENDING)
-                   .values_list("pk", flat=True))
-        if not ids:
-            return 0
+    # Rows recorded since (by an earlier task's claim, another engine) need nothing: one
+    # read, and a burst's later tasks end here. A watch task looks only at rows still in
+    # a claim: taken back if its lease ran out (claim_batch does), watched again if it
+    # was renewed.
+    open_states = [Status.SENDING] if watch else [Status.QUEUED, Status.DEFERRED, Status.SENDING]
+    ids = list(OutboxEmail.objects.filter(pk__in=ids, status__in=open_states)
+               .values_list("pk", flat=True))
+    if not ids:
+        return 0
     sender = Sender(engine=engine_name("tasks"), batch_size=BATCH, stats=_stats())
     handled = 0
     try:
