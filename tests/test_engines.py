@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -229,11 +231,47 @@ def test_worker_once_drains_the_queue_exactly_once(sink_provider, engine):
     if engine.kind == "worker":
         beat = EngineHeartbeat.objects.get()
         assert beat.kind == "worker" and beat.sent == 60 and beat.stopped_at is not None
-    else:  # each db_worker process that ran a task beat once, as it started
+    else:  # each db_worker process that ran a task beat, and its summary line at exit
         assert set(EngineHeartbeat.objects.values_list("kind", flat=True)) == {"tasks"}
+        assert not EngineHeartbeat.objects.filter(stopped_at__isnull=True).exists()
+        summaries = re.findall(r"tasks@\S+ stopped: sent=(\d+) deferred=0 failed=0 in [\d.]+ s "
+                               r"\([\d.]+ sent/s\)", engine.tasks.output())
+        assert sum(map(int, summaries)) == 60, engine.tasks.output()
 
 
 @both_engines
+def test_progress_lines_per_interval_and_a_summary_at_exit(sink_provider, caplog):
+    """The worker's lines (the Celery and tasks engines log the same, per process)."""
+    from kipekee.engines import Progress, Stats
+
+    stats = Stats()
+    progress = Progress("worker@test:1", stats, logging.getLogger("kipekee.test"), every=0)
+    with caplog.at_level(logging.INFO, logger="kipekee.test"):
+        progress.tick()  # idle: nothing to say
+        for status in [Status.SENT] * 3 + [Status.DEFERRED, Status.FAILED]:
+            stats.add(status)
+        progress.tick()
+        stats.add(Status.SENT)
+        progress.tick()
+        progress.summary()
+    lines = [r.getMessage() for r in caplog.records if r.name == "kipekee.test"]
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r"worker@test:1: 3 sent, 1 deferred, 1 failed in \d+ s \([\d.]+ sent/s\); "
+                        r"total sent=3 deferred=1 failed=1", lines[0])
+    assert lines[1].startswith("worker@test:1: 1 sent, 0 deferred, 0 failed in ")
+    assert lines[1].endswith("total sent=4 deferred=1 failed=1")
+    assert re.fullmatch(r"worker@test:1 stopped: sent=4 deferred=1 failed=1 in [\d.]+ s "
+                        r"\([\d.]+ sent/s\)", lines[2])
+
+    enqueue(7)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kipekee.worker"):
+        call_command("kipekee_worker", once=True, concurrency=2, poll_interval=0.05,
+                     name="progress-test")
+    assert any(re.fullmatch(r"progress-test stopped: sent=7 deferred=0 failed=0 in [\d.]+ s "
+                            r"\([\d.]+ sent/s\)", r.getMessage()) for r in caplog.records)
+
+
 def test_rolled_back_transactions_deliver_nothing(sink_provider, engine):
     rng = random.Random(7)
     committed: set[str] = set()

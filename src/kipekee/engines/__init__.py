@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +54,45 @@ class Stats:
     def snapshot(self) -> tuple[int, int, int]:
         with self.lock:
             return self.sent, self.deferred, self.failed
+
+
+class Progress:
+    """An engine's progress lines on its logger: every ``every`` seconds what it sent,
+    deferred and failed in that interval and the rate (nothing when idle), and a summary
+    at exit. Thread-safe: Celery and task workers log from whichever task runs."""
+
+    def __init__(self, name: str, stats: Stats, log: logging.Logger, *,
+                 every: float = 10.0) -> None:
+        self.name = name
+        self.stats = stats
+        self.log = log
+        self.every = every
+        self.started = self._last = time.monotonic()
+        self._logged = (0, 0, 0)
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        """Log the interval's line if ``every`` seconds have passed since the last."""
+        with self._lock:
+            now = time.monotonic()
+            seconds = now - self._last
+            if seconds < self.every:
+                return
+            totals = self.stats.snapshot()
+            sent, deferred, failed = (a - b for a, b in zip(totals, self._logged, strict=True))
+            self._last, self._logged = now, totals
+        if sent or deferred or failed:
+            self.log.info("%s: %d sent, %d deferred, %d failed in %.0f s (%.1f sent/s); "
+                          "total sent=%d deferred=%d failed=%d", self.name, sent, deferred,
+                          failed, seconds, sent / seconds, *totals)
+
+    def summary(self) -> None:
+        """The exit line: totals, time, average rate."""
+        seconds = time.monotonic() - self.started
+        sent, deferred, failed = self.stats.snapshot()
+        self.log.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s (%.1f sent/s)",
+                      self.name, sent, deferred, failed, seconds,
+                      sent / seconds if seconds > 0 else 0.0)
 
 
 class Sender:

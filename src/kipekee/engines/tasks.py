@@ -30,6 +30,7 @@ run only.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from datetime import datetime, timedelta
@@ -56,16 +57,27 @@ HEARTBEAT_SECONDS = 5.0
 
 _last_beat = 0.0
 _process_stats: Any = None
+_progress: Any = None
 
 
 def _stats() -> Any:
-    """This task worker process's counters (for its heartbeat row)."""
-    global _process_stats
+    """This task worker process's counters (for its heartbeat row and progress lines);
+    its summary line at exit."""
+    global _process_stats, _progress
     if _process_stats is None:
-        from . import Stats
+        from . import Progress, Stats, engine_name
 
         _process_stats = Stats()
+        _progress = Progress(engine_name("tasks"), _process_stats, logger)
+        atexit.register(_summary)
     return _process_stats
+
+
+def _summary() -> None:
+    from . import beat
+
+    _progress.summary()
+    beat(_progress.name, "tasks", _process_stats, stopped=True)
 
 
 def send_ids(ids: list[int], *, run_after: datetime | None = None, watch: bool = False) -> None:
@@ -125,6 +137,7 @@ def deliver(ids: list[int], watch: bool = False) -> int:
     if time.monotonic() - _last_beat > HEARTBEAT_SECONDS:
         beat(sender.engine, "tasks", _stats())
         _last_beat = time.monotonic()
+    _progress.tick()
     return handled
 
 
