@@ -559,3 +559,59 @@ def test_a_long_outage_spends_attempts_no_faster_than_the_retry_policy(smtp_serv
             waited = (after.started_at - before.finished_at).total_seconds()
             assert waited >= policy.delay(before.number) - 0.001, (pk, before.number, waited)
     assert not server.messages
+
+
+def test_tasks_engine_takes_back_the_rows_of_a_killed_db_worker(smtp_server, settings):
+    """A db_worker killed mid-batch leaves its task "running" for ever (django-tasks-db
+    does not redeliver it): the watch task that the claim enqueued for the end of its
+    lease takes the row back, in another db_worker, and sends it once."""
+    server = smtp_server(faults=Faults(stall_greeting=60))
+    settings.KIPEKEE = {"PROVIDERS": {"primary": smtp_provider(server, timeout=120)},
+                        "ENGINE": "tasks", "TASKS": {"QUEUE": TASKS_QUEUE}, "LEASE_SECONDS": 2}
+    engine = Engine("tasks", settings)
+    try:
+        [first] = engine.tasks.start()
+        [pk] = enqueue(1)
+        wait_until(lambda: OutboxEmail.objects.get(pk=pk).status == Status.SENDING,
+                   what="the row claimed by the first db_worker")
+        time.sleep(0.5)  # in the provider's greeting, which never comes
+        first.kill()  # SIGKILL: its task stays "running", its lease is no longer renewed
+        first.wait()
+        server.faults.stall_greeting = 0
+        engine.tasks.start()
+        wait_until(lambda: OutboxEmail.objects.get(pk=pk).status == Status.SENT,
+                   what=f"sent by the second\n{engine.tasks.output()}")
+    finally:
+        engine.tasks.stop()
+    row = OutboxEmail.objects.get(pk=pk)
+    assert row.attempts == 2 and len(server.wait_for(1)) == 1
+
+
+def test_tasks_engine_scheduled_mail_waits_for_run_after_and_the_sweep_finds_orphans(
+        sink_provider, settings):
+    """A send_at mail's task carries run_after (nothing looks at it before); rows that
+    never got a task (written while another engine was configured) are found by the
+    sweep task."""
+    from django_tasks_db.models import DBTaskResult
+
+    from kipekee.engines.tasks import sweep
+
+    orphans = enqueue(3)  # ENGINE None: no task for them
+    settings.KIPEKEE = {**settings.KIPEKEE, "ENGINE": "tasks",
+                        "TASKS": {"QUEUE": TASKS_QUEUE, "SWEEP_GRACE_SECONDS": 0}}
+    tomorrow = timezone.now() + timedelta(days=1)
+    later = kipekee.send(**MAIL, mode="queue", send_at=tomorrow)
+    [task] = DBTaskResult.objects.all()
+    assert task.run_after == tomorrow and task.args_kwargs["args"] == [[later.id], False]
+    sweep.using(queue_name=TASKS_QUEUE).enqueue()
+    engine = Engine("tasks", settings)
+    try:
+        engine.drain()  # runs what is ready: the sweep, then the orphans' task
+        assert OutboxEmail.objects.filter(pk__in=orphans, status=Status.SENT).count() == 3
+        assert later.refresh().status == Status.QUEUED
+        with engine.running():
+            soon = kipekee.send(**MAIL, mode="queue", send_at=timezone.now() + timedelta(seconds=1))
+            wait_until(lambda: soon.refresh().sent, what="the scheduled mail sent")
+    finally:
+        engine.tasks.stop()
+    assert later.refresh().status == Status.QUEUED

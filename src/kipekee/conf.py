@@ -95,6 +95,8 @@ class TasksConfig:
 
     backend: str = "default"
     queue: str = "default"
+    # New rows get a task on commit; the sweep leaves them this long to be picked up first.
+    sweep_grace: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -352,14 +354,17 @@ def parse(raw: Any) -> KipekeeSettings:
         raise ConfigurationError('KIPEKEE["CELERY"]["QUEUE"] must be a queue name.')
     celery = CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
     tasks_raw = raw.get("TASKS", {})
-    if not isinstance(tasks_raw, dict) or set(tasks_raw) - {"BACKEND", "QUEUE"}:
-        raise ConfigurationError('KIPEKEE["TASKS"] takes "BACKEND" and "QUEUE".')
+    if not isinstance(tasks_raw, dict) or set(tasks_raw) - {"BACKEND", "QUEUE",
+                                                             "SWEEP_GRACE_SECONDS"}:
+        raise ConfigurationError('KIPEKEE["TASKS"] takes "BACKEND", "QUEUE" and '
+                                 '"SWEEP_GRACE_SECONDS".')
     for key in ("BACKEND", "QUEUE"):
         if key in tasks_raw and (not isinstance(tasks_raw[key], str) or not tasks_raw[key]):
             raise ConfigurationError(f'KIPEKEE["TASKS"]["{key}"] must be a name, not '
                                      f'{tasks_raw[key]!r}.')
     tasks = TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
-                        queue=tasks_raw.get("QUEUE", "default"))
+                        queue=tasks_raw.get("QUEUE", "default"),
+                        sweep_grace=_grace(tasks_raw.get("SWEEP_GRACE_SECONDS", 30.0)))
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
@@ -576,6 +581,13 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
         "check": check,
         "metrics": metrics,
     }
+
+
+def _grace(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigurationError('KIPEKEE["TASKS"]["SWEEP_GRACE_SECONDS"] must be a number '
+                                 f">= 0, not {value!r}.")
+    return float(value)
 
 
 def _positive_number(raw: dict[str, Any], key: str, default: float, parent: str = "") -> float:

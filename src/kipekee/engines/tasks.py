@@ -168,7 +168,7 @@ def sweep() -> int:
     task was never enqueued, deferred rows, rows whose worker died (lease expired)."""
     from .. import outbox
 
-    grace = timedelta(seconds=conf.get().celery.sweep_grace)
+    grace = timedelta(seconds=conf.get().tasks.sweep_grace)
     ids = outbox.due_ids(SWEEP_LIMIT, queued_grace=grace)
     send_ids(ids)
     return len(ids)
