@@ -615,3 +615,20 @@ def test_tasks_engine_scheduled_mail_waits_for_run_after_and_the_sweep_finds_orp
     finally:
         engine.tasks.stop()
     assert later.refresh().status == Status.QUEUED
+
+
+@pytest.mark.parametrize(("tasks_setting", "message"), [
+    ("kipekee", r'KIPEKEE\["TASKS"\] takes'),
+    ({"QUEUES": "kipekee"}, r'KIPEKEE\["TASKS"\] takes'),
+    ({"QUEUE": ""}, r'KIPEKEE\["TASKS"\]\["QUEUE"\] must be a name'),
+    ({"BACKEND": 3}, r'KIPEKEE\["TASKS"\]\["BACKEND"\] must be a name'),
+    ({"SWEEP_GRACE_SECONDS": -1}, r"must be a number >= 0"),
+])
+def test_bad_tasks_settings_are_refused_with_what_is_wrong(tasks_setting, message):
+    from kipekee import conf
+    from kipekee.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        conf.parse({"ENGINE": "tasks", "TASKS": tasks_setting})
+    parsed = conf.parse({"ENGINE": "tasks", "TASKS": {"QUEUE": "mail"}})
+    assert (parsed.engine, parsed.tasks) == ("tasks", conf.TasksConfig(queue="mail"))
