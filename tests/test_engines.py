@@ -19,6 +19,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import django
 import pytest
 from django.core.management import call_command
 from django.db import transaction
@@ -632,3 +633,24 @@ def test_bad_tasks_settings_are_refused_with_what_is_wrong(tasks_setting, messag
         conf.parse({"ENGINE": "tasks", "TASKS": tasks_setting})
     parsed = conf.parse({"ENGINE": "tasks", "TASKS": {"QUEUE": "mail"}})
     assert (parsed.engine, parsed.tasks) == ("tasks", conf.TasksConfig(queue="mail"))
+
+
+def test_system_check_names_a_task_backend_that_cannot_run_the_engine(settings):
+    from kipekee.checks import check_settings
+
+    def errors():
+        return [m.msg for m in check_settings() if m.id == "kipekee.E014"]
+
+    settings.KIPEKEE = {"PROVIDERS": {}, "ENGINE": "tasks", "TASKS": {"QUEUE": TASKS_QUEUE}}
+    assert errors() == []  # tests.settings: django-tasks-db with the queue
+    settings.KIPEKEE = {**settings.KIPEKEE, "TASKS": {"QUEUE": "mail"}}
+    assert errors() == ["KIPEKEE[\"ENGINE\"] is \"tasks\" but the task backend 'default': its "
+                        "QUEUES ['default', 'kipekee'] lack 'mail'."]
+    immediate = ("django.tasks.backends.immediate.ImmediateBackend"
+                 if django.VERSION >= (6, 0) else "django_tasks.backends.immediate.ImmediateBackend")
+    settings.TASKS = {"default": {"BACKEND": immediate}}
+    settings.KIPEKEE = {**settings.KIPEKEE, "TASKS": {}}
+    assert errors() == ["KIPEKEE[\"ENGINE\"] is \"tasks\" but the task backend 'default': "
+                        "ImmediateBackend cannot run a task later (run_after)."]
+    settings.KIPEKEE = {**settings.KIPEKEE, "TASKS": {"BACKEND": "elsewhere"}}
+    assert len(errors()) == 1 and "'elsewhere'" in errors()[0]
