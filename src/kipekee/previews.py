@@ -45,7 +45,6 @@ from .compose import Email
 from .dispatch import Receipt, submit
 from .exceptions import ConfigurationError
 from .message import RelatedMessage, is_inline, make_message_id, validate
-from .wire import check_size
 from .models import OutboxEmail
 
 #: Where a template's preview is addressed unless its registration says otherwise.
@@ -187,7 +186,7 @@ def _build(preview: Preview, to: str | None) -> RelatedMessage:
             email_.strict = True
             message = email_.build()
             validate(message)
-            check_size(message, conf.get().max_message_size)
+            wire.check_size(message, conf.get().max_message_size)
         finally:
             transaction.set_rollback(True, using=db)
     return message

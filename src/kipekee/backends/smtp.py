@@ -27,9 +27,11 @@ What it adds:
 - the wire transaction is :mod:`kipekee.backends.smtp_client`'s: PIPELINING when the
   server offers it (a message on a warm connection costs two round trips), recipients
   past the server's per-transaction limit sent in further transactions, ``timeout`` as an
-  inactivity timeout (a large message to a slow server is not cut off), SMTPUTF8 for
-  non-ASCII local parts when offered (refused before ``MAIL FROM`` when not), TLS
-  sessions resumed on reconnect;
+  inactivity timeout (a large message to a slow server is not cut off), TLS sessions
+  resumed on reconnect;
+- ``smtputf8=True``: non-ASCII local parts (``jörg@example.com``) sent over SMTPUTF8
+  (RFC 6531) when the server offers it (refused before ``MAIL FROM`` when not); off by
+  default, where Django's ``ValueError`` refuses them as Django's backend does;
 - deadlines: each exchange (opening the session; one message) ends within
   ``exchange_time_limit`` seconds, however slowly the server trickles, and within the
   caller's deadline (:mod:`kipekee.deadlines`, e.g. the in-request ``NOW_TIME_BUDGET``).
@@ -156,6 +158,7 @@ class EmailBackend(DjangoSMTPBackend):
         ipv4_only: bool = False,
         local_hostname: str | None = None,
         exchange_time_limit: float = DEFAULT_EXCHANGE_TIME_LIMIT,
+        smtputf8: bool = False,
         **kwargs: Any,
     ) -> None:
         alias = kwargs.get("alias")
@@ -190,6 +193,7 @@ class EmailBackend(DjangoSMTPBackend):
         self.ipv4_only = ipv4_only
         self.local_hostname = local_hostname
         self.exchange_time_limit = exchange_time_limit
+        self.smtputf8 = smtputf8
 
         if self.alias is None:
             # Django's compatibility mode: EMAIL_* settings fill what is not given.
@@ -312,6 +316,11 @@ class EmailBackend(DjangoSMTPBackend):
                 connection.ehlo_or_helo_if_needed()  # a new connection has not said EHLO yet
                 options = []
                 if ascii_error is not None:
+                    if not self.smtputf8:
+                        # Django's backend refuses it whatever the server offers; so does
+                        # this one unless told otherwise (Django's test_prep_address_
+                        # without_force_ascii names this subclass hook).
+                        raise ascii_error
                     # RFC 6531: only over SMTPUTF8; refused before MAIL FROM, so nothing
                     # of this message is left on the connection for the next one.
                     if not connection.has_extn("smtputf8"):
