@@ -113,6 +113,7 @@ def deliver(ids: list[int], watch: bool = False) -> int:
         return 0
     sender = Sender(engine=engine_name("tasks"), batch_size=BATCH, stats=_stats())
     handled = 0
+    followed = set(ids)  # and the rows this run claims besides: it follows them up too
     try:
         rows = sender._claim(ids)
         if not watch and len(rows) < BATCH:
@@ -128,12 +129,13 @@ def deliver(ids: list[int], watch: bool = False) -> int:
             send_ids([row.pk for row in rows], run_after=lease_until + WATCH_MARGIN, watch=True)
             sender._record(rows, sender.deliverer.deliver_many(rows))
             handled = len(rows)
+            followed.update(row.pk for row in rows)
     finally:
         sender._let_go()
         # The provider connections go back to the process's pool; the database
         # connection is the task worker's (db_worker closes it when it is old or broken).
         sender.deliverer.close()
-    _follow_up(ids, watch=watch)
+    _follow_up(sorted(followed), watch=watch)
     if time.monotonic() - _last_beat > HEARTBEAT_SECONDS:
         beat(sender.engine, "tasks", _stats())
         _last_beat = time.monotonic()
