@@ -175,8 +175,11 @@ class Engine:
         procs = self.tasks.start(concurrency)
         # Python and Django take seconds to start on a loaded machine: the test's clock
         # starts when every db_worker is polling.
-        wait_until(lambda: all(_log(proc).count("Starting worker") for proc in procs),
-                   what="db_worker processes started")
+        deadline = time.monotonic() + 60
+        while not all(_log(proc).count("Starting worker") for proc in procs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise AssertionError(f"db_worker did not start\n{self.tasks.output()}")
+            time.sleep(0.05)
         try:
             yield None
         finally:
