@@ -58,7 +58,9 @@ SMTP_USER, SMTP_PASSWORD = "bench", "bench-secret"
 TOKEN = "bench-token"
 FROM = "Tours <desk@tours.example>"
 IDLE_SECONDS = 0.5  # CONNECTIONS["IDLE_SECONDS"] in this run: "after idle" waits longer
-PG_DB = "kipekee_bench_latency"
+# Dropped and created again by each run with --database postgres: a checkout of its own
+# names its own (KIPEKEE_BENCH_LATENCY_PG_NAME), as compare.py's KIPEKEE_BENCH_PG_NAME.
+PG_DB = os.environ.get("KIPEKEE_BENCH_LATENCY_PG_NAME", "kipekee_bench_latency")
 
 
 # --- the provider process -------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Kipekee on Celery with the real Redis on 127.0.0.1:6379 (database 9) and real
+"""Kipekee on Celery with the real Redis on 127.0.0.1:6379 (database 9, this run's keys
+under its own prefix: tests/celery_app.py) and real
 ``celery worker`` processes (with embedded beat for the sweep). PostgreSQL pass."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,12 +42,22 @@ def broker():
         client.ping()
     except redis.ConnectionError as exc:
         pytest.fail(f"The Celery tests need Redis on 127.0.0.1:6379 (redis-server): {exc}")
-    client.flushdb()  # database 9 only: the tests' own broker
+    clear_broker(client)
     from tests.celery_app import app
 
     app.set_current()
     yield client
-    client.flushdb()
+    clear_broker(client)
+
+
+def clear_broker(client: redis.Redis) -> None:
+    """Delete this run's keys (queues, bindings, unacked tasks): only those under its
+    prefix, since other runs share the database."""
+    from tests.celery_app import KEY_PREFIX
+
+    keys = list(client.scan_iter(match=KEY_PREFIX + "*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 @pytest.fixture
@@ -128,6 +140,31 @@ def all_sent() -> bool:
     return not OutboxEmail.objects.exclude(status=Status.SENT).exists()
 
 
+@pytest.fixture
+def another_runs_queue() -> Iterator[redis.Redis]:
+    """A queue of another test run (another checkout, another CI job) on the same Redis
+    database, written before this test's broker is set up."""
+    client = redis.Redis.from_url(BROKER)
+    client.rpush("another-run:celery", b"its task")
+    yield client
+    client.delete("another-run:celery")
+
+
+def test_a_run_clears_only_its_own_broker_keys(another_runs_queue, broker, celery_settings):
+    """Before: the broker fixture flushed database 9, which every run shares: a run
+    starting (or the flush-mid-run test) emptied the queues of a run in progress, whose
+    tasks were lost and whose tests then timed out. Each run's keys now carry a prefix of
+    its own, and only those are cleared."""
+    from tests.celery_app import KEY_PREFIX
+
+    kipekee.send(subject="Order", text="thanks", to=["ann@example.com"], mode="queue")
+    ours = list(broker.scan_iter(match=KEY_PREFIX + "*"))
+    assert ours, "the task sent on commit is under this run's prefix"
+    clear_broker(broker)
+    assert list(broker.scan_iter(match=KEY_PREFIX + "*")) == []
+    assert another_runs_queue.lrange("another-run:celery", 0, -1) == [b"its task"]
+
+
 def test_5000_messages_through_2_workers_exactly_once(smtp_sink, broker, workers):
     workers.start("w1")
     workers.start("w2")
@@ -144,7 +181,7 @@ def test_redis_flushed_mid_run_the_sweep_delivers_the_rest(smtp_sink, broker, wo
     expected = send_many(1500)  # 30 tasks wait in Redis …
     workers.start("w1")
     wait_until(lambda: len(smtp_sink.messages) >= 100, 60, "first deliveries", workers)
-    broker.flushdb()  # … and the rest of them are gone
+    clear_broker(broker)  # … and the rest of them are gone
     lost_at = time.monotonic()
     assert OutboxEmail.objects.filter(status=Status.QUEUED).exists()
     workers.start("w2", beat=True)  # the sweep finds what Redis forgot

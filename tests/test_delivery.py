@@ -3,7 +3,12 @@ misbehaving servers, error classes, modes and failover."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
+from django.db import connection, transaction
 from django.utils import timezone
 
 import kipekee
@@ -398,3 +403,65 @@ def test_content_refused_after_data_does_not_fail_over(smtp_server, smtp_sink, k
     receipt = kipekee.send(**MAIL)
     assert receipt.failed and "554 5.7.1" in receipt.error
     assert smtp_sink.messages == []
+
+
+# --- the in-request send after the caller's commit ---------------------------------
+
+
+@contextmanager
+def outbox_locked_after_commit(held: list[threading.Event]) -> Iterator[None]:
+    """This thread's connection waits at most 0.2 s for a lock; an on_commit hook
+    registered in the block (``grab()``) has another connection take the outbox table's
+    write lock (SQLite: the database's) and hold it until the block ends."""
+    release = threading.Event()
+    table = OutboxEmail._meta.db_table
+
+    def hold(holding: threading.Event) -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                if connection.vendor == "postgresql":
+                    cursor.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+                else:  # BEGIN IMMEDIATE (tests/settings.py) took the write lock
+                    cursor.execute(f"UPDATE {table} SET attempts = attempts WHERE id = -1")
+                holding.set()
+                release.wait(10)
+        finally:
+            holding.set()
+            connection.close()
+
+    def grab() -> None:
+        holding = threading.Event()
+        threading.Thread(target=hold, args=(holding,), daemon=True).start()
+        holding.wait(5)
+        held.append(holding)
+
+    setting = ("SET lock_timeout = '200ms'" if connection.vendor == "postgresql"
+               else "PRAGMA busy_timeout = 200")
+    with connection.cursor() as cursor:
+        cursor.execute(setting)
+    try:
+        yield grab
+    finally:
+        release.set()
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout" if connection.vendor == "postgresql"
+                           else "PRAGMA busy_timeout = 20000")
+
+
+def test_a_database_error_after_the_commit_never_reaches_the_caller(sink_provider, caplog):
+    """The business transaction committed, then the in-request send cannot claim its row
+    (the database is locked past the timeout): the caller's block returns, the
+    application's later on_commit hooks run, the error is logged and the mail stays
+    queued for an engine."""
+    held: list[threading.Event] = []
+    later: list[str] = []
+    with outbox_locked_after_commit(held) as grab:
+        with transaction.atomic():
+            transaction.on_commit(grab)
+            receipt = kipekee.send(**MAIL, mode="hybrid")
+            transaction.on_commit(lambda: later.append("ran"))
+        assert held and later == ["ran"]
+    assert receipt.status == Status.QUEUED and not receipt.sent
+    assert OutboxEmail.objects.get(pk=receipt.id).status == Status.QUEUED
+    assert sink_provider.messages == []
+    assert f"outbox email {receipt.id}" in caplog.text and "stays queued" in caplog.text

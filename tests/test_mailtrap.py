@@ -147,6 +147,35 @@ def test_one_pooled_connection_for_many_sends(mailtrap, kipekee_settings):
     assert OutboxEmail.objects.filter(status=Status.SENT).count() == 4
 
 
+def test_proxy_environment_is_honoured_when_the_session_opens(mailtrap, kipekee_settings,
+                                                              monkeypatch):
+    # requests reads HTTP(S)_PROXY for each request; Kipekee's session reads it when it
+    # opens: a proxy named then is used (here one nobody listens on: transient).
+    kipekee_settings(mailtrap=mailtrap_provider(mailtrap))
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{unused_port()}")
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
+    assert mailtrap.requests == []
+
+
+def test_environment_is_read_once_per_session(mailtrap, kipekee_settings, monkeypatch):
+    kipekee_settings(mailtrap=mailtrap_provider(mailtrap))
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert kipekee.send(**MAIL, mode="hybrid").sent
+    # The warm session keeps what it read: the proxy set now is not looked up per send.
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{unused_port()}")
+    assert kipekee.send(**MAIL, mode="hybrid").sent
+    backend = EmailBackend(api_token=TOKEN, api_url="http://127.0.0.1:9/api/")
+    backend.open()
+    assert backend.session.trust_env is False
+    assert backend.session.proxies["http"].startswith("http://127.0.0.1:")
+    backend.close()
+    assert len(mailtrap.requests) == 2 and mailtrap.connections == 1
+
+
 def test_option_checks():
     with pytest.raises(ConfigurationError, match="api_token"):
         EmailBackend(alias="m")

@@ -107,3 +107,27 @@ def test_a_row_taken_over_keeps_its_new_attempt_and_the_others_are_recorded(
     assert (again.status, again.claimed_by, again.attempts) == (Status.SENDING,
                                                                 taken.claimed_by, 2)
     assert OutboxEmail.objects.get(to=["gone@example.com"]).status == Status.FAILED
+
+
+def test_outcomes_are_logged_only_once_their_record_is_committed(kipekee_settings, smtp_server,
+                                                                caplog):
+    """The log says what the outbox says: a record whose transaction does not commit (a
+    database error before the commit, here the caller's rollback) logs nothing of the
+    rows being sent, deferred or failed; they are logged when a record commits."""
+    rows, outcomes = batch(kipekee_settings, smtp_server,
+                           ["a@example.com", "gone@example.com", "busy@example.com"])
+    caplog.set_level("DEBUG", logger="kipekee.dispatch")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert record_many(rows, outcomes) == [True] * 3
+        raise RuntimeError("the record's transaction does not commit")
+    assert caplog.records == [], caplog.text
+    assert set(OutboxEmail.objects.values_list("status", flat=True)) == {Status.SENDING}
+
+    rows = list(OutboxEmail.objects.order_by("pk"))  # as claimed: still this attempt's
+    with transaction.atomic():
+        assert record_many(rows, outcomes) == [True] * 3
+        assert caplog.records == []  # not before the commit
+    logged = caplog.text
+    assert f"Sent outbox email {rows[0].pk} via primary" in logged, logged
+    assert f"Outbox email {rows[1].pk} failed" in logged, logged
+    assert f"Outbox email {rows[2].pk} deferred until" in logged, logged

@@ -168,3 +168,44 @@ def test_receivers_run_after_the_commit_and_not_for_a_rollback(sink_provider):
 @pytest.fixture(autouse=True)
 def _log_errors(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="kipekee.signals")
+
+
+def test_a_receiver_that_leaves_a_transaction_open_does_not_swallow_later_records(
+        smtp_sink, kipekee_settings, caplog):
+    """A ``sent`` receiver manages a transaction of its own on the books thread's
+    connection (autocommit off, a write) and raises before it commits. Before: the next
+    batch's record ran inside that transaction (Django's atomic then is a savepoint, not
+    a commit): counted as sent, never committed, the row left ``sending`` with no attempt
+    logged, and the connection held its write lock. The engine rolls such a connection
+    back (the receiver's write with it) before it records again."""
+    kipekee_settings(primary=smtp_provider(smtp_sink))
+
+    def leave_a_transaction_open(sender, email, **kwargs):
+        transaction.set_autocommit(False)
+        Quote.objects.create(name="audit", email=email.to[0], trip=str(email.pk))
+        raise Broken("the receiver broke before its commit")
+
+    signals.sent.connect(leave_a_transaction_open, weak=False, dispatch_uid="test-open-tx")
+    try:
+        ids = [kipekee.send(**{**MAIL, "subject": f"Order {i}"}, mode="queue").id
+               for i in range(3)]
+        worker = Worker(concurrency=1, batch_size=1, poll_interval=0.02)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while (OutboxEmail.objects.filter(pk__in=ids, status=Status.SENT).count() < 3
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+        finally:
+            worker.stop()
+            thread.join(30)
+    finally:
+        signals.sent.disconnect(dispatch_uid="test-open-tx")
+    rows = OutboxEmail.objects.filter(pk__in=ids)
+    assert Counter(rows.values_list("status", flat=True)) == {Status.SENT: 3}
+    assert Attempt.objects.filter(email_id__in=ids).count() == 3
+    assert worker.stats.snapshot() == (3, 0, 0)
+    assert len(smtp_sink.messages) == 3
+    assert not Quote.objects.exists()  # never committed: rolled back
+    assert "left in a transaction" in caplog.text

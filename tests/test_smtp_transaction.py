@@ -436,3 +436,17 @@ def test_a_large_message_with_dot_lines_arrives_byte_for_byte(smtp_sink):
     with backend_for(smtp_sink) as backend:
         backend.send_messages([message])
     assert smtp_sink.wait_for(1)[0].message.get_content() == body
+
+
+_ADDRESS_PART = st.text(alphabet="aZ09.-_+!#$%&'*/=?^`{|}~\"<>()[]\\,;: @\tü", min_size=0,
+                        max_size=12)
+
+
+@hypothesis_settings(max_examples=2000, deadline=None)
+@given(local=_ADDRESS_PART, domain=_ADDRESS_PART)
+def test_envelope_quoting_is_smtplibs(local, domain):
+    # The client's fast path for plain addresses gives smtplib.quoteaddr's answer, and
+    # anything else goes through it.
+    for address in (f"{local}@{domain}", local, f"{local}@example.com",
+                    f"user@{domain}"):
+        assert smtp_client.quoteaddr(address) == smtplib.quoteaddr(address), address

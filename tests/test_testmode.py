@@ -30,19 +30,37 @@ from .conftest import smtp_provider
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_a_projects_tests_under_djangos_runner_see_the_mail(smtp_sink):
-    completed = subprocess.run(
-        [sys.executable, "-m", "django", "test", "tests.django_runner.cases", "--noinput",
+def run_djangos_runner(label: str, smtp_port: int) -> subprocess.CompletedProcess[str]:
+    """``manage.py test label`` in a new process, on the project settings of
+    tests/django_runner (an in-memory SQLite database, as a new project has)."""
+    return subprocess.run(
+        [sys.executable, "-m", "django", "test", label, "--noinput",
          "-v", "2", "--settings", "tests.django_runner.settings"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "KIPEKEE_RUNNER_SMTP_PORT": str(smtp_sink.port),
+        env={**os.environ, "KIPEKEE_RUNNER_SMTP_PORT": str(smtp_port),
              "PYTHONWARNINGS": "error::RuntimeWarning"},
     )
+
+
+def test_a_projects_tests_under_djangos_runner_see_the_mail(smtp_sink):
+    completed = run_djangos_runner("tests.django_runner.cases", smtp_sink.port)
     report = completed.stderr
     assert completed.returncode == 0, report
     assert "Ran 9 tests" in report and "\nOK\n" in report, report
     # The project's provider, a real SMTP server, saw nothing.
     assert smtp_sink.connections == 0 and smtp_sink.messages == []
+
+
+def test_engines_wait_for_table_locks_on_djangos_in_memory_test_database(smtp_sink):
+    """Django's runner makes an in-memory SQLite database a shared-cache one, where a
+    statement meeting another connection's table lock fails at once ("database table is
+    locked"). Claims, due times and records wait for the lock instead: the worker records
+    what it sent while another connection holds the outbox table (kipekee.sqlite)."""
+    completed = run_djangos_runner("tests.django_runner.locks", smtp_sink.port)
+    report = completed.stderr
+    assert completed.returncode == 0, report
+    assert "Ran 3 tests" in report and "\nOK\n" in report, report
+    assert smtp_sink.connections == 0
 
 
 def test_the_mode_follows_djangos_test_environment_and_the_settings_file(settings, smtp_sink):

@@ -124,3 +124,47 @@ def test_a_normal_exit_finishes_what_the_engine_holds(smtp_server, kipekee_setti
     assert Counter(rows.values_list("status", flat=True)) == {Status.SENT: 3}
     received = Counter(m.message_id for m in slow.wait_for(3))
     assert set(received.values()) == {1}
+
+
+def lease_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kipekee-leases" and t.is_alive()]
+
+
+def test_stopping_the_engine_ends_its_lease_thread_before_returning(smtp_server,
+                                                                   kipekee_settings):
+    """Before: stop() (and so the exit hook) joined the engine's thread only; the lease
+    keeper's thread, busy renewing, was still running as stop() returned, and at a
+    normal exit the interpreter shut down under it (a daemon thread in a database call
+    is cut off there). Now stopping waits for it. Each renewal is made slow (0.4 s, a
+    delay in front of the real statement: a busy database) so that one is under way
+    when the engine stops."""
+    import kipekee
+
+    slow = smtp_server(faults=Faults(stall_before_data_reply=0.3))
+    kipekee_settings(primary=smtp_provider(slow), _extra={"LEASE_SECONDS": 0.6})
+
+    def slow_renewals(execute, sql, params, many, context):
+        if threading.current_thread().name == "kipekee-leases":
+            time.sleep(0.4)
+        return execute(sql, params, many, context)
+
+    def install(sender, connection, **kwargs):
+        connection.execute_wrappers.append(slow_renewals)
+
+    connection_created.connect(install)
+    try:
+        ids = [kipekee.send(subject=f"Order {i}", text="thanks", to=["ann@example.com"],
+                            mode="queue").id for i in range(3)]
+        engine = thread.ThreadEngine(batch_size=1)
+        engine.start()
+        deadline = time.monotonic() + 10
+        while not lease_threads():  # the engine holds a claim: its lease is kept
+            assert time.monotonic() < deadline, "no lease thread"
+            time.sleep(0.005)
+        time.sleep(0.3)  # a renewal is under way
+        engine.stop()
+        assert not engine.alive
+        assert lease_threads() == []
+    finally:
+        connection_created.disconnect(install)
+    assert not OutboxEmail.objects.filter(pk__in=ids, status=Status.SENDING).exists()

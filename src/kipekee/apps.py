@@ -12,9 +12,12 @@ class KipekeeConfig(AppConfig):
         # Registers the system checks and the setting_changed receiver.
         from django.core.signals import request_started
 
-        from . import checks, conf, logs  # noqa: F401
+        from . import checks, conf, logs, sqlite  # noqa: F401
 
         logs.connect()
+        # Django's in-memory SQLite test database: engine threads wait for each other's
+        # table locks instead of failing at once (kipekee.sqlite).
+        sqlite.install()
         if importlib.util.find_spec("prometheus_client") is not None:
             # Optional extra; without it "METRICS": True is a system check error (E013).
             from . import metrics

@@ -16,6 +16,9 @@ kipekee.W011   a development backend (console, file, locmem, dummy) with DEBUG o
 kipekee.W012   DEFAULT_FROM_EMAIL is Django's placeholder ``webmaster@localhost``
 kipekee.W013   a boto3-based provider (anymail's Amazon SES) retries inside each send
 kipekee.W014   ``UNSUBSCRIBE["BASE_URL"]`` is not https (one-click unsubscribe needs it)
+kipekee.E020   ``LIMITER`` store "redis" without the redis client installed
+kipekee.W020   ``LIMITER`` store "process" while providers have LIMITS (not shared)
+kipekee.W021   ``LIMITER["PERMIT_LEASE_SECONDS"]`` too short to be renewed in time
 =============  ==============================================================
 
 Checks never connect anywhere: ``manage.py kipekee_check`` does that.
@@ -76,6 +79,34 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     messages.extend(_check_unsubscribe(parsed.unsubscribe))
     if parsed.engine == "tasks":
         messages.extend(_check_tasks(parsed.tasks))
+    messages.extend(_check_limiter(parsed))
+    return messages
+
+
+def _check_limiter(parsed: conf.KipekeeSettings) -> list[CheckMessage]:
+    """The store that shares providers' limits between processes (kipekee.limits)."""
+    limiter = parsed.limiter
+    messages: list[CheckMessage] = []
+    if limiter.store == "redis" and importlib.util.find_spec("redis") is None:
+        messages.append(Error(
+            'KIPEKEE["LIMITER"] keeps limits in Redis but the redis client is not installed: '
+            "every process would fall back to limits of its own.",
+            hint="pip install 'django-kipekee[redis]', or use the default store "
+                 '"database".', id="kipekee.E020"))
+    limited = [p.alias for p in parsed.providers if p.rate or p.concurrency]
+    if limiter.store == "process" and limited:
+        messages.append(Warning(
+            f'KIPEKEE["LIMITER"]["STORE"] is "process": the LIMITS of {limited} hold in each '
+            "process alone, so N processes together may send N times a provider's limit.",
+            hint='Remove "STORE" (the default, "database", shares them through the outbox\'s '
+                 'database) or use "redis".', id="kipekee.W020"))
+    if limiter.lease < 3:
+        messages.append(Warning(
+            f'KIPEKEE["LIMITER"]["PERMIT_LEASE_SECONDS"] is {limiter.lease:g}: connection '
+            "permits are renewed about once a second, so a lease this short may end under an "
+            "open connection and let another process exceed LIMITS['CONCURRENCY'].",
+            hint="Use 10 s or more (the default is 30 s: how long a dead process's permits "
+                 "stay taken).", id="kipekee.W021"))
     return messages
 
 

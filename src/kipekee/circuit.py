@@ -73,6 +73,13 @@ class CircuitBreaker:
         (of which one would be the trial and the rest passed over again)."""
         return self.retry_in() + random.uniform(0.0, self.cooldown)
 
+    def unused(self) -> None:
+        """The send :meth:`allow` let through did not happen (a local limit held it):
+        a half-open circuit's trial is free for the next one."""
+        with self._lock:
+            if self._state == self.HALF_OPEN:
+                self._trial_out = False
+
     def success(self) -> None:
         with self._lock:
             self._state, self._failures, self._trial_out = self.CLOSED, 0, False

@@ -55,8 +55,27 @@ class ProviderConfig:
     backend: str
     # Not in repr: OPTIONS hold passwords and API keys, and reprs end up in logs.
     options: dict[str, Any] = field(default_factory=dict, repr=False)
-    rate: str | None = None  # "150/10s": calls into the provider per window, per process
-    concurrency: int | None = None  # connections one process has open to it at once
+    # Calls into the provider per window ("150/10s", "500/d"), shared (KIPEKEE["LIMITER"]).
+    rate: tuple[Rate, ...] = ()
+    concurrency: int | None = None  # connections open to it at once, shared likewise
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimiterConfig:
+    """``KIPEKEE["LIMITER"]``: where providers' limits are kept (:mod:`kipekee.limits`).
+
+    ``store`` is ``"database"`` (the outbox's database: shared by every process and host
+    using it), ``"redis"`` (``location`` a ``redis://`` URL, keys under ``key_prefix``)
+    or ``"process"`` (each process on its own). ``lease``: seconds a connection permit
+    outlives a process that died. ``max_wait``: seconds an engine's send waits for a rate
+    slot before the mail is deferred instead.
+    """
+
+    store: Literal["database", "redis", "process"] = "database"
+    location: str = ""
+    key_prefix: str = "kipekee"
+    lease: float = 30.0
+    max_wait: float = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +226,7 @@ class KipekeeSettings:
     # Bytes a message may take on the wire (attachments base64-encoded); None: no cap.
     max_message_size: int | None = 25_000_000
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
+    limiter: LimiterConfig = LimiterConfig()
 
     def lane(self, name: str) -> LaneConfig:
         """The lane called ``name``; ``InvalidMessage`` naming the known ones if none is."""
@@ -246,6 +266,7 @@ _KNOWN_KEYS = {
     "LANES",
     "MAX_MESSAGE_SIZE",
     "UNSUBSCRIBE",
+    "LIMITER",
 }
 _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "JITTER"}
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
@@ -295,17 +316,18 @@ def parse(raw: Any) -> KipekeeSettings:
             )
         limits = entry.get("LIMITS", {})
         if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
-            raise ConfigurationError(f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s') and 'CONCURRENCY'.")
-        rate = limits.get("RATE")
-        if rate is not None:
-            from .limits import Rate
-
-            Rate.parse(rate)
+            raise ConfigurationError(f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s', or a list: "
+                                     "['14/s', '50000/d']) and 'CONCURRENCY'.")
+        if not isinstance(limits.get("RATE", ""), (str, list, tuple)):
+            raise ConfigurationError(f"{where}['LIMITS']['RATE'] must be a rate like '150/10s' "
+                                     "or a list of them.")
+        rate = limits.get("RATE", ())
+        rates = tuple(Rate.parse(r) for r in ((rate,) if isinstance(rate, str) else rate))
         concurrency = limits.get("CONCURRENCY")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
             raise ConfigurationError(f"{where}['LIMITS']['CONCURRENCY'] must be an int >= 1.")
         providers.append(ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options,
-                                        rate=rate, concurrency=concurrency))
+                                        rate=rates, concurrency=concurrency))
 
     mode = raw.get("MODE", "hybrid")
     if mode not in MODES:
@@ -398,6 +420,7 @@ def parse(raw: Any) -> KipekeeSettings:
         lanes=_parse_lanes(raw.get("LANES", {})),
         max_message_size=_max_message_size(raw),
         unsubscribe=_unsubscribe(raw),
+        limiter=_parse_limiter(raw),
         **_parse_operations(raw),
     )
 
@@ -418,6 +441,34 @@ def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
         idle_seconds=_positive_number(section, "IDLE_SECONDS", d.idle_seconds, "CONNECTIONS"),
         max_age=_positive_number(section, "MAX_AGE_SECONDS", d.max_age, "CONNECTIONS"),
     )
+
+
+def _parse_limiter(raw: dict[str, Any]) -> LimiterConfig:
+    section = raw.get("LIMITER", {})
+    keys = {"STORE", "LOCATION", "KEY_PREFIX", "PERMIT_LEASE_SECONDS", "MAX_WAIT_SECONDS"}
+    if not isinstance(section, dict) or set(section) - keys:
+        raise ConfigurationError(
+            f'KIPEKEE["LIMITER"] must be a dict with keys among {sorted(keys)}.')
+    d = LimiterConfig()
+    store = section.get("STORE", d.store)
+    if store not in ("database", "redis", "process"):
+        raise ConfigurationError(
+            'KIPEKEE["LIMITER"]["STORE"] must be "database" (shared through the outbox\'s '
+            'database), "redis" (with a LOCATION) or "process" (each process on its own), '
+            f"not {store!r}.")
+    location = section.get("LOCATION", "")
+    if store == "redis" and not (isinstance(location, str) and location.startswith(
+            ("redis://", "rediss://", "unix://", "redis+unix://", "valkey://"))):
+        raise ConfigurationError(
+            'KIPEKEE["LIMITER"]["LOCATION"] must be a redis:// URL for STORE "redis" '
+            f"(e.g. \"redis://127.0.0.1:6379/0\"), not {location!r}.")
+    prefix = section.get("KEY_PREFIX", d.key_prefix)
+    if not isinstance(prefix, str) or not prefix:
+        raise ConfigurationError('KIPEKEE["LIMITER"]["KEY_PREFIX"] must be a non-empty string.')
+    return LimiterConfig(
+        store=store, location=location, key_prefix=prefix,
+        lease=_positive_number(section, "PERMIT_LEASE_SECONDS", d.lease, "LIMITER"),
+        max_wait=_positive_number(section, "MAX_WAIT_SECONDS", d.max_wait, "LIMITER"))
 
 
 _LANE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")

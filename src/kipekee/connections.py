@@ -27,9 +27,15 @@ next batch of an engine thread) takes it again.
 - **Exit.** Idle connections are closed (``QUIT``) at interpreter exit and when the
   settings change (``setting_changed``), and by :func:`close_all`.
 
-Connections are per process. A bound shared by processes and hosts (issue 21) plugs in at
-:meth:`ProviderPool._take_permit` / :meth:`ProviderPool._return_permit`, which count the
-open connections.
+- **Shared bound.** ``LIMITS["CONCURRENCY"]`` holds across every process and host that
+  share ``KIPEKEE["LIMITER"]``'s store: each open connection holds a permit of
+  :mod:`kipekee.limits` (:meth:`ProviderPool._take_permit`), taken before it opens and
+  given back when it closes. A keeper thread renews the permits' leases while their
+  connections are open and closes connections idle for ``IDLE_SECONDS``, so a process
+  that sends nothing gives its permits back to those that do; a process that died
+  leaves permits that expire with their lease (``PERMIT_LEASE_SECONDS``).
+
+Connections themselves are per process (sockets are).
 """
 
 from __future__ import annotations
@@ -40,13 +46,13 @@ import os
 import smtplib
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.signals import setting_changed
 
-from . import conf, providers
+from . import conf, limits, providers
 
 logger = logging.getLogger("kipekee.connections")
 
@@ -57,6 +63,9 @@ PROBE_TIMEOUT = 2.0
 #: Seconds an engine's Deliverer waits for a connection when all are in use (the
 #: in-request path waits at most its time budget).
 DEFAULT_WAIT = 60.0
+#: Seconds a connection under a shared ``LIMITS["CONCURRENCY"]`` stays open unused
+#: (``IDLE_SECONDS`` when lower): its permit may be wanted by another process.
+SHARED_IDLE_SECONDS = 2.0
 
 
 class ProviderBusy(Exception):
@@ -71,6 +80,30 @@ class ProviderBusy(Exception):
                          f"(LIMITS['CONCURRENCY']); waited {waited:.1f} s")
 
 
+class Permits(Protocol):
+    """A bound on open connections shared beyond this process (:mod:`kipekee.limits`)."""
+
+    lease: float  # seconds a permit lasts unless renewed
+
+    def take(self, limit: int) -> str | None:
+        """A permit (its holder id), or None when ``limit`` are out."""
+        ...
+
+    def renew(self, holders: Sequence[str]) -> set[str]:
+        """Renew ``holders``' leases; those lost come back."""
+        ...
+
+    def give_back(self, holder: str) -> None: ...
+
+    def want(self) -> None:
+        """Say that this process waits for a permit."""
+        ...
+
+    def wanted(self) -> bool:
+        """Whether another process waits for a permit."""
+        ...
+
+
 class Connection:
     """One connection of a pool, checked out by one thread.
 
@@ -78,10 +111,12 @@ class Connection:
     one. A checked-out connection holds a permit of the pool whether open or not.
     """
 
-    __slots__ = ("backend", "checked", "opened_at", "pool", "used_at", "uses")
+    __slots__ = ("backend", "checked", "opened_at", "permit", "pool", "used_at", "uses")
 
-    def __init__(self, pool: ProviderPool) -> None:
+    def __init__(self, pool: ProviderPool, permit: str | None = None) -> None:
         self.pool = pool
+        #: The shared permit this connection holds (None: no shared bound, or lost).
+        self.permit = permit
         self.backend: BaseEmailBackend | None = None
         self.opened_at = 0.0
         self.used_at = 0.0
@@ -97,8 +132,10 @@ class ProviderPool:
 
     def __init__(self, alias: str, build: Callable[[], BaseEmailBackend], *,
                  max_open: int | None, pool_size: int, idle_seconds: float,
-                 max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_age: float, clock: Callable[[], float] = time.monotonic,
+                 permits: Permits | None = None) -> None:
         self.alias = alias
+        self.permits = permits
         self.max_open = max_open
         self.pool_size = pool_size
         self.idle_seconds = idle_seconds
@@ -109,20 +146,84 @@ class ProviderPool:
         self._idle: list[Connection] = []  # least recently used first
         self._open = 0  # permits taken: connections checked out or idle
         self._closed = False
+        # Connections holding a shared permit, checked out or idle (the keeper renews).
+        self._permitted: set[Connection] = set()
+        self._renewed_at = self._clock()
+        self._waiters = 0  # threads waiting in checkout
 
-    # -- the permits (the seam for a limit shared across processes) -------------------
+    # -- the permits ----------------------------------------------------------------
 
-    def _take_permit(self) -> bool:
-        """Count one more open connection if the limit allows (called under the lock)."""
-        if self.max_open is not None and self._open >= self.max_open:
-            return False
-        self._open += 1
-        return True
+    def _take_permit(self) -> Connection | None:
+        """Room for one more open connection, or None: first this process's count
+        (``max_open``), then the shared permit. Called without the lock held."""
+        with self._cond:
+            if self.max_open is not None and self._open >= self.max_open:
+                return None
+            self._open += 1
+        if self.permits is None or self.max_open is None:
+            return Connection(self)
+        try:
+            holder = self.permits.take(self.max_open)
+        except BaseException:
+            self._return_permit(None)
+            raise
+        if holder is None:
+            self._return_permit(None)
+            return None
+        conn = Connection(self, holder)
+        with self._cond:
+            self._permitted.add(conn)
+        return conn
 
-    def _return_permit(self) -> None:
-        """A connection was closed (called under the lock)."""
-        self._open -= 1
-        self._cond.notify()
+    def _return_permit(self, conn: Connection | None) -> None:
+        """A connection was closed (or never opened): its room and permit are free."""
+        holder = None
+        with self._cond:
+            self._open -= 1
+            if conn is not None:
+                self._permitted.discard(conn)
+                holder, conn.permit = conn.permit, None
+            self._cond.notify()
+        if holder is not None and self.permits is not None:
+            self.permits.give_back(holder)
+
+    def keep(self) -> None:
+        """The keeper's round (every second or so, for pools with shared permits):
+        close connections idle for ``idle_seconds`` (their permits go to others), and
+        renew the leases of the others every third of a lease."""
+        # (IDLE_SECONDS, or SHARED_IDLE_SECONDS when lower.)
+        if self.permits is None:
+            return
+        now = self._clock()
+        linger = min(self.idle_seconds, SHARED_IDLE_SECONDS)
+        stale: list[Connection] = []
+        with self._cond:
+            while self._idle and now - self._idle[0].used_at >= linger:
+                stale.append(self._idle.pop(0))
+        for conn in stale:
+            self._close(conn, quietly=False)
+            self._return_permit(conn)
+        if now - self._renewed_at < self.permits.lease / 3:
+            return
+        self._renewed_at = now
+        with self._cond:
+            held = {c.permit: c for c in self._permitted if c.permit}
+        lost = self.permits.renew(list(held)) if held else set()
+        for holder in lost:
+            conn = held[holder]
+            logger.warning("Provider %r: a connection's permit expired before it was renewed "
+                           "(LIMITS['CONCURRENCY'] may be exceeded until it closes)", self.alias)
+            with self._cond:
+                idle = conn in self._idle
+                if idle:
+                    self._idle.remove(conn)
+                conn.permit = None
+                self._permitted.discard(conn)
+            if idle:
+                self._close(conn, quietly=False)
+                with self._cond:
+                    self._open -= 1
+                    self._cond.notify()
 
     # -- checkout and checkin ------------------------------------------------------
 
@@ -134,19 +235,43 @@ class ProviderPool:
         ``max_open`` connections are out, then raises :class:`ProviderBusy`.
         """
         started = self._clock()
-        with self._cond:
+        poll = 0.02
+        wanted_at = -1.0
+        waiting = False
+        try:
             while True:
-                if self._idle:
-                    conn = self._idle.pop()
-                    conn.checked = False
-                    return conn
-                if self._take_permit():
-                    return Connection(self)
+                with self._cond:
+                    if self._idle:
+                        conn = self._idle.pop()
+                        conn.checked = False
+                        return conn
+                taken = self._take_permit()
+                if taken is not None:
+                    return taken
                 waited = self._clock() - started
                 left = None if timeout is None else timeout - waited
                 if left is not None and left <= 0:
                     raise ProviderBusy(self.alias, self.max_open, waited)
-                self._cond.wait(left)
+                if not waiting:
+                    waiting = True
+                    with self._cond:
+                        self._waiters += 1
+                if self.permits is not None and self._clock() - wanted_at >= 0.5:
+                    # Holders elsewhere then close their idle connections, not keep them.
+                    self.permits.want()
+                    wanted_at = self._clock()
+                with self._cond:
+                    if self.permits is None:
+                        self._cond.wait(left)  # only a checkin here frees room
+                    else:
+                        # A checkin here wakes this at once; a permit freed by another
+                        # process is seen at the next poll (backing off to 0.2 s).
+                        self._cond.wait(poll if left is None else min(left, poll))
+                        poll = min(poll * 2, 0.2)
+        finally:
+            if waiting:
+                with self._cond:
+                    self._waiters -= 1
 
     def ready(self, conn: Connection) -> BaseEmailBackend:
         """``conn``'s backend, open and fit to send: an idle one checked (and replaced if
@@ -194,7 +319,14 @@ class ProviderPool:
         now = self._clock()
         conn.used_at = now
         keep = (reusable and conn.backend is not None and not self._closed
-                and self.pool_size > 0 and now - conn.opened_at < self.max_age)
+                and self.pool_size > 0 and now - conn.opened_at < self.max_age
+                # A connection whose shared permit was lost is not kept.
+                and (conn.permit is not None or self.permits is None))
+        if keep and self.permits is not None and not self._waiting_here():
+            # Under a shared bound an idle connection is a permit another process may
+            # be waiting for: closed then, unless a thread here takes it at once (warm,
+            # no new session: the permit is in use either way).
+            keep = not self.permits.wanted()
         if keep:
             with self._cond:
                 self._idle.append(conn)
@@ -208,8 +340,12 @@ class ProviderPool:
             surplus.append(conn)
         for old in surplus:
             self._close(old, quietly=not reusable and old is conn)
-            with self._cond:
-                self._return_permit()
+            self._return_permit(old)
+
+    def _waiting_here(self) -> bool:
+        """Whether a thread of this process waits in :meth:`checkout`."""
+        with self._cond:
+            return self._waiters > 0
 
     def close(self) -> None:
         """Close the idle connections (``QUIT``); those checked out close at checkin."""
@@ -218,15 +354,16 @@ class ProviderPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             self._close(conn, quietly=False)
-            with self._cond:
-                self._return_permit()
+            self._return_permit(conn)
 
     def forget(self) -> None:
-        """In a forked child: drop the inherited connections, saying nothing on them."""
+        """In a forked child: drop the inherited connections, saying nothing on them.
+        (Their permits are the parent's: it gives them back.)"""
         self._closed = True
         for conn in self._idle:
             _drop_socket(conn.backend)
         self._idle = []
+        self._permitted = set()
 
     @property
     def open_count(self) -> int:
@@ -307,8 +444,44 @@ def pool_for(alias: str) -> ProviderPool:
                 alias, lambda: providers.build(alias), max_open=config.concurrency,
                 pool_size=settings.connections.pool_size,
                 idle_seconds=settings.connections.idle_seconds,
-                max_age=settings.connections.max_age)
+                max_age=settings.connections.max_age,
+                permits=limits.permits(alias) if config.concurrency else None)
+            if pool.permits is not None:
+                _start_keeper()
         return pool
+
+
+_keeper: threading.Thread | None = None
+_keeper_pid = 0
+#: Seconds between the keeper's rounds.
+KEEP_EVERY = 1.0
+
+
+def _start_keeper() -> None:
+    """Start this process's keeper thread (called under ``_lock``)."""
+    global _keeper, _keeper_pid
+    if _keeper is not None and _keeper_pid == os.getpid() and _keeper.is_alive():
+        return
+    _keeper_pid = os.getpid()
+    _keeper = threading.Thread(target=_keep, name="kipekee-connections-keeper", daemon=True)
+    _keeper.start()
+
+
+def _keep() -> None:
+    """Renew the shared permits of this process's open connections, and close the idle
+    ones after ``IDLE_SECONDS`` (see :meth:`ProviderPool.keep`)."""
+    from django.db import close_old_connections
+
+    while os.getpid() == _keeper_pid:
+        time.sleep(KEEP_EVERY)
+        with _lock:
+            pools = [p for p in _pools.values() if p.permits is not None]
+        for pool in pools:
+            try:
+                pool.keep()
+            except Exception:  # noqa: BLE001 - the keeper must outlive any one failure
+                logger.exception("Keeping the connections of provider %r failed", pool.alias)
+        close_old_connections()
 
 
 def close_all() -> None:
@@ -329,9 +502,10 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _pools, _owner
+    global _lock, _pools, _owner, _keeper
     # Another thread of the parent may have held the lock at the fork: a new one.
     inherited, _pools, _lock, _owner = _pools, {}, threading.Lock(), os.getpid()
+    _keeper = None  # the parent's thread is not in the child
     for pool in inherited.values():
         pool.forget()
 

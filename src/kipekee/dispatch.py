@@ -22,7 +22,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from django.core.mail import EmailMessage
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from . import conf, deadlines, engines, outbox
@@ -215,8 +215,19 @@ def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     """Deliver freshly committed ``hybrid`` rows now, once each; update their receipts.
 
     A row an engine took first (its hold ran out) is left to it: its receipt stays as
-    it was written (``refresh()`` reads what became of it).
+    it was written (``refresh()`` reads what became of it). A database error is logged,
+    never raised into the caller (see :func:`deliver_in_request`).
     """
+    try:
+        _deliver_many_in_request(receipts, using)
+    except DatabaseError:
+        logger.exception("In-request delivery of %d outbox email(s) failed on a database "
+                         "error; what was not recorded stays queued for an engine",
+                         len(receipts))
+        engines.wake()  # never raises
+
+
+def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     by_id = {receipt.id: receipt for receipt in receipts}
     ids = list(by_id)
     deferred: list[OutboxEmail] = []
@@ -238,7 +249,24 @@ def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
 
 
 def deliver_in_request(receipt: Receipt) -> None:
-    """Deliver a freshly committed row now, as its mode says; update ``receipt``."""
+    """Deliver a freshly committed row now, as its mode says; update ``receipt``.
+
+    Runs in the caller's ``on_commit``, after the business transaction (and the row) is
+    committed: a database error here (a lock held past the timeout, a restart) would
+    reach the caller's view as if its transaction had failed, and skip the
+    application's later on_commit hooks. It is logged instead; the row waits for an
+    engine (queued, or ``sending`` until its lease when only the record failed) and
+    ``receipt`` keeps the last state known.
+    """
+    try:
+        _deliver_in_request(receipt)
+    except DatabaseError:
+        logger.exception("In-request delivery of outbox email %s failed on a database "
+                         "error; it stays queued for an engine", receipt.id)
+        engines.wake()  # never raises
+
+
+def _deliver_in_request(receipt: Receipt) -> None:
     settings = conf.get()
     delays = settings.now_retry_delays if receipt.mode == "now" else ()
     deadline = time.monotonic() + settings.now_time_budget
@@ -280,7 +308,7 @@ def record_many(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> lis
     only a success with recipients refused for now, which may need a follow-up row,
     goes on its own. Call it inside one transaction to make it one commit."""
     policy = RetryPolicy.from_settings()
-    results: dict[int, outbox.Finish] = {}
+    results: dict[int, tuple[outbox.Finish, _Note]] = {}
     alone: list[int] = []
     for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
         result = _result(row, outcome, policy)
@@ -288,7 +316,11 @@ def record_many(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> lis
             alone.append(index)
         else:
             results[index] = result
-    recorded = dict(zip(results, outbox.finish_many(list(results.values())), strict=True))
+    done = outbox.finish_many([finish for finish, _ in results.values()])
+    recorded = dict(zip(results, done, strict=True))
+    for (finish, note), written in zip(results.values(), done, strict=True):
+        if written:
+            _log_on_commit(finish.row, note)
     for index in alone:
         recorded[index] = record(rows[index], outcomes[index], policy)
     return [recorded[index] for index in range(len(rows))]
@@ -299,7 +331,11 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
     policy = policy or RetryPolicy.from_settings()
     result = _result(row, outcome, policy)
     if result is not None:
-        return outbox.finish(result)
+        finish, note = result
+        written = outbox.finish(finish)
+        if written:
+            _log_on_commit(row, note)
+        return written
     # Some recipients were refused for now (4xx): they get it again in a follow-up row
     # when the policy allows another attempt; otherwise their reply stays in
     # ``refused`` of this sent row, as a 5xx one does.
@@ -309,43 +345,66 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
         hint=max(hints, default=None), now=outcome.finished_at,
     )
-    logger.info("Outbox email %s sent via %s; refused for now: %s; %s", row.pk,
-                outcome.provider, ", ".join(sorted(again)),
-                f"again at {again_at.isoformat()}" if again_at else "no attempts left")
-    return outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+    note = (logging.INFO, "Outbox email %s sent via %s; refused for now: %s; %s",
+            (row.pk, outcome.provider, ", ".join(sorted(again)),
+             f"again at {again_at.isoformat()}" if again_at else "no attempts left"))
+    written = outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+    if written:
+        _log_on_commit(row, note)
+    return written
 
 
-def _result(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy) -> outbox.Finish | None:
-    """What ``outcome`` does to ``row`` (logged), or None for a success with recipients
-    refused for now (:func:`record` writes their follow-up row)."""
+#: A log line that says what a result did to its row: level, message, arguments.
+_Note = tuple[int, str, tuple[Any, ...]]
+
+
+def _log_on_commit(row: OutboxEmail, note: _Note) -> None:
+    """Log what was recorded on ``row`` once the record is committed (at once outside a
+    transaction): a record that rolls back (a database error before its commit) said
+    nothing, so the log never reports a row sent, deferred or failed that is not."""
+    level, message, args = note
+    transaction.on_commit(partial(logger.log, level, message, *args),
+                          using=row._state.db or outbox.db_for_write())
+
+
+def _result(row: OutboxEmail, outcome: Outcome,
+            policy: RetryPolicy) -> tuple[outbox.Finish, _Note] | None:
+    """What ``outcome`` does to ``row`` and the line that logs it once recorded, or None
+    for a success with recipients refused for now (:func:`record` writes their
+    follow-up row)."""
     if outcome.ok:
         if transient_refusals(outcome.refused):
             return None
         # Per message at DEBUG: the worker's INFO lines are counts and rates.
-        logger.debug("Sent outbox email %s via %s", row.pk, outcome.provider)
-        return outbox.sent(row, outcome)
+        return outbox.sent(row, outcome), (
+            logging.DEBUG, "Sent outbox email %s via %s", (row.pk, outcome.provider))
     if not outcome.attempted:
         # Every provider's circuit was open: nothing was sent, so no attempt is spent;
         # the row waits for the next trial. Only its lifetime can end it here.
         due = policy.postponed_due(wait=outcome.retry_after or 0.0, created_at=row.created_at,
                                    now=outcome.finished_at)
         if due is not None:
-            logger.info("Outbox email %s waits until %s: %s", row.pk, due.isoformat(),
-                        outcome.error)
-            return outbox.postponed(row, outcome, due_at=due)
+            return outbox.postponed(row, outcome, due_at=due), (
+                logging.INFO, "Outbox email %s waits until %s: %s",
+                (row.pk, due.isoformat(), outcome.error))
     if outcome.suppressed:
-        logger.info("Outbox email %s not sent: %s", row.pk, outcome.error)
-        return outbox.suppressed(row, outcome)
-    if outcome.kind == ErrorKind.CONFIGURATION:
-        logger.error("Outbox email %s not sent, provider misconfigured: %s", row.pk, outcome.error)
+        return outbox.suppressed(row, outcome), (
+            logging.INFO, "Outbox email %s not sent: %s", (row.pk, outcome.error))
     # Counted from the end of the attempt, not from now: an engine's books thread may
     # write the outcome a moment after the provider answered.
     due = policy.next_due(
         kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
         hint=outcome.retry_after, now=outcome.finished_at,
     )
+    if outcome.kind == ErrorKind.CONFIGURATION:
+        # An alarm (a provider misconfigured), whatever becomes of the row.
+        return (outbox.failed(row, outcome) if due is None
+                else outbox.deferred(row, outcome, due_at=due)), (
+            logging.ERROR, "Outbox email %s not sent, provider misconfigured: %s%s",
+            (row.pk, outcome.error, "" if due is None else f"; deferred until {due.isoformat()}"))
     if due is None:
-        logger.warning("Outbox email %s failed: %s", row.pk, outcome.error)
-        return outbox.failed(row, outcome)
-    logger.info("Outbox email %s deferred until %s: %s", row.pk, due.isoformat(), outcome.error)
-    return outbox.deferred(row, outcome, due_at=due)
+        return outbox.failed(row, outcome), (
+            logging.WARNING, "Outbox email %s failed: %s", (row.pk, outcome.error))
+    return outbox.deferred(row, outcome, due_at=due), (
+        logging.INFO, "Outbox email %s deferred until %s: %s",
+        (row.pk, due.isoformat(), outcome.error))

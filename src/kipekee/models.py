@@ -377,3 +377,42 @@ class Unsubscription(models.Model):
     def save(self, *args: object, **kwargs: object) -> None:
         self.address = canonical(self.address)
         super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class LimiterKey(models.Model):
+    """One shared limit (a provider's rate window or its connection permits): the row a
+    take locks, so that takers in every process and host go one at a time
+    (:class:`kipekee.limits.DatabaseStore`). ``takes`` only counts, for the lock."""
+
+    key = models.CharField(max_length=200, primary_key=True)
+    takes = models.PositiveBigIntegerField(default=0)
+    # Permits: until when (Unix time) a process waits for one, so that holders close
+    # their idle connections instead of keeping them warm.
+    wanted_until = models.FloatField(default=0.0)
+    wanted_by = models.CharField(max_length=100, blank=True)  # host:pid of the last
+
+
+class LimiterHit(models.Model):
+    """One call into a provider counted by a shared rate window, at ``at`` (Unix time)."""
+
+    id = models.BigAutoField(primary_key=True)
+    key = models.CharField(max_length=200)
+    at = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["key", "at"], name="kipekee_limiterhit_key_at")]
+
+
+class ProviderPermit(models.Model):
+    """One connection open to a provider somewhere, under its shared
+    ``LIMITS["CONCURRENCY"]``. ``lease_until`` (Unix time) is renewed while the connection
+    is open; a process that died leaves a permit that any other may take once it passed."""
+
+    id = models.BigAutoField(primary_key=True)
+    key = models.CharField(max_length=200)
+    holder = models.CharField(max_length=64)
+    lease_until = models.FloatField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "holder"],
+                                               name="kipekee_permit_once")]

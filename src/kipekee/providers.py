@@ -42,9 +42,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils.module_loading import import_string
 
-from . import conf, limits, testmode
+from . import conf, testmode
 from .exceptions import ConfigurationError, RoutingLoop
-from .limits import ProviderLimits
 from .models import ErrorKind
 from .redact import configured_secrets, redact
 
@@ -116,12 +115,6 @@ def build(alias: str) -> BaseEmailBackend:
             f'KIPEKEE["PROVIDERS"][{alias!r}]: cannot build {config.backend}: '
             f"{redact(f'{type(exc).__name__}: {exc}')}"
         ) from None
-
-
-def limits_for(alias: str) -> ProviderLimits:
-    """The process-wide rate window of provider ``alias`` (its concurrency is the
-    connection pool's, :mod:`kipekee.connections`)."""
-    return limits.for_provider(alias, conf.get().provider(alias).rate)
 
 
 def aliases(only: str = "") -> list[str]:

@@ -44,6 +44,8 @@ from anymail.exceptions import (
 )
 from anymail.message import AnymailStatus
 from django.core.mail import EmailMessage
+from requests import Session
+from requests.utils import get_netrc_auth
 
 from ..exceptions import ConfigurationError
 from ..models import ErrorKind
@@ -140,6 +142,27 @@ class EmailBackend(AnymailMailtrapBackend):
         self.sandbox_id = sandbox_id
         self.use_sandbox = stream == "sandbox"
         self.batch_max_messages = batch_size
+
+    def create_session(self) -> Session:
+        """anymail's session, with what ``requests`` reads from the environment for each
+        request read once, for this backend's host: proxies (``HTTPS_PROXY``,
+        ``NO_PROXY`` …), the CA bundle (``REQUESTS_CA_BUNDLE``) and ``~/.netrc``.
+
+        Read per request they were a third of ``requests``' CPU for a send on a warm
+        connection (``os.environ`` walked twice, ``.netrc`` looked for on disk), in the
+        path a view waits on. A pooled session lives for ``CONNECTIONS["MAX_AGE_SECONDS"]`` at
+        most, so a changed environment is taken up by the next session, as a kept-alive
+        connection through a proxy keeps that proxy anyway.
+        """
+        session = super().create_session()
+        if session.trust_env:
+            found = session.merge_environment_settings(self.api_url, {}, None, None, None)
+            session.proxies.update(found["proxies"])
+            session.verify = found["verify"]
+            if session.auth is None:
+                session.auth = get_netrc_auth(self.api_url)
+            session.trust_env = False
+        return session
 
     # -- building ---------------------------------------------------------------------
 

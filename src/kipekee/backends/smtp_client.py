@@ -553,8 +553,8 @@ class SMTP(smtplib.SMTP):
             raise smtplib.SMTPNotSupportedError("SMTPUTF8 is not offered by the server")
         encoding = "utf-8" if utf8 else "ascii"
         rcpt_tail = (" " + " ".join(rcpt_options)) if rcpt_options and self.does_esmtp else ""
-        mail = _command(f"MAIL FROM:{smtplib.quoteaddr(from_addr)}", options, encoding)
-        rcpts = [_command(f"RCPT TO:{smtplib.quoteaddr(address)}{rcpt_tail}", (), encoding)
+        mail = _command(f"MAIL FROM:{quoteaddr(from_addr)}", options, encoding)
+        rcpts = [_command(f"RCPT TO:{quoteaddr(address)}{rcpt_tail}", (), encoding)
                  for address in to_addrs]
         chunking = self.has_extn("chunking")
         if self.has_extn("pipelining"):
@@ -701,6 +701,22 @@ class SMTP_SSL(SMTP):  # noqa: N801 - smtplib's name
 
 def _bdat(content: bytes) -> bytes:
     return b"BDAT %d LAST\r\n" % len(content)
+
+
+#: An ASCII dot-atom at a host name: what an envelope address almost always is.
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+
+
+def quoteaddr(address: str) -> str:
+    """``smtplib.quoteaddr(address)``: a plain address in angle brackets without asking
+    the stdlib's address parser (a quarter of the SMTP client's CPU per message, twice a
+    message); anything else through it."""
+    if type(address) is str and _PLAIN_ADDRESS.fullmatch(address):
+        return f"<{address}>"
+    return smtplib.quoteaddr(address)
 
 
 def _command(line: str, options: Sequence[str], encoding: str) -> bytes:

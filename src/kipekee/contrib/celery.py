@@ -18,8 +18,8 @@ Task settings, applied here: ``acks_late`` with ``reject_on_worker_lost`` (a tas
 worker died is redelivered; the claim makes a second run harmless), ``ignore_result``, no
 Celery-level retries. Tasks go to their own queue (``KIPEKEE["CELERY"]["QUEUE"]``, default
 ``"kipekee"``): start a worker for it, ``celery -A proj worker -Q kipekee``.
-Provider rate limits are Kipekee's ``LIMITS`` (per process: divide by the number of
-worker processes), not Celery's ``rate_limit``, which knows nothing of providers.
+Provider rate limits are Kipekee's ``LIMITS`` (shared by every process through
+``KIPEKEE["LIMITER"]``), not Celery's ``rate_limit``, which knows nothing of providers.
 """
 
 from __future__ import annotations

@@ -182,11 +182,13 @@ class Sender:
     def _release(self, rows: list[OutboxEmail]) -> None:
         if rows:
             tokens = {row.claimed_by for row in rows}
+            no_transaction_left_open(rows[0]._state.db or outbox.db_for_write())
             released = sum(outbox.release(row) for row in rows)
             self._drop(tokens)
             logger.info("%s: %d row(s) claimed ahead given back unsent", self.engine, released)
 
     def _claim(self, ids: list[int] | None = None) -> list[OutboxEmail]:
+        no_transaction_left_open(outbox.db_for_write())
         rows = outbox.claim_batch(self.batch_size, engine=self.engine, ids=ids)
         # Their leases renewed until they are recorded or given back (engines.leases).
         tokens = leases.keeper().hold(rows)
@@ -203,8 +205,11 @@ class Sender:
         # fenced UPDATE. Should the process die before the commit, the batch's rows are
         # taken again after their lease, as rows not yet recorded always were.
         try:
+            no_transaction_left_open(rows[0]._state.db)
             with transaction.atomic(using=rows[0]._state.db):
                 recorded = record_many(rows, outcomes)
+            # The signal receivers ran on this connection as the record committed.
+            no_transaction_left_open(rows[0]._state.db)
         finally:
             self._drop(tokens)  # recorded, or given up on: the lease may end
         for row, done in zip(rows, recorded, strict=True):
@@ -257,6 +262,43 @@ def _wait_all(futures: list[Future[None]]) -> None:
 def _drop_broken_connections() -> None:
     for conn in connections.all(initialized_only=True):
         conn.close_if_unusable_or_obsolete()
+
+
+def no_transaction_left_open(db: str) -> None:
+    """Before an engine's own transaction (a claim, a record, a give-back) on ``db``: make
+    sure this thread's connection is not inside a transaction already.
+
+    Code that is not Kipekee's runs on an engine's threads: signal receivers, after each
+    record's commit. One that turns autocommit off (or opens a transaction by hand) and
+    does not end it would make the engine's next ``atomic`` block a mere savepoint in its
+    transaction: a claim or a record that looks written and is counted, yet is never
+    committed, while the connection keeps the database's write lock. Such a transaction
+    is rolled back (nothing in it was committed, so nothing Kipekee recorded is lost)
+    and autocommit turned back on. Rolled back, not only closed: Django ignores
+    ``close()`` on an in-memory SQLite database (Django's test database).
+    """
+    connection = connections[db]
+    if connection.connection is None or connection.in_atomic_block:
+        return  # nothing open; or the caller's own atomic block (not an engine thread)
+    if connection.get_autocommit() and not _in_transaction(connection.connection):
+        return
+    logger.error("The database connection %r of Kipekee's %s thread was left in a "
+                 "transaction by code outside Kipekee (a signal receiver?); rolling it back",
+                 db, threading.current_thread().name)
+    try:
+        connection.rollback()
+        connection.set_autocommit(True)
+    except DatabaseError:
+        connection.close()  # broken as well: the next query opens a new connection
+
+
+def _in_transaction(raw: object) -> bool:
+    """Is the DB-API connection ``raw`` inside a transaction (one Django may not know)?"""
+    in_transaction = getattr(raw, "in_transaction", None)  # sqlite3
+    if in_transaction is not None:
+        return bool(in_transaction)
+    status = getattr(getattr(raw, "info", None), "transaction_status", None)  # psycopg 3
+    return status is not None and int(status) != 0  # 0: IDLE
 
 
 def engine_name(kind: str) -> str:

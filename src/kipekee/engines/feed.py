@@ -33,7 +33,7 @@ from django.db import connections, transaction
 from .. import lanes, outbox
 from ..delivery import Outcome
 from ..models import OutboxEmail
-from . import Stats, _drop_broken_connections, leases
+from . import Stats, _drop_broken_connections, leases, no_transaction_left_open
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -145,6 +145,7 @@ class Feed:
             with self._lock:
                 want = self._free()
             if want > 0:
+                no_transaction_left_open(outbox.db_for_write())
                 rows = outbox.claim_batch(want, engine=self.engine)
                 leases.keeper().hold(rows)
         except Exception:
@@ -182,8 +183,11 @@ class Feed:
             rows = [row for row, _ in finished]
             tokens = [row.claimed_by for row in rows]  # (recording clears them on the rows)
             try:
+                no_transaction_left_open(rows[0]._state.db)
                 with transaction.atomic(using=rows[0]._state.db):
                     recorded = record_many(rows, [outcome for _, outcome in finished])
+                # The signal receivers ran on this connection as the record committed.
+                no_transaction_left_open(rows[0]._state.db)
             except Exception as exc:  # noqa: BLE001 - the rows stay leased, go out again later
                 logger.exception("%s: recording %d outcome(s) failed; their rows are sent "
                                  "again when their lease ends", self.engine, len(rows))
@@ -223,6 +227,7 @@ class Feed:
         if not unsent:
             return
         try:
+            no_transaction_left_open(unsent[0]._state.db or outbox.db_for_write())
             released = sum(outbox.release(row) for row in unsent)
         except Exception:  # noqa: BLE001 - then they go out again when their lease ends
             logger.exception("%s: giving back %d row(s) failed", self.engine, len(unsent))

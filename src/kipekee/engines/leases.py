@@ -68,6 +68,24 @@ class LeaseKeeper:
         with self._lock:
             return len(self._held)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Once nothing is held any more, wait (at most ``timeout`` seconds) for the
+        renewal thread to end, a renewal under way included; True when none runs then.
+
+        For an engine that stops: at a normal exit the interpreter shuts down right
+        after, and a daemon thread still in a database call is cut off there. While
+        claims are still held (another engine of this process) the thread is theirs:
+        nothing is waited for.
+        """
+        with self._lock:
+            running = self._thread
+            if self._held:
+                return running is None or not running.is_alive()
+            self._changed.set()  # a thread waiting for its next round ends now
+        if running is not None and running is not threading.current_thread():
+            running.join(timeout)
+        return running is None or not running.is_alive()
+
     def _run(self) -> None:
         try:
             while True:

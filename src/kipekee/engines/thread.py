@@ -26,7 +26,7 @@ from collections.abc import Callable
 from django.utils import timezone
 
 from .. import outbox
-from . import Sender, Stats, beat, engine_name
+from . import Sender, Stats, beat, engine_name, leases
 
 logger = logging.getLogger("kipekee.thread")
 
@@ -59,10 +59,17 @@ class ThreadEngine:
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, give back the rest, and wait for the engine's thread
+        and then the lease keeper's (``timeout`` seconds for both)."""
         self._stopping.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
+        if not self.alive:
+            # What it held is recorded or given back: the renewals end, and the lease
+            # thread with them, before a normal exit goes on to shut the interpreter down.
+            leases.keeper().join(max(0.0, deadline - time.monotonic()))
 
     def start(self) -> None:
         """Start the thread if it is not running; it looks for due rows once, then

@@ -32,7 +32,7 @@ from ..connections import close_all as close_provider_connections
 from ..models import OutboxEmail
 from ..outbox import NOTIFY_CHANNEL
 from ..delivery import Deliverer
-from . import Progress, Stats, _drop_broken_connections, beat, engine_name
+from . import Progress, Stats, _drop_broken_connections, beat, engine_name, leases
 from .feed import Feed
 
 logger = logging.getLogger("kipekee.worker")
@@ -99,6 +99,9 @@ class Worker:
                 self._feed.close()  # what was claimed and not sent goes back; records finish
             except Exception:  # noqa: BLE001 - what it held is left to the leases; logged
                 logger.exception("%s: giving back unsent rows failed", self.name)
+            # Nothing is held now: the lease thread ends before the process goes on
+            # to exit (a daemon thread in a database call is cut off at shutdown).
+            leases.keeper().join(HEARTBEAT_SECONDS)
             beat(self.name, self.kind, self.stats, stopped=True)
             progress.summary()
             connection.close()
