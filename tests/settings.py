@@ -24,7 +24,17 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "kipekee",
     "tests.app",
+    # The "tasks" engine's tests (tests/test_tasks_engine.py): tasks in the test database,
+    # run by real db_worker processes.
+    "django_tasks_db",
 ]
+
+import django  # noqa: E402
+
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")  # the backport of django.tasks
+
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default", "kipekee"]}}
 
 if os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres":
     DATABASES = {

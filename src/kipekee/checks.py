@@ -7,6 +7,8 @@ kipekee.E010   a provider's BACKEND routes back into Kipekee (a loop)
 kipekee.E011   a provider's backend cannot be built from its OPTIONS
 kipekee.E012   a provider's secret (password, API key, token) is empty
 kipekee.E013   ``"METRICS": True`` without prometheus-client installed
+kipekee.E014   ``"ENGINE": "tasks"`` without a task backend that can run it (none
+               installed, an unknown ``TASKS`` alias or queue, a backend without defer)
 kipekee.W001   no providers: mail is queued but never delivered
 kipekee.W002   a provider whose service documents a request limit has no LIMITS["RATE"]
 kipekee.W010   SMTP credentials sent without TLS to a host that is not local
@@ -78,6 +80,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                  "providers are allowed to send for (SPF/DKIM).",
             id="kipekee.W012"))
     messages.extend(_check_unsubscribe(parsed.unsubscribe))
+    if parsed.engine == "tasks":
+        messages.extend(_check_tasks(parsed.tasks))
     messages.extend(_check_limiter(parsed))
     return messages
 
@@ -107,6 +111,35 @@ def _check_limiter(parsed: conf.KipekeeSettings) -> list[CheckMessage]:
             hint="Use 10 s or more (the default is 30 s: how long a dead process's permits "
                  "stay taken).", id="kipekee.W021"))
     return messages
+
+
+def _check_tasks(tasks: conf.TasksConfig) -> list[CheckMessage]:
+    """The tasks engine needs django.tasks (or the backport) and a backend that can run
+    its tasks later (scheduled sends, retries: ``run_after``) on its queue."""
+    hint = ("pip install 'django-kipekee[tasks]' and configure TASKS with a backend that "
+            "supports defer, e.g. django_tasks_db.DatabaseBackend (see the README).")
+    try:
+        from django.tasks import task_backends
+    except ImportError:
+        try:
+            from django_tasks import task_backends  # type: ignore[no-redef]
+        except ImportError:
+            return [Error('KIPEKEE["ENGINE"] is "tasks" but neither django.tasks (Django '
+                          "6.0+) nor the django-tasks backport is installed.", hint=hint,
+                          id="kipekee.E014")]
+    try:
+        backend = task_backends[tasks.backend]
+    except Exception as exc:  # noqa: BLE001 - InvalidTaskBackend and import errors alike
+        return [Error(f'KIPEKEE["TASKS"]["BACKEND"] {tasks.backend!r}: {exc}', hint=hint,
+                      id="kipekee.E014")]
+    problems = []
+    if not backend.supports_defer:
+        problems.append(f"{type(backend).__name__} cannot run a task later (run_after)")
+    queues = getattr(backend, "queues", None)
+    if queues and tasks.queue not in queues:
+        problems.append(f"its QUEUES {sorted(queues)} lack {tasks.queue!r}")
+    return [Error(f'KIPEKEE["ENGINE"] is "tasks" but the task backend {tasks.backend!r}: '
+                  f"{problem}.", hint=hint, id="kipekee.E014") for problem in problems]
 
 
 def _check_unsubscribe(unsubscribe: conf.UnsubscribeConfig) -> list[CheckMessage]:

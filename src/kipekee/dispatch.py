@@ -149,10 +149,10 @@ def submit(
         return receipt
     later = send_at is not None and send_at > timezone.now()
     if mode == "queue" or later:
-        # The ids only for rows due now: a task for a row written for later would find
-        # it not due (the sweep hands it out when it is); the thread engine still wakes
-        # to sleep until its time.
-        transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
+        # With when it falls due, if later: a task engine may schedule its task for
+        # then (django.tasks' run_after); the thread engine wakes to sleep until then.
+        transaction.on_commit(partial(engines.wake, [row.pk], due_at=send_at if later else None),
+                              using=db)
     else:
         transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
@@ -189,13 +189,13 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
              for item in items], using=db)
         receipts = [Receipt(row, created=created) for row, created in results]
         due: list[int] = []  # for engines, due now
-        scheduled = False  # for engines, due later
+        scheduled: list[tuple[int, datetime]] = []  # for engines, due later
         here: list[Receipt] = []
         for item, receipt in zip(items, receipts, strict=True):
             if not receipt.created or receipt.suppressed:
                 continue
             if item.send_at is not None and item.send_at > now:
-                scheduled = True
+                scheduled.append((receipt.id, item.send_at))
             elif item.mode == "queue":
                 due.append(receipt.id)
             else:
@@ -204,8 +204,9 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
             notify_if_listening(db)
         if due:
             transaction.on_commit(partial(engines.wake, due), using=db)
-        if scheduled:  # (no ids: a task would find them not due; see submit)
-            transaction.on_commit(partial(engines.wake, None), using=db)
+        if scheduled:  # when the first falls due (its task follows up the others)
+            transaction.on_commit(partial(engines.wake, [pk for pk, _ in scheduled],
+                                          due_at=min(at for _, at in scheduled)), using=db)
         if here:
             transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
     return receipts
@@ -230,7 +231,7 @@ def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
 def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     by_id = {receipt.id: receipt for receipt in receipts}
     ids = list(by_id)
-    deferred = False
+    deferred: list[OutboxEmail] = []
     with Deliverer() as deliverer:
         for start in range(0, len(ids), IN_REQUEST_BATCH):
             rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", own=True,
@@ -242,9 +243,10 @@ def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
                 record_many(rows, outcomes)
             for row in rows:
                 by_id[row.pk]._update(row)
-                deferred = deferred or row.status == Status.DEFERRED
-    if deferred:
-        engines.wake()  # so the in-process engine sleeps until they are due
+                if row.status == Status.DEFERRED:
+                    deferred.append(row)
+    if deferred:  # so an engine retries them when they are due
+        engines.wake([row.pk for row in deferred], due_at=min(row.due_at for row in deferred))
 
 
 def deliver_in_request(receipt: Receipt) -> None:
@@ -296,8 +298,8 @@ def _deliver_in_request(receipt: Receipt) -> None:
                 continue
             record(row, outcome, policy)
             receipt._update(row)
-            if row.status == Status.DEFERRED:
-                engines.wake()  # so the in-process engine sleeps until it is due
+            if row.status == Status.DEFERRED:  # so an engine retries it when it is due
+                engines.wake([row.pk], due_at=row.due_at)
             return
 
 

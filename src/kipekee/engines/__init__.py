@@ -5,9 +5,10 @@ hand them to :class:`kipekee.delivery.Deliverer` and record the outcomes.
 - ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``), whose
   sender threads share one :class:`~kipekee.engines.feed.Feed` (claims sized to their
   free slots, records for all of them);
-- ``celery``: Celery tasks (``kipekee.contrib.celery``).
+- ``celery``: Celery tasks (``kipekee.contrib.celery``);
+- ``tasks``: Django's task framework, any backend (``kipekee.engines.tasks``).
 
-The thread engine and Celery tasks run :class:`Sender`, the loop of one sender thread.
+The thread engine, Celery tasks and django.tasks tasks run :class:`Sender`, the loop of one sender thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.db import DatabaseError, connections
 from django.utils import timezone
@@ -52,6 +54,45 @@ class Stats:
     def snapshot(self) -> tuple[int, int, int]:
         with self.lock:
             return self.sent, self.deferred, self.failed
+
+
+class Progress:
+    """An engine's progress lines on its logger: every ``every`` seconds what it sent,
+    deferred and failed in that interval and the rate (nothing when idle), and a summary
+    at exit. Thread-safe: Celery and task workers log from whichever task runs."""
+
+    def __init__(self, name: str, stats: Stats, log: logging.Logger, *,
+                 every: float = 10.0) -> None:
+        self.name = name
+        self.stats = stats
+        self.log = log
+        self.every = every
+        self.started = self._last = time.monotonic()
+        self._logged = (0, 0, 0)
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        """Log the interval's line if ``every`` seconds have passed since the last."""
+        with self._lock:
+            now = time.monotonic()
+            seconds = now - self._last
+            if seconds < self.every:
+                return
+            totals = self.stats.snapshot()
+            sent, deferred, failed = (a - b for a, b in zip(totals, self._logged, strict=True))
+            self._last, self._logged = now, totals
+        if sent or deferred or failed:
+            self.log.info("%s: %d sent, %d deferred, %d failed in %.0f s (%.1f sent/s); "
+                          "total sent=%d deferred=%d failed=%d", self.name, sent, deferred,
+                          failed, seconds, sent / seconds, *totals)
+
+    def summary(self) -> None:
+        """The exit line: totals, time, average rate."""
+        seconds = time.monotonic() - self.started
+        sent, deferred, failed = self.stats.snapshot()
+        self.log.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s (%.1f sent/s)",
+                      self.name, sent, deferred, failed, seconds,
+                      sent / seconds if seconds > 0 else 0.0)
 
 
 class Sender:
@@ -318,8 +359,9 @@ def start() -> None:
         engine().start()
 
 
-def wake(ids: list[int] | None = None) -> None:
-    """Tell the engine that rows are waiting (called after commit; ``ids`` when known).
+def wake(ids: list[int] | None = None, *, due_at: datetime | None = None) -> None:
+    """Tell the engine that rows are waiting (called after commit; ``ids`` when known,
+    ``due_at`` when they fall due later: a scheduled send, a deferred retry).
 
     Never raises: it runs in the caller's ``on_commit``, after the rows are safe in the
     outbox, where an exception would reach the caller and skip the application's later
@@ -327,15 +369,22 @@ def wake(ids: list[int] | None = None) -> None:
     rows wait for the next sweep or poll.
     """
     kind = conf.get().engine
+    later = due_at is not None and due_at > timezone.now()
     try:
         if kind == "thread":
             from .thread import engine
 
             engine().wake()
-        elif kind == "celery" and ids:
+        elif kind == "celery" and ids and not later:
+            # (a task for rows not due yet would find them not due: the sweep hands
+            # them out when they are)
             from ..contrib.celery import send_ids
 
             send_ids(ids)
+        elif kind == "tasks" and ids:
+            from .tasks import send_ids as enqueue_tasks
+
+            enqueue_tasks(ids, run_after=due_at if later else None)
     except Exception:  # noqa: BLE001 - the rows are committed; logged, left to the sweep
         logger.warning("Could not wake the %s engine for outbox email(s) %s; they stay "
                        "queued for its next sweep or poll", kind, ids, exc_info=True)
