@@ -12,6 +12,8 @@
 #   make bench-latency  one send in the request with the provider 20 ms away: Django's send_mail
 #               against kipekee.send now/hybrid/queue, cold and warm, SMTP and HTTP
 #               (bench/latency.py; BENCH_ARGS=... for flags); writes bench/LATENCY.md
+#   make bench-soak  the random-fault soak of issue 17 at N = 10,000 on PostgreSQL
+#               (bench/soak.py; BENCH_ARGS=... for flags: --seed, --n, --sqlite)
 #   make bench-scale  provider limits shared by 4 workers + 2 web processes (database, then
 #               Redis store) and 8 workers on two host names against one, on PostgreSQL
 #               (bench/scale.py; database kipekee_scale, createdb it first; BENCH_ARGS=...)
@@ -21,7 +23,7 @@ SHELL := /bin/bash
 VENVS := .venvs
 
 .PHONY: lint demo demo-script test test-django52 test-django60 test-django61 test-postgres clean \
-	chromium bench bench-latency bench-scale
+	chromium bench bench-latency bench-soak bench-scale
 
 $(VENVS)/django52/.installed: pyproject.toml
 	rm -rf $(VENVS)/django52
@@ -60,6 +62,8 @@ bench: $(VENVS)/bench/.installed
 bench-latency: $(VENVS)/bench/.installed
 	KIPEKEE_BENCH_MAKE=1 $(VENVS)/bench/bin/python bench/latency.py $(BENCH_ARGS)
 
+bench-soak: $(VENVS)/django52/.installed
+	$(VENVS)/django52/bin/python bench/soak.py $(BENCH_ARGS)
 bench-scale: $(VENVS)/django52/.installed
 	$(VENVS)/django52/bin/python bench/scale.py $(BENCH_ARGS)
 

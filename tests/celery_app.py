@@ -17,7 +17,8 @@ from kipekee.contrib.celery import beat_schedule, task_routes  # noqa: E402
 
 app = Celery("kipekee_tests")
 app.conf.update(
-    broker_url=os.environ.get("KIPEKEE_CELERY_BROKER", "redis://127.0.0.1:6379/9"),
+    broker_url=os.environ.get("KIPEKEE_CELERY_BROKER",
+                              os.environ.get("KIPEKEE_TEST_BROKER", "redis://127.0.0.1:6379/9")),
     imports=["kipekee.contrib.celery"],
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,

@@ -15,9 +15,18 @@ pytest_plugins = ["tests.smtp_fixtures", "tests.mailtrap_fixtures", "tests.relia
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``postgres`` run in the PostgreSQL pass of ``make test`` (deselected,
-    not skipped, in the SQLite passes)."""
+    not skipped, in the SQLite passes); the soak in the Django 5.2 passes only."""
+    import django
     from django.conf import settings
 
+    if django.VERSION[:2] != (5, 2):
+        # The soak (tests/test_soak.py) runs once per database, in the Django 5.2 passes:
+        # it exercises engines, providers and the database, none of which differ between
+        # Django versions, and it takes a minute and a half.
+        soak = [item for item in items if item.get_closest_marker("soak") is not None]
+        if soak:
+            config.hook.pytest_deselected(items=soak)
+            items[:] = [item for item in items if item.get_closest_marker("soak") is None]
     if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
         return
     keep = [item for item in items if item.get_closest_marker("postgres") is None]

@@ -25,7 +25,17 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "kipekee",
     "tests.app",
+    # The "tasks" engine's tests (tests/test_tasks_engine.py): tasks in the test database,
+    # run by real db_worker processes.
+    "django_tasks_db",
 ]
+
+import django  # noqa: E402
+
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")  # the backport of django.tasks
+
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default", "kipekee"]}}
 
 if os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres":
     DATABASES = {
@@ -51,7 +61,9 @@ else:
             # A file with WAL, as in production: engines write from several threads, and
             # an in-memory shared-cache database fails them at once with "table is locked"
             # instead of waiting. IMMEDIATE avoids deadlocks on lock upgrades.
-            "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;",
+            # KIPEKEE_SQLITE_TIMEOUT: the soak's workers wait less than its write locks.
+            "OPTIONS": {"timeout": float(os.environ.get("KIPEKEE_SQLITE_TIMEOUT", "20")),
+                        "init_command": "PRAGMA journal_mode=WAL;",
                         "transaction_mode": "IMMEDIATE"},
             "TEST": {"NAME": os.path.join(tempfile.gettempdir(), f"kipekee-test-{os.getpid()}.sqlite3")},
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,14 +24,15 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 import kipekee
-from kipekee.models import OutboxEmail, Status
+from kipekee.models import EngineHeartbeat, OutboxEmail, Status
 
 from .conftest import smtp_provider
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKER = "redis://127.0.0.1:6379/9"
+# KIPEKEE_TEST_BROKER: another Redis database, for runs side by side on one machine.
+BROKER = os.environ.get("KIPEKEE_TEST_BROKER", "redis://127.0.0.1:6379/9")
 
 
 @pytest.fixture
@@ -251,3 +253,18 @@ def test_a_scheduled_mail_goes_out_within_a_sweep_of_its_time(smtp_sink, broker,
     assert 0 <= late < 10, late  # a sweep interval (1 s) plus a loaded machine's slack
     assert [m.subject for m in smtp_sink.wait_for(1)] == ["Reminder"]
     print(f"celery: scheduled mail sent {late:.1f} s after its time")
+
+
+def test_each_worker_process_logs_progress_and_a_summary_at_exit(smtp_sink, broker, workers,
+                                                                 monkeypatch):
+    monkeypatch.setenv("KIPEKEE_LOG_LEVEL", "INFO")
+    workers.start("w1")
+    send_many(50)
+    wait_until(all_sent, 120, "50 sent", workers)
+    workers.stop()  # SIGTERM: a warm shutdown
+    output = workers.output()
+    summary = re.search(r"celery@\S+ stopped: sent=(\d+) deferred=0 failed=0 in [\d.]+ s "
+                        r"\([\d.]+ sent/s\)", output)
+    assert summary and int(summary.group(1)) == 50, output
+    beat = EngineHeartbeat.objects.get(kind="celery")
+    assert beat.sent == 50 and beat.stopped_at is not None

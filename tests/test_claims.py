@@ -412,3 +412,28 @@ def test_while_records_fail_the_worker_stops_sending_and_gives_back_its_claims(
     rows.filter(status=Status.SENDING).update(lease_until=timezone.now() - timedelta(seconds=1))
     Worker(concurrency=2, batch_size=5, poll_interval=5, once=True).run()
     assert rows.filter(status=Status.SENT).count() == 200
+
+
+# --- a lane removed from the settings (issue 17, loose end f) ------------------------------
+
+
+def test_rows_of_a_lane_removed_from_the_settings_are_still_delivered(sink_provider, settings):
+    """A deploy removes the lane "alerts" (or a web process still on the old settings
+    writes to it during a rolling deploy): its waiting rows were never claimed again.
+    Now an engine takes them in the default lane (``transactional``), and a system check
+    run with the database (``manage.py check --database default``) says so."""
+    from django.core import checks
+
+    settings.KIPEKEE = {**settings.KIPEKEE, "LANES": {"alerts": {"PRIORITY": 10}}}
+    kipekee.send(subject="Disk full", text="!", to="ops@example.com", lane="alerts",
+                 mode="queue")
+    settings.KIPEKEE = {key: value for key, value in settings.KIPEKEE.items() if key != "LANES"}
+    [warning] = [m for m in checks.run_checks(databases=["default"])
+                 if m.id == "kipekee.W015"]
+    assert "1 outbox row" in warning.msg and "'alerts'" in warning.msg, warning.msg
+    assert not [m for m in checks.run_checks() if m.id == "kipekee.W015"]  # needs the database
+    Worker(concurrency=1, batch_size=10, poll_interval=0.05, once=True, name="test").run()
+    row = OutboxEmail.objects.get()
+    assert (row.status, row.lane) == (Status.SENT, conf.TRANSACTIONAL)
+    assert [m.subject for m in sink_provider.messages] == ["Disk full"]
+    assert not [m for m in checks.run_checks(databases=["default"]) if m.id == "kipekee.W015"]

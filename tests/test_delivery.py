@@ -226,12 +226,16 @@ def test_a_recipient_refused_for_now_gets_the_message_in_a_follow_up_row(smtp_se
     assert again.rcpt_tos == ("B@example.com",) and again.message_id == original.message_id
 
 
-def test_no_follow_up_when_no_attempt_is_left(smtp_server, kipekee_settings):
+def test_a_failed_follow_up_when_no_attempt_is_left(smtp_server, kipekee_settings):
+    # (Before issue 17's loose end g there was no follow-up row at all: b was dropped.)
     server = smtp_server(faults=Faults(refuse_recipients={"b@example.com": "450 4.2.1 busy"}))
     kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"MAX_ATTEMPTS": 1}})
     receipt = kipekee.send(subject="Team", text="x", to=["a@example.com", "b@example.com"])
     assert receipt.sent and receipt.refused == {"b@example.com": "450 4.2.1 busy"}
-    assert not OutboxEmail.objects.exclude(pk=receipt.id).exists()
+    [follow_up] = OutboxEmail.objects.exclude(pk=receipt.id)
+    assert (follow_up.to, follow_up.status) == (["b@example.com"], Status.FAILED)
+    assert "450 4.2.1 busy" in follow_up.last_error
+    assert "no attempts left: 1 of 1" in follow_up.last_error
 
 
 def test_all_recipients_temporarily_refused_is_transient(smtp_server, kipekee_settings):
@@ -403,6 +407,71 @@ def test_content_refused_after_data_does_not_fail_over(smtp_server, smtp_sink, k
     receipt = kipekee.send(**MAIL)
     assert receipt.failed and "554 5.7.1" in receipt.error
     assert smtp_sink.messages == []
+
+
+# --- a configuration failure opens the circuit at once (issue 17, loose end a) -------------
+
+
+def test_a_configuration_failure_opens_the_circuit_at_once(smtp_server, smtp_sink,
+                                                           kipekee_settings, caplog):
+    """Bad credentials do not get better with the next message: the first 535 opens the
+    provider's circuit (and is logged once at ERROR), so the next mails go straight to the
+    backup instead of each trying the broken provider first, as transient failures do
+    until the breaker's threshold (5 by default)."""
+    from kipekee import circuit
+
+    locked = smtp_server(auth={"user": "right"}, auth_require_tls=False)
+    kipekee_settings(primary=smtp_provider(locked, username="user", password="wrong"),
+                     backup=smtp_provider(smtp_sink))
+    receipts = [kipekee.send(**MAIL)]
+    refused_logins = locked.auth_failures  # (smtplib tries each mechanism it shares)
+    receipts += [kipekee.send(**MAIL) for _ in range(3)]
+    assert [(r.status, r.provider) for r in receipts] == [(Status.SENT, "backup")] * 4
+    assert refused_logins and locked.auth_failures == refused_logins  # not tried again
+    assert circuit.for_provider("primary").state == circuit.CircuitBreaker.OPEN
+    alarms = [r for r in caplog.records
+              if r.levelname == "ERROR" and "authentication" in r.getMessage()]
+    assert len(alarms) == 1, [r.getMessage() for r in alarms]
+
+
+# --- recipients refused for now, with no attempt left (issue 17, loose end g) --------------
+
+
+def test_recipients_refused_for_now_with_no_attempt_left_are_recorded_failed(smtp_server,
+                                                                            kipekee_settings):
+    """A follow-up row for two recipients, on its last attempt: the server takes one and
+    refuses the other for now (451). Before: the row was ``sent`` and the second recipient
+    was left in its ``refused`` with a 4xx reply, which promises a retry that never came:
+    dropped without a failed row or a ``failed`` signal. Now that recipient gets a row of
+    its own, ``failed``, saying why (no attempts left), announced by ``signals.failed``."""
+    from kipekee import signals
+
+    server = smtp_server(faults=Faults(refuse_recipients={
+        "b@example.com": "451 4.2.1 mailbox busy", "c@example.com": "451 4.2.1 mailbox busy"}))
+    kipekee_settings(primary=smtp_provider(server), _extra={"RETRY": {"MAX_ATTEMPTS": 2}})
+    receipt = kipekee.send(subject="Team", text="x",
+                           to=["a@example.com", "b@example.com", "c@example.com"])
+    follow_up = OutboxEmail.objects.get(metadata__recipients_of=receipt.id)
+    assert sorted(follow_up.to) == ["b@example.com", "c@example.com"]
+    server.faults.refuse_recipients = {"c@example.com": "451 4.2.1 mailbox busy"}
+    failed = []
+    signals.failed.connect(receiver := lambda sender, email, **kw: failed.append(email.to))
+    try:
+        outbox.reschedule(follow_up.pk, timezone.now())
+        [claimed] = outbox.claim_batch(10)  # its second attempt: the last
+        from kipekee.delivery import Deliverer
+        from kipekee.dispatch import record
+
+        with Deliverer() as deliverer:
+            assert record(claimed, deliverer.deliver(claimed))
+    finally:
+        signals.failed.disconnect(receiver)
+    follow_up.refresh_from_db()
+    assert follow_up.status == Status.SENT  # b got it
+    last = OutboxEmail.objects.get(metadata__recipients_of=follow_up.pk)
+    assert (last.to, last.status, last.attempts) == (["c@example.com"], Status.FAILED, 2)
+    assert "451 4.2.1 mailbox busy" in last.last_error and "no attempts left" in last.last_error
+    assert last.message_id == follow_up.message_id and failed == [["c@example.com"]]
 
 
 # --- the in-request send after the caller's commit ---------------------------------

@@ -321,6 +321,7 @@ def test_a_provider_may_name_a_mailers_alias(kipekee_settings, settings, recwarn
     import django
 
     from kipekee.conf import get as kipekee_conf
+    from kipekee.limits import Rate
 
     with LocalPostmarkServer(tokens={"pm-token"}) as server:
         settings.MAILERS = {
@@ -333,7 +334,7 @@ def test_a_provider_may_name_a_mailers_alias(kipekee_settings, settings, recwarn
             warnings.simplefilter("error")  # the README's configuration warns of nothing
             config = kipekee_conf().provider("postmark")
             assert config.backend == "anymail.backends.postmark.EmailBackend"
-            assert config.rate == "50/s"
+            assert config.rate == (Rate(count=50, per=1.0),)
             receipt = kipekee.send(**MAIL, mode="now")
             assert receipt.sent and receipt.provider == "postmark", receipt
             if django.VERSION >= (6, 1):
@@ -480,3 +481,73 @@ def test_anymails_own_ses_backend_retries_inside_a_send_and_a_check_says_so(kipe
         server.faults = ESPFaults(statuses=[429], retry_after=1800)
         kipekee_settings(ses=ESPS["amazon_ses"].provider(server, True))
         assert not [m for m in run_checks() if m.id == "kipekee.W013"]
+
+
+# --- a provider's Retry-After past MAX_DELAY (issue 17, loose end b) -----------------------
+
+
+def test_a_retry_after_longer_than_max_delay_wins(esp, kipekee_settings):
+    """The provider said when it will take the message again: trying before then only
+    spends an attempt on a certain 429. MAX_DELAY caps our own backoff, not its word."""
+    spec, server = esp
+    server.faults = ESPFaults(statuses=[429], retry_after=7200)
+    kipekee_settings(esp=spec.provider(server, True), _extra={"RETRY": {"MAX_DELAY": 600}})
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    [attempt] = attempts(receipt)
+    assert row.status == Status.DEFERRED
+    assert abs((row.due_at - attempt.finished_at).total_seconds() - 7200) < 5
+
+
+def test_a_retry_after_past_the_lifetime_fails_with_why(esp, kipekee_settings):
+    """Bounded by the message's lifetime: a wait that ends after it leaves no attempt, so
+    the message fails now, saying so (not silently at the end of its lifetime)."""
+    spec, server = esp
+    server.faults = ESPFaults(statuses=[429], retry_after=7200)
+    kipekee_settings(esp=spec.provider(server, True),
+                     _extra={"RETRY": {"MAX_DELAY": 600, "LIFETIME_SECONDS": 3600}})
+    receipt = kipekee.send(**MAIL, mode="hybrid")
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert row.status == Status.FAILED and f"{spec.name} 429" in row.last_error
+    assert "lifetime" in row.last_error, row.last_error
+
+
+# --- 413 Payload Too Large (issue 17, loose end c) ----------------------------------------
+
+
+def test_413_for_a_message_within_the_documented_size_is_the_providers(smtp_sink,
+                                                                       kipekee_settings):
+    """SendGrid documents 30 MB; a 413 for a 1 KB message is not about the message (a
+    proxy in front of the API, a limit lowered on the account): the next provider takes
+    it, and with no other provider it waits and is tried again, never failed for it."""
+    spec = ESPS["sendgrid"]
+    with spec.start() as server:
+        server.faults = ESPFaults(statuses=[413, 413])
+        kipekee_settings(esp=spec.provider(server, True), backup=smtp_provider(smtp_sink))
+        moved = kipekee.send(**MAIL, mode="hybrid")
+        assert (moved.status, moved.provider) == (Status.SENT, "backup"), moved.error
+        kipekee_settings(esp=spec.provider(server, True))
+        alone = kipekee.send(**MAIL, mode="hybrid")
+    assert alone.status == Status.DEFERRED and alone.error_kind == ErrorKind.TRANSIENT
+    assert "SendGrid 413" in alone.error and "documented" in alone.error, alone.error
+
+
+def test_413_for_a_message_over_the_documented_size_fails_over_then_fails(smtp_sink,
+                                                                          kipekee_settings):
+    """Postmark documents 10 MB (as base64, attachments included): a message over it
+    never fits Postmark, but another provider may take it (as an SMTP 552 does); with no
+    other provider it fails, saying why."""
+    spec = ESPS["postmark"]
+    big = ("scan.pdf", b"\x00" * (8 * 1024 * 1024), "application/pdf")  # 10.7 MB as base64
+    with spec.start() as server:
+        server.faults = ESPFaults(statuses=[413, 413])
+        # (Time for 11 MB over SMTP on a loaded machine.)
+        kipekee_settings(esp=spec.provider(server, True),
+                         backup=smtp_provider(smtp_sink, timeout=60),
+                         _extra={"NOW_TIME_BUDGET": 60})
+        moved = kipekee.send(**MAIL, attachments=[big], mode="hybrid")
+        assert (moved.status, moved.provider) == (Status.SENT, "backup"), moved.error
+        kipekee_settings(esp=spec.provider(server, True))
+        alone = kipekee.send(**MAIL, attachments=[big], mode="hybrid")
+    assert alone.status == Status.FAILED and alone.error_kind == ErrorKind.PERMANENT
+    assert "Postmark 413" in alone.error and "over Postmark's documented" in alone.error

@@ -3,6 +3,10 @@ one UPDATE per claim and one INSERT of the attempts — against a real SMTP serv
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -107,6 +111,63 @@ def test_a_row_taken_over_keeps_its_new_attempt_and_the_others_are_recorded(
     assert (again.status, again.claimed_by, again.attempts) == (Status.SENDING,
                                                                 taken.claimed_by, 2)
     assert OutboxEmail.objects.get(to=["gone@example.com"]).status == Status.FAILED
+
+
+# --- a database error while recording -----------------------------------------------------
+
+
+def _hold_write_lock(path: str, seconds: float) -> None:
+    # A second connection holds SQLite's write lock (a migration, a backup, another
+    # process's long transaction): writers that wait less get "database is locked".
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        time.sleep(seconds)
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+@pytest.mark.skipif(os.environ.get("KIPEKEE_TEST_DATABASE") == "postgres",
+                    reason="SQLite's write lock; on PostgreSQL tests/test_soak.py kills the "
+                           "workers' sessions while they record")
+@pytest.mark.parametrize("engine", ["sender", "worker"])
+def test_a_record_waits_out_a_brief_database_error(engine, kipekee_settings, smtp_server):
+    """The database refuses writes for 1.5 s just as a sent batch is recorded (here
+    SQLite's write lock, held longer than the engine waits for it). Before: the record
+    failed, the row stayed ``sending`` until its lease ended and was sent again. Now the
+    record is tried again, for up to half a lease (the claim is still this engine's)."""
+    from kipekee.engines import Sender, Stats
+    from kipekee.engines.worker import Worker
+
+    taken = threading.Event()
+    server = smtp_server(faults=Faults(stall_before_data_reply=0.5),
+                         on_message=lambda message: taken.set())
+    kipekee_settings(primary=smtp_provider(server), _extra={"LEASE_SECONDS": 10})
+    receipt = kipekee.send(subject="Order 1", text="thanks", to="ann@example.com", mode="queue")
+    options = connection.settings_dict["OPTIONS"]
+    waited = options["timeout"]
+    options["timeout"] = 0.2  # the engine's threads open their connections with it
+    locker = threading.Thread(target=lambda: taken.wait(20) and _hold_write_lock(
+        connection.settings_dict["NAME"], 1.5))
+    locker.start()
+    try:
+        if engine == "sender":
+            sender = Sender(engine="test", batch_size=10, stats=Stats())
+            try:
+                sender.run_once()
+            finally:
+                sender.close()
+        else:
+            Worker(concurrency=1, batch_size=10, poll_interval=0.2, once=True,
+                   name="test").run()
+    finally:
+        locker.join()
+        options["timeout"] = waited
+    row = OutboxEmail.objects.get(message_id=receipt.message_id)
+    assert (row.status, row.attempts) == (Status.SENT, 1)
+    assert [m.message_id for m in server.messages] == [row.message_id]
+    assert list(Attempt.objects.values_list("number", "outcome")) == [(1, "sent")]
 
 
 def test_outcomes_are_logged_only_once_their_record_is_committed(kipekee_settings, smtp_server,

@@ -31,6 +31,6 @@ def test_without_jitter_the_delay_is_the_ceiling() -> None:
     assert [policy(jitter=False).delay(n) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 80, 100]
 
 
-def test_a_providers_hint_wins_capped() -> None:
+def test_a_providers_hint_wins_even_past_the_cap() -> None:
     assert policy().delay(3, hint=7.5) == 7.5
-    assert policy().delay(3, hint=1000) == 100.0
+    assert policy().delay(3, hint=1000) == 1000

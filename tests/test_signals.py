@@ -170,6 +170,54 @@ def _log_errors(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="kipekee.signals")
 
 
+# --- a mail loop through the admins' error mails (issue 17, loose end e) --------------------
+
+
+def test_a_raising_receiver_reported_by_mail_through_kipekee_makes_no_mail_loop(
+        sink_provider, settings):
+    """The project logs errors to the admins by mail (Django's AdminEmailHandler) and
+    Django's mail goes through Kipekee's drop-in backend; a receiver of ``signals.sent``
+    raises for every mail. Each error report is a mail, whose ``sent`` raises again, whose
+    report is a mail… Before: a mail for every mail, without end. Now the admins get the
+    report of the first error; an error about a mail that itself reports one is logged,
+    not mailed again."""
+    from django.utils.log import AdminEmailHandler
+
+    from kipekee.engines import Sender, Stats
+
+    settings.EMAIL_BACKEND = "kipekee.backend.EmailBackend"
+    settings.KIPEKEE = {**settings.KIPEKEE, "MODE": "queue"}  # the reports: by the engine
+    handler = AdminEmailHandler()  # as in Django's DEFAULT_LOGGING, at ERROR
+    handler.setLevel(logging.ERROR)
+    kipekee_logger = logging.getLogger("kipekee")
+    kipekee_logger.addHandler(handler)
+
+    def broken(sender, **kwargs):
+        raise RuntimeError("the project's receiver is broken")
+
+    signals.sent.connect(broken)
+    try:
+        kipekee.send(subject="Order 1", text="thanks", to="ann@example.com", mode="now")
+        # Everything queued meanwhile goes out, each delivery firing the receiver again.
+        for _ in range(10):  # engine rounds; each delivers what the last one queued
+            if not OutboxEmail.objects.exclude(status=Status.SENT).exists():
+                break
+            sender = Sender(engine="test", batch_size=10, stats=Stats())
+            try:
+                sender.run_once()
+            finally:
+                sender.close()
+    finally:
+        signals.sent.disconnect(broken)
+        kipekee_logger.removeHandler(handler)
+    subjects = [m.subject for m in sink_provider.messages]
+    # The order, and the reports of its receiver's error to the admins (Django's own
+    # log of it, through DEFAULT_LOGGING's mail_admins, and Kipekee's): nothing more.
+    assert subjects[0] == "Order 1" and len(subjects) == 3, subjects
+    assert "Error calling" in subjects[1] and "A receiver of kipekee.signals.sent" in subjects[2]
+    assert not OutboxEmail.objects.exclude(status=Status.SENT).exists()
+
+
 def test_a_receiver_that_leaves_a_transaction_open_does_not_swallow_later_records(
         smtp_sink, kipekee_settings, caplog):
     """A ``sent`` receiver manages a transaction of its own on the books thread's

@@ -238,3 +238,32 @@ def test_a_refused_insert_inside_the_callers_transaction_leaves_it_usable(sink_p
     with pytest.raises(DataError):
         kipekee.send(**GOOD, headers=too_long, mode="queue")
     assert rows() == 2
+
+
+# --- Bcc as a header (issue 17, loose end d) ----------------------------------------------
+
+BCC_REFUSED = ('Bcc is not a valid email header. Use the "bcc" argument to specify blind '
+               "carbon copy recipients.")
+
+
+@pytest.mark.parametrize("name", ["Bcc", "bcc", "BCC"])
+def test_a_bcc_header_is_refused_at_the_call_site(sink_provider, name):
+    """As Django 6.1 does (``EmailMessage.message()`` raises this ValueError): a Bcc
+    header would be written into the message every recipient sees, and its address would
+    get nothing (the envelope takes ``bcc=``). Django 5.2 and 6.0 sent it that way; Kipekee
+    refuses it on every version, when the message is written, with Django 6.1's words."""
+    with pytest.raises(InvalidMessage) as raised:
+        kipekee.send(**GOOD, headers={name: "hidden@example.com"})
+    assert str(raised.value) == BCC_REFUSED and isinstance(raised.value, ValueError)
+    assert rows() == 0
+
+
+def test_a_bcc_header_through_the_drop_in_backend_is_refused(sink_provider, settings):
+    from django.core.mail import EmailMessage
+
+    settings.EMAIL_BACKEND = "kipekee.backend.EmailBackend"
+    message = EmailMessage("Hi", "body", "shop@example.com", ["ann@example.com"],
+                           headers={"Bcc": "hidden@example.com"})
+    with pytest.raises(ValueError, match="Bcc is not a valid email header"):
+        message.send()
+    assert rows() == 0 and sink_provider.messages == []

@@ -36,7 +36,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.functional import cached_property
 from django.utils.html import escape, format_html, format_html_join
 
-from . import conf, lists, outbox, previews
+from . import conf, lists, outbox, overview, previews
 from .addresses import canonical
 from .exceptions import InvalidMessage
 from .forms import EmailAddressField
@@ -374,7 +374,8 @@ class OutboxEmailAdmin(admin.ModelAdmin):
 
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view
-        urls = [path("previews/", view(self.previews_view), name="kipekee_previews"),
+        urls = [path("overview/", view(self.overview_view), name="kipekee_overview"),
+                path("previews/", view(self.previews_view), name="kipekee_previews"),
                 path("previews/show/<path:key>", view(self.sample_view),
                      name="kipekee_preview_sample"),
                 path("previews/frame/<path:key>", view(self.sample_frame_view),
@@ -397,6 +398,26 @@ class OutboxEmailAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request, obj):
             return HttpResponse(status=403)
         return sandboxed(render_preview(obj))
+
+    # --- the overview: what an operator would rather look at than read ----------------
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        try:
+            days = min(14, max(1, int(request.GET.get("days", "2"))))
+        except ValueError:
+            days = 2
+        hours = overview.hourly(days)
+        return TemplateResponse(request, "admin/kipekee/overview.html", {
+            **self.admin_site.each_context(request), "opts": self.model._meta,
+            "title": "Email overview", "days": days, "day_choices": (1, 2, 7, 14),
+            "hours": hours, "chart": hourly_chart(hours), "totals": {
+                series: sum(getattr(h, series) for h in hours) for series in overview.SERIES},
+            "queue": overview.queue(), "providers": overview.providers(),
+            "engines": overview.engines(),
+            "heartbeat_max_age": conf.get().check.heartbeat_max_age,
+        })
 
     # --- previews of registered notifications and templates (kipekee.previews) ----------
 
@@ -532,6 +553,37 @@ class OutboxEmailAdmin(admin.ModelAdmin):
             shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more"
                                               if len(reasons) > 5 else "")
             self.message_user(request, f"{len(reasons)} not resent: {shown}", messages.WARNING)
+
+
+#: The chart's colours (also its legend's), one per series of ``overview.SERIES``.
+CHART_COLOURS = {"sent": "#2e7d32", "deferred": "#ef8f00", "failed": "#c62828",
+                 "suppressed": "#757575"}
+CHART_HEIGHT = 160
+
+
+def hourly_chart(hours: list[overview.Hour]) -> dict[str, Any]:
+    """The hourly figures as stacked bars of an inline SVG (no script, nothing remote):
+    one ``<rect>`` per non-zero series of each hour, each with a ``<title>`` tooltip."""
+    bar, gap = 10, 2
+    peak = max((h.total for h in hours), default=0) or 1
+    bars = []
+    for index, hour in enumerate(hours):
+        x = index * (bar + gap)
+        y = CHART_HEIGHT
+        for series in overview.SERIES:
+            n = getattr(hour, series)
+            if not n:
+                continue
+            height = max(1.0, n / peak * CHART_HEIGHT)
+            y -= height
+            bars.append({"x": x, "y": round(y, 2), "width": bar, "height": round(height, 2),
+                         "colour": CHART_COLOURS[series], "series": series, "n": n,
+                         "hour": hour.start})
+    ticks = [{"x": i * (bar + gap), "hour": h.start} for i, h in enumerate(hours)
+             if h.start.hour == 0]
+    return {"width": max(1, len(hours) * (bar + gap)), "height": CHART_HEIGHT, "bars": bars,
+            "peak": peak, "ticks": ticks,
+            "legend": [(series, CHART_COLOURS[series]) for series in overview.SERIES]}
 
 
 def sandboxed(html: str, status: int = 200) -> HttpResponse:

@@ -43,10 +43,10 @@ from django.db import transaction
 if django.VERSION >= (6, 1):
     from django.core.mail import InvalidMailer as DjangoInvalidMailer
 
-from . import conf, testmode
+from . import conf, signals, testmode
 from .delivery import in_delivery
 from .dispatch import Receipt, submit
-from .exceptions import ConfigurationError, InvalidMailer, KipekeeWarning, RoutingLoop
+from .exceptions import ConfigurationError, InvalidMailer, KipekeeWarning, MailLoop, RoutingLoop
 from .message import validate
 
 logger = logging.getLogger("kipekee.backend")
@@ -102,6 +102,16 @@ class EmailBackend(BaseEmailBackend):
         messages = [message for message in email_messages if message.recipients()]
         if not messages:
             return 0
+        if signals.report_depth() >= 2:
+            loop = MailLoop(
+                "Not queued: a report of a signal receiver's error about a mail that itself "
+                "reports such an error (its delivery would raise again, without end); "
+                "the error is in the log.")
+            if not self.fail_silently:
+                raise loop
+            for message in messages:
+                self._report_silenced(message, loop)
+            return 0
         if not self.fail_silently:
             for message in messages:  # all or nothing: check every one first
                 validate(message)
@@ -119,7 +129,9 @@ class EmailBackend(BaseEmailBackend):
 
     def _submit(self, message: EmailMessage) -> int:
         """Enqueue one validated message; 1 if it counts as sent."""
-        receipt: Receipt = submit(message, mode=self.mode, provider=self.provider)
+        depth = signals.report_depth()  # a receiver's error being reported: say so
+        receipt: Receipt = submit(message, mode=self.mode, provider=self.provider,
+                                  metadata={signals.REPORT_DEPTH: depth} if depth else None)
         # The caller can read what happened (and why it was not sent) here.
         message.kipekee_receipt = receipt  # type: ignore[attr-defined]
         if testmode.active():
@@ -127,12 +139,13 @@ class EmailBackend(BaseEmailBackend):
         return 0 if receipt.suppressed else 1  # every recipient suppressed: not "sent"
 
     @staticmethod
-    def _report_silenced(message: EmailMessage) -> None:
+    def _report_silenced(message: EmailMessage, error: BaseException | None = None) -> None:
         if getattr(_reporting, "active", False):
             return  # the error being logged below came back here: once is enough
         _reporting.active = True
         try:
-            logger.exception("Email %r not accepted into the outbox (fail_silently): "
-                             "nothing was written for it", message.subject)
+            logger.error("Email %r not accepted into the outbox (fail_silently): "
+                         "nothing was written for it", message.subject,
+                         exc_info=error if error is not None else True)
         finally:
             _reporting.active = False

@@ -7,6 +7,8 @@ kipekee.E010   a provider's BACKEND routes back into Kipekee (a loop)
 kipekee.E011   a provider's backend cannot be built from its OPTIONS
 kipekee.E012   a provider's secret (password, API key, token) is empty
 kipekee.E013   ``"METRICS": True`` without prometheus-client installed
+kipekee.E014   ``"ENGINE": "tasks"`` without a task backend that can run it (none
+               installed, an unknown ``TASKS`` alias or queue, a backend without defer)
 kipekee.W001   no providers: mail is queued but never delivered
 kipekee.W002   a provider whose service documents a request limit has no LIMITS["RATE"]
 kipekee.W010   SMTP credentials sent without TLS to a host that is not local
@@ -14,12 +16,15 @@ kipekee.W011   a development backend (console, file, locmem, dummy) with DEBUG o
 kipekee.W012   DEFAULT_FROM_EMAIL is Django's placeholder ``webmaster@localhost``
 kipekee.W013   a boto3-based provider (anymail's Amazon SES) retries inside each send
 kipekee.W014   ``UNSUBSCRIBE["BASE_URL"]`` is not https (one-click unsubscribe needs it)
+kipekee.W015   rows wait in lanes no longer in ``KIPEKEE["LANES"]`` (with the database)
 kipekee.E020   ``LIMITER`` store "redis" without the redis client installed
 kipekee.W020   ``LIMITER`` store "process" while providers have LIMITS (not shared)
 kipekee.W021   ``LIMITER["PERMIT_LEASE_SECONDS"]`` too short to be renewed in time
 =============  ==============================================================
 
-Checks never connect anywhere: ``manage.py kipekee_check`` does that.
+Checks never connect anywhere: ``manage.py kipekee_check`` does that. W015 reads the
+outbox, so it runs only when the checks are given a database (``manage.py check
+--database default``, ``migrate``).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.db import DatabaseError
 
-from . import conf, providers
+from . import conf, outbox, providers
 from .exceptions import ConfigurationError, RoutingLoop
 
 #: Option names that hold a secret; an empty value is almost always an unset variable.
@@ -75,6 +81,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                  "providers are allowed to send for (SPF/DKIM).",
             id="kipekee.W012"))
     messages.extend(_check_unsubscribe(parsed.unsubscribe))
+    if parsed.engine == "tasks":
+        messages.extend(_check_tasks(parsed.tasks))
     messages.extend(_check_limiter(parsed))
     return messages
 
@@ -104,6 +112,36 @@ def _check_limiter(parsed: conf.KipekeeSettings) -> list[CheckMessage]:
             hint="Use 10 s or more (the default is 30 s: how long a dead process's permits "
                  "stay taken).", id="kipekee.W021"))
     return messages
+
+
+def _check_tasks(tasks: conf.TasksConfig) -> list[CheckMessage]:
+    """The tasks engine needs django.tasks (or the backport) and a backend that can run
+    its tasks later (scheduled sends, retries: ``run_after``) on its queue."""
+    hint = ("pip install 'django-kipekee[tasks]' and configure TASKS with a backend that "
+            "supports defer, e.g. django_tasks_db.DatabaseBackend (see the README).")
+    try:
+        # Django 6.0's task framework, else the django-tasks package: both optional.
+        from django.tasks import task_backends  # noqa: PLC0415
+    except ImportError:
+        try:
+            from django_tasks import task_backends  # type: ignore[assignment]  # noqa: PLC0415
+        except ImportError:
+            return [Error('KIPEKEE["ENGINE"] is "tasks" but neither django.tasks (Django '
+                          "6.0+) nor the django-tasks backport is installed.", hint=hint,
+                          id="kipekee.E014")]
+    try:
+        backend = task_backends[tasks.backend]
+    except Exception as exc:  # noqa: BLE001 - InvalidTaskBackend and import errors alike
+        return [Error(f'KIPEKEE["TASKS"]["BACKEND"] {tasks.backend!r}: {exc}', hint=hint,
+                      id="kipekee.E014")]
+    problems = []
+    if not backend.supports_defer:
+        problems.append(f"{type(backend).__name__} cannot run a task later (run_after)")
+    queues = getattr(backend, "queues", None)
+    if queues and tasks.queue not in queues:
+        problems.append(f"its QUEUES {sorted(queues)} lack {tasks.queue!r}")
+    return [Error(f'KIPEKEE["ENGINE"] is "tasks" but the task backend {tasks.backend!r}: '
+                  f"{problem}.", hint=hint, id="kipekee.E014") for problem in problems]
 
 
 def _check_unsubscribe(unsubscribe: conf.UnsubscribeConfig) -> list[CheckMessage]:
@@ -179,4 +217,31 @@ def _check_provider(p: conf.ProviderConfig) -> list[CheckMessage]:
             hint="Use a real provider in production; keep development backends in the "
                  "development settings.",
             id="kipekee.W011"))
+    return messages
+
+
+@register("kipekee", "database")
+def check_stray_lanes(app_configs: Any = None, databases: Any = None,
+                      **kwargs: Any) -> list[CheckMessage]:
+    """Rows waiting in lanes that are not configured: engines move them to the default
+    lane (``kipekee.outbox.adopt_stray_lanes``); say so, since their lane's priority,
+    share and rate no longer apply."""
+    if not databases:
+        return []
+    messages: list[CheckMessage] = []
+    for alias in databases:
+        try:
+            strays = outbox.stray_lanes(using=alias)
+        except (DatabaseError, ConfigurationError):
+            continue  # not migrated yet, or the settings are invalid (E001 says so)
+        if strays:
+            total = sum(strays.values())
+            lanes = ", ".join(f"{lane!r} ({count})" for lane, count in sorted(strays.items()))
+            messages.append(Warning(
+                f"{total} outbox {'row waits' if total == 1 else 'rows wait'} in lanes that "
+                "are not in "
+                f'KIPEKEE["LANES"]: {lanes} (database {alias!r}).',
+                hint=f"Engines deliver them in the {conf.TRANSACTIONAL!r} lane; put the lane "
+                     "back in the settings if they should keep its priority, share and rate.",
+                id="kipekee.W015"))
     return messages

@@ -1,8 +1,11 @@
 """A circuit breaker per provider, per process.
 
-After ``FAILURES`` consecutive transient or configuration failures a provider's circuit
-opens: delivery skips it (and fails over at once instead of waiting for a timeout on
-every message). After ``COOLDOWN_SECONDS`` one trial send is let through (half-open): a
+After ``FAILURES`` consecutive transient or configuration failures, or at the first
+configuration failure of the whole provider (bad credentials, an untrusted certificate:
+the next message would meet it too, and each try is an alarm; not a sender's unverified
+domain, which another sender does not meet), a provider's circuit opens:
+delivery skips it (and fails over at once instead of waiting for a timeout on every
+message). After ``COOLDOWN_SECONDS`` one trial send is let through (half-open): a
 success closes the circuit, a failure opens it for another cool-down. A permanent
 failure (a refused message) proves the provider is up and counts as a success.
 
@@ -88,10 +91,13 @@ class CircuitBreaker:
         with self._lock:
             self._state, self._failures, self._trial_out = self.CLOSED, 0, False
 
-    def failure(self) -> None:
+    def failure(self, *, configuration: bool = False) -> None:
+        """The provider failed a send; ``configuration``: in a way that no retry fixes
+        and every message meets (it opens the circuit at once)."""
         with self._lock:
             self._failures += 1
-            if self._state == self.HALF_OPEN or self._failures >= self.threshold:
+            if (configuration or self._state == self.HALF_OPEN
+                    or self._failures >= self.threshold):
                 self._state, self._opened_at, self._trial_out = self.OPEN, self._clock(), False
 
 

@@ -108,6 +108,17 @@ class CeleryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TasksConfig:
+    """``KIPEKEE["TASKS"]``: where the ``tasks`` engine enqueues (:mod:`kipekee.engines.tasks`):
+    a task backend alias of Django's ``TASKS`` setting and one of its queues."""
+
+    backend: str = "default"
+    queue: str = "default"
+    # New rows get a task on commit; the sweep leaves them this long to be picked up first.
+    sweep_grace: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class LaneConfig:
     """One entry of ``KIPEKEE["LANES"]``: a queue of mail within the outbox.
 
@@ -199,6 +210,7 @@ class KipekeeSettings:
     circuit: CircuitConfig = CircuitConfig()
     engine: str | None = "thread"
     celery: CeleryConfig = CeleryConfig()
+    tasks: TasksConfig = TasksConfig()
     lease: timedelta = timedelta(minutes=5)
     strict_templates: bool = True
     message_id_domain: str | None = None
@@ -243,6 +255,7 @@ _KNOWN_KEYS = {
     "CIRCUIT_BREAKER",
     "ENGINE",
     "CELERY",
+    "TASKS",
     "WEBHOOK_SECRET",
     "RETENTION",
     "CHECK",
@@ -257,7 +270,7 @@ _RETRY_KEYS = {"BASE_DELAY", "MAX_DELAY", "MAX_ATTEMPTS", "LIFETIME_SECONDS", "J
 _CIRCUIT_KEYS = {"FAILURES", "COOLDOWN_SECONDS"}
 #: Where queued and deferred rows are delivered: None means "an engine you run yourself"
 #: (kipekee_worker, Celery) and nothing is started in the web process.
-ENGINES = ("thread", "worker", "celery", None)
+ENGINES = ("thread", "worker", "celery", "tasks", None)
 
 
 def parse(raw: Any) -> KipekeeSettings:
@@ -362,6 +375,18 @@ def parse(raw: Any) -> KipekeeSettings:
     if not isinstance(queue, str) or not queue:
         raise ConfigurationError('KIPEKEE["CELERY"]["QUEUE"] must be a queue name.')
     celery = CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
+    tasks_raw = raw.get("TASKS", {})
+    if not isinstance(tasks_raw, dict) or set(tasks_raw) - {"BACKEND", "QUEUE",
+                                                             "SWEEP_GRACE_SECONDS"}:
+        raise ConfigurationError('KIPEKEE["TASKS"] takes "BACKEND", "QUEUE" and '
+                                 '"SWEEP_GRACE_SECONDS".')
+    for key in ("BACKEND", "QUEUE"):
+        if key in tasks_raw and (not isinstance(tasks_raw[key], str) or not tasks_raw[key]):
+            raise ConfigurationError(f'KIPEKEE["TASKS"]["{key}"] must be a name, not '
+                                     f'{tasks_raw[key]!r}.')
+    tasks = TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
+                        queue=tasks_raw.get("QUEUE", "default"),
+                        sweep_grace=_grace(tasks_raw.get("SWEEP_GRACE_SECONDS", 30.0)))
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
@@ -386,6 +411,7 @@ def parse(raw: Any) -> KipekeeSettings:
         circuit=circuit,
         engine=engine,
         celery=celery,
+        tasks=tasks,
         lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
         strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
         message_id_domain=domain,
@@ -606,6 +632,13 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
         "check": check,
         "metrics": metrics,
     }
+
+
+def _grace(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigurationError('KIPEKEE["TASKS"]["SWEEP_GRACE_SECONDS"] must be a number '
+                                 f">= 0, not {value!r}.")
+    return float(value)
 
 
 def _positive_number(raw: dict[str, Any], key: str, default: float, parent: str = "") -> float:

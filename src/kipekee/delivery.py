@@ -325,7 +325,7 @@ class Deliverer:
                 if failure.kind == ErrorKind.PERMANENT:
                     breaker.success()  # the provider answered: it is up
                 else:
-                    breaker.failure()
+                    breaker.failure(configuration=failure.whole_provider)
                 # A misconfigured provider (bad key, unverified sender) is an alarm.
                 logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
                            else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
@@ -515,7 +515,7 @@ class Deliverer:
                 if failure.kind == ErrorKind.PERMANENT:
                     breaker.success()  # the provider answered: it is up
                 else:
-                    breaker.failure()
+                    breaker.failure(configuration=failure.whole_provider)
                 if failure.kind == ErrorKind.PERMANENT:
                     for p, _ in chunk:
                         outcomes[p.index] = self._through(p, p.aliases)

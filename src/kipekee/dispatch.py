@@ -148,10 +148,10 @@ def submit(
         return receipt
     later = send_at is not None and send_at > timezone.now()
     if mode == "queue" or later:
-        # The ids only for rows due now: a task for a row written for later would find
-        # it not due (the sweep hands it out when it is); the thread engine still wakes
-        # to sleep until its time.
-        transaction.on_commit(partial(engines.wake, None if later else [row.pk]), using=db)
+        # With when it falls due, if later: a task engine may schedule its task for
+        # then (django.tasks' run_after); the thread engine wakes to sleep until then.
+        transaction.on_commit(partial(engines.wake, [row.pk], due_at=send_at if later else None),
+                              using=db)
     else:
         transaction.on_commit(partial(deliver_in_request, receipt), using=db)
     return receipt
@@ -188,13 +188,13 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
              for item in items], using=db)
         receipts = [Receipt(row, created=created) for row, created in results]
         due: list[int] = []  # for engines, due now
-        scheduled = False  # for engines, due later
+        scheduled: list[tuple[int, datetime]] = []  # for engines, due later
         here: list[Receipt] = []
         for item, receipt in zip(items, receipts, strict=True):
             if not receipt.created or receipt.suppressed:
                 continue
             if item.send_at is not None and item.send_at > now:
-                scheduled = True
+                scheduled.append((receipt.id, item.send_at))
             elif item.mode == "queue":
                 due.append(receipt.id)
             else:
@@ -203,8 +203,9 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
             notify_if_listening(db)
         if due:
             transaction.on_commit(partial(engines.wake, due), using=db)
-        if scheduled:  # (no ids: a task would find them not due; see submit)
-            transaction.on_commit(partial(engines.wake, None), using=db)
+        if scheduled:  # when the first falls due (its task follows up the others)
+            transaction.on_commit(partial(engines.wake, [pk for pk, _ in scheduled],
+                                          due_at=min(at for _, at in scheduled)), using=db)
         if here:
             transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
     return receipts
@@ -229,7 +230,7 @@ def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
 def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     by_id = {receipt.id: receipt for receipt in receipts}
     ids = list(by_id)
-    deferred = False
+    deferred: list[OutboxEmail] = []
     with Deliverer() as deliverer:
         for start in range(0, len(ids), IN_REQUEST_BATCH):
             rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", own=True,
@@ -241,9 +242,10 @@ def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
                 record_many(rows, outcomes)
             for row in rows:
                 by_id[row.pk]._update(row)
-                deferred = deferred or row.status == Status.DEFERRED
-    if deferred:
-        engines.wake()  # so the in-process engine sleeps until they are due
+                if row.status == Status.DEFERRED:
+                    deferred.append(row)
+    if deferred:  # so an engine retries them when they are due
+        engines.wake([row.pk for row in deferred], due_at=min(row.due_at for row in deferred))
 
 
 def deliver_in_request(receipt: Receipt) -> None:
@@ -295,8 +297,8 @@ def _deliver_in_request(receipt: Receipt) -> None:
                 continue
             record(row, outcome, policy)
             receipt._update(row)
-            if row.status == Status.DEFERRED:
-                engines.wake()  # so the in-process engine sleeps until it is due
+            if row.status == Status.DEFERRED:  # so an engine retries it when it is due
+                engines.wake([row.pk], due_at=row.due_at)
             return
 
 
@@ -343,10 +345,13 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
         hint=max(hints, default=None), now=outcome.finished_at,
     )
+    given_up = "" if again_at is not None else policy.why_not(attempt=row.attempts,
+                                                                created_at=row.created_at)
     note = (logging.INFO, "Outbox email %s sent via %s; refused for now: %s; %s",
             (row.pk, outcome.provider, ", ".join(sorted(again)),
-             f"again at {again_at.isoformat()}" if again_at else "no attempts left"))
-    written = outbox.mark_sent(row, outcome, again=list(again), again_at=again_at)
+             f"again at {again_at.isoformat()}" if again_at else given_up))
+    written = outbox.mark_sent(row, outcome, again=list(again), again_at=again_at,
+                               given_up=given_up)
     if written:
         _log_on_commit(row, note)
     return written
@@ -394,6 +399,10 @@ def _result(row: OutboxEmail, outcome: Outcome,
         kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
         hint=outcome.retry_after, now=outcome.finished_at,
     )
+    if due is None and outcome.kind != ErrorKind.PERMANENT:
+        # The error alone would read as a retry to come: say why there is none.
+        why = policy.why_not(attempt=row.attempts, created_at=row.created_at)
+        outcome = replace(outcome, error=f"{outcome.error}; {why}")
     if outcome.kind == ErrorKind.CONFIGURATION:
         # An alarm (a provider misconfigured), whatever becomes of the row.
         return (outbox.failed(row, outcome) if due is None

@@ -74,6 +74,12 @@ class RoutingLoop(ConfigurationError):
     """A provider's backend sends back into Kipekee's outbox instead of delivering."""
 
 
+class MailLoop(KipekeeError):
+    """A mail reporting a signal receiver's error about a mail that itself reports such
+    an error (Django's AdminEmailHandler through the drop-in backend): each report's
+    delivery would raise again, without end. Not queued; the error is logged."""
+
+
 class UnknownMailingList(InvalidMessage):
     """``mailing_list=`` names no :class:`~kipekee.models.MailingList`: refused, because
     a misspelt list has no unsubscriptions and would mail everyone who left the real one."""

@@ -84,6 +84,11 @@ def validate(message: EmailMessage) -> None:
     for name, value in (message.extra_headers or {}).items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise InvalidMessage(f"Invalid header name {name!r}.")
+        if name.lower() == "bcc":
+            # Django 6.1's words and type (a ValueError from message()); 5.2 and 6.0
+            # wrote the header where every recipient sees it, and its address got nothing.
+            raise InvalidMessage('Bcc is not a valid email header. Use the "bcc" argument '
+                                 "to specify blind carbon copy recipients.")
         if name.lower() in _ADDRESS_HEADERS:
             for address in _split_addresses(force_str(value)):
                 check_address(f"header {name}", address)

@@ -16,18 +16,26 @@ The metrics live in prometheus-client's default registry, so an existing exporte
     path("metrics/kipekee", kipekee.metrics.view)
 
 and protect it as you protect other internal endpoints (it shows counts, no content).
-Counters are per process, as Prometheus expects: it sums them across your processes.
+
+Several processes (gunicorn workers, ``kipekee_worker --processes``, Celery prefork,
+``db_worker`` processes): each process counts in its own memory, and a scrape reaches one
+of them. Set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory shared by every process
+of the host (before they start; empty it at each deployment): prometheus-client then
+keeps the counters and histograms in files there, and :func:`view` answers the sum of
+every process's (prometheus-client's multiprocess mode). The queue gauges are read from
+the database once per scrape, not per process, either way.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from django.db.models import Count, Min
 from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
-from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -115,4 +123,18 @@ def view(request: HttpRequest) -> HttpResponse:
     """The metrics in Prometheus' text format (404 while ``METRICS`` is off)."""
     if not conf.get().metrics:
         raise Http404("Kipekee metrics are off (KIPEKEE['METRICS']).")
-    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)
+
+
+def registry() -> CollectorRegistry:
+    """What a scrape reads: this process's registry; in multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``), every process's counters and histograms summed from
+    their files, and the queue gauges read from the database."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415 - multiprocess mode only
+
+    scrape = CollectorRegistry()
+    MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
+    scrape.register(_collector)
+    return scrape

@@ -230,7 +230,7 @@ class EngineHeartbeat(models.Model):
     """
 
     name = models.CharField(max_length=200, unique=True)  # kind@host:pid
-    kind = models.CharField(max_length=16)  # thread | worker | celery
+    kind = models.CharField(max_length=16)  # thread | worker | celery | tasks
     host = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
     started_at = models.DateTimeField(default=timezone.now)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -519,6 +520,32 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     return claimed
 
 
+def adopt_stray_lanes(*, using: str | None = None) -> dict[str, int]:
+    """Move the waiting rows of lanes that are not configured (any more) to the default
+    lane, ``transactional``: per lane, how many.
+
+    A claim takes rows lane by lane from ``KIPEKEE["LANES"]``: a lane removed by a deploy,
+    or written by a process still on the old settings during a rolling one, would be
+    claimed by nobody, its mail waiting forever. Engines call this as they start and
+    then every minute (:func:`kipekee.engines.beat`)."""
+    db = using or db_for_write()
+    known = [lane.name for lane in conf.get().lanes]
+    strays = (OutboxEmail.objects.using(db).filter(status__in=WAITING_STATUSES)
+              .exclude(lane__in=known))
+    counts = dict(Counter(strays.values_list("lane", flat=True)))
+    if counts:
+        strays.update(lane=conf.TRANSACTIONAL)
+    return counts
+
+
+def stray_lanes(*, using: str | None = None) -> dict[str, int]:
+    """Waiting rows per lane that is not configured (:func:`adopt_stray_lanes`)."""
+    known = [lane.name for lane in conf.get().lanes]
+    return dict(Counter(OutboxEmail.objects.using(using or db_for_write())
+                        .filter(status__in=WAITING_STATUSES).exclude(lane__in=known)
+                        .values_list("lane", flat=True)))
+
+
 def _prefetch_attachments(rows: Sequence[OutboxEmail], db: str,
                           with_attachments: set[int]) -> None:
     """``rows``' attachments in hand, so that delivery reads none per message.
@@ -773,7 +800,7 @@ _claim_one_sqls: dict[tuple[str, bool], str] = {}
 
 
 def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = (),
-              again_at: datetime | None = None) -> bool:
+              again_at: datetime | None = None, given_up: str = "") -> bool:
     """Record a successful attempt: ``sending → sent``, with the provider's message ids.
 
     ``again`` (envelope addresses, as in ``outcome.refused``) and ``again_at``: recipients
@@ -782,18 +809,25 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
     content and Message-ID, ``metadata["recipients_of"]`` naming this row, its attempts
     counted on from this one's and its lifetime from this one's creation. This row stays
     ``sent`` and keeps their replies in ``refused``.
+
+    With no attempt left for them (``again_at`` None, ``given_up`` saying why) their
+    follow-up row is written ``failed`` instead, with their replies and that reason, and
+    announced by ``signals.failed``: a recipient is never dropped with only a "try later"
+    reply on a sent row.
     """
     follow_up: list[OutboxEmail] = []
 
     def write_follow_up(db: str) -> None:
-        if again and again_at is not None:
-            follow_up.extend(_follow_up(row, outcome, again, again_at, db))
+        if again and (again_at is not None or given_up):
+            follow_up.extend(_follow_up(row, outcome, again, again_at, db, given_up))
 
     done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
                    signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
-        signals.send_on_commit(signals.queued, using=copy._state.db or db_for_write(),
-                               sender=OutboxEmail, email=copy)
+        signal = signals.queued if copy.status == Status.DEFERRED else signals.failed
+        extra = {} if signal is signals.queued else {"outcome": outcome}
+        signals.send_on_commit(signal, using=copy._state.db or db_for_write(),
+                               sender=OutboxEmail, email=copy, **extra)
     return done
 
 
@@ -808,8 +842,8 @@ def _envelope_key(address: str) -> str:
     return canonical(address)
 
 
-def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_at: datetime,
-               db: str) -> list[OutboxEmail]:
+def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str],
+               due_at: datetime | None, db: str, given_up: str = "") -> list[OutboxEmail]:
     # ``row`` is the claimed row as read (the state fields _copy skips are set below).
     wanted = {_envelope_key(a) for a in again}
 
@@ -823,11 +857,16 @@ def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str], due_a
                        "no follow-up written.", row.pk, sorted(again))
         return []
     replies = "; ".join(f"{a}: {outcome.refused.get(a, '')}" for a in sorted(again))
-    copy = _copy(row, db, status=Status.DEFERRED, due_at=due_at, mode="queue",
+    error = f"recipients refused for now by {outcome.provider}: {replies}"
+    if due_at is None:  # no attempt left for them: failed, with why
+        state: dict[str, Any] = {"status": Status.FAILED, "due_at": row.due_at,
+                                 "last_error": redact(f"{error}; {given_up}")}
+    else:
+        state = {"status": Status.DEFERRED, "due_at": due_at, "last_error": redact(error)}
+    copy = _copy(row, db, **state, mode="queue",
                  to=to, cc=cc, bcc=bcc, message_id=row.message_id,
                  created_at=row.created_at, attempts=row.attempts,
                  error_kind=ErrorKind.TRANSIENT,
-                 last_error=redact(f"recipients refused for now by {outcome.provider}: {replies}"),
                  metadata={**row.metadata, "recipients_of": row.pk})
     return [copy]
 

@@ -77,6 +77,10 @@ class Failure:
     # account may not send as this sender, or the message is over its size limit.
     # Delivery tries the next provider; the message fails only when every one refuses.
     provider_level: bool = False
+    # A configuration failure of the whole provider (its credentials, its TLS), which the
+    # next message would meet too: its circuit opens at once. Not one that depends on the
+    # message's sender (an unverified domain): another sender may go through.
+    whole_provider: bool = False
 
 
 @cache
@@ -233,7 +237,7 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
         return Failure(kind=kind, error=f"all recipients refused: {detail}",
                        code=max(codes) if codes else None, refused=refused)
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        return Failure(kind=ErrorKind.CONFIGURATION, code=exc.smtp_code,
+        return Failure(kind=ErrorKind.CONFIGURATION, code=exc.smtp_code, whole_provider=True,
                        error=f"authentication failed: {_reply(exc.smtp_code, exc.smtp_error)}")
     if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPHeloError)):
         # The server turned the session down before any message was involved.
@@ -247,11 +251,14 @@ def _classify(exc: BaseException, backend: Any) -> Failure:
         kind = _kind_for_code(exc.smtp_code)
         return Failure(kind=kind, code=exc.smtp_code, error=f"{name}: {reply}",
                        retry_after=smtp_retry_hint(reply) if kind == ErrorKind.TRANSIENT else None,
-                       provider_level=kind == ErrorKind.PERMANENT and _provider_level(exc, reply))
+                       provider_level=kind == ErrorKind.PERMANENT and _provider_level(exc, reply),
+                       # 530/534/535/538: authentication or encryption, the whole server's
+                       whole_provider=kind == ErrorKind.CONFIGURATION)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
-        return Failure(kind=ErrorKind.CONFIGURATION, error=f"server does not support: {exc}")
+        return Failure(kind=ErrorKind.CONFIGURATION, whole_provider=True,
+                       error=f"server does not support: {exc}")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Failure(kind=ErrorKind.CONFIGURATION,
+        return Failure(kind=ErrorKind.CONFIGURATION, whole_provider=True,
                        error=f"TLS certificate not trusted ({exc.verify_message}); "
                              "trust it with the provider's 'ca_file' option if it is yours")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
@@ -287,6 +294,55 @@ PROVIDER_REFUSALS: dict[str, frozenset[str]] = {
     "Amazon SES": frozenset({"AccountSuspendedException", "SendingPausedException",
                              "MailFromDomainNotVerifiedException"}),
 }
+
+
+#: The largest message each ESP documents, in bytes as its API receives it (JSON with
+#: base64 attachments; Amazon SES: the raw message). A ``413 Payload Too Large`` for a
+#: request over it is the message's: it will never fit this provider, though another
+#: may take it (permanent, provider-level: the next provider is tried, as after an SMTP
+#: 552). For a request within it, the refusal is the provider's own (a proxy in front of
+#: the API, a limit lowered on the account): transient, the message is fine. An ESP not
+#: listed documents no size: a 413 from it is taken as the provider's.
+#: Postmark: "total message size, including attachments, 10 MB" (after base64);
+#: SendGrid: "30 MB total message size"; Mailgun: "25 MB max message size"; Amazon SES
+#: (v2): "40 MB, after encoding".
+DOCUMENTED_SIZE: dict[str, int] = {
+    "Postmark": 10 * 1024 * 1024,
+    "SendGrid": 30 * 1024 * 1024,
+    "Mailgun": 25 * 1024 * 1024,
+    "Amazon SES": 40 * 1024 * 1024,
+}
+
+
+def _too_large(exc: Any, esp: str, error: str) -> Failure:
+    """What a ``413 Payload Too Large`` means: see :data:`DOCUMENTED_SIZE`."""
+    size = _request_size(exc)
+    limit = DOCUMENTED_SIZE.get(esp)
+    if limit is not None and size is not None and size > limit:
+        return Failure(kind=ErrorKind.PERMANENT, code=413, provider_level=True,
+                       error=f"{error} (the message, {size:,} bytes as sent, is over {esp}'s "
+                             f"documented limit of {limit:,}; another provider may take it)")
+    within = (f"within {esp}'s documented limit of {limit:,}" if limit is not None
+              else f"{esp} documents no limit")
+    as_sent = f"{size:,} bytes as sent" if size is not None else "size unknown"
+    return Failure(kind=ErrorKind.TRANSIENT, code=413,
+                   error=f"{error} (the message, {as_sent}, is {within}: the refusal is "
+                         "the provider's, not the message's)")
+
+
+def _request_size(exc: Any) -> int | None:
+    """Bytes of the request the ESP refused, or of the message when it is not known."""
+    response = getattr(exc, "response", None)
+    body = getattr(getattr(response, "request", None), "body", None)
+    if isinstance(body, (bytes, str)):
+        return len(body.encode() if isinstance(body, str) else body)
+    message = getattr(exc, "email_message", None)
+    if message is not None:
+        try:
+            return len(message.message().as_bytes())
+        except Exception:  # noqa: BLE001 - only a size for the error text; None says unknown
+            return None
+    return None
 
 
 def http_retry_after(value: str | None) -> float | None:
@@ -370,7 +426,9 @@ def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
 
     - every recipient refused (``anymail_status``: rejected / invalid) → *permanent*,
       with each recipient's status in ``refused``;
-    - an answer 400, 413, 422 (the ESP's validation errors) → *permanent*;
+    - an answer 400, 422 (the ESP's validation errors) → *permanent*;
+    - 413: *permanent* and provider-level (failover) for a request over the ESP's
+      documented size (:data:`DOCUMENTED_SIZE`), *transient* otherwise;
     - 401, 403 (key, sender identity), 404 (wrong URL, domain or server), and the
       account-level refusals of :data:`PROVIDER_REFUSALS` → *configuration*;
     - 408, 429, 5xx, no answer (refused, reset, timeout, DNS) → *transient*, with the
@@ -381,7 +439,8 @@ def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
     if anymail_errors is None:
         return None
     if isinstance(exc, anymail_errors.AnymailConfigurationError):
-        return Failure(kind=ErrorKind.CONFIGURATION, error=f"anymail: {exc}")
+        return Failure(kind=ErrorKind.CONFIGURATION, error=f"anymail: {exc}",
+                       whole_provider=True)
     if not isinstance(exc, anymail_errors.AnymailError):
         return None
     # (Anymail leaves the backend off the errors it raises for a request that got no
@@ -413,7 +472,8 @@ def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
     status = answer.status
     error = f"{esp} {status}: {answer.detail}" if answer.detail else f"{esp} {status}"
     if status in (401, 403):
-        return Failure(kind=ErrorKind.CONFIGURATION, code=status,
+        # 401: the key, for every message; 403: often the sender's domain or identity.
+        return Failure(kind=ErrorKind.CONFIGURATION, code=status, whole_provider=status == 401,
                        error=f"{error} (check the API key and the sender's domain)")
     if status == 404:
         return Failure(kind=ErrorKind.CONFIGURATION, code=status,
@@ -423,6 +483,8 @@ def classify_anymail(exc: BaseException, backend: Any = None) -> Failure | None:
         # been taken, and a resend is the same message (same Message-ID).
         return Failure(kind=ErrorKind.TRANSIENT, code=status, error=error,
                        retry_after=http_retry_after(_header(answer.headers, "Retry-After")))
+    if status == 413:
+        return _too_large(exc, esp, error)
     if answer.code and answer.code in PROVIDER_REFUSALS.get(esp, ()):
         return Failure(kind=ErrorKind.CONFIGURATION, code=status, error=error)
     return Failure(kind=ErrorKind.PERMANENT, code=status, error=error)

@@ -39,9 +39,13 @@ class RetryPolicy:
         the AWS article's shapes it spreads the retries of many messages that failed
         together (a provider outage) the widest, so they do not return as one wave; a
         short wait now and then costs one attempt of the many ``max_attempts`` allows.
-        """
+
+        A provider's hint (``Retry-After``, "try again in 10 minutes") is the delay, even
+        past ``max_delay``: trying earlier would only spend an attempt on a certain
+        refusal. ``max_delay`` caps Kipekee's own backoff; the message's lifetime bounds
+        both (:meth:`next_due`)."""
         if hint is not None and hint >= 0:
-            return min(hint, self.max_delay)
+            return hint
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
         return random.uniform(0.0, ceiling) if self.jitter else ceiling
 
@@ -68,6 +72,15 @@ class RetryPolicy:
         """
         due = (now or timezone.now()) + timedelta(seconds=max(wait, 0.0))
         return None if due > created_at + self.lifetime else due
+
+    def why_not(self, *, attempt: int, created_at: datetime) -> str:
+        """Why a transient failure after attempt number ``attempt`` is final (when
+        :meth:`next_due` gave ``None``), for the row's reason."""
+        if attempt >= self.max_attempts:
+            return f"no attempts left: {attempt} of {self.max_attempts} (RETRY MAX_ATTEMPTS) made"
+        ends = (created_at + self.lifetime).isoformat(timespec="seconds")
+        return (f"the next try would come after the message's lifetime ends at {ends} "
+                "(RETRY LIFETIME_SECONDS)")
 
     def exhausted(self, *, attempt: int, created_at: datetime, at: datetime | None = None) -> bool:
         """True when no attempt after number ``attempt`` may be made (at time ``at``)."""

@@ -40,12 +40,17 @@ Receivers run in the thread that changed the row (a request, an engine), outside
 transaction of Kipekee's. A receiver cannot change what Kipekee recorded: what it raises
 is logged (``kipekee.signals`` logger, with the traceback) and goes no further — not
 into the engine, not into the caller's ``send()``, and the other receivers still run.
+A project that mails its errors through Kipekee (Django's ``AdminEmailHandler`` with the
+drop-in backend) gets the report of such an error by mail; the error of a receiver about
+that report is logged and not mailed again (a mail loop: ``kipekee.exceptions.MailLoop``).
 Keep receivers small: an engine waits for them before its next batch.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from functools import partial
 from typing import Any
 
@@ -81,13 +86,46 @@ def send_on_commit(signal: Signal, *, using: str, sender: type, **kwargs: Any) -
     transaction.on_commit(partial(_send_robust, signal, sender, kwargs), using=using)
 
 
+#: ``metadata`` key of a mail written while a receiver's error was being logged (the
+#: report, by the drop-in backend): how deep in a chain of such reports it is.
+REPORT_DEPTH = "kipekee_error_report"
+
+_reporting = threading.local()
+
+
+def report_depth() -> int:
+    """While a receiver's error is being reported in this thread (logged by Django's
+    ``Signal.send_robust``, inside its ``except``, or by Kipekee below): 1 if it is about
+    an ordinary mail, 2 if about a mail that itself reports such an error, …; else 0.
+
+    The drop-in backend writes the depth on the mails it is given meanwhile (an
+    ``AdminEmailHandler``'s report) and refuses them from depth 2 on: each report's
+    delivery would raise again, a mail loop."""
+    depth = int(getattr(_reporting, "depth", 0))
+    if not depth:
+        return 0
+    if getattr(_reporting, "logging", False) or sys.exc_info()[1] is not None:
+        return depth
+    return 0
+
+
 def _send_robust(signal: Signal, sender: type, kwargs: dict[str, Any]) -> None:
-    for receiver, result in signal.send_robust(sender=sender, **kwargs):
-        if isinstance(result, Exception):
-            email = kwargs.get("email")
-            about = (f"outbox email {email.pk}" if email is not None
-                     else f"list {getattr(kwargs.get('mailing_list'), 'key', '?')}")
-            logger.error(
-                "A receiver of kipekee.signals.%s (%s) raised for %s; what Kipekee "
-                "recorded stands.", _NAMES.get(id(signal), "?"),
-                getattr(receiver, "__qualname__", receiver), about, exc_info=result)
+    email = kwargs.get("email")
+    metadata = getattr(email, "metadata", None) or {}
+    before = getattr(_reporting, "depth", 0)
+    _reporting.depth = int(metadata.get(REPORT_DEPTH, 0)) + 1
+    try:
+        for receiver, result in signal.send_robust(sender=sender, **kwargs):
+            if isinstance(result, Exception):
+                about = (f"outbox email {email.pk}" if email is not None
+                         else f"list {getattr(kwargs.get('mailing_list'), 'key', '?')}")
+                _reporting.logging = True
+                try:
+                    logger.error(
+                        "A receiver of kipekee.signals.%s (%s) raised for %s; what Kipekee "
+                        "recorded stands.", _NAMES.get(id(signal), "?"),
+                        getattr(receiver, "__qualname__", receiver), about, exc_info=result)
+                finally:
+                    _reporting.logging = False
+    finally:
+        _reporting.depth = before

@@ -25,11 +25,13 @@ Provider rate limits are Kipekee's ``LIMITS`` (shared by every process through
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 # Only settings at import time: a Celery app module imports this before Django's app
 # registry is ready. Models are imported inside the tasks.
@@ -41,17 +43,35 @@ SWEEP_LIMIT = 5000  # rows handed out per sweep
 _last_beat = 0.0
 
 
+logger = logging.getLogger("kipekee.celery")
+
+
 def _stats() -> Any:
-    """This worker process's counters (for its heartbeat row)."""
-    global _process_stats
+    """This worker process's counters (for its heartbeat row and progress lines)."""
+    global _process_stats, _progress
     if _process_stats is None:
-        from ..engines import Stats
+        from ..engines import Progress, Stats, engine_name
 
         _process_stats = Stats()
+        _progress = Progress(engine_name("celery"), _process_stats, logger)
     return _process_stats
 
 
 _process_stats: Any = None
+_progress: Any = None
+
+
+@worker_process_shutdown.connect  # a prefork pool's child
+@worker_shutdown.connect  # the worker itself (threads and solo pools run tasks there)
+def _summary(**kwargs: Any) -> None:
+    """At exit, in a process that ran Kipekee's tasks: its summary line, and its
+    heartbeat marked stopped (the health check does not take it for a dead engine)."""
+    if _progress is None:
+        return
+    from ..engines import beat
+
+    _progress.summary()
+    beat(_progress.name, "celery", _process_stats, stopped=True)
 
 
 def beat_schedule(every: float = 10.0) -> dict[str, dict[str, Any]]:
@@ -87,6 +107,7 @@ def deliver(ids: list[int]) -> int:
     if time.monotonic() - _last_beat > 5:
         beat(sender.engine, "celery", _stats())
         _last_beat = time.monotonic()
+    _progress.tick()
     return handled
 
 

@@ -5,9 +5,11 @@ hand them to :class:`kipekee.delivery.Deliverer` and record the outcomes.
 - ``worker``: ``manage.py kipekee_worker`` processes (``engines.worker.Worker``), whose
   sender threads share one :class:`~kipekee.engines.feed.Feed` (claims sized to their
   free slots, records for all of them);
-- ``celery``: Celery tasks (``kipekee.contrib.celery``).
+- ``celery``: Celery tasks (``kipekee.contrib.celery``);
+- ``tasks``: Django's task framework, any backend (``kipekee.engines.tasks``).
 
-The thread engine and Celery tasks run :class:`Sender`, the loop of one sender thread.
+The thread engine, Celery tasks and django.tasks tasks run :class:`Sender`, the loop of
+one sender thread.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.utils import timezone
 
 from .. import conf, outbox
 from ..delivery import Deliverer, Outcome
 from ..models import EngineHeartbeat, OutboxEmail, Status
 from . import leases
+from .records import record_batch
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -51,6 +56,45 @@ class Stats:
     def snapshot(self) -> tuple[int, int, int]:
         with self.lock:
             return self.sent, self.deferred, self.failed
+
+
+class Progress:
+    """An engine's progress lines on its logger: every ``every`` seconds what it sent,
+    deferred and failed in that interval and the rate (nothing when idle), and a summary
+    at exit. Thread-safe: Celery and task workers log from whichever task runs."""
+
+    def __init__(self, name: str, stats: Stats, log: logging.Logger, *,
+                 every: float = 10.0) -> None:
+        self.name = name
+        self.stats = stats
+        self.log = log
+        self.every = every
+        self.started = self._last = time.monotonic()
+        self._logged = (0, 0, 0)
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        """Log the interval's line if ``every`` seconds have passed since the last."""
+        with self._lock:
+            now = time.monotonic()
+            seconds = now - self._last
+            if seconds < self.every:
+                return
+            totals = self.stats.snapshot()
+            sent, deferred, failed = (a - b for a, b in zip(totals, self._logged, strict=True))
+            self._last, self._logged = now, totals
+        if sent or deferred or failed:
+            self.log.info("%s: %d sent, %d deferred, %d failed in %.0f s (%.1f sent/s); "
+                          "total sent=%d deferred=%d failed=%d", self.name, sent, deferred,
+                          failed, seconds, sent / seconds, *totals)
+
+    def summary(self) -> None:
+        """The exit line: totals, time, average rate."""
+        seconds = time.monotonic() - self.started
+        sent, deferred, failed = self.stats.snapshot()
+        self.log.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s (%.1f sent/s)",
+                      self.name, sent, deferred, failed, seconds,
+                      sent / seconds if seconds > 0 else 0.0)
 
 
 class Sender:
@@ -155,10 +199,6 @@ class Sender:
         return rows
 
     def _record(self, rows: list[OutboxEmail], outcomes: list[Outcome]) -> None:
-        # A layer crossed upwards (dispatch imports engines): to go when recording moves
-        # below the engines (the outbox's own module), a follow-up of issue 23.
-        from ..dispatch import record_many  # noqa: PLC0415
-
         tokens = {row.claimed_by for row in rows}  # (recording clears them on the rows)
         # The batch's outcomes in one transaction: one commit (one flush to disk on
         # PostgreSQL) per batch instead of one per message, the plain successes in one
@@ -166,8 +206,7 @@ class Sender:
         # taken again after their lease, as rows not yet recorded always were.
         try:
             no_transaction_left_open(rows[0]._state.db)
-            with transaction.atomic(using=rows[0]._state.db):
-                recorded = record_many(rows, outcomes)
+            recorded = record_batch(rows, outcomes, engine=self.engine)
             # The signal receivers ran on this connection as the record committed.
             no_transaction_left_open(rows[0]._state.db)
         finally:
@@ -265,14 +304,34 @@ def engine_name(kind: str) -> str:
     return f"{kind}@{socket.gethostname()}:{os.getpid()}"
 
 
-def beat(name: str, kind: str, stats: Stats, *, stopped: bool = False) -> None:
-    """Write this engine's heartbeat row (health checks read its age).
+#: Seconds between two looks for rows in lanes that are not configured.
+STRAY_LANES_SECONDS = 60.0
+_strays_looked_at: float | None = None
+
+
+def beat(name: str, kind: str, stats: Stats, *, stopped: bool = False,
+         starting: bool = False) -> None:
+    """Write this engine's heartbeat row (health checks read its age); as an engine
+    starts (``starting``) and then every minute, move rows waiting in lanes that are not
+    configured to the default lane (:func:`kipekee.outbox.adopt_stray_lanes`).
 
     A database error is logged, not raised: the engine goes on sending, and the health
     check sees the beat grow old if the database stays away.
     """
+    global _strays_looked_at
     try:
         _beat(name, kind, stats, stopped=stopped)
+        now = time.monotonic()
+        if starting or (not stopped and (_strays_looked_at is None
+                                         or now - _strays_looked_at >= STRAY_LANES_SECONDS)):
+            _strays_looked_at = now
+            adopted = outbox.adopt_stray_lanes()
+            if adopted:
+                logger.warning(
+                    "%s: outbox rows waiting in lanes that are not in KIPEKEE[\"LANES\"] "
+                    "(%s) moved to the %r lane, to be delivered", name,
+                    ", ".join(f"{lane!r}: {count}" for lane, count in sorted(adopted.items())),
+                    conf.TRANSACTIONAL)
     except DatabaseError as exc:
         logger.warning("%s: heartbeat not written (%s); retrying at the next beat", name, exc)
         _drop_broken_connections()
@@ -301,8 +360,9 @@ def start() -> None:
         engine().start()
 
 
-def wake(ids: list[int] | None = None) -> None:
-    """Tell the engine that rows are waiting (called after commit; ``ids`` when known).
+def wake(ids: list[int] | None = None, *, due_at: datetime | None = None) -> None:
+    """Tell the engine that rows are waiting (called after commit; ``ids`` when known,
+    ``due_at`` when they fall due later: a scheduled send, a deferred retry).
 
     Never raises: it runs in the caller's ``on_commit``, after the rows are safe in the
     outbox, where an exception would reach the caller and skip the application's later
@@ -310,15 +370,23 @@ def wake(ids: list[int] | None = None) -> None:
     rows wait for the next sweep or poll.
     """
     kind = conf.get().engine
+    later = due_at is not None and due_at > timezone.now()
     try:
         if kind == "thread":
             from .thread import engine  # noqa: PLC0415
 
             engine().wake()
-        elif kind == "celery" and ids:
+        elif kind == "celery" and ids and not later:
+            # (a task for rows not due yet would find them not due: the sweep hands
+            # them out when they are)
             from ..contrib.celery import send_ids  # noqa: PLC0415 - the optional celery extra
 
             send_ids(ids)
+        elif kind == "tasks" and ids:
+            # Optional: django.tasks (Django 6.0) or the django-tasks package.
+            from .tasks import send_ids as enqueue_tasks  # noqa: PLC0415
+
+            enqueue_tasks(ids, run_after=due_at if later else None)
     except Exception:  # noqa: BLE001 - the rows are committed; logged, left to the sweep
         logger.warning("Could not wake the %s engine for outbox email(s) %s; they stay "
                        "queued for its next sweep or poll", kind, ids, exc_info=True)

@@ -28,12 +28,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from django.db import connections, transaction
+from django.db import connections
 
 from .. import lanes, outbox
 from ..delivery import Outcome
 from ..models import OutboxEmail
 from . import Stats, _drop_broken_connections, leases, no_transaction_left_open
+from .records import record_batch
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -171,10 +172,6 @@ class Feed:
 
     def _record(self) -> None:
         """Record everything finished so far, in one transaction; again while more came."""
-        # Imported here: dispatch imports engines (to wake them after a commit).
-        # A layer crossed upwards (dispatch imports engines): see engines.Sender._record.
-        from ..dispatch import record_many  # noqa: PLC0415
-
         while True:
             with self._lock:
                 finished, self._finished = self._finished, []
@@ -185,8 +182,8 @@ class Feed:
             tokens = [row.claimed_by for row in rows]  # (recording clears them on the rows)
             try:
                 no_transaction_left_open(rows[0]._state.db)
-                with transaction.atomic(using=rows[0]._state.db):
-                    recorded = record_many(rows, [outcome for _, outcome in finished])
+                recorded = record_batch(rows, [outcome for _, outcome in finished],
+                                        engine=self.engine)
                 # The signal receivers ran on this connection as the record committed.
                 no_transaction_left_open(rows[0]._state.db)
             except Exception as exc:  # noqa: BLE001 - the rows stay leased, go out again later

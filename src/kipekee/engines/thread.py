@@ -104,6 +104,9 @@ class ThreadEngine:
         try:
             while not self._stopping.is_set():
                 try:
+                    if not last_beat:  # the engine's first beat: rows of removed lanes first
+                        beat(self.name, "thread", self.stats, starting=True)
+                        last_beat = time.monotonic()
                     sender.drain(self._stopping)
                     if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                         beat(self.name, "thread", self.stats)

@@ -32,7 +32,7 @@ from ..connections import close_all as close_provider_connections
 from ..delivery import Deliverer
 from ..models import OutboxEmail
 from ..outbox import NOTIFY_CHANNEL
-from . import Stats, _drop_broken_connections, beat, engine_name, leases
+from . import Progress, Stats, _drop_broken_connections, beat, engine_name, leases
 from .feed import Feed
 
 logger = logging.getLogger("kipekee.worker")
@@ -73,7 +73,7 @@ class Worker:
         self._wake.set()
 
     def run(self) -> None:
-        beat(self.name, self.kind, self.stats)
+        beat(self.name, self.kind, self.stats, starting=True)
         logger.info("%s started: %d sender thread(s), batches of %d", self.name,
                     self.concurrency, self.batch_size)
         threads = [threading.Thread(target=self._send_loop, args=(i,), name=f"kipekee-sender-{i}",
@@ -81,8 +81,8 @@ class Worker:
         for thread in threads:
             thread.start()
         listener = None if self.once else _Listener.start(self._wake, self.poll_interval)
-        started = last_log = last_beat = time.monotonic()
-        logged = (0, 0, 0)
+        last_beat = time.monotonic()
+        progress = Progress(self.name, self.stats, logger, every=LOG_SECONDS)
         try:
             while any(t.is_alive() for t in threads):
                 for t in threads:
@@ -91,9 +91,7 @@ class Worker:
                 if now - last_beat >= HEARTBEAT_SECONDS:
                     beat(self.name, self.kind, self.stats)
                     last_beat = now
-                if now - last_log >= LOG_SECONDS:
-                    logged = self._log(logged, now - last_log)
-                    last_log = now
+                progress.tick()
         finally:
             if listener is not None:
                 listener.stop()
@@ -105,19 +103,11 @@ class Worker:
             # to exit (a daemon thread in a database call is cut off at shutdown).
             leases.keeper().join(HEARTBEAT_SECONDS)
             beat(self.name, self.kind, self.stats, stopped=True)
-            sent, deferred, failed = self.stats.snapshot()
-            logger.info("%s stopped: sent=%d deferred=%d failed=%d in %.1f s", self.name,
-                        sent, deferred, failed, time.monotonic() - started)
+            progress.summary()
             connection.close()
             # QUIT the warm provider connections now: a --processes child leaves by
             # os._exit, which runs no atexit hook.
             close_provider_connections()
-
-    def _log(self, before: tuple[int, int, int], seconds: float) -> tuple[int, int, int]:
-        now = self.stats.snapshot()
-        rate = (now[0] - before[0]) / seconds if seconds else 0.0
-        logger.info("%s: sent=%d deferred=%d failed=%d (%.1f sent/s)", self.name, *now, rate)
-        return now
 
     def _send_loop(self, index: int) -> None:
         deliverer = Deliverer()
