@@ -587,7 +587,7 @@ class Deliverer:
         """
         conn = self._checkout(alias)
         backend = conn.pool.ready(conn)
-        self._rate_slot(alias)
+        booking = self._rate_slot(alias)
         try:
             with _delivering():
                 result = send(backend)
@@ -597,24 +597,27 @@ class Deliverer:
             logger.info("Provider %r closed a warm connection (%s); sending on a new one",
                         alias, exc)
             backend = conn.pool.renew(conn)
-            self._rate_slot(alias)
+            limits.limiter().finished(booking)
+            booking = self._rate_slot(alias)
             with _delivering():
                 result = send(backend)
+        finally:
+            limits.limiter().finished(booking)
         conn.uses += 1
         return result
 
     @staticmethod
-    def _rate_slot(alias: str) -> None:
+    def _rate_slot(alias: str) -> limits.Booking | None:
         """Take a slot of ``alias``'s ``LIMITS["RATE"]`` (shared, :mod:`kipekee.limits`),
         waiting for one while it frees soon: an engine up to ``LIMITER["MAX_WAIT_SECONDS"]``,
         a request up to half of what is left of its time budget (the rest is for the
         next provider). Raises :class:`RateLimited` when none frees in time."""
         rates = conf.get().provider(alias).rate
         if not rates:
-            return
+            return None
         left = deadlines.remaining()
         max_wait = conf.get().limiter.max_wait if left is None else max(0.0, left) / 2
-        limits.limiter().acquire(alias, rates, max_wait)
+        return limits.limiter().acquire(alias, rates, max_wait)
 
     def _release(self, alias: str) -> None:
         """Give ``alias``'s connection back to the pool, open and warm."""

@@ -109,10 +109,22 @@ class Store(Protocol):
 
     name: str
 
-    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float) -> float:
+    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float,
+             member: str) -> tuple[float, float]:
         """Book the earliest moment, at most ``max_wait`` seconds from now, at which every
-        window ``(key, rate)`` has a free slot, and return how far away it is (0: now).
-        When it is further than ``max_wait``, book nothing and return how far it is."""
+        window ``(key, rate)`` has a free slot, as call ``member``; return how far away it
+        is (0: now) and the moment itself. When it is further than ``max_wait``, book
+        nothing and return how far it is."""
+        ...
+
+    def finished(self, keys: Sequence[tuple[str, Rate]], member: str, start: float,
+                 end: float) -> None:
+        """Call ``member``, booked at ``start``, ended at ``end``: count it from then on.
+
+        A provider counts a call when it arrives, somewhere between its booking and its
+        end; counted from the end, a window never holds more than its count of arrivals
+        (counted from the booking, a call that travels longer than the next one does not).
+        """
         ...
 
     def take_permit(self, key: str, limit: int, holder: str, lease: float) -> bool:
@@ -154,7 +166,8 @@ class ProcessStore:
         self._calls: dict[str, list[float]] = {}  # sorted, oldest first
         self._permits: dict[str, dict[str, float]] = {}
 
-    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float) -> float:
+    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float,
+             member: str) -> tuple[float, float]:
         with self._lock:
             now = time.time()
             start = now
@@ -165,7 +178,17 @@ class ProcessStore:
             if start - now <= max_wait:
                 for key, _ in keys:
                     bisect.insort(self._calls[key], start)
-            return start - now
+            return start - now, start
+
+    def finished(self, keys: Sequence[tuple[str, Rate]], member: str, start: float,
+                 end: float) -> None:
+        with self._lock:
+            for key, _ in keys:
+                calls = self._calls.get(key, [])
+                index = bisect.bisect_left(calls, start)
+                if index < len(calls) and calls[index] == start:
+                    del calls[index]
+                    bisect.insort(calls, max(start, end))
 
     def take_permit(self, key: str, limit: int, holder: str, lease: float) -> bool:
         now = time.time()
@@ -232,7 +255,8 @@ class DatabaseStore:
 
         return router.db_for_write(LimiterHit)
 
-    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float) -> float:
+    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float,
+             member: str) -> tuple[float, float]:
         from django.db import transaction
 
         from .models import LimiterHit
@@ -250,11 +274,20 @@ class DatabaseStore:
                 if newest:
                     start = max(start, newest[0] + rate.per)
             if start - now > max_wait:
-                return start - now
+                return start - now, start
             for key, rate in keys:
                 hits.filter(key=key, at__lte=now - rate.per).delete()
             hits.bulk_create([LimiterHit(key=key, at=start) for key, _ in keys])
-            return start - now
+            return start - now, start
+
+    def finished(self, keys: Sequence[tuple[str, Rate]], member: str, start: float,
+                 end: float) -> None:
+        from .models import LimiterHit
+
+        # The hit is found by its time (a float written by this process): another
+        # booking at the very same instant would be moved instead, later, never earlier.
+        LimiterHit.objects.using(self._db()).filter(
+            key__in=[key for key, _ in keys], at=start).update(at=max(start, end))
 
     def take_permit(self, key: str, limit: int, holder: str, lease: float) -> bool:
         from django.db import transaction
@@ -338,6 +371,16 @@ for i, key in ipairs(KEYS) do
 end
 return tostring(start - now)
 """
+# KEYS: the windows the call was booked in; ARGV: member, end, then seconds of each
+# window. The call counts from its end (XX: only if still there; GT: never earlier).
+_FINISHED = """
+for i, key in ipairs(KEYS) do
+    local per = tonumber(ARGV[2 + i])
+    redis.call('zadd', key, 'XX', 'GT', ARGV[2], ARGV[1])
+    redis.call('expire', key, math.ceil(per) + 1)
+end
+return 1
+"""
 # KEYS[1] the permits' sorted set (member: holder, score: lease end); ARGV: now, limit,
 # holder, lease end, seconds to keep the set.
 _TAKE_PERMIT = """
@@ -379,19 +422,28 @@ class RedisStore:
                                            socket_connect_timeout=1.0)
         self.prefix = prefix
         self._book = self._redis.register_script(_BOOK)
+        self._finished = self._redis.register_script(_FINISHED)
         self._take = self._redis.register_script(_TAKE_PERMIT)
         self._renew = self._redis.register_script(_RENEW_PERMITS)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
 
-    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float) -> float:
-        args: list[Any] = [time.time(), max_wait, uuid.uuid4().hex]
+    def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float,
+             member: str) -> tuple[float, float]:
+        now = time.time()
+        args: list[Any] = [now, max_wait, member]
         for _, rate in keys:
             args += [rate.count, rate.per]
         answer = self._book([self._key(k) for k, _ in keys], args)
         text = answer.decode() if isinstance(answer, bytes) else str(answer)
-        return float(text.lstrip("-"))
+        wait = float(text.lstrip("-"))
+        return wait, now + wait  # the member names the call; its time need not be exact
+
+    def finished(self, keys: Sequence[tuple[str, Rate]], member: str, start: float,
+                 end: float) -> None:
+        self._finished([self._key(k) for k, _ in keys],
+                       [member, end, *(rate.per for _, rate in keys)])
 
     def take_permit(self, key: str, limit: int, holder: str, lease: float) -> bool:
         now = time.time()
@@ -431,6 +483,16 @@ def _store_errors() -> tuple[type[BaseException], ...]:
     else:
         errors.append(RedisError)
     return tuple(errors)
+
+
+@dataclass(frozen=True)
+class Booking:
+    """A call's slot in its provider's rate windows (:meth:`Limiter.acquire`)."""
+
+    store: Any
+    keys: Sequence[tuple[str, Rate]]
+    member: str
+    start: float
 
 
 class Limiter:
@@ -499,18 +561,38 @@ class Limiter:
 
     # -- rates ------------------------------------------------------------------------
 
-    def acquire(self, alias: str, rates: Sequence[Rate], max_wait: float) -> None:
+    def acquire(self, alias: str, rates: Sequence[Rate], max_wait: float) -> Booking | None:
         """Book a slot of every window of ``rates`` for provider ``alias`` and wait for it
         when it is at most ``max_wait`` seconds away; raise :class:`RateLimited` (nothing
-        booked) when it is further."""
+        booked) when it is further. Give the booking to :meth:`finished` when the call
+        ends."""
         if not rates:
-            return
+            return None
         keys = [(f"rate:{alias}:{rate.count}/{rate.per:g}", rate) for rate in rates]
-        wait = float(self._call(lambda store: store.book(keys, max_wait)))
+        member = uuid.uuid4().hex
+        used: list[Any] = []
+
+        def book(store: Any) -> tuple[float, float]:
+            used[:] = [store]
+            return store.book(keys, max_wait, member)  # type: ignore[no-any-return]
+
+        wait, start = self._call(book)
         if wait > max_wait:
             raise RateLimited(alias, self._full(rates, wait), wait)
         if wait > 0:
             time.sleep(wait)
+        return Booking(used[-1], keys, member, start)
+
+    def finished(self, booking: Booking | None) -> None:
+        """The call booked by :meth:`acquire` ended now: its windows count it from now."""
+        if booking is None:
+            return
+        try:
+            booking.store.finished(booking.keys, booking.member, booking.start, time.time())
+        except self._errors as exc:
+            # Counted from its booking instead: the store is down, and the fallback
+            # takes over for the next calls.
+            self._failed(exc)
 
     @staticmethod
     def _full(rates: Sequence[Rate], wait: float) -> Rate:
