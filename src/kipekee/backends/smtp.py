@@ -318,17 +318,17 @@ class EmailBackend(DjangoSMTPBackend):
         if not email_message.recipients():
             return False
         from_email, recipients, ascii_error = self._envelope(email_message)
+        if ascii_error is not None and not self.smtputf8:
+            # Django's backend refuses it whatever the server offers, before it touches
+            # the connection; so does this one unless told otherwise (Django's
+            # test_prep_address_without_force_ascii names such a subclass).
+            raise ascii_error
         connection = self.connection
         try:
             with deadlines.within(self.exchange_time_limit):
                 connection.ehlo_or_helo_if_needed()  # a new connection has not said EHLO yet
                 options = []
                 if ascii_error is not None:
-                    if not self.smtputf8:
-                        # Django's backend refuses it whatever the server offers; so does
-                        # this one unless told otherwise (Django's test_prep_address_
-                        # without_force_ascii names this subclass hook).
-                        raise ascii_error
                     # RFC 6531: only over SMTPUTF8; refused before MAIL FROM, so nothing
                     # of this message is left on the connection for the next one.
                     if not connection.has_extn("smtputf8"):
