@@ -1,5 +1,6 @@
-"""The retry policy's wait shape: exponential backoff with full jitter (AWS architecture
-blog, "Exponential Backoff And Jitter": ``uniform(0, min(cap, base * 2 ** n))``)."""
+"""The retry policy's wait shape: exponential backoff with equal jitter (AWS architecture
+blog, "Exponential Backoff And Jitter": ``c / 2 + uniform(0, c / 2)``, ``c = min(cap, base *
+2 ** n)``)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ def policy(**overrides: object) -> RetryPolicy:
     return RetryPolicy(**fields)
 
 
-def test_full_jitter_draws_from_zero_to_the_exponential_ceiling() -> None:
+def test_equal_jitter_draws_from_half_the_ceiling_to_the_ceiling() -> None:
     random.seed(23)
     for attempt, ceiling in [(1, 10.0), (2, 20.0), (3, 40.0), (4, 80.0), (5, 100.0), (9, 100.0)]:
         delays = [policy().delay(attempt) for _ in range(400)]
-        assert all(0.0 <= d <= ceiling for d in delays), (attempt, min(delays), max(delays))
-        # The whole range is used: the lower quarter as often as the upper one, roughly
-        # (400 uniform draws: each quarter holds 100 ± 30 with overwhelming probability).
-        low = sum(d < ceiling / 4 for d in delays)
-        high = sum(d > ceiling * 3 / 4 for d in delays)
-        assert 60 < low < 140 and 60 < high < 140, (attempt, low, high)
+        # Never sooner than half the ceiling: no retry comes at once after a failure.
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, min(delays),
+                                                                 max(delays))
+        # The upper half is used evenly: its lower half as often as its upper one, roughly
+        # (400 uniform draws: each half holds 200 ± 40 with overwhelming probability).
+        low = sum(d < ceiling * 3 / 4 for d in delays)
+        assert 160 < low < 240, (attempt, low)
 
 
 def test_without_jitter_the_delay_is_the_ceiling() -> None:

@@ -1,7 +1,7 @@
 """When to try a message again: one policy object, one question.
 
 :meth:`RetryPolicy.next_due` answers "after this failure, when (if ever) do we try
-again?" Exponential backoff with full jitter (AWS architecture blog, "Exponential
+again?" Exponential backoff with equal jitter (AWS architecture blog, "Exponential
 Backoff And Jitter"), capped, bounded by a number of attempts and a lifetime; a provider's
 own hint (SMTP 4xx text, HTTP 429 Retry-After) wins over the computed delay.
 """
@@ -35,10 +35,13 @@ class RetryPolicy:
     def delay(self, attempt: int, hint: float | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based).
 
-        Full jitter: ``uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1)))``. Of
-        the AWS article's shapes it spreads the retries of many messages that failed
-        together (a provider outage) the widest, so they do not return as one wave; a
-        short wait now and then costs one attempt of the many ``max_attempts`` allows.
+        Equal jitter: half the exponential ceiling ``min(max_delay, base_delay * 2 **
+        (attempt - 1))`` plus ``uniform(0, half)``. Of the AWS article's shapes it keeps a
+        floor: a retry never comes at once after a failure (a server that just timed out
+        or said 451 is not asked again within the second, which full jitter's
+        ``uniform(0, ceiling)`` does now and then, spending an attempt for nothing),
+        while messages that failed together (an outage) still spread over half the
+        ceiling instead of returning as one wave.
 
         A provider's hint (``Retry-After``, "try again in 10 minutes") is the delay, even
         past ``max_delay``: trying earlier would only spend an attempt on a certain
@@ -46,8 +49,8 @@ class RetryPolicy:
         both (:meth:`next_due`)."""
         if hint is not None and hint >= 0:
             return hint
-        ceiling = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
-        return random.uniform(0.0, ceiling) if self.jitter else ceiling
+        ceiling: float = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
+        return ceiling / 2 + random.uniform(0.0, ceiling / 2) if self.jitter else ceiling
 
     def next_due(
         self,
