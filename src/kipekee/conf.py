@@ -339,10 +339,7 @@ def parse(raw: Any) -> KipekeeSettings:
         raise ConfigurationError('KIPEKEE["NOW_RETRY_DELAYS"] must be a list of seconds >= 0.')
     budget = _positive_number(raw, "NOW_TIME_BUDGET", 10.0)
 
-    retry_raw = raw.get("RETRY", {})
-    if not isinstance(retry_raw, dict) or set(retry_raw) - _RETRY_KEYS:
-        raise ConfigurationError(
-            f'KIPEKEE["RETRY"] must be a dict with keys among {sorted(_RETRY_KEYS)}.')
+    retry_raw = _section(raw, "RETRY", _RETRY_KEYS)
     default_retry = RetryConfig()
     retry = RetryConfig(
         base_delay=_positive_number(retry_raw, "BASE_DELAY", default_retry.base_delay, "RETRY"),
@@ -357,10 +354,7 @@ def parse(raw: Any) -> KipekeeSettings:
         ),
         jitter=bool(retry_raw.get("JITTER", True)),
     )
-    circuit_raw = raw.get("CIRCUIT_BREAKER", {})
-    if not isinstance(circuit_raw, dict) or set(circuit_raw) - _CIRCUIT_KEYS:
-        raise ConfigurationError(
-            f'KIPEKEE["CIRCUIT_BREAKER"] must be a dict with keys among {sorted(_CIRCUIT_KEYS)}.')
+    circuit_raw = _section(raw, "CIRCUIT_BREAKER", _CIRCUIT_KEYS)
     circuit = CircuitConfig(
         failures=int(_positive_number(circuit_raw, "FAILURES", 5, "CIRCUIT_BREAKER")),
         cooldown=_positive_number(circuit_raw, "COOLDOWN_SECONDS", 30.0, "CIRCUIT_BREAKER"),
@@ -425,12 +419,17 @@ def parse(raw: Any) -> KipekeeSettings:
     )
 
 
-def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
-    section = raw.get("CONNECTIONS", {})
-    keys = {"POOL_SIZE", "IDLE_SECONDS", "MAX_AGE_SECONDS"}
+def _section(raw: dict[str, Any], name: str, keys: set[str]) -> dict[str, Any]:
+    """``KIPEKEE[name]``: a dict (empty when not set) whose keys are among ``keys``."""
+    section = raw.get(name, {})
     if not isinstance(section, dict) or set(section) - keys:
         raise ConfigurationError(
-            f'KIPEKEE["CONNECTIONS"] must be a dict with keys among {sorted(keys)}.')
+            f'KIPEKEE["{name}"] must be a dict with keys among {sorted(keys)}.')
+    return section
+
+
+def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
+    section = _section(raw, "CONNECTIONS", {"POOL_SIZE", "IDLE_SECONDS", "MAX_AGE_SECONDS"})
     d = ConnectionsConfig()
     size = section.get("POOL_SIZE", d.pool_size)
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -444,11 +443,8 @@ def _parse_connections(raw: dict[str, Any]) -> ConnectionsConfig:
 
 
 def _parse_limiter(raw: dict[str, Any]) -> LimiterConfig:
-    section = raw.get("LIMITER", {})
-    keys = {"STORE", "LOCATION", "KEY_PREFIX", "PERMIT_LEASE_SECONDS", "MAX_WAIT_SECONDS"}
-    if not isinstance(section, dict) or set(section) - keys:
-        raise ConfigurationError(
-            f'KIPEKEE["LIMITER"] must be a dict with keys among {sorted(keys)}.')
+    section = _section(raw, "LIMITER", {"STORE", "LOCATION", "KEY_PREFIX",
+                                        "PERMIT_LEASE_SECONDS", "MAX_WAIT_SECONDS"})
     d = LimiterConfig()
     store = section.get("STORE", d.store)
     if store not in ("database", "redis", "process"):
@@ -524,11 +520,7 @@ def _max_message_size(raw: dict[str, Any]) -> int | None:
 
 
 def _unsubscribe(raw: dict[str, Any]) -> UnsubscribeConfig:
-    value = raw.get("UNSUBSCRIBE", {})
-    keys = {"BASE_URL", "MAILTO", "MAX_AGE_DAYS"}
-    if not isinstance(value, dict) or set(value) - keys:
-        raise ConfigurationError(
-            f'KIPEKEE["UNSUBSCRIBE"] must be a dict with keys among {sorted(keys)}.')
+    value = _section(raw, "UNSUBSCRIBE", {"BASE_URL", "MAILTO", "MAX_AGE_DAYS"})
     base_url = value.get("BASE_URL")
     if base_url is not None:
         parts = urlsplit(base_url) if isinstance(base_url, str) else None
@@ -587,11 +579,7 @@ def _from_mailers(where: str, entry: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
     """``RETENTION``, ``CHECK`` and ``METRICS``: the settings of running Kipekee."""
-    retention_raw = raw.get("RETENTION", {})
-    keys = {"DAYS", "ACTION", "BATCH_SIZE"}
-    if not isinstance(retention_raw, dict) or set(retention_raw) - keys:
-        raise ConfigurationError(
-            f'KIPEKEE["RETENTION"] must be a dict with keys among {sorted(keys)}.')
+    retention_raw = _section(raw, "RETENTION", {"DAYS", "ACTION", "BATCH_SIZE"})
     days = retention_raw.get("DAYS")
     if days is not None and (isinstance(days, bool) or not isinstance(days, int) or days < 1):
         raise ConfigurationError(
@@ -602,11 +590,9 @@ def _parse_operations(raw: dict[str, Any]) -> dict[str, Any]:
             f'KIPEKEE["RETENTION"]["ACTION"] must be "delete" or "anonymise", not {action!r}.')
     batch = int(_positive_number(retention_raw, "BATCH_SIZE", 1000, "RETENTION"))
 
-    check_raw = raw.get("CHECK", {})
-    keys = {"HEARTBEAT_MAX_AGE", "OLDEST_DUE_MAX_AGE", "QUEUE_DEPTH_MAX", "FAILURE_RATE_MAX",
-            "FAILURE_RATE_MIN_ATTEMPTS", "PROVIDER_TIMEOUT"}
-    if not isinstance(check_raw, dict) or set(check_raw) - keys:
-        raise ConfigurationError(f'KIPEKEE["CHECK"] must be a dict with keys among {sorted(keys)}.')
+    check_raw = _section(raw, "CHECK", {"HEARTBEAT_MAX_AGE", "OLDEST_DUE_MAX_AGE",
+                                        "QUEUE_DEPTH_MAX", "FAILURE_RATE_MAX",
+                                        "FAILURE_RATE_MIN_ATTEMPTS", "PROVIDER_TIMEOUT"})
     d = CheckConfig()
 
     def number(key: str, default: float) -> float:
