@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
+from datetime import timezone as dt_timezone
 
 import pytest
 from django.db import connection, transaction
@@ -254,3 +256,40 @@ def test_notify_many_writes_reminders_in_bulk(sink_provider):
     again = kipekee.notify_many("booking.reminder", due)
     assert [rs[0].id for rs in again] == [rs[0].id for rs in per_object[:20]]
     assert not any(rs[0].created for rs in again)
+
+
+def test_rows_written_in_bulk_hold_what_send_writes(sink_provider):
+    """Many rows go in by another statement than one row (on PostgreSQL one JSON document,
+    ``jsonb_populate_recordset``): every column must read back as ``send`` writes it —
+    times to the microsecond, JSON values with non-ASCII, quotes, backslashes and
+    nesting, text with the same, a target's content type, empty and missing values."""
+    quote = Quote.objects.create(name="Q", email="q@example.com", trip="Trek")
+    odd = 'Zoë "Q" \\ \' \u2603 ñ\ttab'
+    send_at = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt_timezone.utc)
+
+    def make(tag: str, i: int) -> kipekee.Email:
+        return kipekee.Email(
+            subject=f"{odd} {i}", text=f"{odd}\nline {i}", html=f"<p>{odd} {i}</p>",
+            to=[f"Zoë Ü <guest{i}@example.com>"], cc=["cc@example.com"] if i else [],
+            bcc=[], reply_to=[f'"{odd}" <reply@example.com>'],
+            headers={"X-Odd": odd, "Message-ID": f"<{tag}.{i}@example.com>"},
+            metadata={"n": i, "nested": {"list": [1, 2.5, None, True, odd]}, "é": odd},
+            template="tours/news", event="tour.news", target=quote if i else None,
+            send_at=send_at if i == 1 else None, idempotency_key=f"{tag}-{i}" if i else None,
+            lane="bulk", mode="queue")
+
+    for i in range(3):
+        make("one", i).send()
+    kipekee.send_many([make("many", i) for i in range(3)])
+    skip = {"id", "message_id", "idempotency_key", "created_at", "due_at"}
+    fields = [f.attname for f in OutboxEmail._meta.concrete_fields if f.name not in skip]
+
+    def read(tag: str) -> list[dict[str, object]]:
+        found = OutboxEmail.objects.filter(message_id__startswith=f"<{tag}.").order_by("pk")
+        return [{name: getattr(row, name) for name in fields}
+                | {"due_at": row.due_at if row.due_at == send_at else "now",
+                   "key": (row.idempotency_key or "").split("-")[-1]} for row in found]
+
+    assert read("many") == read("one")
+    assert len(read("many")) == 3
+    assert OutboxEmail.objects.get(message_id="<many.1@example.com>").due_at == send_at

@@ -20,6 +20,7 @@ Status machine::
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import uuid
@@ -351,10 +352,22 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
         tail = " ON CONFLICT DO NOTHING"
     if notify and connection.vendor == "postgresql":
         tail += f", pg_notify('{NOTIFY_CHANNEL}', '')"
+    # On PostgreSQL, many rows of plain columns go in as one JSON document
+    # (``jsonb_populate_recordset``): a statement with one parameter whatever the rows.
+    # VALUES lists made psycopg split and quote a statement of 34,000 placeholders (1,000
+    # outbox rows: 260 ms of CPU against 90 for the whole send_many this way), and arrays
+    # per column (Django's UNNEST) are escaped element by element in Python; one JSON
+    # string is encoded and escaped in C. (jsonb, not json: the server reads the same
+    # document into rows in 15 ms instead of 70.)
+    as_json = (connection.vendor == "postgresql" and len(objs) > 1
+               and _json_insert_sql(model, connection) is not None)
+    if as_json:
+        return _insert_json(model, objs, connection, tail)
     written = 0
     memo: dict[tuple[int, datetime], Any] = {}
+    size = _max_params(db) // len(fields)
     with connection.cursor() as cursor:
-        for batch in _chunks(objs, _max_params(db) // len(fields)):
+        for batch in _chunks(objs, size):
             params: list[Any] = []
             for obj in batch:
                 for index, (field, how) in enumerate(zip(fields, adapt, strict=True)):
@@ -407,6 +420,64 @@ def _make_insert_sql(model: type[models.Model], quote: Callable[[str], str],
     placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
     return (fields, [_adapter(f) for f in fields], head, placeholder,
             f" RETURNING {quote(db_column(meta.pk))}")
+
+
+_json_insert_sqls: dict[type[models.Model], str | None] = {}
+
+#: The fields whose values JSON carries as PostgreSQL reads them back into their column.
+_JSON_SAFE = (models.CharField, models.TextField, models.IntegerField, models.ForeignKey,
+              models.DateTimeField, models.JSONField)
+
+
+def _json_insert_sql(model: type[models.Model], connection: Any) -> str | None:
+    """``INSERT … SELECT … FROM jsonb_populate_recordset(NULL::table, %s)`` for ``model``
+    on PostgreSQL; ``None`` if one of its columns is not carried faithfully by JSON (a
+    ``BinaryField``: attachments go through VALUES)."""
+    if model not in _json_insert_sqls:
+        fields, _, head, _, _ = _insert_sql(model, connection)
+        quote = connection.ops.quote_name
+        if all(isinstance(field, _JSON_SAFE) for field in fields):
+            columns = ", ".join(quote(db_column(field)) for field in fields)
+            _json_insert_sqls[model] = (
+                head.replace(" VALUES ", f" SELECT {columns} FROM ")
+                + f"jsonb_populate_recordset(NULL::{quote(model._meta.db_table)}, %s::jsonb)")
+        else:
+            _json_insert_sqls[model] = None
+    return _json_insert_sqls[model]
+
+
+def _insert_json(model: type[models.Model], objs: Sequence[models.Model], connection: Any,
+                 tail: str) -> int:
+    """:func:`_insert`'s rows as one JSON document (PostgreSQL): each row an object keyed
+    by column; a JSON column's value nested as it is (JSONField's own encoding: no
+    encoder is set on Kipekee's models), a time in ISO 8601 with its offset."""
+    fields = _insert_sql(model, connection)[0]
+    columns = [(db_column(field), field.attname, isinstance(field, models.DateTimeField))
+               for field in fields]
+    stamps: dict[datetime, str] = {}
+    records = []
+    for obj in objs:
+        record: dict[str, Any] = {}
+        for column, attname, is_time in columns:
+            value = getattr(obj, attname)
+            if is_time and value is not None:
+                if value not in stamps:
+                    stamps[value] = value.isoformat()
+                value = stamps[value]
+            record[column] = value
+        records.append(record)
+    with connection.cursor() as cursor:
+        cursor.execute(_json_insert_sql(model, connection) + tail,  # type: ignore[operator]
+                       [json.dumps(records)])
+        if tail.startswith(" ON CONFLICT") and "RETURNING" not in tail:
+            return len(objs)
+        returned = cursor.fetchall()
+    db = connection.alias
+    # In the order of the document's rows, as bulk_create's UNNEST is read back.
+    for obj, values in zip(objs, returned, strict=True):
+        obj.pk = values[0]
+        obj._state.adding, obj._state.db = False, db
+    return len(returned)
 
 
 _empty_jsons: dict[tuple[Any, type, str], Any] = {}
@@ -641,9 +712,9 @@ def _returning(db: str, sql: str, params: list[Any]) -> list[OutboxEmail]:
         if values[-1]:  # the EXISTS of _returned_columns: the row has attachments
             with_attachments.add(values[0])
         converted = list(values[:-1])
-        for index, col, field_converters, json in converters:
+        for index, col, field_converters, is_json in converters:
             value = converted[index]
-            if json and type(value) is str and value in _EMPTY_JSON_TEXT:
+            if is_json and type(value) is str and value in _EMPTY_JSON_TEXT:
                 converted[index] = _EMPTY_JSON_TEXT[value]()  # most JSON columns: not decoded
                 continue
             for converter in field_converters:
