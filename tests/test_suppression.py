@@ -233,3 +233,44 @@ def test_migration_canonicalises_existing_entries(django_db_blocker):
     assert sorted(Suppression.objects.values_list("address", "reason")) == [
         ("ann@example.com", "unsubscribe"), ("bob@example.com", "manual"),
         ("user@xn--bcher-kva.example", "hard_bounce")]
+
+
+def _statements(captured) -> list[str]:
+    return [q["sql"] for q in captured.captured_queries if q["sql"] not in {"BEGIN", "COMMIT"}]
+
+
+def test_a_queued_send_to_nobody_listed_is_one_statement(provider):
+    """The suppression check rides in the INSERT (``WHERE NOT EXISTS``): a send in
+    autocommit to recipients not on the list writes its row in one statement."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    suppression.add("someone-else@example.com")
+    with CaptureQueriesContext(connection) as captured:
+        receipt = kipekee.send(subject="Hi", text="x", to=["ann@example.com"],
+                               cc=["Bob <bob@example.com>"], mode="queue",
+                               idempotency_key="one-statement")
+    statements = _statements(captured)
+    assert len(statements) == 1 and statements[0].startswith("INSERT"), statements
+    assert receipt.status == Status.QUEUED and receipt.refused == {}
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert row.to == ["ann@example.com"] and row.cc == ["Bob <bob@example.com>"]
+
+
+def test_a_listed_recipient_under_any_spelling_stops_the_one_statement_write(provider):
+    """The INSERT's check compares canonical addresses as the list stores them: a listed
+    mailbox spelled otherwise is taken off (the row written after the full check), in a
+    transaction too, and a key sent again still gives its first row."""
+    from django.db import transaction
+
+    suppression.add("gone@bücher.example")
+    with transaction.atomic():
+        receipt = kipekee.send(subject="Hi", text="x", mode="queue", idempotency_key="k1",
+                               to=["ann@example.com", "Gone <GONE@xn--bcher-kva.example>"])
+    assert receipt.status == Status.QUEUED
+    assert list(receipt.refused) == ["Gone <GONE@xn--bcher-kva.example>"]
+    assert OutboxEmail.objects.get(pk=receipt.id).to == ["ann@example.com"]
+    again = kipekee.send(subject="Hi", text="x", mode="queue", idempotency_key="k1",
+                         to=["ann@example.com", "Gone <GONE@xn--bcher-kva.example>"])
+    assert again.id == receipt.id and not again.created
+    assert OutboxEmail.objects.count() == 1
