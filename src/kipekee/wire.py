@@ -195,7 +195,7 @@ def check_size(message: EmailMessage, limit: int | None) -> None:
     quoted-printable at worst, attachments base64) clears them without building the
     message; only the others are measured exactly (:func:`message_size`).
     """
-    if limit is None or _size_bound(message) <= limit:
+    if limit is None or _size_bound(message, limit) <= limit:
         return
     size = message_size(message)
     if size > limit:
@@ -207,14 +207,20 @@ def check_size(message: EmailMessage, limit: int | None) -> None:
         )
 
 
-def _size_bound(message: EmailMessage) -> int:
-    """At least the message's size on the wire (a quick upper bound)."""
+def _size_bound(message: EmailMessage, limit: int | None = None) -> int:
+    """At least the message's size on the wire (a quick upper bound; tighter, and a
+    little slower to find, when the quick one is over ``limit``)."""
     text = [force_str(message.subject), force_str(message.body),
             *(force_str(a) for a in [*message.to, *message.cc, *message.reply_to]),
             *(force_str(v) for v in (message.extra_headers or {}).values()),
             *(force_str(content) for content, _ in getattr(message, "alternatives", []))]
-    # Quoted-printable of UTF-8 is at most 3 characters a byte, plus soft line breaks.
-    bound = 8192 + sum(4 * len(t.encode("utf-8", "surrogatepass")) for t in text)
+    # Quoted-printable of UTF-8 is at most 3 characters a byte, plus soft line breaks;
+    # a character is at most 4 bytes of UTF-8. Counted in characters first (16 each),
+    # in encoded bytes (4 each) only if that is over ``limit``: encoding every text of
+    # a message to count its bytes was 5 % of a queued send's profiled CPU.
+    bound = 8192 + 16 * sum(len(t) for t in text)
+    if limit is not None and bound > limit:
+        bound = 8192 + sum(4 * len(t.encode("utf-8", "surrogatepass")) for t in text)
     for attachment in message.attachments:
         if isinstance(attachment, (MIMEBase, email.message.Message)):
             payload = attachment.get_payload()
