@@ -292,4 +292,15 @@ def test_rows_written_in_bulk_hold_what_send_writes(sink_provider):
 
     assert read("many") == read("one")
     assert len(read("many")) == 3
-    assert OutboxEmail.objects.get(message_id="<many.1@example.com>").due_at == send_at
+    # And both as given (on PostgreSQL both go in as JSON documents).
+    for tag in ("one", "many"):
+        row = OutboxEmail.objects.get(message_id=f"<{tag}.1@example.com>")
+        assert row.due_at == send_at and row.target == quote
+        assert (row.subject, row.body) == (f"{odd} 1", f"{odd}\nline 1")
+        assert row.alternatives == [{"content": f"<p>{odd} 1</p>", "mimetype": "text/html"}]
+        assert row.to == ["Zoë Ü <guest1@example.com>"] and row.cc == ["cc@example.com"]
+        assert row.reply_to == [f'"{odd}" <reply@example.com>'] and row.bcc == []
+        assert row.headers == {"X-Odd": odd}
+        assert row.metadata == {"n": 1, "nested": {"list": [1, 2.5, None, True, odd]}, "é": odd}
+        assert row.idempotency_key == f"{tag}-1" and row.lane == "bulk"
+        assert row.created_at <= row.due_at and row.lease_until is None

@@ -381,13 +381,6 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
     fields, adapt, head, placeholder, tail = _insert_sql(model, connection)
     if unless_listed is not None:
         assert len(objs) == 1, "unless_listed writes one row"
-        # INSERT … SELECT <values> WHERE NOT EXISTS (…): the SELECT's bare literals take
-        # the columns' types on PostgreSQL as VALUES' do (an INSERT's SELECT leaves
-        # unknown literals to its target), and the WHERE tells SQLite where the SELECT
-        # ends before an ON CONFLICT.
-        placeholder = "SELECT " + placeholder[1:-1] + _unlisted_sql(
-            connection, len(unless_listed))
-        head = head.replace(" VALUES ", " ")
     if if_new:
         assert len(objs) == 1, "if_new writes one row: which ones were skipped is unknown"
         tail = " ON CONFLICT DO NOTHING" + tail
@@ -402,10 +395,17 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
     # per column (Django's UNNEST) are escaped element by element in Python; one JSON
     # string is encoded and escaped in C. (jsonb, not json: the server reads the same
     # document into rows in 15 ms instead of 70.)
-    as_json = (connection.vendor == "postgresql" and len(objs) > 1
-               and _json_insert_sql(model, connection) is not None)
-    if as_json:
-        return _insert_json(model, objs, connection, tail)
+    # One row too: the document costs one json.dumps in C, where psycopg quoted each of
+    # an outbox row's 34 values in Python (and dumped each JSON one again): a fifth of
+    # a queued send's profiled CPU.
+    if connection.vendor == "postgresql" and _json_insert_sql(model, connection) is not None:
+        return _insert_json(model, objs, connection, tail, unless_listed)
+    if unless_listed is not None:
+        # INSERT … SELECT <values> WHERE NOT EXISTS (…) (SQLite; the WHERE also tells it
+        # where the SELECT ends before an ON CONFLICT).
+        placeholder = "SELECT " + placeholder[1:-1] + _unlisted_sql(
+            connection, len(unless_listed))
+        head = head.replace(" VALUES ", " ")
     written = 0
     memo: dict[datetime, Any] = {}
     ops = connection.ops
@@ -514,7 +514,7 @@ def _json_insert_sql(model: type[models.Model], connection: Any) -> str | None:
 
 
 def _insert_json(model: type[models.Model], objs: Sequence[models.Model], connection: Any,
-                 tail: str) -> int:
+                 tail: str, unless_listed: Sequence[str] | None = None) -> int:
     """:func:`_insert`'s rows as one JSON document (PostgreSQL): each row an object keyed
     by column; a JSON column's value nested as it is (JSONField's own encoding: no
     encoder is set on Kipekee's models), a time in ISO 8601 with its offset."""
@@ -533,12 +533,20 @@ def _insert_json(model: type[models.Model], objs: Sequence[models.Model], connec
                 value = stamps[value]
             record[column] = value
         records.append(record)
+    sql = _json_insert_sql(model, connection)
+    assert sql is not None
+    params = [json.dumps(records)]
+    if unless_listed is not None:
+        sql += _unlisted_sql(connection, len(unless_listed))
+        params += unless_listed
     with connection.cursor() as cursor:
-        cursor.execute(_json_insert_sql(model, connection) + tail,  # type: ignore[operator]
-                       [json.dumps(records)])
+        cursor.execute(sql + tail, params)
         if tail.startswith(" ON CONFLICT") and "RETURNING" not in tail:
             return len(objs)
         returned = cursor.fetchall()
+    if len(returned) != len(objs):  # one row, not written (ON CONFLICT, unless_listed)
+        assert not returned and len(objs) == 1
+        return 0
     db = connection.alias
     # In the order of the document's rows, as bulk_create's UNNEST is read back.
     for obj, values in zip(objs, returned, strict=True):
