@@ -1236,8 +1236,8 @@ def retry(pk: int, *, using: str | None = None) -> bool:
 #: Fields a resend does not copy: the copy is a new message with its own state.
 _STATE_FIELDS = frozenset({
     "id", "status", "mode", "idempotency_key", "message_id", "created_at", "due_at",
-    "lease_until", "claimed_by", "attempts", "claims", "sent_at", "sent_by", "error_kind", "last_error",
-    "refused", "delivery",
+    "lease_until", "claimed_by", "attempts", "claims", "sent_at", "sent_by", "error_kind",
+    "last_error", "refused", "delivery",
 })
 
 
