@@ -269,9 +269,10 @@ def test_connection_dropped_mid_data_is_transient(smtp_server, kipekee_settings)
     assert server.messages == []
 
 
-def test_server_stalling_past_the_timeout_is_transient(smtp_server, kipekee_settings):
+def test_server_stalling_past_the_final_reply_timeout_is_transient(smtp_server,
+                                                                   kipekee_settings):
     server = smtp_server(faults=Faults(stall_before_data_reply=3))
-    kipekee_settings(primary=smtp_provider(server, timeout=0.5))
+    kipekee_settings(primary=smtp_provider(server, timeout=0.5, final_reply_timeout=0.5))
     receipt = kipekee.send(**MAIL)
     assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
     assert "timed out" in receipt.error

@@ -630,7 +630,8 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     now = timezone.now()
     token = f"{engine}:{uuid.uuid4().hex[:12]}"[-100:]
     changes: dict[str, Any] = {"status": Status.SENDING, "lease_until": now + conf.get().lease,
-                               "attempts": F("attempts") + 1, "claimed_by": token}
+                               "attempts": F("attempts") + 1, "claims": F("claims") + 1,
+                               "claimed_by": token}
     rows = OutboxEmail.objects.using(db)
     lock = connections[db].features.has_select_for_update_skip_locked
     planner = lanes.planner()
@@ -751,7 +752,8 @@ def _claim_step(db: str, step: str, params: list[Any], count: int, lease_until: 
         table, pk = quote(OutboxEmail._meta.db_table), names["id"]
         _claim_sqls[key] = (
             f"UPDATE {table} SET {names['status']} = 'sending', {names['lease_until']} = %s, "
-            f"{names['attempts']} = {names['attempts']} + 1, {names['claimed_by']} = %s "
+            f"{names['attempts']} = {names['attempts']} + 1, "
+            f"{names['claims']} = {names['claims']} + 1, {names['claimed_by']} = %s "
             f"WHERE {pk} IN (SELECT {pk} FROM {table} WHERE {where} "
             f"ORDER BY {order}, {pk} LIMIT %s{' FOR UPDATE SKIP LOCKED' if lock else ''})")
     adapt = connection.ops.adapt_datetimefield_value
@@ -927,7 +929,7 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
         _claim_one_sqls[key] = (
             f"UPDATE {quote(OutboxEmail._meta.db_table)} SET {names['status']} = 'sending', "
             f"{names['lease_until']} = %s, {names['attempts']} = {names['attempts']} + 1, "
-            f"{names['claimed_by']} = %s{hold_ends} "
+            f"{names['claims']} = {names['claims']} + 1, {names['claimed_by']} = %s{hold_ends} "
             f"WHERE {names['id']} = %s AND {where}")
     adapt = connection.ops.adapt_datetimefield_value
     stamp = adapt(now)
@@ -1380,8 +1382,8 @@ def retry(pk: int, *, using: str | None = None) -> bool:
 #: Fields a resend does not copy: the copy is a new message with its own state.
 _STATE_FIELDS = frozenset({
     "id", "status", "mode", "idempotency_key", "message_id", "created_at", "due_at",
-    "lease_until", "claimed_by", "attempts", "sent_at", "sent_by", "error_kind", "last_error",
-    "refused", "delivery",
+    "lease_until", "claimed_by", "attempts", "claims", "sent_at", "sent_by", "error_kind",
+    "last_error", "refused", "delivery",
 })
 
 
