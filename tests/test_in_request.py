@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import kipekee
-from kipekee import dispatch, outbox
+from kipekee import dispatch, outbox, signals
 from kipekee.models import Attempt, OutboxEmail, Status, Suppression
 from kipekee.testing.assertions import deliver_outbox
 
@@ -147,3 +147,19 @@ def test_suppressed_in_a_transaction_that_stayed_open_is_checked_again(
         Suppression.objects.create(address="ann@example.com", reason="manual")
     assert receipt.suppressed, receipt
     assert sink_provider.messages == []
+
+
+def test_what_a_queued_receiver_does_to_its_row_in_memory_is_not_what_is_sent(sink_provider):
+    def receiver(sender, email, **kwargs):
+        email.subject = "changed by a receiver"
+        email.to.append("mallory@example.com")
+
+    signals.queued.connect(receiver)
+    try:
+        receipt = kipekee.send(**MAIL)
+    finally:
+        signals.queued.disconnect(receiver)
+    assert receipt.sent, receipt
+    [message] = sink_provider.wait_for(1)
+    assert message.message["Subject"] == MAIL["subject"]
+    assert list(message.rcpt_tos) == ["ann@example.com"]

@@ -20,6 +20,7 @@ Status machine::
 
 from __future__ import annotations
 
+import copy
 import logging
 import sqlite3
 import uuid
@@ -177,7 +178,11 @@ def enqueue(
         _insert(Attachment, stored, db)
     if row.claimed_by:
         _hand_attachments(row, stored, db)
-    _announce([row], db)
+        # The caller sends this very object, without reading the row back: the signal's
+        # receivers (run at once outside a transaction) get a copy of their own.
+        _announce([detached(row)], db)
+    else:
+        _announce([row], db)
     return row, True
 
 
@@ -201,6 +206,20 @@ def _hand_attachments(row: OutboxEmail, stored: list[Attachment], db: str) -> No
               else Attachment.objects.using(db).none())
     cached._result_cache, cached._prefetch_done = list(stored), True  # type: ignore[attr-defined]
     row._prefetched_objects_cache = {_ATTACHMENTS: cached}  # type: ignore[attr-defined]
+
+
+def detached(row: OutboxEmail) -> OutboxEmail:
+    """A copy of ``row`` (with its attachments in hand) that what other code does to it
+    in memory never reaches, nor what it does to the copy reaches ``row``."""
+    twin = copy.copy(row)
+    for field in OutboxEmail._meta.concrete_fields:
+        value = getattr(row, field.attname)
+        if isinstance(value, (list, dict)):  # JSON columns: recipients, headers, metadata
+            setattr(twin, field.attname, copy.deepcopy(value))
+    cache = getattr(row, "_prefetched_objects_cache", None)
+    if cache is not None:
+        twin._prefetched_objects_cache = dict(cache)  # type: ignore[attr-defined]
+    return twin
 
 
 def keep_claim(row: OutboxEmail, *, within: timedelta) -> bool:
