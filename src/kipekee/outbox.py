@@ -20,13 +20,14 @@ Status machine::
 
 from __future__ import annotations
 
-import copy
 import logging
 import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
+from copy import copy as shallow_copy
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -211,11 +212,11 @@ def _hand_attachments(row: OutboxEmail, stored: list[Attachment], db: str) -> No
 def detached(row: OutboxEmail) -> OutboxEmail:
     """A copy of ``row`` (with its attachments in hand) that what other code does to it
     in memory never reaches, nor what it does to the copy reaches ``row``."""
-    twin = copy.copy(row)
+    twin = shallow_copy(row)
     for field in OutboxEmail._meta.concrete_fields:
         value = getattr(row, field.attname)
         if isinstance(value, (list, dict)):  # JSON columns: recipients, headers, metadata
-            setattr(twin, field.attname, copy.deepcopy(value))
+            setattr(twin, field.attname, deepcopy(value))
     cache = getattr(row, "_prefetched_objects_cache", None)
     if cache is not None:
         twin._prefetched_objects_cache = dict(cache)  # type: ignore[attr-defined]
