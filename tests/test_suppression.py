@@ -274,3 +274,21 @@ def test_a_listed_recipient_under_any_spelling_stops_the_one_statement_write(pro
                          to=["ann@example.com", "Gone <GONE@xn--bcher-kva.example>"])
     assert again.id == receipt.id and not again.created
     assert OutboxEmail.objects.count() == 1
+
+
+@pytest.mark.parametrize("mode", ["now", "hybrid"])
+def test_a_send_in_the_request_to_a_listed_recipient_is_written_unclaimed(provider, mode):
+    """A request's own row is written already claimed; when its one-statement INSERT
+    finds a recipient listed, the row is written after the full check without the claim
+    if nobody is left (suppressed rows are never claimed), with it if someone is."""
+    suppression.add("gone@example.com")
+    alone = kipekee.send(subject="Hi", text="x", to=["gone@example.com"], mode=mode)
+    row = OutboxEmail.objects.get(pk=alone.id)
+    assert row.status == Status.SUPPRESSED and alone.suppressed
+    assert (row.attempts, row.claimed_by, row.lease_until) == (0, "", None)
+    others = kipekee.send(subject="Hi", text="x", to=["ann@example.com", "gone@example.com"],
+                          mode=mode)
+    assert others.sent, others
+    row = OutboxEmail.objects.get(pk=others.id)
+    assert row.to == ["ann@example.com"] and row.attempts == 1
+    assert [m["to"] for m in provider.messages] == [[{"email": "ann@example.com"}]]

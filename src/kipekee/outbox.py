@@ -27,6 +27,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
+from copy import copy as shallow_copy
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -120,6 +122,7 @@ def enqueue(
     target: Model | None = None,
     mailing_list: str = "",
     hold: timedelta | None = None,
+    claimed: timedelta | None = None,
     using: str | None = None,
     announce: bool = False,
 ) -> tuple[OutboxEmail, bool]:
@@ -128,6 +131,17 @@ def enqueue(
     ``hold``: keep engines off a row due now for this long (``due_at`` in the future)
     because the caller delivers it itself right after commit; only ``claim(pk, own=True)``
     takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
+
+    ``claimed``: the caller sends the row itself right after commit (a request's
+    ``now``/``hybrid`` send): it is written already claimed, as :func:`claim` would leave
+    it (``sending``, its first attempt counted, a lease of ``claimed`` and a claim
+    token), so sending it
+    costs no claim statement, and comes back with its attachments in hand (no read
+    either). The INSERT is durable before any provider is called; should the caller die
+    before recording a result, an engine takes the row when its lease ends, as any
+    claimed row. A caller whose transaction outlived half the lease renews it first
+    (:func:`keep_claim`). Not for a row suppressed as it is written (it stays
+    ``suppressed``), nor with a ``send_at`` still ahead.
 
     ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
     row is committed), in the INSERT itself.
@@ -158,22 +172,91 @@ def enqueue(
     with nullcontext() if alone else transaction.atomic(using=db):
         # Most mail goes to nobody on the suppression list: the row is written only if
         # none of its recipients is listed, in the INSERT itself (one statement, not a
-        # SELECT first: a round trip and a third of a send's CPU). When nothing was
-        # written (a recipient is listed, or the idempotency key is taken), the check is
-        # made on its own and the row written with what it says.
+        # SELECT first). When nothing was written (a recipient is listed, or the
+        # idempotency key is taken), the check is made on its own and the row written
+        # with what it says.
+        as_built = dict(row.__dict__)
+        if claimed is not None:
+            _claimed_as_written(row, claimed)
         inserted = 0 if mailing_list else _insert(
             OutboxEmail, [row], db, if_new=bool(idempotency_key), notify=announce,
             unless_listed=[canonical(address) for address in row.recipients])
         if not inserted:
+            row.__dict__.update(as_built)  # not claimed: a suppressed row stays unclaimed
             _apply_suppressions(row, suppression.check(row.recipients, using=db,
                                                        mailing_list=mailing_list))
+            if claimed is not None and row.status == Status.QUEUED:
+                _claimed_as_written(row, claimed)
             inserted = _insert(OutboxEmail, [row], db, if_new=bool(idempotency_key),
                                notify=announce)
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
             return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
-        _insert(Attachment, _attachment_rows(row, attachments), db)
-    _announce([row], db)
+        stored = _attachment_rows(row, attachments)
+        _insert(Attachment, stored, db)
+    if row.claimed_by:
+        _hand_attachments(row, stored, db)
+        # The caller sends this very object, without reading the row back: the signal's
+        # receivers (run at once outside a transaction) get a copy of their own.
+        _announce([detached(row)], db)
+    else:
+        _announce([row], db)
     return row, True
+
+
+def _claimed_as_written(row: OutboxEmail, lease: timedelta) -> None:
+    """Set on a new, unsaved row what :func:`claim` would: ``sending``, its first
+    attempt, a ``lease`` from now and a claim token of its own (which fences its result)."""
+    row.status = Status.SENDING
+    row.attempts = 1
+    row.lease_until = row.created_at + lease
+    row.claimed_by = f"request:{uuid.uuid4().hex[:12]}"
+    row.due_at = row.created_at  # no hold: the lease keeps engines off it
+
+
+def _hand_attachments(row: OutboxEmail, stored: list[Attachment], db: str) -> None:
+    """``row.attachments.all()`` answered from what was just written (in ``id``
+    order, as the model orders them), as a claim's RETURNING hands them over: the
+    delivery that follows reads nothing back."""
+    # A real queryset of its attachments, not none(): a copy of it (``.using(db)``,
+    # ``.filter()``, as a follow-up row's copy makes) must read them, not find none.
+    cached = (Attachment.objects.using(db).filter(email=row) if stored
+              else Attachment.objects.using(db).none())
+    cached._result_cache, cached._prefetch_done = list(stored), True  # type: ignore[attr-defined]
+    row._prefetched_objects_cache = {_ATTACHMENTS: cached}  # type: ignore[attr-defined]
+
+
+def detached(row: OutboxEmail) -> OutboxEmail:
+    """A copy of ``row`` (with its attachments in hand) that what other code does to it
+    in memory never reaches, nor what it does to the copy reaches ``row``."""
+    twin = shallow_copy(row)
+    for field in OutboxEmail._meta.concrete_fields:
+        value = getattr(row, field.attname)
+        if isinstance(value, (list, dict)):  # JSON columns: recipients, headers, metadata
+            setattr(twin, field.attname, deepcopy(value))
+    cache = getattr(row, "_prefetched_objects_cache", None)
+    if cache is not None:
+        twin._prefetched_objects_cache = dict(cache)  # type: ignore[attr-defined]
+    return twin
+
+
+def keep_claim(row: OutboxEmail, *, within: timedelta, lease: timedelta) -> bool:
+    """Make sure ``row``, claimed by the caller (``claim`` or ``enqueue(claimed=...)``),
+    is still the caller's for at least ``within``: when less of its lease is left, the
+    lease is renewed to ``lease`` from now in one UPDATE fenced by the claim's token.
+    False when the row is no
+    longer the caller's (its lease ran out and an engine took it, or a person changed
+    it): the caller must not send it."""
+    now = timezone.now()
+    if row.lease_until is not None and row.lease_until - now >= within:
+        return True  # the usual case: claimed a moment ago, nothing to ask
+    db = row._state.db or db_for_write()
+    lease_until = now + lease
+    kept = (OutboxEmail.objects.using(db)
+            .filter(pk=row.pk, status=Status.SENDING, claimed_by=row.claimed_by)
+            .update(lease_until=lease_until))
+    if kept:
+        row.lease_until = lease_until
+    return bool(kept)
 
 
 def enqueue_many(items: Sequence[NewEmail], *,
