@@ -68,15 +68,13 @@ DEFAULT_WAIT = 60.0
 SHARED_IDLE_SECONDS = 2.0
 
 
-class ProviderBusy(Exception):
+class ProviderBusy(limits.LocalLimit):
     """Every connection this process may open to the provider is in use, and none came
-    back in time. A local limit, not a provider failure: no circuit breaker counts it."""
+    back in time."""
 
     def __init__(self, alias: str, limit: int | None, waited: float) -> None:
-        self.alias = alias
-        self.limit = limit
-        self.waited = waited
-        super().__init__(f"all {limit} connection(s) to provider {alias!r} in use "
+        self.limit, self.waited = limit, waited
+        super().__init__(alias, f"all {limit} connection(s) to provider {alias!r} in use "
                          f"(LIMITS['CONCURRENCY']); waited {waited:.1f} s")
 
 

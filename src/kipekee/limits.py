@@ -89,16 +89,23 @@ class Rate:
         return cls(count=int(match[1]), per=per)
 
 
-class RateLimited(Exception):
+class LocalLimit(Exception):
+    """A limit of this deployment on provider ``alias`` (``LIMITS``) holds the mail back:
+    not a provider failure, so no circuit breaker counts it."""
+
+    def __init__(self, alias: str, message: str) -> None:
+        self.alias = alias
+        super().__init__(message)
+
+
+class RateLimited(LocalLimit):
     """A provider's ``LIMITS["RATE"]`` has no free slot for ``wait`` seconds: the mail is
-    deferred until then, uncharged. A local limit, not a provider failure."""
+    deferred until then, uncharged."""
 
     def __init__(self, alias: str, rate: Rate, wait: float) -> None:
-        self.alias = alias
-        self.rate = rate
-        self.wait = wait
-        super().__init__(f"rate limit of provider {alias!r} reached ({rate.count} per "
-                         f"{rate.per:g} s, LIMITS['RATE']); next free slot in {wait:.1f} s")
+        self.rate, self.wait = rate, wait
+        super().__init__(alias, f"rate limit of provider {alias!r} reached ({rate.count} "
+                         f"per {rate.per:g} s, LIMITS['RATE']); next free slot in {wait:.1f} s")
 
 
 # -- the stores ------------------------------------------------------------------------

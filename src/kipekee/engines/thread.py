@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from .. import outbox
 from . import Sender, Stats, beat, engine_name, leases
+from .process import PerProcess
 
 logger = logging.getLogger("kipekee.thread")
 
@@ -145,15 +146,9 @@ def _at_interpreter_exit(hook: Callable[[], None]) -> None:
         register(hook)
 
 
-_engine: ThreadEngine | None = None
-_pid = 0
-_guard = threading.Lock()
+_engine = PerProcess(ThreadEngine)
 
 
 def engine() -> ThreadEngine:
     """This process's thread engine (a new one after a fork)."""
-    global _engine, _pid
-    with _guard:
-        if _engine is None or _pid != os.getpid():
-            _engine, _pid = ThreadEngine(), os.getpid()
-        return _engine
+    return _engine.get()
