@@ -339,10 +339,10 @@ class Email:
                 f"A message to mailing list {self.mailing_list!r} goes to one recipient (its "
                 f"unsubscribe link names them), not {len(recipients)}: send one per "
                 "subscriber.")
-        own = sorted(name for name in self.headers if name.lower() in lists.HEADERS)
-        if own:
+        given = sorted(name for name in self.headers if name.lower() in lists.HEADERS)
+        if given:
             raise InvalidMessage(
-                f"A message to mailing list {self.mailing_list!r} gets its {', '.join(own)} "
+                f"A message to mailing list {self.mailing_list!r} gets its {', '.join(given)} "
                 "header from Kipekee: do not set it yourself.")
         wanted = (self.mailing_list, recipients[0])
         if self._links is None or self._links[0] != wanted:

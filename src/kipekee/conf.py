@@ -40,8 +40,10 @@ from django.dispatch import receiver
 from .exceptions import ConfigurationError, InvalidMessage, UnknownProvider
 from .limits import Rate
 
-Mode = Literal["now", "hybrid", "queue"]
-MODES: tuple[Mode, ...] = ("now", "hybrid", "queue")
+#: A delivery mode's name, as KIPEKEE["MODE"] and ``send(mode=...)`` take it (the
+#: outbox column's choices are ``kipekee.models.Mode``).
+ModeName = Literal["now", "hybrid", "queue"]
+MODES: tuple[ModeName, ...] = ("now", "hybrid", "queue")
 
 #: The dotted paths of Kipekee's own drop-in backend: a provider may never point here.
 DROP_IN_BACKENDS = frozenset({"kipekee.backend.EmailBackend"})
@@ -203,7 +205,7 @@ class UnsubscribeConfig:
 @dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
-    mode: Mode = "hybrid"
+    mode: ModeName = "hybrid"
     now_retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0)
     now_time_budget: float = 10.0
     retry: RetryConfig = RetryConfig()
@@ -398,7 +400,7 @@ def parse(raw: Any) -> KipekeeSettings:
 
     return KipekeeSettings(
         providers=tuple(providers),
-        mode=cast(Mode, mode),
+        mode=cast(ModeName, mode),
         now_retry_delays=tuple(float(d) for d in delays),
         now_time_budget=budget,
         retry=retry,

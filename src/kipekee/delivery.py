@@ -285,7 +285,7 @@ class Deliverer:
                                  "are empty)")
         return message, refused
 
-    def _through(self, p: _Pending, aliases: Sequence[str],
+    def _try_providers(self, p: _Pending, aliases: Sequence[str],
                  failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
         """Send one message through ``aliases`` in order; ``failures`` so far come first."""
         row, message, started, refused = p.row, p.message, p.started, p.refused
@@ -422,10 +422,10 @@ class Deliverer:
                     and self._batch_backend(aliases[0]) is not None):
                 groups.setdefault(aliases[0], []).append(p)
             else:
-                outcomes[index] = self._through(p, aliases)
+                outcomes[index] = self._try_providers(p, aliases)
         for alias, group in groups.items():
             if len(group) == 1:  # one message: the single-message endpoint
-                outcomes[group[0].index] = self._through(group[0], group[0].aliases)
+                outcomes[group[0].index] = self._try_providers(group[0], group[0].aliases)
             else:
                 self._deliver_batches(alias, group, outcomes)
         assert all(o is not None for o in outcomes)
@@ -465,9 +465,9 @@ class Deliverer:
             items.append((p, item))
         self._send_batches(alias, backend, items, outcomes)
         for p, failure in unbuilt:
-            outcomes[p.index] = self._after(p, alias, failure)
+            outcomes[p.index] = self._fail_over(p, alias, failure)
         for p in too_big:
-            outcomes[p.index] = self._through(p, p.aliases)
+            outcomes[p.index] = self._try_providers(p, p.aliases)
 
     def _send_batches(self, alias: str, backend: BatchBackend,
                       items: list[tuple[_Pending, Any]], outcomes: list[Outcome | None]) -> None:
@@ -476,11 +476,11 @@ class Deliverer:
         for chunk in _chunks(items, backend.batch_max_messages, backend.batch_max_bytes):
             if len(chunk) == 1 and _key(chunk[0][1]) is not _NO_KEY:
                 # Nothing to share a request with: the single-message path.
-                outcomes[chunk[0][0].index] = self._through(chunk[0][0], chunk[0][0].aliases)
+                outcomes[chunk[0][0].index] = self._try_providers(chunk[0][0], chunk[0][0].aliases)
                 continue
             if broken is None:
                 try:
-                    self._checkout(alias)  # before the breaker's trial, as in _through
+                    self._checkout(alias)  # before the breaker's trial, as in _try_providers
                 except ProviderBusy as busy:
                     broken = _PassedOver.busy(busy)
             if broken is None and not breaker.allow():
@@ -490,7 +490,7 @@ class Deliverer:
                 # The provider failed a request of this call for a reason that is not
                 # the messages': do not send it more now, go on to the next provider.
                 for p, _ in chunk:
-                    outcomes[p.index] = self._after(p, alias, broken)
+                    outcomes[p.index] = self._fail_over(p, alias, broken)
                 continue
             try:
                 # Opened again if an earlier request of this call failed (and closed it).
@@ -504,7 +504,7 @@ class Deliverer:
                 self._release(alias)
                 broken = _PassedOver.limited(limited)
                 for p, _ in chunk:
-                    outcomes[p.index] = self._after(p, alias, broken)
+                    outcomes[p.index] = self._fail_over(p, alias, broken)
                 continue
             except Exception as exc:  # noqa: BLE001 - classified, recorded on every row
                 failure = classify(exc, backend)
@@ -518,11 +518,11 @@ class Deliverer:
                     breaker.failure(configuration=failure.whole_provider)
                 if failure.kind == ErrorKind.PERMANENT:
                     for p, _ in chunk:
-                        outcomes[p.index] = self._through(p, p.aliases)
+                        outcomes[p.index] = self._try_providers(p, p.aliases)
                 else:
                     broken = failure
                     for p, _ in chunk:
-                        outcomes[p.index] = self._after(p, alias, failure)
+                        outcomes[p.index] = self._fail_over(p, alias, failure)
                 continue
             breaker.success()
             for (p, _), result in zip(chunk, results, strict=True):
@@ -530,13 +530,13 @@ class Deliverer:
                     outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused,
                                                    backend)
                 else:
-                    outcomes[p.index] = self._after(p, alias, classify(result, backend))
+                    outcomes[p.index] = self._fail_over(p, alias, classify(result, backend))
 
-    def _after(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
+    def _fail_over(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
         """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
         if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
             return self._outcome(p.started, alias, failure, p.refused)
-        return self._through(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
+        return self._try_providers(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
 
     @staticmethod
     def _outcome(started: datetime, alias: str, failure: Failure,

@@ -137,7 +137,7 @@ def submit(
         # Delivered here right after commit (unless send_at is still ahead): an engine
         # polling at that moment must not take it first (the caller would lose its
         # answer).
-        hold=None if mode == "queue" else IN_REQUEST_HOLD,
+        in_request_hold=None if mode == "queue" else IN_REQUEST_HOLD,
         # Workers LISTENing on PostgreSQL hear of it when (and only if) it is committed
         # (also of one with a send_at that has passed: the request delivers that itself,
         # and the workers find nothing they may take).
@@ -180,11 +180,11 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
     items = [replace(item, send_at=outbox.stored_time(item.send_at, f"Message {index}: send_at"))
              if item.send_at is not None else item for index, item in enumerate(items)]
     db = using or outbox.db_for_write()
-    own = not transaction.get_connection(db).in_atomic_block
+    outside_transaction = not transaction.get_connection(db).in_atomic_block
     now = timezone.now()
-    with transaction.atomic(using=db) if own else nullcontext():
+    with transaction.atomic(using=db) if outside_transaction else nullcontext():
         results = outbox.enqueue_many(
-            [replace(item, hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
+            [replace(item, in_request_hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
              for item in items], using=db)
         receipts = [Receipt(row, created=created) for row, created in results]
         due: list[int] = []  # for engines, due now
@@ -233,7 +233,7 @@ def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     deferred: list[OutboxEmail] = []
     with Deliverer() as deliverer:
         for start in range(0, len(ids), IN_REQUEST_BATCH):
-            rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", own=True,
+            rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", in_request=True,
                                       ids=ids[start:start + IN_REQUEST_BATCH], using=using)
             if not rows:
                 continue
@@ -275,7 +275,7 @@ def _deliver_in_request(receipt: Receipt) -> None:
     # in use counts against the time budget (the deadline below).
     with Deliverer() as deliverer:
         for index in range(len(delays) + 1):
-            row = outbox.claim(receipt.id, own=True, using=receipt._using)
+            row = outbox.claim(receipt.id, in_request=True, using=receipt._using)
             if row is None:
                 # Not due yet (send_at), or an engine holds it: nothing to do here.
                 receipt.refresh()
@@ -339,19 +339,19 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
     # Some recipients were refused for now (4xx): they get it again in a follow-up row
     # when the policy allows another attempt; otherwise their reply stays in
     # ``refused`` of this sent row, as a 5xx one does.
-    again = transient_refusals(outcome.refused)
-    hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
-    again_at = policy.next_due(
+    refused_for_now = transient_refusals(outcome.refused)
+    hints = [hint for why in refused_for_now.values() if (hint := smtp_retry_hint(why)) is not None]
+    retry_at = policy.next_due(
         kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
         hint=max(hints, default=None), now=outcome.finished_at,
     )
-    given_up = "" if again_at is not None else policy.why_not(attempt=row.attempts,
+    given_up = "" if retry_at is not None else policy.why_not(attempt=row.attempts,
                                                                 created_at=row.created_at)
     note = (logging.INFO, "Outbox email %s sent via %s; refused for now: %s; %s",
-            (row.pk, outcome.provider, ", ".join(sorted(again)),
-             f"again at {again_at.isoformat()}" if again_at else given_up))
-    written = outbox.mark_sent(row, outcome, again=list(again), again_at=again_at,
-                               given_up=given_up)
+            (row.pk, outcome.provider, ", ".join(sorted(refused_for_now)),
+             f"again at {retry_at.isoformat()}" if retry_at else given_up))
+    written = outbox.mark_sent(row, outcome, refused_for_now=list(refused_for_now),
+                               retry_at=retry_at, given_up=given_up)
     if written:
         _log_on_commit(row, note)
     return written
@@ -393,7 +393,7 @@ def _result(row: OutboxEmail, outcome: Outcome,
     if outcome.suppressed:
         return outbox.suppressed(row, outcome), (
             logging.INFO, "Outbox email %s not sent: %s", (row.pk, outcome.error))
-    # Counted from the end of the attempt, not from now: an engine's books thread may
+    # Counted from the end of the attempt, not from now: an engine's recorder thread may
     # write the outcome a moment after the provider answered.
     due = policy.next_due(
         kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,

@@ -134,7 +134,7 @@ def _at_interpreter_exit(hook: Callable[[], None]) -> None:
     record what it sent.
 
     ``atexit`` is too late: its hooks run after ``threading``'s own exit hooks, where
-    ``concurrent.futures`` shuts its executors down, and the engine's books thread (an
+    ``concurrent.futures`` shuts its executors down, and the engine's recorder thread (an
     executor) would then refuse the last batch's record. ``threading._register_atexit``
     (private, CPython 3.9+) is the hook ``concurrent.futures`` uses itself; hooks run
     last-registered first, so this one runs before the executors are shut.
