@@ -15,6 +15,7 @@ from kipekee.backends.mailtrap import EmailBackend
 from kipekee.delivery import Deliverer
 from kipekee.exceptions import ConfigurationError
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, ProviderMessage, Status
+from kipekee.options import SendOptions
 from kipekee.testing import MailtrapFaults
 
 from .conftest import smtp_provider, unused_port
@@ -91,7 +92,7 @@ def test_inline_image_and_template_category(mailtrap, kipekee_settings):
     message = EmailMultiAlternatives("Ticket", "Your ticket", to=["ann@example.com"])
     message.attach_alternative('<img src="cid:qr1">', "text/html")
     message.attach(inline_part("qr.png", b"PNGDATA", "image/png", "qr1"))
-    receipt = dispatch.submit(message, template="emails/ticket")
+    receipt = dispatch.submit(message, SendOptions(template="emails/ticket"))
     assert receipt.sent, receipt
     [sent] = mailtrap.messages
     [image] = sent["attachments"]

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.core.mail import EmailMessage
 from django.db import DatabaseError, transaction
@@ -30,11 +30,9 @@ from .delivery import Deliverer, Outcome
 from .engines.worker import notify_if_listening
 from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
+from .options import SendOptions
 from .providers import smtp_retry_hint, transient_refusals
 from .retry import RetryPolicy
-
-if TYPE_CHECKING:
-    from django.db.models import Model
 
 logger = logging.getLogger("kipekee.dispatch")
 
@@ -102,38 +100,27 @@ class Receipt:
         return f"<Receipt #{self.id} {self.status}{extra}>"
 
 
-def submit(
-    message: EmailMessage,
-    *,
-    mode: str | None = None,
-    lane: str = conf.TRANSACTIONAL,
-    idempotency_key: str | None = None,
-    send_at: datetime | None = None,
-    provider: str = "",
-    template: str = "",
-    metadata: dict[str, Any] | None = None,
-    event: str = "",
-    target: Model | None = None,
-    mailing_list: str = "",
-    using: str | None = None,
-) -> Receipt:
-    """Enqueue ``message`` in the current transaction and arrange its delivery.
+def submit(message: EmailMessage, options: SendOptions | None = None, *,
+           using: str | None = None) -> Receipt:
+    """Enqueue ``message`` in the current transaction and arrange its delivery, as
+    ``options`` say (:class:`~kipekee.options.SendOptions`; none: the defaults).
 
-    ``event`` and ``target`` (a saved model instance) link the row to the notification and
-    the business object it is about: ``OutboxEmail.objects.for_object(target)``.
-    ``mailing_list``: the MailingList key of list mail (the caller added its headers,
-    :func:`kipekee.lists.links`); who left that list is not sent to.
+    ``options.event`` and ``options.target`` (a saved model instance) link the row to the
+    notification and the business object it is about:
+    ``OutboxEmail.objects.for_object(target)``. ``options.mailing_list``: the MailingList
+    key of list mail (the caller added its headers, :func:`kipekee.lists.links`); who
+    left that list is not sent to.
     """
-    mode = mode or conf.get().mode
+    options = options or SendOptions()
+    mode = options.mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    send_at = options.send_at
     if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
         send_at = outbox.stored_time(send_at, "send_at")
     db = using or outbox.db_for_write()
     row, created = outbox.enqueue(
-        message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
-        provider=provider, template=template, metadata=metadata, event=event,
-        target=target, mailing_list=mailing_list,
+        message, replace(options, mode=mode, send_at=send_at),
         # Delivered here right after commit (unless send_at is still ahead): an engine
         # polling at that moment must not take it first (the caller would lose its
         # answer).
@@ -174,18 +161,17 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
     messages would hold the request for the sum of their budgets.
     """
     for index, item in enumerate(items):
-        if item.mode not in MANY_MODES:
+        if item.options.mode not in MANY_MODES:
             raise InvalidMessage(f"Message {index}: mode must be one of {MANY_MODES} when "
-                                 f"sending many, not {item.mode!r}.")
-    items = [replace(item, send_at=outbox.stored_time(item.send_at, f"Message {index}: send_at"))
-             if item.send_at is not None else item for index, item in enumerate(items)]
+                                 f"sending many, not {item.options.mode!r}.")
+    items = [_stored_send_at(item, index) for index, item in enumerate(items)]
     db = using or outbox.db_for_write()
     outside_transaction = not transaction.get_connection(db).in_atomic_block
     now = timezone.now()
     with transaction.atomic(using=db) if outside_transaction else nullcontext():
         results = outbox.enqueue_many(
-            [replace(item, in_request_hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
-             for item in items], using=db)
+            [replace(item, in_request_hold=IN_REQUEST_HOLD)
+             if item.options.mode == "hybrid" else item for item in items], using=db)
         receipts = [Receipt(row, created=created) for row, created in results]
         due: list[int] = []  # for engines, due now
         scheduled: list[tuple[int, datetime]] = []  # for engines, due later
@@ -193,9 +179,10 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
         for item, receipt in zip(items, receipts, strict=True):
             if not receipt.created or receipt.suppressed:
                 continue
-            if item.send_at is not None and item.send_at > now:
-                scheduled.append((receipt.id, item.send_at))
-            elif item.mode == "queue":
+            send_at = item.options.send_at
+            if send_at is not None and send_at > now:
+                scheduled.append((receipt.id, send_at))
+            elif item.options.mode == "queue":
                 due.append(receipt.id)
             else:
                 here.append(receipt)
@@ -209,6 +196,15 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
         if here:
             transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
     return receipts
+
+
+def _stored_send_at(item: outbox.NewEmail, index: int) -> outbox.NewEmail:
+    """``item`` with its ``send_at`` as the outbox stores it (see :func:`submit`)."""
+    send_at = item.options.send_at
+    if send_at is None:
+        return item
+    stored = outbox.stored_time(send_at, f"Message {index}: send_at")
+    return replace(item, options=replace(item.options, send_at=stored))
 
 
 def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:

@@ -52,12 +52,12 @@ from .models import (
     Status,
     db_column,
 )
+from .options import SendOptions
 from .redact import redact
 from .wire import check_size
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
-    from django.db.models import Model
 
     from .delivery import Outcome
 
@@ -87,36 +87,18 @@ def stored_time(value: datetime, name: str) -> datetime:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NewEmail:
-    """One message for :func:`enqueue_many`, with how to write it (:func:`enqueue`'s
-    keywords)."""
+    """One message for :func:`enqueue_many`, with how to send it and the in-request hold
+    (:func:`enqueue`'s arguments)."""
 
     message: EmailMessage
-    mode: str
-    lane: str = conf.TRANSACTIONAL
-    idempotency_key: str | None = None
-    send_at: datetime | None = None
-    provider: str = ""
-    template: str = ""
-    metadata: dict[str, Any] | None = None
-    event: str = ""
-    target: Model | None = None
+    options: SendOptions
     in_request_hold: timedelta | None = None
-    mailing_list: str = ""
 
 
 def enqueue(
     message: EmailMessage,
+    options: SendOptions,
     *,
-    mode: str,
-    lane: str = conf.TRANSACTIONAL,
-    idempotency_key: str | None = None,
-    send_at: datetime | None = None,
-    provider: str = "",
-    template: str = "",
-    metadata: dict[str, Any] | None = None,
-    event: str = "",
-    target: Model | None = None,
-    mailing_list: str = "",
     in_request_hold: timedelta | None = None,
     using: str | None = None,
     announce: bool = False,
@@ -130,10 +112,10 @@ def enqueue(
     ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
     row is committed), in the INSERT itself.
 
-    ``mailing_list``: the MailingList key of list mail; an unknown key is refused
+    ``options.mailing_list``: the MailingList key of list mail; an unknown key is refused
     (``UnknownMailingList``), and who left that list is taken off as the suppressed are.
 
-    Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
+    Returns ``(row, created)``. With an ``options.idempotency_key`` already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
     ``InvalidMessage`` / ``UnknownProvider`` before writing anything.
 
@@ -146,21 +128,19 @@ def enqueue(
     writes nothing, then its row is read.
     """
     db = using or db_for_write()
-    row, attachments = _new_row(NewEmail(
-        message=message, mode=mode, lane=lane, idempotency_key=idempotency_key,
-        send_at=send_at, provider=provider, template=template, metadata=metadata,
-        event=event, target=target, in_request_hold=in_request_hold,
-        mailing_list=mailing_list), db, timezone.now())
-    if mailing_list:
-        lists.require(mailing_list, using=db)
+    row, attachments = _new_row(NewEmail(message=message, options=options,
+                                         in_request_hold=in_request_hold), db, timezone.now())
+    if options.mailing_list:
+        lists.require(options.mailing_list, using=db)
     alone = not attachments and not connections[db].in_atomic_block
     with nullcontext() if alone else transaction.atomic(using=db):
         _apply_suppressions(row, suppression.check(row.recipients, using=db,
-                                                   mailing_list=mailing_list))
-        inserted = _insert(OutboxEmail, [row], db, if_new=bool(idempotency_key),
+                                                   mailing_list=options.mailing_list))
+        inserted = _insert(OutboxEmail, [row], db, if_new=bool(options.idempotency_key),
                            notify=announce)
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
-            return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
+            return OutboxEmail.objects.using(db).get(
+                idempotency_key=options.idempotency_key), False
         _insert(Attachment, _attachment_rows(row, attachments), db)
     _announce([row], db)
     return row, True
@@ -185,12 +165,12 @@ def enqueue_many(items: Sequence[NewEmail], *,
     for index, item in enumerate(items):
         try:
             built.append(_new_row(item, db, now))
-            if item.mailing_list and item.mailing_list not in by_list:
-                lists.require(item.mailing_list, using=db)  # once per list named
+            if item.options.mailing_list and item.options.mailing_list not in by_list:
+                lists.require(item.options.mailing_list, using=db)  # once per list named
         except InvalidMessage as exc:
             raise type(exc)(f"Message {index}: {exc}") from exc
-        if item.mailing_list:
-            by_list.setdefault(item.mailing_list, set()).update(built[-1][0].recipients)
+        if item.options.mailing_list:
+            by_list.setdefault(item.options.mailing_list, set()).update(built[-1][0].recipients)
     if not built:
         return []
     found = suppression.check({a for row, _ in built for a in row.recipients}, using=db)
@@ -245,18 +225,18 @@ def _insert_new(built: Sequence[tuple[OutboxEmail, list[StoredAttachment]]],
 def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[StoredAttachment]]:
     """The unsaved row and attachments for ``item``; raises ``InvalidMessage`` /
     ``UnknownProvider`` for what is wrong with it."""
-    message = item.message
+    message, options = item.message, item.options
     validate(message)
     config = conf.get()
     check_size(message, config.max_message_size)
-    if item.provider:
-        config.provider(item.provider)  # raises UnknownProvider at the call site
-    if item.lane != conf.TRANSACTIONAL:
-        config.lane(item.lane)  # raises InvalidMessage at the call site
-    send_at = item.send_at
+    if options.provider:
+        config.provider(options.provider)  # raises UnknownProvider at the call site
+    if options.lane != conf.TRANSACTIONAL:
+        config.lane(options.lane)  # raises InvalidMessage at the call site
+    send_at = options.send_at
     if send_at is not None:
         send_at = stored_time(send_at, "send_at")
-    target = item.target
+    target = options.target
     if target is not None and target.pk is None:
         raise InvalidMessage(f"The email's target {target!r} is not saved (it has no pk).")
     fields, attachments = to_fields(message)
@@ -272,14 +252,14 @@ def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[
         **fields,
         headers=headers,
         message_id=message_id,
-        mode=item.mode,
-        lane=item.lane,
-        mailing_list=item.mailing_list,
-        idempotency_key=item.idempotency_key or None,
-        template=item.template,
-        metadata=item.metadata or {},
-        event=item.event,
-        provider=item.provider,
+        mode=options.mode or config.mode,
+        lane=options.lane,
+        mailing_list=options.mailing_list,
+        idempotency_key=options.idempotency_key or None,
+        template=options.template,
+        metadata=dict(options.metadata or {}),
+        event=options.event,
+        provider=options.provider,
         created_at=now,
         # A hold applies to mail due now; a future send_at is the engines' anyway.
         due_at=now + hold if hold and (send_at is None or send_at <= now) else send_at or now,
