@@ -14,9 +14,9 @@ from django.utils import timezone
 import kipekee
 from kipekee import outbox, signals
 from kipekee.delivery import Deliverer
-from kipekee.dispatch import record_many
 from kipekee.engines import Sender, Stats
 from kipekee.models import Attempt, OutboxEmail, Status
+from kipekee.recording import record_many
 from kipekee.testing import Faults
 
 pytestmark = pytest.mark.django_db(transaction=True)

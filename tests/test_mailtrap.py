@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 import kipekee
-from kipekee import dispatch, outbox
+from kipekee import dispatch, outbox, recording
 from kipekee.backends.mailtrap import EmailBackend
 from kipekee.delivery import Deliverer
 from kipekee.exceptions import ConfigurationError
@@ -37,7 +37,7 @@ def deliver_many(ids: list[int]) -> list:
     with Deliverer() as deliverer:
         outcomes = deliverer.deliver_many(rows)
     for row, outcome in zip(rows, outcomes):
-        dispatch.record(row, outcome)
+        recording.record(row, outcome)
     return outcomes
 
 
@@ -142,7 +142,7 @@ def test_one_pooled_connection_for_many_sends(mailtrap, kipekee_settings):
     with Deliverer() as deliverer:
         for pk in ids:
             row = outbox.claim(pk)
-            dispatch.record(row, deliverer.deliver(row))
+            recording.record(row, deliverer.deliver(row))
     assert [r.path for r in mailtrap.requests] == ["/api/send"] * 4
     assert mailtrap.connections == 1  # anymail's session, kept open by the Deliverer
     assert OutboxEmail.objects.filter(status=Status.SENT).count() == 4

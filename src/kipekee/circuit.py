@@ -11,7 +11,7 @@ failure (a refused message) proves the provider is up and counts as a success.
 
 A message passed over because every circuit was open was not sent anywhere:
 :meth:`CircuitBreaker.postpone_for` says how long it waits for the next trial, and the
-outbox does not count that as an attempt (``dispatch.record``).
+outbox does not count that as an attempt (``recording.record``).
 """
 
 from __future__ import annotations
