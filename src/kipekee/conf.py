@@ -38,7 +38,31 @@ from django.core.validators import validate_email
 from django.dispatch import receiver
 
 from .exceptions import ConfigurationError, InvalidMessage, UnknownProvider
-from .limits import Rate
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|m|h|d)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rate:
+    """A rate limit: at most ``count`` in any ``per`` seconds (``LIMITS["RATE"]``, a
+    lane's ``RATE``)."""
+
+    count: int
+    per: float  # seconds, whole
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """``"150/10s"``, ``"15/s"``, ``"500/d"`` → a Rate (a window of whole seconds)."""
+        match = _RATE.match(text) if isinstance(text, str) else None
+        if not match or int(match[1]) <= 0:
+            raise ConfigurationError(f"RATE must look like '150/10s' or '500/d', not {text!r}.")
+        per = float(match[2] or 1) * _UNIT[match[3]]
+        if per < 1 or per != int(per):
+            raise ConfigurationError(
+                f"RATE {text!r}: the window must be a whole number of seconds (1 or more).")
+        return cls(count=int(match[1]), per=per)
+
 
 #: A delivery mode's name, as KIPEKEE["MODE"] and ``send(mode=...)`` take it (the
 #: outbox column's choices are ``kipekee.models.Mode``).
