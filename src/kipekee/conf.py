@@ -300,7 +300,10 @@ ENGINES = ("thread", "worker", "celery", "tasks", None)
 
 
 def parse(raw: Any) -> KipekeeSettings:
-    """Validate a raw ``KIPEKEE`` dict; raise ``ConfigurationError`` saying what is wrong."""
+    """Validate a raw ``KIPEKEE`` dict; raise ``ConfigurationError`` saying what is wrong.
+
+    One step a key or section, each named for what it reads; this only puts them together.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -310,64 +313,111 @@ def parse(raw: Any) -> KipekeeSettings:
         raise ConfigurationError(
             f"KIPEKEE has unknown keys {sorted(unknown)}; known keys are {sorted(_KNOWN_KEYS)}."
         )
+    # In this order, the order the keys have always been checked in: of two mistakes,
+    # the same one is named first.
+    return KipekeeSettings(
+        providers=_parse_providers(raw),
+        mode=_mode(raw),
+        now_retry_delays=_now_retry_delays(raw),
+        now_time_budget=_positive_number(raw, "NOW_TIME_BUDGET", 10.0),
+        retry=_parse_retry(raw),
+        circuit=_parse_circuit(raw),
+        engine=_engine(raw),
+        celery=_parse_celery(raw),
+        tasks=_parse_tasks(raw),
+        message_id_domain=_message_id_domain(raw),
+        webhook_secrets=_webhook_secrets(raw),
+        lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
+        strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
+        connections=_parse_connections(raw),
+        lanes=_parse_lanes(raw.get("LANES", {})),
+        max_message_size=_max_message_size(raw),
+        unsubscribe=_unsubscribe(raw),
+        limiter=_parse_limiter(raw),
+        **_parse_operations(raw),
+    )
 
+
+def _parse_providers(raw: dict[str, Any]) -> tuple[ProviderConfig, ...]:
     providers_raw = raw.get("PROVIDERS", {})
     if not isinstance(providers_raw, dict):
         raise ConfigurationError(
             'KIPEKEE["PROVIDERS"] must be a dict of {"alias": {"BACKEND": ..., "OPTIONS": {...}}}.'
         )
-    providers = []
-    for alias, entry in providers_raw.items():
-        where = f'KIPEKEE["PROVIDERS"][{alias!r}]'
-        if isinstance(entry, dict) and "MAILER" in entry:
-            entry = _from_mailers(where, entry)
-        if not isinstance(entry, dict) or "BACKEND" not in entry:
-            raise ConfigurationError(
-                f"{where} must be a dict with a 'BACKEND' key (or a 'MAILER' key naming an "
-                "entry of settings.MAILERS).")
-        extra = set(entry) - {"BACKEND", "OPTIONS", "LIMITS"}
-        if extra:
-            raise ConfigurationError(f"{where} has unknown keys {sorted(extra)}.")
-        options = entry.get("OPTIONS", {})
-        if not isinstance(options, dict):
-            raise ConfigurationError(f"{where}['OPTIONS'] must be a dict.")
-        if "alias" in options:
-            raise ConfigurationError(f"{where}['OPTIONS'] must not define 'alias'.")
-        if entry["BACKEND"] in DROP_IN_BACKENDS:
-            raise ConfigurationError(
-                f"{where} uses Kipekee's own drop-in backend; a provider must deliver, "
-                "not enqueue again (that would loop forever)."
-            )
-        limits = entry.get("LIMITS", {})
-        if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
-            raise ConfigurationError(
-                f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s', or a list: "
-                "['14/s', '50000/d']) and 'CONCURRENCY'.")
-        if not isinstance(limits.get("RATE", ""), (str, list, tuple)):
-            raise ConfigurationError(f"{where}['LIMITS']['RATE'] must be a rate like '150/10s' "
-                                     "or a list of them.")
-        rate = limits.get("RATE", ())
-        rates = tuple(Rate.parse(r) for r in ((rate,) if isinstance(rate, str) else rate))
-        concurrency = limits.get("CONCURRENCY")
-        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigurationError(f"{where}['LIMITS']['CONCURRENCY'] must be an int >= 1.")
-        providers.append(ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options,
-                                        rate=rates, concurrency=concurrency))
+    return tuple(_parse_provider(alias, entry) for alias, entry in providers_raw.items())
 
+
+def _parse_provider(alias: str, entry: Any) -> ProviderConfig:
+    """``KIPEKEE["PROVIDERS"][alias]``."""
+    where = f'KIPEKEE["PROVIDERS"][{alias!r}]'
+    if isinstance(entry, dict) and "MAILER" in entry:
+        entry = _from_mailers(where, entry)
+    if not isinstance(entry, dict) or "BACKEND" not in entry:
+        raise ConfigurationError(
+            f"{where} must be a dict with a 'BACKEND' key (or a 'MAILER' key naming an "
+            "entry of settings.MAILERS).")
+    extra = set(entry) - {"BACKEND", "OPTIONS", "LIMITS"}
+    if extra:
+        raise ConfigurationError(f"{where} has unknown keys {sorted(extra)}.")
+    options = entry.get("OPTIONS", {})
+    if not isinstance(options, dict):
+        raise ConfigurationError(f"{where}['OPTIONS'] must be a dict.")
+    if "alias" in options:
+        raise ConfigurationError(f"{where}['OPTIONS'] must not define 'alias'.")
+    if entry["BACKEND"] in DROP_IN_BACKENDS:
+        raise ConfigurationError(
+            f"{where} uses Kipekee's own drop-in backend; a provider must deliver, "
+            "not enqueue again (that would loop forever)."
+        )
+    rates, concurrency = _provider_limits(where, entry.get("LIMITS", {}))
+    return ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options,
+                          rate=rates, concurrency=concurrency)
+
+
+def _provider_limits(where: str, limits: Any) -> tuple[tuple[Rate, ...], int | None]:
+    """A provider's ``LIMITS``: its rates and its concurrency."""
+    if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
+        raise ConfigurationError(
+            f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s', or a list: "
+            "['14/s', '50000/d']) and 'CONCURRENCY'.")
+    if not isinstance(limits.get("RATE", ""), (str, list, tuple)):
+        raise ConfigurationError(f"{where}['LIMITS']['RATE'] must be a rate like '150/10s' "
+                                 "or a list of them.")
+    rate = limits.get("RATE", ())
+    rates = tuple(Rate.parse(r) for r in ((rate,) if isinstance(rate, str) else rate))
+    concurrency = limits.get("CONCURRENCY")
+    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+        raise ConfigurationError(f"{where}['LIMITS']['CONCURRENCY'] must be an int >= 1.")
+    return rates, concurrency
+
+
+def _mode(raw: dict[str, Any]) -> ModeName:
     mode = raw.get("MODE", "hybrid")
     if mode not in MODES:
         raise ConfigurationError(f'KIPEKEE["MODE"] must be one of {MODES}, not {mode!r}.')
+    return cast(ModeName, mode)
 
+
+def _engine(raw: dict[str, Any]) -> str | None:
+    engine = raw.get("ENGINE", "thread")
+    if engine not in ENGINES:
+        raise ConfigurationError(f'KIPEKEE["ENGINE"] must be one of {ENGINES}, not {engine!r}.')
+    return cast("str | None", engine)
+
+
+def _now_retry_delays(raw: dict[str, Any]) -> tuple[float, ...]:
     delays = raw.get("NOW_RETRY_DELAYS", (1, 2, 4))
     if not isinstance(delays, (list, tuple)) or not all(
         isinstance(d, (int, float)) and d >= 0 for d in delays
     ):
         raise ConfigurationError('KIPEKEE["NOW_RETRY_DELAYS"] must be a list of seconds >= 0.')
-    budget = _positive_number(raw, "NOW_TIME_BUDGET", 10.0)
+    return tuple(float(d) for d in delays)
 
+
+def _parse_retry(raw: dict[str, Any]) -> RetryConfig:
     retry_raw = _section(raw, "RETRY", _RETRY_KEYS)
     default_retry = RetryConfig()
-    retry = RetryConfig(
+    return RetryConfig(
         base_delay=_positive_number(retry_raw, "BASE_DELAY", default_retry.base_delay, "RETRY"),
         max_delay=_positive_number(retry_raw, "MAX_DELAY", default_retry.max_delay, "RETRY"),
         max_attempts=int(
@@ -380,21 +430,27 @@ def parse(raw: Any) -> KipekeeSettings:
         ),
         jitter=bool(retry_raw.get("JITTER", True)),
     )
+
+
+def _parse_circuit(raw: dict[str, Any]) -> CircuitConfig:
     circuit_raw = _section(raw, "CIRCUIT_BREAKER", _CIRCUIT_KEYS)
-    circuit = CircuitConfig(
+    return CircuitConfig(
         failures=int(_positive_number(circuit_raw, "FAILURES", 5, "CIRCUIT_BREAKER")),
         cooldown=_positive_number(circuit_raw, "COOLDOWN_SECONDS", 30.0, "CIRCUIT_BREAKER"),
     )
-    engine = raw.get("ENGINE", "thread")
-    if engine not in ENGINES:
-        raise ConfigurationError(f'KIPEKEE["ENGINE"] must be one of {ENGINES}, not {engine!r}.')
+
+
+def _parse_celery(raw: dict[str, Any]) -> CeleryConfig:
     celery_raw = raw.get("CELERY", {})
     if not isinstance(celery_raw, dict) or set(celery_raw) - {"QUEUE", "SWEEP_GRACE_SECONDS"}:
         raise ConfigurationError('KIPEKEE["CELERY"] takes "QUEUE" and "SWEEP_GRACE_SECONDS".')
     queue = celery_raw.get("QUEUE", "kipekee")
     if not isinstance(queue, str) or not queue:
         raise ConfigurationError('KIPEKEE["CELERY"]["QUEUE"] must be a queue name.')
-    celery = CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
+    return CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
+
+
+def _parse_tasks(raw: dict[str, Any]) -> TasksConfig:
     tasks_raw = raw.get("TASKS", {})
     if not isinstance(tasks_raw, dict) or set(tasks_raw) - {"BACKEND", "QUEUE",
                                                              "SWEEP_GRACE_SECONDS"}:
@@ -404,13 +460,19 @@ def parse(raw: Any) -> KipekeeSettings:
         if key in tasks_raw and (not isinstance(tasks_raw[key], str) or not tasks_raw[key]):
             raise ConfigurationError(f'KIPEKEE["TASKS"]["{key}"] must be a name, not '
                                      f'{tasks_raw[key]!r}.')
-    tasks = TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
-                        queue=tasks_raw.get("QUEUE", "default"),
-                        sweep_grace=_grace(tasks_raw.get("SWEEP_GRACE_SECONDS", 30.0)))
+    return TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
+                       queue=tasks_raw.get("QUEUE", "default"),
+                       sweep_grace=_grace(tasks_raw.get("SWEEP_GRACE_SECONDS", 30.0)))
+
+
+def _message_id_domain(raw: dict[str, Any]) -> str | None:
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
+    return domain
 
+
+def _webhook_secrets(raw: dict[str, Any]) -> tuple[str, ...]:
     secrets = raw.get("WEBHOOK_SECRET", ())
     if isinstance(secrets, str):
         secrets = (secrets,)
@@ -421,28 +483,7 @@ def parse(raw: Any) -> KipekeeSettings:
             'KIPEKEE["WEBHOOK_SECRET"] must be "user:password" or a list of them (the '
             "basic auth in the webhook URL you give the provider; list two to rotate)."
         )
-
-    return KipekeeSettings(
-        providers=tuple(providers),
-        mode=cast(ModeName, mode),
-        now_retry_delays=tuple(float(d) for d in delays),
-        now_time_budget=budget,
-        retry=retry,
-        circuit=circuit,
-        engine=engine,
-        celery=celery,
-        tasks=tasks,
-        lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
-        strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
-        message_id_domain=domain,
-        webhook_secrets=tuple(secrets),
-        connections=_parse_connections(raw),
-        lanes=_parse_lanes(raw.get("LANES", {})),
-        max_message_size=_max_message_size(raw),
-        unsubscribe=_unsubscribe(raw),
-        limiter=_parse_limiter(raw),
-        **_parse_operations(raw),
-    )
+    return tuple(secrets)
 
 
 def _section(raw: dict[str, Any], name: str, keys: set[str]) -> dict[str, Any]:
