@@ -26,6 +26,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from . import conf
+from .registries import PerProvider
 
 
 class CircuitBreaker:
@@ -101,23 +102,20 @@ class CircuitBreaker:
                 self._state, self._opened_at, self._trial_out = self.OPEN, self._clock(), False
 
 
-_lock = threading.Lock()
-_breakers: dict[str, CircuitBreaker] = {}
+def _new_breaker(alias: str) -> CircuitBreaker:
+    settings = conf.get().circuit
+    return CircuitBreaker(failures=settings.failures, cooldown=settings.cooldown)
+
+
+_breakers = PerProvider(_new_breaker)
 
 
 def for_provider(alias: str) -> CircuitBreaker:
-    with _lock:
-        breaker = _breakers.get(alias)
-        if breaker is None:
-            settings = conf.get().circuit
-            breaker = _breakers[alias] = CircuitBreaker(failures=settings.failures,
-                                                        cooldown=settings.cooldown)
-        return breaker
+    return _breakers.get(alias)
 
 
 def reset() -> None:
-    with _lock:
-        _breakers.clear()
+    _breakers.clear()
 
 
 @receiver(setting_changed)

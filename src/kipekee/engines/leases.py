@@ -22,7 +22,7 @@ from django.db import DatabaseError, connections
 
 from .. import conf, outbox
 from ..models import OutboxEmail
-from .process import PerProcess
+from ..registries import PerProcess
 
 logger = logging.getLogger("kipekee.engines")
 

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from django.utils import timezone
 
 from .. import outbox
+from ..registries import PerProcess
 from . import Sender, Stats, beat, engine_name, leases
-from .process import PerProcess
 
 logger = logging.getLogger("kipekee.thread")
 
