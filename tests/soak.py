@@ -446,9 +446,12 @@ def run(config: Config, primary: LocalSMTPServer, backup: LocalSMTPServer,
         c.start()
     try:
         chaos_end = time.monotonic() + config.chaos_seconds
-        next_kill = time.monotonic() + schedule.uniform(*config.kill_every)
-        next_db_fault = time.monotonic() + schedule.uniform(*config.db_fault_every)
-        next_outage = time.monotonic() + schedule.uniform(*config.outage_every)
+        # The first of each falls within its shortest gap, while mail is surely in flight:
+        # a fast drain (1,000 mails settle in about 6 s on a quiet machine) must not end
+        # before the first kill, database fault or outage has happened.
+        next_kill = time.monotonic() + schedule.uniform(0.5, config.kill_every[0])
+        next_db_fault = time.monotonic() + schedule.uniform(0.5, config.db_fault_every[0])
+        next_outage = time.monotonic() + schedule.uniform(0.5, config.outage_every[0])
         next_sample = time.monotonic()
         while time.monotonic() < chaos_end and _unsettled():
             now = time.monotonic()
