@@ -20,10 +20,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 
 from . import conf
 from .registries import PerProvider
@@ -118,7 +114,4 @@ def reset() -> None:
     _breakers.clear()
 
 
-@receiver(setting_changed)
-def _settings_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in conf.SETTINGS:
-        reset()
+conf.reset_on_change(reset)

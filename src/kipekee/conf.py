@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, cast
@@ -35,7 +36,6 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.core.signals import setting_changed
 from django.core.validators import validate_email
-from django.dispatch import receiver
 
 from .exceptions import ConfigurationError, InvalidMessage, UnknownProvider
 
@@ -718,12 +718,27 @@ def get() -> KipekeeSettings:
 
 #: The Django settings read here: when one changes (``override_settings``), the parsed
 #: settings are read again, and each module that built something from them (providers'
-#: backend classes, circuit breakers, limits) forgets it, through its own receiver.
+#: backend classes, circuit breakers, limits) forgets it, through its own receiver
+#: (:func:`reset_on_change`).
 SETTINGS = frozenset({"KIPEKEE", "DEFAULT_FROM_EMAIL", "MAILERS"})
 
 
-@receiver(setting_changed)
-def _reset(*, setting: str, **kwargs: Any) -> None:
+def reset_on_change(reset: Callable[[], None], settings: Collection[str] = SETTINGS) -> None:
+    """Call ``reset`` whenever one of ``settings`` changes (``setting_changed``, as
+    ``override_settings`` sends it): how a module forgets what it built from them, each
+    module its own, as ``django/tasks/signals.py`` does."""
+
+    def on_change(*, setting: str, **kwargs: Any) -> None:
+        if setting in settings:
+            reset()
+
+    setting_changed.connect(on_change, weak=False,
+                            dispatch_uid=f"kipekee:{reset.__module__}.{reset.__qualname__}")
+
+
+def _forget_parsed() -> None:
     global _cached
-    if setting in SETTINGS:
-        _cached = None
+    _cached = None
+
+
+reset_on_change(_forget_parsed)

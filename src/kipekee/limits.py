@@ -59,10 +59,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from django.core.signals import setting_changed
 from django.db import DatabaseError, router, transaction
 from django.db.models import F
-from django.dispatch import receiver
 
 from . import conf
 from .conf import Rate
@@ -754,8 +752,5 @@ def reset() -> None:
         _limiter, _limiter_for = None, None
 
 
-@receiver(setting_changed)
-def _settings_changed(*, setting: str, **kwargs: object) -> None:
-    # (Not conf.SETTINGS: conf imports this module.) Limits come from KIPEKEE alone.
-    if setting == "KIPEKEE":
-        reset()
+# Limits come from KIPEKEE alone.
+conf.reset_on_change(reset, {"KIPEKEE"})

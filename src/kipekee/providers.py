@@ -40,8 +40,6 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from . import conf, testmode
@@ -107,10 +105,7 @@ def reset() -> None:
     _backend_class.cache_clear()
 
 
-@receiver(setting_changed)
-def _settings_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in conf.SETTINGS:
-        reset()
+conf.reset_on_change(reset)
 
 
 def build(alias: str) -> BaseEmailBackend:
