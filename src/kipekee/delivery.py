@@ -286,7 +286,7 @@ class Deliverer:
         return message, refused
 
     def _try_providers(self, p: _Pending, aliases: Sequence[str],
-                 failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
+                       failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
         """Send one message through ``aliases`` in order; ``failures`` so far come first."""
         row, message, started, refused = p.row, p.message, p.started, p.refused
         failures = list(failures)
@@ -320,16 +320,9 @@ class Deliverer:
                 failures.append((alias, _PassedOver.limited(limited)))
                 continue
             except Exception as exc:  # noqa: BLE001 - classified and recorded on the row
-                failure = classify(exc, backend)
-                self._discard(alias)  # the session's state is unknown after an error
-                if failure.kind == ErrorKind.PERMANENT:
-                    breaker.success()  # the provider answered: it is up
-                else:
-                    breaker.failure(configuration=failure.whole_provider)
-                # A misconfigured provider (bad key, unverified sender) is an alarm.
-                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
-                           else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
-                           alias, failure.error, failure.kind, row.pk)
+                failure = self._failed(alias, breaker, exc, backend)
+                _log_failure(failure, "Provider %r: %s (%s) for outbox email %s",
+                             alias, failure.error, failure.kind, row.pk)
                 if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
@@ -338,6 +331,11 @@ class Deliverer:
                 continue
             breaker.success()
             return self._sent(started, alias, message, failures, refused, backend)
+        return self._none_took_it(started, failures, refused)
+
+    def _none_took_it(self, started: datetime, failures: Sequence[tuple[str, Failure]],
+                      refused: dict[str, str]) -> Outcome:
+        """The outcome when no provider took the message: ``failures``, one a provider."""
         if not failures:
             return self._outcome(started, "", Failure(
                 kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
@@ -507,15 +505,9 @@ class Deliverer:
                     outcomes[p.index] = self._fail_over(p, alias, broken)
                 continue
             except Exception as exc:  # noqa: BLE001 - classified, recorded on every row
-                failure = classify(exc, backend)
-                self._discard(alias)
-                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
-                           else logging.INFO, "Provider %r: batch of %s failed: %s (%s)",
-                           alias, len(chunk), failure.error, failure.kind)
-                if failure.kind == ErrorKind.PERMANENT:
-                    breaker.success()  # the provider answered: it is up
-                else:
-                    breaker.failure(configuration=failure.whole_provider)
+                failure = self._failed(alias, breaker, exc, backend)
+                _log_failure(failure, "Provider %r: batch of %s failed: %s (%s)",
+                             alias, len(chunk), failure.error, failure.kind)
                 if failure.kind == ErrorKind.PERMANENT:
                     for p, _ in chunk:
                         outcomes[p.index] = self._try_providers(p, p.aliases)
@@ -531,6 +523,18 @@ class Deliverer:
                                                    backend)
                 else:
                     outcomes[p.index] = self._fail_over(p, alias, classify(result, backend))
+
+    def _failed(self, alias: str, breaker: circuit.CircuitBreaker, exc: Exception,
+                backend: Any) -> Failure:
+        """A send through ``alias`` raised ``exc``: its failure, the connection dropped
+        (the session's state is unknown after an error) and the breaker told."""
+        failure = classify(exc, backend)
+        self._discard(alias)
+        if failure.kind == ErrorKind.PERMANENT:
+            breaker.success()  # the provider answered: it is up
+        else:
+            breaker.failure(configuration=failure.whole_provider)
+        return failure
 
     def _fail_over(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
         """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
@@ -638,3 +642,9 @@ class Deliverer:
     def close(self) -> None:
         """Give every connection back (they stay open in the pool for the next call)."""
         self._release_all()
+
+
+def _log_failure(failure: Failure, message: str, *args: Any) -> None:
+    # A misconfigured provider (bad key, unverified sender) is an alarm.
+    logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION else logging.INFO,
+               message, *args)
