@@ -83,15 +83,22 @@ chromium:
 django-gate-%: $(VENVS)/%/.installed
 	$(VENVS)/$*/bin/python tests/django_gate/run.py
 
+# pytest-xdist workers per pass: the suite mostly waits (servers, engines, subprocesses;
+# one process keeps a core about 40% busy), so two workers halve a pass on two cores.
+# Every worker has its own test database (named by its pid in tests/settings.py) and its
+# own Redis key prefixes. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := -m pytest -n $(PYTEST_WORKERS)
+
 # The suite, then the gate; both always run, the target fails if either failed.
 test-django52 test-django60 test-django61: test-%: $(VENVS)/%/.installed chromium
 	@status=0; \
-	$(VENVS)/$*/bin/python -m pytest $(PYTEST_ARGS) || status=1; \
+	$(VENVS)/$*/bin/python $(PYTEST) $(PYTEST_ARGS) || status=1; \
 	$(MAKE) --no-print-directory django-gate-$* || status=1; \
 	exit $$status
 
 test-postgres: $(VENVS)/django52/.installed chromium
-	KIPEKEE_TEST_DATABASE=postgres $(VENVS)/django52/bin/python -m pytest $(PYTEST_ARGS)
+	KIPEKEE_TEST_DATABASE=postgres $(VENVS)/django52/bin/python $(PYTEST) $(PYTEST_ARGS)
 
 # The static checks, in seconds (mypy keeps its cache in .mypy_cache): ruff (rules in
 # pyproject), mypy --strict with django-stubs on src/kipekee, and the layer contract
