@@ -47,6 +47,7 @@ ROWS = [
     ("mails (recipients)", lambda f: f"{f['mails']:,} ({f['recipients']:,})"),
     ("outbox rows (follow-up rows)", lambda f: f"{f['rows']:,} ({f['follow_ups']})"),
     ("fault windows on the two servers", lambda f: f"{sum(f['faults'].values()):,}"),
+    ("  by kind", lambda f: ", ".join(f"{k} {v}" for k, v in sorted(f["faults"].items()))),
     ("outages of both servers at once", lambda f: f"{f['outages']}"),
     ("worker processes killed -9", lambda f: f"{f['kills']}"),
     ("database faults", lambda f: f"{f['db_faults']}"),
@@ -55,12 +56,16 @@ ROWS = [
     ("recipients recorded failed (poison)",
      lambda f: f"{f['failed_recipients']} ({f['poison_failed']})"),
     ("lost", lambda f: f"{f['lost']}"),
-    ("extra copies: after a kill / unacknowledged / unexplained",
+    ("extra copies: after a kill / answer never received / unexplained",
      lambda f: (f"{f['extra_after_crash']} / {f['extra_after_late_answer']} / "
                 f"{f['extra_unexplained']}")),
     ("attempts whose outcome was never recorded", lambda f: f"{f['unrecorded_attempts']}"),
     ("attempts per mail: mean / max (MAX_ATTEMPTS 12)",
      lambda f: f"{f['attempts_per_mail']:.2f} / {f['max_attempts']}"),
+    ("claims per mail: mean / max (claims that were not attempts: all / max per mail)",
+     lambda f: (f"{f['claims_per_mail']:.2f} / {f['max_claims']} "
+                f"({f['spare_claims']:,} / {f['max_spare_claims']}); closest to its "
+                f"bound: {f['closest_claims'][0]} of {f['closest_claims'][1]}")),
     ("rows failed, by reason",
      lambda f: ", ".join(f"{k} {v}" for k, v in f["failed_reasons"].items()) or "-"),
     ("wall time (workers up after)",

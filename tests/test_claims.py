@@ -437,3 +437,30 @@ def test_rows_of_a_lane_removed_from_the_settings_are_still_delivered(sink_provi
     assert (row.status, row.lane) == (Status.SENT, conf.TRANSACTIONAL)
     assert [m.subject for m in sink_provider.messages] == ["Disk full"]
     assert not [m for m in checks.run_checks(databases=["default"]) if m.id == "kipekee.W015"]
+
+
+def test_every_claim_is_counted_even_one_that_is_not_an_attempt(sink_provider):
+    """Issue 17's soak checks that no row spins (claimed over and over without an attempt
+    being spent): ``claims`` counts each claim, by every path, and a claim given back
+    (``release``) or passed over for open circuits (``postpone``) keeps its count while
+    its attempt is taken back."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from kipekee.delivery import Outcome
+
+    [pk] = queue(1, "transactional")
+    [row] = outbox.claim_batch(1)
+    assert (row.attempts, row.claims) == (1, 1)
+    assert outbox.release(row)
+    [row] = outbox.claim_batch(1, ids=[pk])
+    assert (row.attempts, row.claims) == (1, 2)
+    now = timezone.now()
+    outcome = Outcome(ok=False, provider="", started_at=now, finished_at=now, kind="transient",
+                      error="every circuit open", attempted=False)
+    assert outbox.postpone(row, outcome, due_at=timezone.now() - timedelta(seconds=1))
+    row = outbox.claim(pk)
+    assert row is not None and (row.attempts, row.claims) == (1, 3)
+    row.refresh_from_db()
+    assert (row.attempts, row.claims) == (1, 3)

@@ -146,6 +146,23 @@ def test_engines_needed_only_when_rows_wait_for_one(sink_provider):
     assert passed and rows["engines"][0] == "ok" and "1 alive (thread@h:3)" in rows["engines"][1]
 
 
+@pytest.mark.parametrize(("engine", "hint"), [
+    (None, "manage.py kipekee_worker"),
+    ("worker", "manage.py kipekee_worker"),
+    ("thread", "a web process (ENGINE \"thread\" runs in it)"),
+    ("celery", "a Celery worker consuming queue kipekee, with beat"),
+    ("tasks", "a worker of task backend default for queue mail (e.g. manage.py db_worker "
+              "--queue-name mail)"),
+])
+def test_no_engine_alive_names_how_to_start_the_configured_one(sink_provider, settings, engine,
+                                                               hint):
+    settings.KIPEKEE = {**settings.KIPEKEE, "ENGINE": engine, "TASKS": {"QUEUE": "mail"}}
+    _row(mode="queue")
+    rows, passed = check("--no-providers")
+    assert not passed
+    assert rows["engines"] == ("fail", f"none alive, and 1 message(s) wait for one (start: {hint})")
+
+
 def test_heartbeat_max_age_is_configurable(kipekee_settings):
     kipekee_settings(_extra={"CHECK": {"HEARTBEAT_MAX_AGE": 600}})
     _row(mode="queue")

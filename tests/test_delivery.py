@@ -16,6 +16,7 @@ from kipekee import outbox
 from kipekee.delivery import Deliverer
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
 from kipekee.testing import Faults, self_signed_context
+from kipekee.testing.assertions import deliver_outbox
 
 from .conftest import SMTP_BACKEND, smtp_provider, unused_port
 
@@ -269,9 +270,10 @@ def test_connection_dropped_mid_data_is_transient(smtp_server, kipekee_settings)
     assert server.messages == []
 
 
-def test_server_stalling_past_the_timeout_is_transient(smtp_server, kipekee_settings):
+def test_server_stalling_past_the_final_reply_timeout_is_transient(smtp_server,
+                                                                   kipekee_settings):
     server = smtp_server(faults=Faults(stall_before_data_reply=3))
-    kipekee_settings(primary=smtp_provider(server, timeout=0.5))
+    kipekee_settings(primary=smtp_provider(server, timeout=0.5, final_reply_timeout=0.5))
     receipt = kipekee.send(**MAIL)
     assert receipt.status == Status.DEFERRED and receipt.error_kind == ErrorKind.TRANSIENT
     assert "timed out" in receipt.error
@@ -518,10 +520,11 @@ def outbox_locked_after_commit(held: list[threading.Event]) -> Iterator[None]:
 
 
 def test_a_database_error_after_the_commit_never_reaches_the_caller(sink_provider, caplog):
-    """The business transaction committed, then the in-request send cannot claim its row
-    (the database is locked past the timeout): the caller's block returns, the
-    application's later on_commit hooks run, the error is logged and the mail stays
-    queued for an engine."""
+    """The business transaction committed (the row written already claimed by the
+    request), the provider took the message, then its result cannot be recorded (the
+    database is locked past the timeout): the caller's block returns, the application's
+    later on_commit hooks run, the error is logged and the row stays claimed until its
+    lease ends, when an engine takes it (at least once: the same Message-ID)."""
     held: list[threading.Event] = []
     later: list[str] = []
     with outbox_locked_after_commit(held) as grab:
@@ -531,6 +534,11 @@ def test_a_database_error_after_the_commit_never_reaches_the_caller(sink_provide
             transaction.on_commit(lambda: later.append("ran"))
         assert held and later == ["ran"]
     assert receipt.status == Status.QUEUED and not receipt.sent
-    assert OutboxEmail.objects.get(pk=receipt.id).status == Status.QUEUED
-    assert sink_provider.messages == []
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert row.status == Status.SENDING and row.lease_until > timezone.now()
     assert f"outbox email {receipt.id}" in caplog.text and "stays queued" in caplog.text
+    # When the lease ends, an engine sends it again and records it.
+    OutboxEmail.objects.filter(pk=receipt.id).update(lease_until=timezone.now())
+    assert deliver_outbox() == 1
+    assert receipt.refresh().sent
+    assert {m.message_id for m in sink_provider.wait_for(2)} == {receipt.message_id}

@@ -38,8 +38,10 @@ def test_soak_keeps_every_promise(smtp_server, server_ssl_context, smtp_ca_file,
         **soak.SETTINGS,
         "PROVIDERS": {
             "primary": smtp_provider(primary, timeout=soak.TIMEOUT, use_tls=True,
-                                     ca_file=str(smtp_ca_file)),
-            "backup": smtp_provider(backup, timeout=soak.TIMEOUT),
+                                     ca_file=str(smtp_ca_file),
+                                     final_reply_timeout=soak.FINAL_REPLY_TIMEOUT),
+            "backup": smtp_provider(backup, timeout=soak.TIMEOUT,
+                                    final_reply_timeout=soak.FINAL_REPLY_TIMEOUT),
         },
     }
     figures = soak.run(config, primary, backup, settings.KIPEKEE)

@@ -235,9 +235,13 @@ class Deliverer:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def deliver(self, row: OutboxEmail) -> Outcome:
-        """Deliver one claimed row through the providers, in failover order."""
-        return self.deliver_many([row])[0]
+    def deliver(self, row: OutboxEmail, *, checked: bool = False) -> Outcome:
+        """Deliver one claimed row through the providers, in failover order.
+
+        ``checked``: the row's recipients were checked against the suppression list (and
+        its mailing list's unsubscribes) a moment ago, as it was written: not asked again.
+        """
+        return self.deliver_many([row], checked=checked)[0]
 
     def _prepare(self, row: OutboxEmail, started: datetime,
                  suppressed: dict[str, str] | None = None,
@@ -371,7 +375,8 @@ class Deliverer:
                        error="; ".join(f"{a}: {f.error}" for a, f in failures),
                        refused={**refused, **refused_now}, provider_message_ids=ids)
 
-    def deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
+    def deliver_many(self, rows: Sequence[OutboxEmail], *,
+                     checked: bool = False) -> list[Outcome]:
         """Deliver several claimed rows; one outcome per row, in order.
 
         Engines hand whole claimed batches here. Rows whose first provider can take many
@@ -388,17 +393,21 @@ class Deliverer:
         fault, so its rows are then sent one by one, each getting its own verdict.
         """
         try:
-            return self._deliver_many(rows)
+            return self._deliver_many(rows, checked)
         finally:
             self._release_all()  # warm, for the next call (of any thread)
 
-    def _deliver_many(self, rows: Sequence[OutboxEmail]) -> list[Outcome]:
+    def _deliver_many(self, rows: Sequence[OutboxEmail], checked: bool) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(rows)
         prefetch_related_objects(list(rows), "attachments")
         using = rows[0]._state.db if rows else None
-        suppressed = suppression.check({a for row in rows for a in row.recipients}, using=using)
-        # List mail: who left its list since it was written (one query per list).
-        left = lists.unsubscribed_many(_by_list(rows), using=using)
+        suppressed: dict[str, str] = {}
+        left: dict[str, dict[str, str]] = {}
+        if not checked:
+            suppressed = suppression.check({a for row in rows for a in row.recipients},
+                                           using=using)
+            # List mail: who left its list since it was written (one query per list).
+            left = lists.unsubscribed_many(_by_list(rows), using=using)
         groups: dict[str, list[_Pending]] = {}
         for index, row in enumerate(rows):
             started = timezone.now()

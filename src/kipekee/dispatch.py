@@ -118,12 +118,14 @@ def submit(message: EmailMessage, options: SendOptions | None = None, *,
     if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
         send_at = outbox.stored_time(send_at, "send_at")
     db = using or outbox.db_for_write()
+    later = send_at is not None and send_at > timezone.now()
+    here = mode != "queue" and not later
     row, created = outbox.enqueue(
         message, replace(options, mode=mode, send_at=send_at),
-        # Delivered here right after commit (unless send_at is still ahead): an engine
-        # polling at that moment must not take it first (the caller would lose its
-        # answer).
-        in_request_hold=None if mode == "queue" else IN_REQUEST_HOLD,
+        # Delivered here right after commit: written already claimed by this request
+        # (no engine polling at that moment may take it first, and the caller would
+        # lose its answer), so sending it costs no claim statement.
+        claimed=here,
         # Workers LISTENing on PostgreSQL hear of it when (and only if) it is committed
         # (also of one with a send_at that has passed: the request delivers that itself,
         # and the workers find nothing they may take).
@@ -132,14 +134,18 @@ def submit(message: EmailMessage, options: SendOptions | None = None, *,
     receipt = Receipt(row, created=created)
     if not created or receipt.suppressed:  # nothing (new) to deliver
         return receipt
-    later = send_at is not None and send_at > timezone.now()
-    if mode == "queue" or later:
+    if row.status == Status.SENDING:
+        # Claimed as written, for this request's own send after commit; to the caller
+        # nothing has started yet (and a rollback leaves nothing): queued until then.
+        receipt.status = Status.QUEUED
+    if not here:
         # With when it falls due, if later: a task engine may schedule its task for
         # then (django.tasks' run_after); the thread engine wakes to sleep until then.
         transaction.on_commit(partial(engines.wake, [row.pk], due_at=send_at if later else None),
                               using=db)
     else:
-        transaction.on_commit(partial(deliver_in_request, receipt), using=db)
+        transaction.on_commit(partial(deliver_in_request, receipt, row,
+                                      written=time.monotonic()), using=db)
     return receipt
 
 
@@ -243,8 +249,19 @@ def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
         engines.wake([row.pk for row in deferred], due_at=min(row.due_at for row in deferred))
 
 
-def deliver_in_request(receipt: Receipt) -> None:
+#: A row written this many seconds before its delivery starts (right after commit) is
+#: sent with the suppression check made as it was written: a request's own row is not
+#: checked twice within moments. A transaction that stays open longer is checked again.
+FRESH_CHECK_SECONDS = 1.0
+
+
+def deliver_in_request(receipt: Receipt, row: OutboxEmail | None = None, *,
+                       written: float | None = None) -> None:
     """Deliver a freshly committed row now, as its mode says; update ``receipt``.
+
+    ``row``: the row as written, already claimed by this request
+    (``outbox.enqueue(claimed=True)``); ``written``: when (``time.monotonic()``).
+    Without it the row is claimed first (``outbox.claim(in_request=True)``).
 
     Runs in the caller's ``on_commit``, after the business transaction (and the row) is
     committed: a database error here (a lock held past the timeout, a restart) would
@@ -254,23 +271,38 @@ def deliver_in_request(receipt: Receipt) -> None:
     ``receipt`` keeps the last state known.
     """
     try:
-        _deliver_in_request(receipt)
+        _deliver_in_request(receipt, row, written)
     except DatabaseError:
         logger.exception("In-request delivery of outbox email %s failed on a database "
-                         "error; it stays queued for an engine", receipt.id)
+                         "error; it stays queued for an engine (claimed by this request: "
+                         "when its lease ends)", receipt.id)
         engines.wake()  # never raises
 
 
-def _deliver_in_request(receipt: Receipt) -> None:
+def _deliver_in_request(receipt: Receipt, claimed: OutboxEmail | None = None,
+                        written: float | None = None) -> None:
     settings = conf.get()
     delays = settings.now_retry_delays if receipt.mode == "now" else ()
-    deadline = time.monotonic() + settings.now_time_budget
+    started = time.monotonic()
+    deadline = started + settings.now_time_budget
     policy = RetryPolicy.from_settings()
+    # Checked against the suppression list as it was written, a moment ago.
+    checked = claimed is not None and written is not None and (
+        started - written < FRESH_CHECK_SECONDS)
+    # Renewed only when a long transaction used up half the lease before its commit,
+    # as a claim now would have leased it.
+    if claimed is not None and not outbox.keep_claim(claimed, within=settings.lease / 2):
+        receipt.refresh()  # an engine took it after its lease: it is the engine's now
+        return
     # The process's warm connections (kipekee.connections): waiting for one when all are
     # in use counts against the time budget (the deadline below).
     with Deliverer() as deliverer:
         for index in range(len(delays) + 1):
-            row = outbox.claim(receipt.id, in_request=True, using=receipt._using)
+            if index == 0 and claimed is not None:
+                row: OutboxEmail | None = claimed
+            else:
+                row = outbox.claim(receipt.id, in_request=True, using=receipt._using)
+                checked = False
             if row is None:
                 # Not due yet (send_at), or an engine holds it: nothing to do here.
                 receipt.refresh()
@@ -278,7 +310,7 @@ def _deliver_in_request(receipt: Receipt) -> None:
             # The budget bounds the attempt itself too: a backend that honours deadlines
             # (Kipekee's SMTP backend does) gives up in time and the row is deferred.
             with deadlines.until(deadline):
-                outcome = deliverer.deliver(row)
+                outcome = deliverer.deliver(row, checked=checked)
             quick = delays[index] if index < len(delays) else None
             if quick is not None and outcome.retry_after is not None:
                 quick = max(quick, outcome.retry_after)

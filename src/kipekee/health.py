@@ -137,6 +137,20 @@ def _waiting_for_engine() -> int:
     ).count()
 
 
+def _how_to_start() -> str:
+    """What runs the engine ``KIPEKEE["ENGINE"]`` names (the worker command without one)."""
+    settings = conf.get()
+    if settings.engine == "thread":
+        return 'a web process (ENGINE "thread" runs in it)'
+    if settings.engine == "celery":
+        return f"a Celery worker consuming queue {settings.celery.queue}, with beat"
+    if settings.engine == "tasks":
+        queue = settings.tasks.queue
+        return (f"a worker of task backend {settings.tasks.backend} for queue {queue} "
+                f"(e.g. manage.py db_worker --queue-name {queue})")
+    return "manage.py kipekee_worker"
+
+
 def check_engines() -> Iterator[Result]:
     now = timezone.now()
     max_age = timedelta(seconds=conf.get().check.heartbeat_max_age)
@@ -155,7 +169,7 @@ def check_engines() -> Iterator[Result]:
         if waiting:
             yield Result(name="engines", level="fail",
                          detail=f"none alive, and {waiting} message(s) wait for one "
-                                "(start: manage.py kipekee_worker)")
+                                f"(start: {_how_to_start()})")
         else:
             yield Result(name="engines", level="ok",
                          detail="none running; none needed now (nothing waits for one)")

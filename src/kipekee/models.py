@@ -140,6 +140,10 @@ class OutboxEmail(models.Model):
     # Who holds the lease: an engine's name plus a per-claim token.
     claimed_by = models.CharField(max_length=100, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # Every claim of the row, whether or not it became an attempt (a claim given back
+    # by a stopping engine, or passed over because every circuit was open, does not
+    # count as one): how often the row was taken, to see that nothing spins on it.
+    claims = models.PositiveIntegerField(default=0)
     sent_at = models.DateTimeField(null=True, blank=True)
     sent_by = models.CharField(max_length=100, blank=True)
     error_kind = models.CharField(max_length=16, choices=ErrorKind.choices, blank=True)

@@ -26,6 +26,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
+from copy import copy as shallow_copy
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -100,6 +102,7 @@ def enqueue(
     options: SendOptions,
     *,
     in_request_hold: timedelta | None = None,
+    claimed: bool = False,
     using: str | None = None,
     announce: bool = False,
 ) -> tuple[OutboxEmail, bool]:
@@ -108,6 +111,16 @@ def enqueue(
     ``in_request_hold``: keep engines off a row due now for this long (``due_at`` in the future)
     because the caller delivers it itself right after commit; only ``claim(pk, in_request=True)``
     takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
+
+    ``claimed``: the caller sends the row itself right after commit (a request's
+    ``now``/``hybrid`` send): it is written already claimed, as :func:`claim` would leave
+    it (``sending``, its first attempt counted, a lease and a claim token), so sending it
+    costs no claim statement, and comes back with its attachments in hand (no read
+    either). The INSERT is durable before any provider is called; should the caller die
+    before recording a result, an engine takes the row when its lease ends, as any
+    claimed row. A caller whose transaction outlived half the lease renews it first
+    (:func:`keep_claim`). Not for a row suppressed as it is written (it stays
+    ``suppressed``), nor with a ``send_at`` still ahead.
 
     ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
     row is committed), in the INSERT itself.
@@ -136,14 +149,78 @@ def enqueue(
     with nullcontext() if alone else transaction.atomic(using=db):
         _apply_suppressions(row, suppression.check(row.recipients, using=db,
                                                    mailing_list=options.mailing_list))
+        if claimed and row.status == Status.QUEUED:
+            _claimed_as_written(row)
         inserted = _insert(OutboxEmail, [row], db, if_new=bool(options.idempotency_key),
                            notify=announce)
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
             return OutboxEmail.objects.using(db).get(
                 idempotency_key=options.idempotency_key), False
-        _insert(Attachment, _attachment_rows(row, attachments), db)
-    _announce([row], db)
+        stored = _attachment_rows(row, attachments)
+        _insert(Attachment, stored, db)
+    if row.claimed_by:
+        _hand_attachments(row, stored, db)
+        # The caller sends this very object, without reading the row back: the signal's
+        # receivers (run at once outside a transaction) get a copy of their own.
+        _announce([detached(row)], db)
+    else:
+        _announce([row], db)
     return row, True
+
+
+def _claimed_as_written(row: OutboxEmail) -> None:
+    """Set on a new, unsaved row what :func:`claim` would: ``sending``, its first
+    attempt, a lease from now and a claim token of its own (which fences its result)."""
+    row.status = Status.SENDING
+    row.attempts = 1
+    row.lease_until = row.created_at + conf.get().lease
+    row.claimed_by = f"request:{uuid.uuid4().hex[:12]}"
+    row.due_at = row.created_at  # no hold: the lease keeps engines off it
+
+
+def _hand_attachments(row: OutboxEmail, stored: list[Attachment], db: str) -> None:
+    """``row.attachments.all()`` answered from what was just written (in ``id``
+    order, as the model orders them), as a claim's RETURNING hands them over: the
+    delivery that follows reads nothing back."""
+    # A real queryset of its attachments, not none(): a copy of it (``.using(db)``,
+    # ``.filter()``, as a follow-up row's copy makes) must read them, not find none.
+    cached = (Attachment.objects.using(db).filter(email=row) if stored
+              else Attachment.objects.using(db).none())
+    cached._result_cache, cached._prefetch_done = list(stored), True  # type: ignore[attr-defined]
+    row._prefetched_objects_cache = {_ATTACHMENTS: cached}  # type: ignore[attr-defined]
+
+
+def detached(row: OutboxEmail) -> OutboxEmail:
+    """A copy of ``row`` (with its attachments in hand) that what other code does to it
+    in memory never reaches, nor what it does to the copy reaches ``row``."""
+    twin = shallow_copy(row)
+    for field in OutboxEmail._meta.concrete_fields:
+        value = getattr(row, field.attname)
+        if isinstance(value, (list, dict)):  # JSON columns: recipients, headers, metadata
+            setattr(twin, field.attname, deepcopy(value))
+    cache = getattr(row, "_prefetched_objects_cache", None)
+    if cache is not None:
+        twin._prefetched_objects_cache = dict(cache)  # type: ignore[attr-defined]
+    return twin
+
+
+def keep_claim(row: OutboxEmail, *, within: timedelta) -> bool:
+    """Make sure ``row``, claimed by the caller (``claim`` or ``enqueue(claimed=True)``),
+    is still the caller's for at least ``within``: when less of its lease is left, the
+    lease is renewed in one UPDATE fenced by the claim's token. False when the row is no
+    longer the caller's (its lease ran out and an engine took it, or a person changed
+    it): the caller must not send it."""
+    now = timezone.now()
+    if row.lease_until is not None and row.lease_until - now >= within:
+        return True  # the usual case: claimed a moment ago, nothing to ask
+    db = row._state.db or db_for_write()
+    lease_until = now + conf.get().lease
+    kept = (OutboxEmail.objects.using(db)
+            .filter(pk=row.pk, status=Status.SENDING, claimed_by=row.claimed_by)
+            .update(lease_until=lease_until))
+    if kept:
+        row.lease_until = lease_until
+    return bool(kept)
 
 
 def enqueue_many(items: Sequence[NewEmail], *,
@@ -465,7 +542,8 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     now = timezone.now()
     token = f"{engine}:{uuid.uuid4().hex[:12]}"[-100:]
     changes: dict[str, Any] = {"status": Status.SENDING, "lease_until": now + conf.get().lease,
-                               "attempts": F("attempts") + 1, "claimed_by": token}
+                               "attempts": F("attempts") + 1, "claims": F("claims") + 1,
+                               "claimed_by": token}
     rows = OutboxEmail.objects.using(db)
     lock = connections[db].features.has_select_for_update_skip_locked
     planner = lanes.planner()
@@ -586,7 +664,8 @@ def _claim_step(db: str, step: str, params: list[Any], count: int, lease_until: 
         table, pk = quote(OutboxEmail._meta.db_table), names["id"]
         _claim_sqls[key] = (
             f"UPDATE {table} SET {names['status']} = 'sending', {names['lease_until']} = %s, "
-            f"{names['attempts']} = {names['attempts']} + 1, {names['claimed_by']} = %s "
+            f"{names['attempts']} = {names['attempts']} + 1, "
+            f"{names['claims']} = {names['claims']} + 1, {names['claimed_by']} = %s "
             f"WHERE {pk} IN (SELECT {pk} FROM {table} WHERE {where} "
             f"ORDER BY {order}, {pk} LIMIT %s{' FOR UPDATE SKIP LOCKED' if lock else ''})")
     adapt = connection.ops.adapt_datetimefield_value
@@ -762,7 +841,7 @@ def claim(pk: int, *, in_request: bool = False, using: str | None = None) -> Out
         _claim_one_sqls[key] = (
             f"UPDATE {quote(OutboxEmail._meta.db_table)} SET {names['status']} = 'sending', "
             f"{names['lease_until']} = %s, {names['attempts']} = {names['attempts']} + 1, "
-            f"{names['claimed_by']} = %s{hold_ends} "
+            f"{names['claims']} = {names['claims']} + 1, {names['claimed_by']} = %s{hold_ends} "
             f"WHERE {names['id']} = %s AND {where}")
     adapt = connection.ops.adapt_datetimefield_value
     stamp = adapt(now)
@@ -1217,8 +1296,8 @@ def retry(pk: int, *, using: str | None = None) -> bool:
 #: Fields a resend does not copy: the copy is a new message with its own state.
 _STATE_FIELDS = frozenset({
     "id", "status", "mode", "idempotency_key", "message_id", "created_at", "due_at",
-    "lease_until", "claimed_by", "attempts", "sent_at", "sent_by", "error_kind", "last_error",
-    "refused", "delivery",
+    "lease_until", "claimed_by", "attempts", "claims", "sent_at", "sent_by", "error_kind",
+    "last_error", "refused", "delivery",
 })
 
 

@@ -159,8 +159,16 @@ class Wire:
                 yield from piece.pieces()
 
     def tobytes(self) -> bytes:
-        """The whole message (while it is joined, its pieces are held too)."""
-        return b"".join(self.chunks())
+        """The whole message, held once: written piece by piece into one buffer that
+        ``getvalue()`` hands over without a copy. (``b"".join(self.chunks())`` first lists
+        every piece, a large attachment's base64 whole, then copies them: twice the
+        message at its peak, 2.7 times a 20 MiB attachment.)"""
+        if len(self._pieces) == 1 and isinstance(self._pieces[0], bytes):
+            return self._pieces[0]
+        buffer = BytesIO()
+        for chunk in self.chunks():
+            buffer.write(chunk)
+        return buffer.getvalue()
 
 
 def build(message: EmailMessage) -> Wire:

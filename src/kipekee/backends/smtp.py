@@ -32,6 +32,10 @@ What it adds:
 - ``smtputf8=True``: non-ASCII local parts (``jörg@example.com``) sent over SMTPUTF8
   (RFC 6531) when the server offers it (refused before ``MAIL FROM`` when not); off by
   default, where Django's ``ValueError`` refuses them as Django's backend does;
+- ``final_reply_timeout`` (600 s, RFC 5321 4.5.3.2.6): the wait for the server's reply
+  after the end of the message, longer than ``timeout``: by then the server has the
+  message, and a client that gave up at ``timeout`` would send it again although it was
+  taken (an engine renews the row's lease meanwhile, so no other engine takes it);
 - deadlines: each exchange (opening the session; one message) ends within
   ``exchange_time_limit`` seconds, however slowly the server trickles, and within the
   caller's deadline (:mod:`kipekee.deadlines`, e.g. the in-request ``NOW_TIME_BUDGET``).
@@ -95,6 +99,10 @@ def _smtplib_replaced(stdlib: type[smtplib.SMTP], use_ssl: bool) -> bool:
 #: message. RFC 5321's longest single wait is the 10 minutes for the reply after the
 #: final dot (4.5.3.2.6).
 DEFAULT_EXCHANGE_TIME_LIMIT = 600.0
+
+#: Seconds to wait for the reply after the end of a message (RFC 5321 4.5.3.2.6: a
+#: client should wait 10 minutes for it), whatever the shorter ``timeout`` of the others.
+DEFAULT_FINAL_REPLY_TIMEOUT = 600.0
 
 
 def _wire_bytes(email_message: EmailMessage, *, utf8: bool = False) -> bytes:
@@ -166,6 +174,7 @@ class EmailBackend(DjangoSMTPBackend):
         ipv4_only: bool = False,
         local_hostname: str | None = None,
         exchange_time_limit: float = DEFAULT_EXCHANGE_TIME_LIMIT,
+        final_reply_timeout: float = DEFAULT_FINAL_REPLY_TIMEOUT,
         smtputf8: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -201,6 +210,7 @@ class EmailBackend(DjangoSMTPBackend):
         self.ipv4_only = ipv4_only
         self.local_hostname = local_hostname
         self.exchange_time_limit = exchange_time_limit
+        self.final_reply_timeout = final_reply_timeout
         self.smtputf8 = smtputf8
 
         if self.alias is None:
@@ -246,6 +256,8 @@ class EmailBackend(DjangoSMTPBackend):
             self._invalid("'timeout' must be > 0 seconds (or None: no timeout).")
         if not exchange_time_limit > 0:
             self._invalid("'exchange_time_limit' must be > 0 seconds.")
+        if not final_reply_timeout > 0:
+            self._invalid("'final_reply_timeout' must be > 0 seconds.")
 
     def _invalid(self, message: str) -> None:
         """Refuse this configuration, as Django 6.1 does a MAILERS entry's."""
@@ -261,7 +273,8 @@ class EmailBackend(DjangoSMTPBackend):
         client = SMTP_SSL if self.use_ssl else SMTP
         # TLS sessions are resumed per provider (and host and port).
         extra: dict[str, Any] = {"ipv4_only": self.ipv4_only,
-                                 "tls_session_key": ("kipekee", self.alias or "")}
+                                 "tls_session_key": ("kipekee", self.alias or ""),
+                                 "final_reply_timeout": self.final_reply_timeout}
         if self.local_hostname:
             # Django passes its cached FQDN; a configured name wins (some relays check it).
             extra["local_hostname"] = self.local_hostname

@@ -16,9 +16,13 @@ What it changes, and why:
 - **An inactivity timeout**: each read and each write waits at most ``timeout`` for
   progress. smtplib hands the whole message to ``socket.sendall``, whose timeout bounds
   the entire transfer, so a large message to a slow reader can never be sent.
-- **The reply after the final dot** may take longer than ``timeout`` by the time a slow
-  server needs to read what the socket buffers still held when the last byte was handed
-  to them (at most the whole content), up to RFC 5321 4.5.3.2.6's 10 minutes.
+- **The reply after the final dot** has a wait of its own, ``final_reply_timeout``
+  (RFC 5321 4.5.3.2.6: 10 minutes), longer than ``timeout``: the server has the whole
+  message by then and may still be reading what the socket buffers held, checking it, or
+  writing it to disk; a client that gives up sooner sends the message again although the
+  server took it. Without it (``None``), ``timeout`` plus the time a slow server needs to
+  read what the socket buffers may still hold (at most the whole content), up to the 10
+  minutes.
 - **Deadlines** (:mod:`kipekee.deadlines`): every wait (connect, TLS handshake, each
   reply, each write) is bounded by the time left, so neither a server that trickles
   bytes nor a caller's budget is ever overrun by more than one scheduling slice.
@@ -192,7 +196,10 @@ class SMTP(smtplib.SMTP):
 
     ``tls_session_key`` names the TLS sessions this connection may resume and store
     (with the host and port): Kipekee's backend passes the provider's alias.
-    ``ipv4_only`` resolves and connects over IPv4 only.
+    ``ipv4_only`` resolves and connects over IPv4 only. ``final_reply_timeout``: seconds
+    to wait for the reply after the end of a message's content (at least ``timeout``; see
+    the module's docstring), or ``None`` for ``timeout`` and the time the socket buffers
+    may need.
     """
 
     def __init__(
@@ -205,8 +212,10 @@ class SMTP(smtplib.SMTP):
         *,
         ipv4_only: bool = False,
         tls_session_key: Hashable | None = None,
+        final_reply_timeout: float | None = None,
     ) -> None:
         self.ipv4_only = ipv4_only
+        self.final_reply_timeout = final_reply_timeout
         self.tls_session_key = tls_session_key
         self._port = port
         self._pending = bytearray()  # what was read past the end of the last reply
@@ -441,6 +450,8 @@ class SMTP(smtplib.SMTP):
         idle = self._inactivity()
         if idle is None:
             return None
+        if self.final_reply_timeout is not None:
+            return max(idle, self.final_reply_timeout)
         return min(idle + size / _SLOWEST_READER, max(idle, _DATA_TERMINATION))
 
     def _send_content(self, content: bytes) -> tuple[int, bytes]:
@@ -692,10 +703,12 @@ class SMTP_SSL(SMTP):  # noqa: N801 - smtplib's name
                  timeout: float | object | None = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
                  source_address: tuple[str, int] | None = None, *,
                  context: ssl.SSLContext | None = None, ipv4_only: bool = False,
-                 tls_session_key: Hashable | None = None) -> None:
+                 tls_session_key: Hashable | None = None,
+                 final_reply_timeout: float | None = None) -> None:
         self.context = context if context is not None else ssl.create_default_context()
         super().__init__(host, port, local_hostname, timeout, source_address,
-                         ipv4_only=ipv4_only, tls_session_key=tls_session_key)
+                         ipv4_only=ipv4_only, tls_session_key=tls_session_key,
+                         final_reply_timeout=final_reply_timeout)
 
     def _get_socket(self, host: str, port: int, timeout: Any) -> socket.socket:
         return self._wrap(super()._get_socket(host, port, timeout), self.context)
