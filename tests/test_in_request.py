@@ -88,12 +88,26 @@ def test_engines_cannot_take_the_requests_row_before_its_lease_ends(sink_provide
     assert receipt.sent and len(sink_provider.wait_for(1)) == 1
 
 
+def test_a_request_that_dies_before_sending_leaves_its_row_to_engines_within_the_hold(
+        sink_provider):
+    # A web process killed between its commit and its send (a gunicorn worker timeout)
+    # must not delay the mail by a whole engine lease (300 s): engines take the row
+    # after the request's hold (30 s), as when in-request rows were held, not claimed.
+    leases: list[timedelta] = []
+    with transaction.atomic():
+        # Registered first, so it runs before the request's own send.
+        transaction.on_commit(lambda: leases.extend(
+            row.lease_until - row.created_at for row in OutboxEmail.objects.all()))
+        kipekee.send(**MAIL)
+    assert leases == [dispatch.IN_REQUEST_HOLD]
+
+
 def test_a_crash_after_the_insert_leaves_a_row_an_engine_delivers_after_its_lease(
         sink_provider):
     # What submit() writes before its on_commit delivery; the process then dies (the
     # delivery never runs).
     row, created = outbox.enqueue(EmailMessage(MAIL["subject"], MAIL["text"], to=MAIL["to"]),
-                                  SendOptions(mode="hybrid"), claimed=True)
+                                  SendOptions(mode="hybrid"), claimed=timedelta(seconds=30))
     assert created and row.status == Status.SENDING
     assert deliver_outbox() == 0  # within the lease: no engine takes it
     OutboxEmail.objects.filter(pk=row.pk).update(lease_until=timezone.now() - timedelta(seconds=1))

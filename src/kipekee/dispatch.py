@@ -39,6 +39,15 @@ logger = logging.getLogger("kipekee.dispatch")
 IN_REQUEST_HOLD = timedelta(seconds=30)
 
 
+def request_lease(settings: conf.KipekeeSettings) -> timedelta:
+    """The lease of a row a request sends itself: the hold, or the time budget with room
+    to spare when that is longer; never longer than an engine's lease. Short, so that
+    when the process dies between its commit and its send (a worker timeout kills it),
+    an engine sends the mail within about the hold, not a whole engine lease later."""
+    budget = timedelta(seconds=2 * settings.now_time_budget)
+    return min(settings.lease, max(IN_REQUEST_HOLD, budget))
+
+
 class Receipt:
     """What sending returns: the outbox row's id, Message-ID and its latest known state.
 
@@ -125,7 +134,7 @@ def submit(message: EmailMessage, options: SendOptions | None = None, *,
         # Delivered here right after commit: written already claimed by this request
         # (no engine polling at that moment may take it first, and the caller would
         # lose its answer), so sending it costs no claim statement.
-        claimed=here,
+        claimed=request_lease(conf.get()) if here else None,
         # Workers LISTENing on PostgreSQL hear of it when (and only if) it is committed
         # (also of one with a send_at that has passed: the request delivers that itself,
         # and the workers find nothing they may take).
@@ -260,7 +269,7 @@ def deliver_in_request(receipt: Receipt, row: OutboxEmail | None = None, *,
     """Deliver a freshly committed row now, as its mode says; update ``receipt``.
 
     ``row``: the row as written, already claimed by this request
-    (``outbox.enqueue(claimed=True)``); ``written``: when (``time.monotonic()``).
+    (``outbox.enqueue(claimed=...)``); ``written``: when (``time.monotonic()``).
     Without it the row is claimed first (``outbox.claim(in_request=True)``).
 
     Runs in the caller's ``on_commit``, after the business transaction (and the row) is
@@ -291,7 +300,8 @@ def _deliver_in_request(receipt: Receipt, claimed: OutboxEmail | None = None,
         started - written < FRESH_CHECK_SECONDS)
     # Renewed only when a long transaction used up half the lease before its commit,
     # as a claim now would have leased it.
-    if claimed is not None and not outbox.keep_claim(claimed, within=settings.lease / 2):
+    lease = request_lease(settings)
+    if claimed is not None and not outbox.keep_claim(claimed, within=lease / 2, lease=lease):
         receipt.refresh()  # an engine took it after its lease: it is the engine's now
         return
     # The process's warm connections (kipekee.connections): waiting for one when all are

@@ -102,7 +102,7 @@ def enqueue(
     options: SendOptions,
     *,
     in_request_hold: timedelta | None = None,
-    claimed: bool = False,
+    claimed: timedelta | None = None,
     using: str | None = None,
     announce: bool = False,
 ) -> tuple[OutboxEmail, bool]:
@@ -114,7 +114,8 @@ def enqueue(
 
     ``claimed``: the caller sends the row itself right after commit (a request's
     ``now``/``hybrid`` send): it is written already claimed, as :func:`claim` would leave
-    it (``sending``, its first attempt counted, a lease and a claim token), so sending it
+    it (``sending``, its first attempt counted, a lease of ``claimed`` and a claim
+    token), so sending it
     costs no claim statement, and comes back with its attachments in hand (no read
     either). The INSERT is durable before any provider is called; should the caller die
     before recording a result, an engine takes the row when its lease ends, as any
@@ -149,8 +150,8 @@ def enqueue(
     with nullcontext() if alone else transaction.atomic(using=db):
         _apply_suppressions(row, suppression.check(row.recipients, using=db,
                                                    mailing_list=options.mailing_list))
-        if claimed and row.status == Status.QUEUED:
-            _claimed_as_written(row)
+        if claimed is not None and row.status == Status.QUEUED:
+            _claimed_as_written(row, claimed)
         inserted = _insert(OutboxEmail, [row], db, if_new=bool(options.idempotency_key),
                            notify=announce)
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
@@ -168,12 +169,12 @@ def enqueue(
     return row, True
 
 
-def _claimed_as_written(row: OutboxEmail) -> None:
+def _claimed_as_written(row: OutboxEmail, lease: timedelta) -> None:
     """Set on a new, unsaved row what :func:`claim` would: ``sending``, its first
-    attempt, a lease from now and a claim token of its own (which fences its result)."""
+    attempt, a ``lease`` from now and a claim token of its own (which fences its result)."""
     row.status = Status.SENDING
     row.attempts = 1
-    row.lease_until = row.created_at + conf.get().lease
+    row.lease_until = row.created_at + lease
     row.claimed_by = f"request:{uuid.uuid4().hex[:12]}"
     row.due_at = row.created_at  # no hold: the lease keeps engines off it
 
@@ -204,17 +205,18 @@ def detached(row: OutboxEmail) -> OutboxEmail:
     return twin
 
 
-def keep_claim(row: OutboxEmail, *, within: timedelta) -> bool:
-    """Make sure ``row``, claimed by the caller (``claim`` or ``enqueue(claimed=True)``),
+def keep_claim(row: OutboxEmail, *, within: timedelta, lease: timedelta) -> bool:
+    """Make sure ``row``, claimed by the caller (``claim`` or ``enqueue(claimed=...)``),
     is still the caller's for at least ``within``: when less of its lease is left, the
-    lease is renewed in one UPDATE fenced by the claim's token. False when the row is no
+    lease is renewed to ``lease`` from now in one UPDATE fenced by the claim's token.
+    False when the row is no
     longer the caller's (its lease ran out and an engine took it, or a person changed
     it): the caller must not send it."""
     now = timezone.now()
     if row.lease_until is not None and row.lease_until - now >= within:
         return True  # the usual case: claimed a moment ago, nothing to ask
     db = row._state.db or db_for_write()
-    lease_until = now + conf.get().lease
+    lease_until = now + lease
     kept = (OutboxEmail.objects.using(db)
             .filter(pk=row.pk, status=Status.SENDING, claimed_by=row.claimed_by)
             .update(lease_until=lease_until))
