@@ -6,7 +6,7 @@ Mailtrap-contract server with latency and Mailtrap's request limit enforced.
 What it does: writes N queued rows (one recipient each, a text and an HTML body) to a
 fresh SQLite outbox, claims them in engine-sized batches (``--claim``, default 500 rows,
 one UPDATE standing in for an engine's batch claim), hands each batch to
-``Deliverer.deliver_many`` and records every outcome on its row (``dispatch.record``),
+``Deliverer.deliver_many`` and records every outcome on its row (``recording.record``),
 as an engine does. The server answers each request after ``--latency`` seconds and
 enforces 150 requests per 10 s per token with 429; the provider is configured with
 ``LIMITS = {"RATE": "150/10s"}``.
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         from django.core.management import call_command
         from django.utils import timezone
 
-        from kipekee import dispatch
         from kipekee.delivery import Deliverer
         from kipekee.models import OutboxEmail, Status
+        from kipekee.recording import record
 
         call_command("migrate", verbosity=0)
         now = timezone.now()
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes = deliverer.deliver_many(rows)
                 t1 = time.monotonic()
                 for row, outcome in zip(rows, outcomes):
-                    dispatch.record(row, outcome)
+                    record(row, outcome)
                     sent += outcome.ok
                 recording += time.monotonic() - t1
                 delivering += t1 - t0

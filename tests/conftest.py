@@ -96,10 +96,10 @@ def _no_thread_engine_left_running():
     yield
     from kipekee.engines import thread
 
-    engine = thread._engine
+    engine = thread._engine.current()
     if engine is not None and engine.alive:
         engine.stop()
-    thread._engine = None
+    thread._engine.set(None)
 
 
 @pytest.fixture

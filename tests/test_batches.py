@@ -14,9 +14,9 @@ from django.utils import timezone
 import kipekee
 from kipekee import outbox, signals
 from kipekee.delivery import Deliverer
-from kipekee.dispatch import record_many
 from kipekee.engines import Sender, Stats
 from kipekee.models import Attempt, OutboxEmail, Status
+from kipekee.recording import record_many
 from kipekee.testing import Faults
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -122,7 +122,7 @@ def test_stopping_finishes_the_batches_in_hand_and_records_them(smtp_server, kip
 
 @pytest.fixture
 def recording_refused():
-    """A trigger in the database that refuses to mark any row ``sent``: the books thread's
+    """A trigger in the database that refuses to mark any row ``sent``: the recorder thread's
     record fails for real, as on a database that refuses writes (disk full, read-only
     replica after a failover). Dropped afterwards (flushing tables keeps triggers)."""
     from django.db import connection
@@ -159,7 +159,7 @@ def recording_refused():
 
 def test_a_failed_record_gives_back_the_batch_claimed_ahead(smtp_sink, kipekee_settings,
                                                             recording_refused):
-    """The books thread fails to record batch 1 while batch 2 is being sent and batch 3
+    """The recorder thread fails to record batch 1 while batch 2 is being sent and batch 3
     has been claimed ahead. Before: drain raised and left batch 3 ``sending``, untried,
     until its lease ended. Now it goes back to the queue at once, its claim not counted;
     the sent batches stay leased (their record may yet come: they go out again only

@@ -348,7 +348,7 @@ def test_stopping_a_worker_gives_back_what_it_claimed_and_did_not_send(
 
 
 def test_outcomes_of_several_senders_are_recorded_together(sink_provider):
-    """The feed's books record what every sender finished since the last record in one
+    """The feed's recorder records what every sender finished since the last record in one
     transaction: far fewer recording transactions than shares sent."""
     from django.db import connection as conn
 

@@ -217,7 +217,7 @@ def test_a_recipient_refused_for_now_gets_the_message_in_a_follow_up_row(smtp_se
     server.faults.refuse_recipients = {}
     outbox.reschedule(follow_up.pk, timezone.now())
     [claimed] = outbox.claim_batch(10)
-    from kipekee.dispatch import record
+    from kipekee.recording import record
 
     with Deliverer() as deliverer:
         assert record(claimed, deliverer.deliver(claimed))
@@ -462,7 +462,7 @@ def test_recipients_refused_for_now_with_no_attempt_left_are_recorded_failed(smt
         outbox.reschedule(follow_up.pk, timezone.now())
         [claimed] = outbox.claim_batch(10)  # its second attempt: the last
         from kipekee.delivery import Deliverer
-        from kipekee.dispatch import record
+        from kipekee.recording import record
 
         with Deliverer() as deliverer:
             assert record(claimed, deliverer.deliver(claimed))

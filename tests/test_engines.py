@@ -439,10 +439,8 @@ def test_thread_engine_delivers_queued_and_due_rows(sink_provider, settings):
     engine = ThreadEngine()
     from kipekee.engines import thread as thread_module
 
-    previous = thread_module._engine, thread_module._pid
-    import os
-
-    thread_module._engine, thread_module._pid = engine, os.getpid()
+    previous = thread_module._engine.current()
+    thread_module._engine.set(engine)
     try:
         receipt = kipekee.send(**MAIL, mode="queue")  # on commit: wakes the engine
         wait_until(lambda: receipt.refresh().sent, what="queued row sent by the thread")
@@ -452,7 +450,7 @@ def test_thread_engine_delivers_queued_and_due_rows(sink_provider, settings):
         assert engine.alive
     finally:
         engine.stop()
-        thread_module._engine, thread_module._pid = previous
+        thread_module._engine.set(previous)
     assert not engine.alive
     assert len(sink_provider.wait_for(2)) == 2
 

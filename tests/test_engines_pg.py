@@ -243,7 +243,7 @@ def test_a_worker_survives_its_database_connections_being_killed(smtp_sink, kipe
                                                                    settings):
     """PostgreSQL restarts, failovers and idle-connection reapers end a worker's sessions
     under it (here: pg_terminate_backend on every session but the test's). The senders,
-    the books threads and the heartbeat open new connections; nothing is lost and the
+    the recorder threads and the heartbeat open new connections; nothing is lost and the
     process keeps running."""
     kipekee_settings(primary=smtp_provider(smtp_sink))
     first = bulk_enqueue(50)

@@ -377,7 +377,7 @@ def _message_id_header(spec: ESP, message: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("esp", ["postmark", "sendgrid", "mailgun"], indirect=True)
 def test_identical_rows_share_one_batch_request(esp, kipekee_settings):
-    from kipekee import dispatch, outbox
+    from kipekee import outbox, recording
     from kipekee.delivery import Deliverer
 
     spec, server = esp
@@ -389,7 +389,7 @@ def test_identical_rows_share_one_batch_request(esp, kipekee_settings):
     with Deliverer() as deliverer:
         outcomes = deliverer.deliver_many(rows)
     for row, outcome in zip(rows, outcomes):
-        dispatch.record(row, outcome)
+        recording.record(row, outcome)
 
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert len(server.requests) == 2  # the four identical ones together, the other alone
@@ -406,7 +406,7 @@ def test_identical_rows_share_one_batch_request(esp, kipekee_settings):
 
 @pytest.mark.parametrize("esp", ["postmark"], indirect=True)
 def test_a_refused_recipient_fails_its_row_alone_in_a_batch(esp, kipekee_settings):
-    from kipekee import dispatch, outbox
+    from kipekee import outbox, recording
     from kipekee.delivery import Deliverer
 
     spec, server = esp
@@ -418,7 +418,7 @@ def test_a_refused_recipient_fails_its_row_alone_in_a_batch(esp, kipekee_setting
     with Deliverer() as deliverer:
         outcomes = deliverer.deliver_many(rows)
     for row, outcome in zip(rows, outcomes):
-        dispatch.record(row, outcome)
+        recording.record(row, outcome)
     assert [o.ok for o in outcomes] == [True, False, True]
     assert len(server.requests) == 1
     failed = OutboxEmail.objects.get(pk=ids[1])
@@ -428,7 +428,7 @@ def test_a_refused_recipient_fails_its_row_alone_in_a_batch(esp, kipekee_setting
 
 @pytest.mark.parametrize("esp", ["amazon_ses"], indirect=True)
 def test_no_batch_where_the_esp_needs_a_template(esp, kipekee_settings):
-    from kipekee import dispatch, outbox
+    from kipekee import outbox, recording
     from kipekee.delivery import Deliverer
 
     spec, server = esp
@@ -439,14 +439,14 @@ def test_no_batch_where_the_esp_needs_a_template(esp, kipekee_settings):
     with Deliverer() as deliverer:
         outcomes = deliverer.deliver_many(rows)
     for row, outcome in zip(rows, outcomes):
-        dispatch.record(row, outcome)
+        recording.record(row, outcome)
     assert all(o.ok for o in outcomes) and len(server.requests) == 3
 
 
 @pytest.mark.parametrize("esp", ["mailgun"], indirect=True)
 def test_a_webhook_about_a_shared_batch_id_finds_its_recipients_row(esp, kipekee_settings,
                                                                       settings):
-    from kipekee import dispatch, outbox
+    from kipekee import outbox, recording
     from kipekee.delivery import Deliverer
 
     spec, server = esp
@@ -457,7 +457,7 @@ def test_a_webhook_about_a_shared_batch_id_finds_its_recipients_row(esp, kipekee
     rows = [outbox.claim(pk) for pk in ids]
     with Deliverer() as deliverer:
         for row, outcome in zip(rows, deliverer.deliver_many(rows)):
-            dispatch.record(row, outcome)
+            recording.record(row, outcome)
     shared = {m["message_id"] for m in server.messages}
     assert len(server.requests) == 1 and len(shared) == 1  # Mailgun: one id per request
     [mid] = shared

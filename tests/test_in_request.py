@@ -17,6 +17,7 @@ from django.utils import timezone
 import kipekee
 from kipekee import dispatch, outbox, signals
 from kipekee.models import Attempt, OutboxEmail, Status, Suppression
+from kipekee.options import SendOptions
 from kipekee.testing.assertions import deliver_outbox
 
 from .conftest import smtp_provider
@@ -106,7 +107,7 @@ def test_a_crash_after_the_insert_leaves_a_row_an_engine_delivers_after_its_leas
     # What submit() writes before its on_commit delivery; the process then dies (the
     # delivery never runs).
     row, created = outbox.enqueue(EmailMessage(MAIL["subject"], MAIL["text"], to=MAIL["to"]),
-                                  mode="hybrid", claimed=timedelta(seconds=30))
+                                  SendOptions(mode="hybrid"), claimed=timedelta(seconds=30))
     assert created and row.status == Status.SENDING
     assert deliver_outbox() == 0  # within the lease: no engine takes it
     OutboxEmail.objects.filter(pk=row.pk).update(lease_until=timezone.now() - timedelta(seconds=1))

@@ -10,11 +10,12 @@ import pytest
 from django.utils import timezone
 
 import kipekee
-from kipekee import dispatch, outbox
+from kipekee import dispatch, outbox, recording
 from kipekee.backends.mailtrap import EmailBackend
 from kipekee.delivery import Deliverer
 from kipekee.exceptions import ConfigurationError
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, ProviderMessage, Status
+from kipekee.options import SendOptions
 from kipekee.testing import MailtrapFaults
 
 from .conftest import smtp_provider, unused_port
@@ -36,7 +37,7 @@ def deliver_many(ids: list[int]) -> list:
     with Deliverer() as deliverer:
         outcomes = deliverer.deliver_many(rows)
     for row, outcome in zip(rows, outcomes):
-        dispatch.record(row, outcome)
+        recording.record(row, outcome)
     return outcomes
 
 
@@ -91,7 +92,7 @@ def test_inline_image_and_template_category(mailtrap, kipekee_settings):
     message = EmailMultiAlternatives("Ticket", "Your ticket", to=["ann@example.com"])
     message.attach_alternative('<img src="cid:qr1">', "text/html")
     message.attach(inline_part("qr.png", b"PNGDATA", "image/png", "qr1"))
-    receipt = dispatch.submit(message, template="emails/ticket")
+    receipt = dispatch.submit(message, SendOptions(template="emails/ticket"))
     assert receipt.sent, receipt
     [sent] = mailtrap.messages
     [image] = sent["attachments"]
@@ -141,7 +142,7 @@ def test_one_pooled_connection_for_many_sends(mailtrap, kipekee_settings):
     with Deliverer() as deliverer:
         for pk in ids:
             row = outbox.claim(pk)
-            dispatch.record(row, deliverer.deliver(row))
+            recording.record(row, deliverer.deliver(row))
     assert [r.path for r in mailtrap.requests] == ["/api/send"] * 4
     assert mailtrap.connections == 1  # anymail's session, kept open by the Deliverer
     assert OutboxEmail.objects.filter(status=Status.SENT).count() == 4

@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 
 import kipekee
-from kipekee import dispatch, notifications, outbox
+from kipekee import notifications, outbox, recording
 from kipekee.delivery import Deliverer
 from kipekee.engines.worker import Worker
 from kipekee.exceptions import InvalidMessage
@@ -103,7 +103,7 @@ def test_reminders_follow_a_booking_with_naive_times(sink_provider):
     claimed = outbox.claim(new.pk)
     assert claimed is not None
     with Deliverer() as deliverer:
-        dispatch.record(claimed, deliverer.deliver(claimed))
+        recording.record(claimed, deliverer.deliver(claimed))
     assert OutboxEmail.objects.get(pk=new.pk).status == Status.SENT
 
 

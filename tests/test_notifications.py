@@ -11,7 +11,7 @@ import pytest
 from django.utils import dateformat, timezone
 
 import kipekee
-from kipekee import dispatch, notifications, outbox
+from kipekee import notifications, outbox, recording
 from kipekee.delivery import Deliverer
 from kipekee.exceptions import InvalidMessage
 from kipekee.models import OutboxEmail, Status
@@ -44,7 +44,7 @@ def deliver_due(pk: int) -> OutboxEmail:
     """What an engine does with a due row: claim, deliver, record."""
     row = outbox.claim(pk)
     assert row is not None, "not due"
-    dispatch.record(row, Deliverer().deliver(row))
+    recording.record(row, Deliverer().deliver(row))
     return OutboxEmail.objects.get(pk=pk)
 
 

@@ -40,7 +40,7 @@ def test_retry_moves_failed_and_deferred_back_to_queued(kipekee_settings, smtp_s
     claimed = outbox.claim(row.pk)
     assert claimed is not None and claimed.attempts == 2
     from kipekee.delivery import Deliverer
-    from kipekee.dispatch import record
+    from kipekee.recording import record
 
     with Deliverer() as d:
         assert record(claimed, d.deliver(claimed))

@@ -17,8 +17,8 @@ from django.utils import timezone
 import kipekee
 from kipekee import outbox, suppression
 from kipekee.delivery import Deliverer
-from kipekee.dispatch import record_many
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
+from kipekee.recording import record_many
 from kipekee.testing import Faults
 
 from .conftest import smtp_provider

@@ -3,7 +3,7 @@
 Rules: enqueue in a transaction that commits or rolls back (``kipekee.send``); claim one
 row (``outbox.claim``) or a batch (``outbox.claim_batch``); deliver a held row through
 ``Deliverer`` to a real SMTP server that answers 250, 451, 550 or drops the connection,
-and record it (``dispatch.record``); kill the holder (abandon the row without recording);
+and record it (``recording.record``); kill the holder (abandon the row without recording);
 let a killed holder's late result arrive; advance the clock (move ``due_at`` and
 ``lease_until`` into the past, since the code reads ``timezone.now()``).
 
@@ -40,8 +40,8 @@ from hypothesis.stateful import (
 import kipekee
 from kipekee import outbox
 from kipekee.delivery import Deliverer
-from kipekee.dispatch import record
 from kipekee.models import WAITING_STATUSES, Attempt, OutboxEmail, Status
+from kipekee.recording import record
 from kipekee.retry import RetryPolicy
 from kipekee.testing import LocalSMTPServer
 

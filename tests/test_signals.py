@@ -220,7 +220,7 @@ def test_a_raising_receiver_reported_by_mail_through_kipekee_makes_no_mail_loop(
 
 def test_a_receiver_that_leaves_a_transaction_open_does_not_swallow_later_records(
         smtp_sink, kipekee_settings, caplog):
-    """A ``sent`` receiver manages a transaction of its own on the books thread's
+    """A ``sent`` receiver manages a transaction of its own on the recorder thread's
     connection (autocommit off, a write) and raises before it commits. Before: the next
     batch's record ran inside that transaction (Django's atomic then is a savepoint, not
     a commit): counted as sent, never committed, the row left ``sending`` with no attempt

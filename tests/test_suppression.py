@@ -7,7 +7,7 @@ import pytest
 from django.core.mail import EmailMessage
 
 import kipekee
-from kipekee import dispatch, outbox, signals, suppression
+from kipekee import outbox, recording, signals, suppression
 from kipekee.backend import EmailBackend
 from kipekee.delivery import Deliverer
 from kipekee.models import Attempt, OutboxEmail, Status, Suppression, SuppressionReason
@@ -64,7 +64,7 @@ def test_suppressed_after_it_was_queued(provider):
     with Deliverer() as deliverer:
         outcomes = deliverer.deliver_many(rows)
     for row, outcome in zip(rows, outcomes):
-        dispatch.record(row, outcome)
+        recording.record(row, outcome)
 
     assert queued.refresh().suppressed
     assert "spam complaint" in queued.error
@@ -81,7 +81,7 @@ def test_single_deliver_rechecks_too(provider):
     with Deliverer() as deliverer:
         outcome = deliverer.deliver(row)
     assert outcome.suppressed and not outcome.ok
-    dispatch.record(row, outcome)
+    recording.record(row, outcome)
     assert receipt.refresh().status == Status.SUPPRESSED
     assert provider.requests == []
 
@@ -172,7 +172,7 @@ def test_queued_before_it_was_suppressed_under_another_spelling(provider):
     suppression.add('"USER"@xn--bcher-kva.example')
     row = outbox.claim(receipt.id)
     with Deliverer() as deliverer:
-        dispatch.record(row, deliverer.deliver(row))
+        recording.record(row, deliverer.deliver(row))
     assert receipt.refresh().suppressed
     assert provider.requests == []
 

@@ -48,6 +48,7 @@ from .delivery import in_delivery
 from .dispatch import Receipt, submit
 from .exceptions import ConfigurationError, InvalidMailer, KipekeeWarning, MailLoop, RoutingLoop
 from .message import validate
+from .options import SendOptions
 
 logger = logging.getLogger("kipekee.backend")
 
@@ -130,8 +131,9 @@ class EmailBackend(BaseEmailBackend):
     def _submit(self, message: EmailMessage) -> int:
         """Enqueue one validated message; 1 if it counts as sent."""
         depth = signals.report_depth()  # a receiver's error being reported: say so
-        receipt: Receipt = submit(message, mode=self.mode, provider=self.provider,
-                                  metadata={signals.REPORT_DEPTH: depth} if depth else None)
+        receipt: Receipt = submit(message, SendOptions(
+            mode=self.mode, provider=self.provider,
+            metadata={signals.REPORT_DEPTH: depth} if depth else None))
         # The caller can read what happened (and why it was not sent) here.
         message.kipekee_receipt = receipt  # type: ignore[attr-defined]
         if testmode.active():

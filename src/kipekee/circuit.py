@@ -11,7 +11,7 @@ failure (a refused message) proves the provider is up and counts as a success.
 
 A message passed over because every circuit was open was not sent anywhere:
 :meth:`CircuitBreaker.postpone_for` says how long it waits for the next trial, and the
-outbox does not count that as an attempt (``dispatch.record``).
+outbox does not count that as an attempt (``recording.record``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 
 from . import conf
+from .registries import PerProvider
 
 
 class CircuitBreaker:
@@ -101,26 +98,20 @@ class CircuitBreaker:
                 self._state, self._opened_at, self._trial_out = self.OPEN, self._clock(), False
 
 
-_lock = threading.Lock()
-_breakers: dict[str, CircuitBreaker] = {}
+def _new_breaker(alias: str) -> CircuitBreaker:
+    settings = conf.get().circuit
+    return CircuitBreaker(failures=settings.failures, cooldown=settings.cooldown)
+
+
+_breakers = PerProvider(_new_breaker)
 
 
 def for_provider(alias: str) -> CircuitBreaker:
-    with _lock:
-        breaker = _breakers.get(alias)
-        if breaker is None:
-            settings = conf.get().circuit
-            breaker = _breakers[alias] = CircuitBreaker(failures=settings.failures,
-                                                        cooldown=settings.cooldown)
-        return breaker
+    return _breakers.get(alias)
 
 
 def reset() -> None:
-    with _lock:
-        _breakers.clear()
+    _breakers.clear()
 
 
-@receiver(setting_changed)
-def _settings_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in conf.SETTINGS:
-        reset()
+conf.reset_on_change(reset)

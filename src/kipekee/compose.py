@@ -43,6 +43,7 @@ from . import conf, lists
 from .dispatch import Receipt, submit, submit_many
 from .exceptions import InvalidMessage, TemplateError
 from .message import RelatedMessage, inline_part
+from .options import SendOptions
 from .outbox import NewEmail
 
 if TYPE_CHECKING:
@@ -339,10 +340,10 @@ class Email:
                 f"A message to mailing list {self.mailing_list!r} goes to one recipient (its "
                 f"unsubscribe link names them), not {len(recipients)}: send one per "
                 "subscriber.")
-        own = sorted(name for name in self.headers if name.lower() in lists.HEADERS)
-        if own:
+        given = sorted(name for name in self.headers if name.lower() in lists.HEADERS)
+        if given:
             raise InvalidMessage(
-                f"A message to mailing list {self.mailing_list!r} gets its {', '.join(own)} "
+                f"A message to mailing list {self.mailing_list!r} gets its {', '.join(given)} "
                 "header from Kipekee: do not set it yourself.")
         wanted = (self.mailing_list, recipients[0])
         if self._links is None or self._links[0] != wanted:
@@ -371,25 +372,23 @@ class Email:
 
     def send(self, *, using: str | None = None) -> Receipt:
         """Write to the outbox in the current transaction; deliver as the mode says."""
-        return submit(
-            self.build(), mode=self.mode,
-            # List mail waits behind transactional mail unless it names its lane.
-            lane=self.lane or (conf.BULK if self.mailing_list else conf.TRANSACTIONAL),
+        return submit(self.build(), self.send_options(), using=using)
+
+    def send_options(self, *, mode: str | None = None, lane: str | None = None) -> SendOptions:
+        """How this email is sent; ``mode`` and ``lane`` unless it names its own (list
+        mail waits behind transactional mail unless it names its lane)."""
+        return SendOptions(
+            mode=self.mode or mode,
+            lane=self.lane or lane or (conf.BULK if self.mailing_list else conf.TRANSACTIONAL),
             idempotency_key=self.idempotency_key, send_at=self.send_at,
             provider=self.provider, template=self.template or "", metadata=self.metadata,
             event=self.event, target=self.target, mailing_list=self.mailing_list,
-            using=using,
         )
 
     def new_email(self, *, mode: str, lane: str) -> NewEmail:
         """This email built, as the outbox writes it; ``mode`` and ``lane`` unless it
         names its own."""
-        return NewEmail(
-            message=self.build(), mode=self.mode or mode, lane=self.lane or lane,
-            idempotency_key=self.idempotency_key, send_at=self.send_at,
-            provider=self.provider, template=self.template or "", metadata=self.metadata,
-            event=self.event, target=self.target, mailing_list=self.mailing_list,
-        )
+        return NewEmail(message=self.build(), options=self.send_options(mode=mode, lane=lane))
 
     async def asend(self, *, using: str | None = None) -> Receipt:
         """:meth:`send` for async code (see :func:`asend`)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, cast
@@ -35,13 +36,38 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.core.signals import setting_changed
 from django.core.validators import validate_email
-from django.dispatch import receiver
 
 from .exceptions import ConfigurationError, InvalidMessage, UnknownProvider
-from .limits import Rate
 
-Mode = Literal["now", "hybrid", "queue"]
-MODES: tuple[Mode, ...] = ("now", "hybrid", "queue")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|m|h|d)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rate:
+    """A rate limit: at most ``count`` in any ``per`` seconds (``LIMITS["RATE"]``, a
+    lane's ``RATE``)."""
+
+    count: int
+    per: float  # seconds, whole
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """``"150/10s"``, ``"15/s"``, ``"500/d"`` → a Rate (a window of whole seconds)."""
+        match = _RATE.match(text) if isinstance(text, str) else None
+        if not match or int(match[1]) <= 0:
+            raise ConfigurationError(f"RATE must look like '150/10s' or '500/d', not {text!r}.")
+        per = float(match[2] or 1) * _UNIT[match[3]]
+        if per < 1 or per != int(per):
+            raise ConfigurationError(
+                f"RATE {text!r}: the window must be a whole number of seconds (1 or more).")
+        return cls(count=int(match[1]), per=per)
+
+
+#: A delivery mode's name, as KIPEKEE["MODE"] and ``send(mode=...)`` take it (the
+#: outbox column's choices are ``kipekee.models.Mode``).
+ModeName = Literal["now", "hybrid", "queue"]
+MODES: tuple[ModeName, ...] = ("now", "hybrid", "queue")
 
 #: The dotted paths of Kipekee's own drop-in backend: a provider may never point here.
 DROP_IN_BACKENDS = frozenset({"kipekee.backend.EmailBackend"})
@@ -203,7 +229,7 @@ class UnsubscribeConfig:
 @dataclass(frozen=True, kw_only=True)
 class KipekeeSettings:
     providers: tuple[ProviderConfig, ...]
-    mode: Mode = "hybrid"
+    mode: ModeName = "hybrid"
     now_retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0)
     now_time_budget: float = 10.0
     retry: RetryConfig = RetryConfig()
@@ -274,7 +300,10 @@ ENGINES = ("thread", "worker", "celery", "tasks", None)
 
 
 def parse(raw: Any) -> KipekeeSettings:
-    """Validate a raw ``KIPEKEE`` dict; raise ``ConfigurationError`` saying what is wrong."""
+    """Validate a raw ``KIPEKEE`` dict; raise ``ConfigurationError`` saying what is wrong.
+
+    One step a key or section, each named for what it reads; this only puts them together.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -284,64 +313,111 @@ def parse(raw: Any) -> KipekeeSettings:
         raise ConfigurationError(
             f"KIPEKEE has unknown keys {sorted(unknown)}; known keys are {sorted(_KNOWN_KEYS)}."
         )
+    # In this order, the order the keys have always been checked in: of two mistakes,
+    # the same one is named first.
+    return KipekeeSettings(
+        providers=_parse_providers(raw),
+        mode=_mode(raw),
+        now_retry_delays=_now_retry_delays(raw),
+        now_time_budget=_positive_number(raw, "NOW_TIME_BUDGET", 10.0),
+        retry=_parse_retry(raw),
+        circuit=_parse_circuit(raw),
+        engine=_engine(raw),
+        celery=_parse_celery(raw),
+        tasks=_parse_tasks(raw),
+        message_id_domain=_message_id_domain(raw),
+        webhook_secrets=_webhook_secrets(raw),
+        lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
+        strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
+        connections=_parse_connections(raw),
+        lanes=_parse_lanes(raw.get("LANES", {})),
+        max_message_size=_max_message_size(raw),
+        unsubscribe=_unsubscribe(raw),
+        limiter=_parse_limiter(raw),
+        **_parse_operations(raw),
+    )
 
+
+def _parse_providers(raw: dict[str, Any]) -> tuple[ProviderConfig, ...]:
     providers_raw = raw.get("PROVIDERS", {})
     if not isinstance(providers_raw, dict):
         raise ConfigurationError(
             'KIPEKEE["PROVIDERS"] must be a dict of {"alias": {"BACKEND": ..., "OPTIONS": {...}}}.'
         )
-    providers = []
-    for alias, entry in providers_raw.items():
-        where = f'KIPEKEE["PROVIDERS"][{alias!r}]'
-        if isinstance(entry, dict) and "MAILER" in entry:
-            entry = _from_mailers(where, entry)
-        if not isinstance(entry, dict) or "BACKEND" not in entry:
-            raise ConfigurationError(
-                f"{where} must be a dict with a 'BACKEND' key (or a 'MAILER' key naming an "
-                "entry of settings.MAILERS).")
-        extra = set(entry) - {"BACKEND", "OPTIONS", "LIMITS"}
-        if extra:
-            raise ConfigurationError(f"{where} has unknown keys {sorted(extra)}.")
-        options = entry.get("OPTIONS", {})
-        if not isinstance(options, dict):
-            raise ConfigurationError(f"{where}['OPTIONS'] must be a dict.")
-        if "alias" in options:
-            raise ConfigurationError(f"{where}['OPTIONS'] must not define 'alias'.")
-        if entry["BACKEND"] in DROP_IN_BACKENDS:
-            raise ConfigurationError(
-                f"{where} uses Kipekee's own drop-in backend; a provider must deliver, "
-                "not enqueue again (that would loop forever)."
-            )
-        limits = entry.get("LIMITS", {})
-        if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
-            raise ConfigurationError(
-                f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s', or a list: "
-                "['14/s', '50000/d']) and 'CONCURRENCY'.")
-        if not isinstance(limits.get("RATE", ""), (str, list, tuple)):
-            raise ConfigurationError(f"{where}['LIMITS']['RATE'] must be a rate like '150/10s' "
-                                     "or a list of them.")
-        rate = limits.get("RATE", ())
-        rates = tuple(Rate.parse(r) for r in ((rate,) if isinstance(rate, str) else rate))
-        concurrency = limits.get("CONCURRENCY")
-        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigurationError(f"{where}['LIMITS']['CONCURRENCY'] must be an int >= 1.")
-        providers.append(ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options,
-                                        rate=rates, concurrency=concurrency))
+    return tuple(_parse_provider(alias, entry) for alias, entry in providers_raw.items())
 
+
+def _parse_provider(alias: str, entry: Any) -> ProviderConfig:
+    """``KIPEKEE["PROVIDERS"][alias]``."""
+    where = f'KIPEKEE["PROVIDERS"][{alias!r}]'
+    if isinstance(entry, dict) and "MAILER" in entry:
+        entry = _from_mailers(where, entry)
+    if not isinstance(entry, dict) or "BACKEND" not in entry:
+        raise ConfigurationError(
+            f"{where} must be a dict with a 'BACKEND' key (or a 'MAILER' key naming an "
+            "entry of settings.MAILERS).")
+    extra = set(entry) - {"BACKEND", "OPTIONS", "LIMITS"}
+    if extra:
+        raise ConfigurationError(f"{where} has unknown keys {sorted(extra)}.")
+    options = entry.get("OPTIONS", {})
+    if not isinstance(options, dict):
+        raise ConfigurationError(f"{where}['OPTIONS'] must be a dict.")
+    if "alias" in options:
+        raise ConfigurationError(f"{where}['OPTIONS'] must not define 'alias'.")
+    if entry["BACKEND"] in DROP_IN_BACKENDS:
+        raise ConfigurationError(
+            f"{where} uses Kipekee's own drop-in backend; a provider must deliver, "
+            "not enqueue again (that would loop forever)."
+        )
+    rates, concurrency = _provider_limits(where, entry.get("LIMITS", {}))
+    return ProviderConfig(alias=alias, backend=entry["BACKEND"], options=options,
+                          rate=rates, concurrency=concurrency)
+
+
+def _provider_limits(where: str, limits: Any) -> tuple[tuple[Rate, ...], int | None]:
+    """A provider's ``LIMITS``: its rates and its concurrency."""
+    if not isinstance(limits, dict) or set(limits) - {"RATE", "CONCURRENCY"}:
+        raise ConfigurationError(
+            f"{where}['LIMITS'] takes 'RATE' (e.g. '150/10s', or a list: "
+            "['14/s', '50000/d']) and 'CONCURRENCY'.")
+    if not isinstance(limits.get("RATE", ""), (str, list, tuple)):
+        raise ConfigurationError(f"{where}['LIMITS']['RATE'] must be a rate like '150/10s' "
+                                 "or a list of them.")
+    rate = limits.get("RATE", ())
+    rates = tuple(Rate.parse(r) for r in ((rate,) if isinstance(rate, str) else rate))
+    concurrency = limits.get("CONCURRENCY")
+    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+        raise ConfigurationError(f"{where}['LIMITS']['CONCURRENCY'] must be an int >= 1.")
+    return rates, concurrency
+
+
+def _mode(raw: dict[str, Any]) -> ModeName:
     mode = raw.get("MODE", "hybrid")
     if mode not in MODES:
         raise ConfigurationError(f'KIPEKEE["MODE"] must be one of {MODES}, not {mode!r}.')
+    return cast(ModeName, mode)
 
+
+def _engine(raw: dict[str, Any]) -> str | None:
+    engine = raw.get("ENGINE", "thread")
+    if engine not in ENGINES:
+        raise ConfigurationError(f'KIPEKEE["ENGINE"] must be one of {ENGINES}, not {engine!r}.')
+    return cast("str | None", engine)
+
+
+def _now_retry_delays(raw: dict[str, Any]) -> tuple[float, ...]:
     delays = raw.get("NOW_RETRY_DELAYS", (1, 2, 4))
     if not isinstance(delays, (list, tuple)) or not all(
         isinstance(d, (int, float)) and d >= 0 for d in delays
     ):
         raise ConfigurationError('KIPEKEE["NOW_RETRY_DELAYS"] must be a list of seconds >= 0.')
-    budget = _positive_number(raw, "NOW_TIME_BUDGET", 10.0)
+    return tuple(float(d) for d in delays)
 
+
+def _parse_retry(raw: dict[str, Any]) -> RetryConfig:
     retry_raw = _section(raw, "RETRY", _RETRY_KEYS)
     default_retry = RetryConfig()
-    retry = RetryConfig(
+    return RetryConfig(
         base_delay=_positive_number(retry_raw, "BASE_DELAY", default_retry.base_delay, "RETRY"),
         max_delay=_positive_number(retry_raw, "MAX_DELAY", default_retry.max_delay, "RETRY"),
         max_attempts=int(
@@ -354,21 +430,27 @@ def parse(raw: Any) -> KipekeeSettings:
         ),
         jitter=bool(retry_raw.get("JITTER", True)),
     )
+
+
+def _parse_circuit(raw: dict[str, Any]) -> CircuitConfig:
     circuit_raw = _section(raw, "CIRCUIT_BREAKER", _CIRCUIT_KEYS)
-    circuit = CircuitConfig(
+    return CircuitConfig(
         failures=int(_positive_number(circuit_raw, "FAILURES", 5, "CIRCUIT_BREAKER")),
         cooldown=_positive_number(circuit_raw, "COOLDOWN_SECONDS", 30.0, "CIRCUIT_BREAKER"),
     )
-    engine = raw.get("ENGINE", "thread")
-    if engine not in ENGINES:
-        raise ConfigurationError(f'KIPEKEE["ENGINE"] must be one of {ENGINES}, not {engine!r}.')
+
+
+def _parse_celery(raw: dict[str, Any]) -> CeleryConfig:
     celery_raw = raw.get("CELERY", {})
     if not isinstance(celery_raw, dict) or set(celery_raw) - {"QUEUE", "SWEEP_GRACE_SECONDS"}:
         raise ConfigurationError('KIPEKEE["CELERY"] takes "QUEUE" and "SWEEP_GRACE_SECONDS".')
     queue = celery_raw.get("QUEUE", "kipekee")
     if not isinstance(queue, str) or not queue:
         raise ConfigurationError('KIPEKEE["CELERY"]["QUEUE"] must be a queue name.')
-    celery = CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
+    return CeleryConfig(queue=queue, sweep_grace=float(celery_raw.get("SWEEP_GRACE_SECONDS", 30)))
+
+
+def _parse_tasks(raw: dict[str, Any]) -> TasksConfig:
     tasks_raw = raw.get("TASKS", {})
     if not isinstance(tasks_raw, dict) or set(tasks_raw) - {"BACKEND", "QUEUE",
                                                              "SWEEP_GRACE_SECONDS"}:
@@ -378,13 +460,19 @@ def parse(raw: Any) -> KipekeeSettings:
         if key in tasks_raw and (not isinstance(tasks_raw[key], str) or not tasks_raw[key]):
             raise ConfigurationError(f'KIPEKEE["TASKS"]["{key}"] must be a name, not '
                                      f'{tasks_raw[key]!r}.')
-    tasks = TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
-                        queue=tasks_raw.get("QUEUE", "default"),
-                        sweep_grace=_grace(tasks_raw.get("SWEEP_GRACE_SECONDS", 30.0)))
+    return TasksConfig(backend=tasks_raw.get("BACKEND", "default"),
+                       queue=tasks_raw.get("QUEUE", "default"),
+                       sweep_grace=_grace(tasks_raw.get("SWEEP_GRACE_SECONDS", 30.0)))
+
+
+def _message_id_domain(raw: dict[str, Any]) -> str | None:
     domain = raw.get("MESSAGE_ID_DOMAIN")
     if domain is not None and (not isinstance(domain, str) or not domain or "\n" in domain):
         raise ConfigurationError('KIPEKEE["MESSAGE_ID_DOMAIN"] must be a domain name.')
+    return domain
 
+
+def _webhook_secrets(raw: dict[str, Any]) -> tuple[str, ...]:
     secrets = raw.get("WEBHOOK_SECRET", ())
     if isinstance(secrets, str):
         secrets = (secrets,)
@@ -395,28 +483,7 @@ def parse(raw: Any) -> KipekeeSettings:
             'KIPEKEE["WEBHOOK_SECRET"] must be "user:password" or a list of them (the '
             "basic auth in the webhook URL you give the provider; list two to rotate)."
         )
-
-    return KipekeeSettings(
-        providers=tuple(providers),
-        mode=cast(Mode, mode),
-        now_retry_delays=tuple(float(d) for d in delays),
-        now_time_budget=budget,
-        retry=retry,
-        circuit=circuit,
-        engine=engine,
-        celery=celery,
-        tasks=tasks,
-        lease=timedelta(seconds=_positive_number(raw, "LEASE_SECONDS", 300.0)),
-        strict_templates=bool(raw.get("STRICT_TEMPLATES", True)),
-        message_id_domain=domain,
-        webhook_secrets=tuple(secrets),
-        connections=_parse_connections(raw),
-        lanes=_parse_lanes(raw.get("LANES", {})),
-        max_message_size=_max_message_size(raw),
-        unsubscribe=_unsubscribe(raw),
-        limiter=_parse_limiter(raw),
-        **_parse_operations(raw),
-    )
+    return tuple(secrets)
 
 
 def _section(raw: dict[str, Any], name: str, keys: set[str]) -> dict[str, Any]:
@@ -651,12 +718,27 @@ def get() -> KipekeeSettings:
 
 #: The Django settings read here: when one changes (``override_settings``), the parsed
 #: settings are read again, and each module that built something from them (providers'
-#: backend classes, circuit breakers, limits) forgets it, through its own receiver.
+#: backend classes, circuit breakers, limits) forgets it, through its own receiver
+#: (:func:`reset_on_change`).
 SETTINGS = frozenset({"KIPEKEE", "DEFAULT_FROM_EMAIL", "MAILERS"})
 
 
-@receiver(setting_changed)
-def _reset(*, setting: str, **kwargs: Any) -> None:
+def reset_on_change(reset: Callable[[], None], settings: Collection[str] = SETTINGS) -> None:
+    """Call ``reset`` whenever one of ``settings`` changes (``setting_changed``, as
+    ``override_settings`` sends it): how a module forgets what it built from them, each
+    module its own, as ``django/tasks/signals.py`` does."""
+
+    def on_change(*, setting: str, **kwargs: Any) -> None:
+        if setting in settings:
+            reset()
+
+    setting_changed.connect(on_change, weak=False,
+                            dispatch_uid=f"kipekee:{reset.__module__}.{reset.__qualname__}")
+
+
+def _forget_parsed() -> None:
     global _cached
-    if setting in SETTINGS:
-        _cached = None
+    _cached = None
+
+
+reset_on_change(_forget_parsed)

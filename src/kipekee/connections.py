@@ -51,8 +51,10 @@ from typing import Any, Protocol
 
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.signals import setting_changed
+from django.db import close_old_connections
 
 from . import conf, limits, providers
+from .registries import PerProvider
 
 logger = logging.getLogger("kipekee.connections")
 
@@ -68,15 +70,13 @@ DEFAULT_WAIT = 60.0
 SHARED_IDLE_SECONDS = 2.0
 
 
-class ProviderBusy(Exception):
+class ProviderBusy(limits.LocalLimit):
     """Every connection this process may open to the provider is in use, and none came
-    back in time. A local limit, not a provider failure: no circuit breaker counts it."""
+    back in time."""
 
     def __init__(self, alias: str, limit: int | None, waited: float) -> None:
-        self.alias = alias
-        self.limit = limit
-        self.waited = waited
-        super().__init__(f"all {limit} connection(s) to provider {alias!r} in use "
+        self.limit, self.waited = limit, waited
+        super().__init__(alias, f"all {limit} connection(s) to provider {alias!r} in use "
                          f"(LIMITS['CONCURRENCY']); waited {waited:.1f} s")
 
 
@@ -432,26 +432,26 @@ def is_server_closed(exc: BaseException) -> bool:
 
 # -- the pools of this process ---------------------------------------------------------
 
-_lock = threading.Lock()
-_pools: dict[str, ProviderPool] = {}
+def _new_pool(alias: str) -> ProviderPool:
+    settings = conf.get()
+    config = settings.provider(alias)
+    pool = ProviderPool(
+        alias, lambda: providers.build(alias), max_open=config.concurrency,
+        pool_size=settings.connections.pool_size,
+        idle_seconds=settings.connections.idle_seconds,
+        max_age=settings.connections.max_age,
+        permits=limits.permits(alias) if config.concurrency else None)
+    if pool.permits is not None:
+        _start_keeper()
+    return pool
+
+
+_pools = PerProvider(_new_pool)
 
 
 def pool_for(alias: str) -> ProviderPool:
     """Provider ``alias``'s pool in this process (made on first use)."""
-    with _lock:
-        pool = _pools.get(alias)
-        if pool is None:
-            settings = conf.get()
-            config = settings.provider(alias)
-            pool = _pools[alias] = ProviderPool(
-                alias, lambda: providers.build(alias), max_open=config.concurrency,
-                pool_size=settings.connections.pool_size,
-                idle_seconds=settings.connections.idle_seconds,
-                max_age=settings.connections.max_age,
-                permits=limits.permits(alias) if config.concurrency else None)
-            if pool.permits is not None:
-                _start_keeper()
-        return pool
+    return _pools.get(alias)
 
 
 _keeper: threading.Thread | None = None
@@ -461,7 +461,8 @@ KEEP_EVERY = 1.0
 
 
 def _start_keeper() -> None:
-    """Start this process's keeper thread (called under ``_lock``)."""
+    """Start this process's keeper thread (called while ``_pools`` is locked, making a
+    pool: so there is one)."""
     global _keeper, _keeper_pid
     if _keeper is not None and _keeper_pid == os.getpid() and _keeper.is_alive():
         return
@@ -473,13 +474,9 @@ def _start_keeper() -> None:
 def _keep() -> None:
     """Renew the shared permits of this process's open connections, and close the idle
     ones after ``IDLE_SECONDS`` (see :meth:`ProviderPool.keep`)."""
-    from django.db import close_old_connections  # noqa: PLC0415
-
     while os.getpid() == _keeper_pid:
         time.sleep(KEEP_EVERY)
-        with _lock:
-            pools = [p for p in _pools.values() if p.permits is not None]
-        for pool in pools:
+        for pool in [p for p in _pools.all() if p.permits is not None]:
             try:
                 pool.keep()
             except Exception:  # noqa: BLE001 - the keeper must outlive any one failure
@@ -489,10 +486,7 @@ def _keep() -> None:
 
 def close_all() -> None:
     """Close every idle connection of this process; later sends open new ones."""
-    with _lock:
-        pools = list(_pools.values())
-        _pools.clear()
-    for pool in pools:
+    for pool in _pools.clear():
         pool.close()
 
 
@@ -505,11 +499,10 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _pools, _owner, _keeper
-    # Another thread of the parent may have held the lock at the fork: a new one.
-    inherited, _pools, _lock, _owner = _pools, {}, threading.Lock(), os.getpid()
+    global _owner, _keeper
+    _owner = os.getpid()
     _keeper = None  # the parent's thread is not in the child
-    for pool in inherited.values():
+    for pool in _pools.clear_after_fork():
         pool.forget()
 
 

@@ -289,8 +289,8 @@ class Deliverer:
                                  "are empty)")
         return message, refused
 
-    def _through(self, p: _Pending, aliases: Sequence[str],
-                 failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
+    def _try_providers(self, p: _Pending, aliases: Sequence[str],
+                       failures: Sequence[tuple[str, Failure]] = ()) -> Outcome:
         """Send one message through ``aliases`` in order; ``failures`` so far come first."""
         row, message, started, refused = p.row, p.message, p.started, p.refused
         failures = list(failures)
@@ -324,16 +324,9 @@ class Deliverer:
                 failures.append((alias, _PassedOver.limited(limited)))
                 continue
             except Exception as exc:  # noqa: BLE001 - classified and recorded on the row
-                failure = classify(exc, backend)
-                self._discard(alias)  # the session's state is unknown after an error
-                if failure.kind == ErrorKind.PERMANENT:
-                    breaker.success()  # the provider answered: it is up
-                else:
-                    breaker.failure(configuration=failure.whole_provider)
-                # A misconfigured provider (bad key, unverified sender) is an alarm.
-                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
-                           else logging.INFO, "Provider %r: %s (%s) for outbox email %s",
-                           alias, failure.error, failure.kind, row.pk)
+                failure = self._failed(alias, breaker, exc, backend)
+                _log_failure(failure, "Provider %r: %s (%s) for outbox email %s",
+                             alias, failure.error, failure.kind, row.pk)
                 if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
                     # The message (or its recipients) is the problem: another provider
                     # would refuse it too, or worse, accept what the first one rejected.
@@ -342,6 +335,11 @@ class Deliverer:
                 continue
             breaker.success()
             return self._sent(started, alias, message, failures, refused, backend)
+        return self._none_took_it(started, failures, refused)
+
+    def _none_took_it(self, started: datetime, failures: Sequence[tuple[str, Failure]],
+                      refused: dict[str, str]) -> Outcome:
+        """The outcome when no provider took the message: ``failures``, one a provider."""
         if not failures:
             return self._outcome(started, "", Failure(
                 kind=ErrorKind.CONFIGURATION, error='no providers: KIPEKEE["PROVIDERS"] is empty'),
@@ -431,10 +429,10 @@ class Deliverer:
                     and self._batch_backend(aliases[0]) is not None):
                 groups.setdefault(aliases[0], []).append(p)
             else:
-                outcomes[index] = self._through(p, aliases)
+                outcomes[index] = self._try_providers(p, aliases)
         for alias, group in groups.items():
             if len(group) == 1:  # one message: the single-message endpoint
-                outcomes[group[0].index] = self._through(group[0], group[0].aliases)
+                outcomes[group[0].index] = self._try_providers(group[0], group[0].aliases)
             else:
                 self._deliver_batches(alias, group, outcomes)
         assert all(o is not None for o in outcomes)
@@ -474,9 +472,9 @@ class Deliverer:
             items.append((p, item))
         self._send_batches(alias, backend, items, outcomes)
         for p, failure in unbuilt:
-            outcomes[p.index] = self._after(p, alias, failure)
+            outcomes[p.index] = self._fail_over(p, alias, failure)
         for p in too_big:
-            outcomes[p.index] = self._through(p, p.aliases)
+            outcomes[p.index] = self._try_providers(p, p.aliases)
 
     def _send_batches(self, alias: str, backend: BatchBackend,
                       items: list[tuple[_Pending, Any]], outcomes: list[Outcome | None]) -> None:
@@ -485,11 +483,11 @@ class Deliverer:
         for chunk in _chunks(items, backend.batch_max_messages, backend.batch_max_bytes):
             if len(chunk) == 1 and _key(chunk[0][1]) is not _NO_KEY:
                 # Nothing to share a request with: the single-message path.
-                outcomes[chunk[0][0].index] = self._through(chunk[0][0], chunk[0][0].aliases)
+                outcomes[chunk[0][0].index] = self._try_providers(chunk[0][0], chunk[0][0].aliases)
                 continue
             if broken is None:
                 try:
-                    self._checkout(alias)  # before the breaker's trial, as in _through
+                    self._checkout(alias)  # before the breaker's trial, as in _try_providers
                 except ProviderBusy as busy:
                     broken = _PassedOver.busy(busy)
             if broken is None and not breaker.allow():
@@ -499,7 +497,7 @@ class Deliverer:
                 # The provider failed a request of this call for a reason that is not
                 # the messages': do not send it more now, go on to the next provider.
                 for p, _ in chunk:
-                    outcomes[p.index] = self._after(p, alias, broken)
+                    outcomes[p.index] = self._fail_over(p, alias, broken)
                 continue
             try:
                 # Opened again if an earlier request of this call failed (and closed it).
@@ -513,25 +511,19 @@ class Deliverer:
                 self._release(alias)
                 broken = _PassedOver.limited(limited)
                 for p, _ in chunk:
-                    outcomes[p.index] = self._after(p, alias, broken)
+                    outcomes[p.index] = self._fail_over(p, alias, broken)
                 continue
             except Exception as exc:  # noqa: BLE001 - classified, recorded on every row
-                failure = classify(exc, backend)
-                self._discard(alias)
-                logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION
-                           else logging.INFO, "Provider %r: batch of %s failed: %s (%s)",
-                           alias, len(chunk), failure.error, failure.kind)
-                if failure.kind == ErrorKind.PERMANENT:
-                    breaker.success()  # the provider answered: it is up
-                else:
-                    breaker.failure(configuration=failure.whole_provider)
+                failure = self._failed(alias, breaker, exc, backend)
+                _log_failure(failure, "Provider %r: batch of %s failed: %s (%s)",
+                             alias, len(chunk), failure.error, failure.kind)
                 if failure.kind == ErrorKind.PERMANENT:
                     for p, _ in chunk:
-                        outcomes[p.index] = self._through(p, p.aliases)
+                        outcomes[p.index] = self._try_providers(p, p.aliases)
                 else:
                     broken = failure
                     for p, _ in chunk:
-                        outcomes[p.index] = self._after(p, alias, failure)
+                        outcomes[p.index] = self._fail_over(p, alias, failure)
                 continue
             breaker.success()
             for (p, _), result in zip(chunk, results, strict=True):
@@ -539,13 +531,25 @@ class Deliverer:
                     outcomes[p.index] = self._sent(p.started, alias, p.message, [], p.refused,
                                                    backend)
                 else:
-                    outcomes[p.index] = self._after(p, alias, classify(result, backend))
+                    outcomes[p.index] = self._fail_over(p, alias, classify(result, backend))
 
-    def _after(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
+    def _failed(self, alias: str, breaker: circuit.CircuitBreaker, exc: Exception,
+                backend: Any) -> Failure:
+        """A send through ``alias`` raised ``exc``: its failure, the connection dropped
+        (the session's state is unknown after an error) and the breaker told."""
+        failure = classify(exc, backend)
+        self._discard(alias)
+        if failure.kind == ErrorKind.PERMANENT:
+            breaker.success()  # the provider answered: it is up
+        else:
+            breaker.failure(configuration=failure.whole_provider)
+        return failure
+
+    def _fail_over(self, p: _Pending, alias: str, failure: Failure) -> Outcome:
         """The outcome of a row whose send through ``alias`` failed, as deliver() would."""
         if failure.kind == ErrorKind.PERMANENT and not failure.provider_level:
             return self._outcome(p.started, alias, failure, p.refused)
-        return self._through(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
+        return self._try_providers(p, p.aliases[p.aliases.index(alias) + 1:], [(alias, failure)])
 
     @staticmethod
     def _outcome(started: datetime, alias: str, failure: Failure,
@@ -647,3 +651,9 @@ class Deliverer:
     def close(self) -> None:
         """Give every connection back (they stay open in the pool for the next call)."""
         self._release_all()
+
+
+def _log_failure(failure: Failure, message: str, *args: Any) -> None:
+    # A misconfigured provider (bad key, unverified sender) is an alarm.
+    logger.log(logging.ERROR if failure.kind == ErrorKind.CONFIGURATION else logging.INFO,
+               message, *args)

@@ -19,22 +19,19 @@ from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
 
 from django.core.mail import EmailMessage
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from . import conf, deadlines, engines, outbox
-from .delivery import Deliverer, Outcome
+from .delivery import Deliverer
 from .engines.worker import notify_if_listening
 from .exceptions import InvalidMessage
 from .models import ErrorKind, OutboxEmail, Status
-from .providers import smtp_retry_hint, transient_refusals
+from .options import SendOptions
+from .recording import record, record_many
 from .retry import RetryPolicy
-
-if TYPE_CHECKING:
-    from django.db.models import Model
 
 logger = logging.getLogger("kipekee.dispatch")
 
@@ -111,40 +108,29 @@ class Receipt:
         return f"<Receipt #{self.id} {self.status}{extra}>"
 
 
-def submit(
-    message: EmailMessage,
-    *,
-    mode: str | None = None,
-    lane: str = conf.TRANSACTIONAL,
-    idempotency_key: str | None = None,
-    send_at: datetime | None = None,
-    provider: str = "",
-    template: str = "",
-    metadata: dict[str, Any] | None = None,
-    event: str = "",
-    target: Model | None = None,
-    mailing_list: str = "",
-    using: str | None = None,
-) -> Receipt:
-    """Enqueue ``message`` in the current transaction and arrange its delivery.
+def submit(message: EmailMessage, options: SendOptions | None = None, *,
+           using: str | None = None) -> Receipt:
+    """Enqueue ``message`` in the current transaction and arrange its delivery, as
+    ``options`` say (:class:`~kipekee.options.SendOptions`; none: the defaults).
 
-    ``event`` and ``target`` (a saved model instance) link the row to the notification and
-    the business object it is about: ``OutboxEmail.objects.for_object(target)``.
-    ``mailing_list``: the MailingList key of list mail (the caller added its headers,
-    :func:`kipekee.lists.links`); who left that list is not sent to.
+    ``options.event`` and ``options.target`` (a saved model instance) link the row to the
+    notification and the business object it is about:
+    ``OutboxEmail.objects.for_object(target)``. ``options.mailing_list``: the MailingList
+    key of list mail (the caller added its headers, :func:`kipekee.lists.links`); who
+    left that list is not sent to.
     """
-    mode = mode or conf.get().mode
+    options = options or SendOptions()
+    mode = options.mode or conf.get().mode
     if mode not in conf.MODES:
         raise InvalidMessage(f"mode must be one of {conf.MODES}, not {mode!r}.")
+    send_at = options.send_at
     if send_at is not None:  # comparable with timezone.now() below, with or without USE_TZ
         send_at = outbox.stored_time(send_at, "send_at")
     db = using or outbox.db_for_write()
     later = send_at is not None and send_at > timezone.now()
     here = mode != "queue" and not later
     row, created = outbox.enqueue(
-        message, mode=mode, lane=lane, idempotency_key=idempotency_key, send_at=send_at,
-        provider=provider, template=template, metadata=metadata, event=event,
-        target=target, mailing_list=mailing_list,
+        message, replace(options, mode=mode, send_at=send_at),
         # Delivered here right after commit: written already claimed by this request
         # (no engine polling at that moment may take it first, and the caller would
         # lose its answer), so sending it costs no claim statement.
@@ -189,18 +175,17 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
     messages would hold the request for the sum of their budgets.
     """
     for index, item in enumerate(items):
-        if item.mode not in MANY_MODES:
+        if item.options.mode not in MANY_MODES:
             raise InvalidMessage(f"Message {index}: mode must be one of {MANY_MODES} when "
-                                 f"sending many, not {item.mode!r}.")
-    items = [replace(item, send_at=outbox.stored_time(item.send_at, f"Message {index}: send_at"))
-             if item.send_at is not None else item for index, item in enumerate(items)]
+                                 f"sending many, not {item.options.mode!r}.")
+    items = [_stored_send_at(item, index) for index, item in enumerate(items)]
     db = using or outbox.db_for_write()
-    own = not transaction.get_connection(db).in_atomic_block
+    outside_transaction = not transaction.get_connection(db).in_atomic_block
     now = timezone.now()
-    with transaction.atomic(using=db) if own else nullcontext():
+    with transaction.atomic(using=db) if outside_transaction else nullcontext():
         results = outbox.enqueue_many(
-            [replace(item, hold=IN_REQUEST_HOLD) if item.mode == "hybrid" else item
-             for item in items], using=db)
+            [replace(item, in_request_hold=IN_REQUEST_HOLD)
+             if item.options.mode == "hybrid" else item for item in items], using=db)
         receipts = [Receipt(row, created=created) for row, created in results]
         due: list[int] = []  # for engines, due now
         scheduled: list[tuple[int, datetime]] = []  # for engines, due later
@@ -208,9 +193,10 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
         for item, receipt in zip(items, receipts, strict=True):
             if not receipt.created or receipt.suppressed:
                 continue
-            if item.send_at is not None and item.send_at > now:
-                scheduled.append((receipt.id, item.send_at))
-            elif item.mode == "queue":
+            send_at = item.options.send_at
+            if send_at is not None and send_at > now:
+                scheduled.append((receipt.id, send_at))
+            elif item.options.mode == "queue":
                 due.append(receipt.id)
             else:
                 here.append(receipt)
@@ -224,6 +210,15 @@ def submit_many(items: Sequence[outbox.NewEmail], *, using: str | None = None) -
         if here:
             transaction.on_commit(partial(deliver_many_in_request, here, db), using=db)
     return receipts
+
+
+def _stored_send_at(item: outbox.NewEmail, index: int) -> outbox.NewEmail:
+    """``item`` with its ``send_at`` as the outbox stores it (see :func:`submit`)."""
+    send_at = item.options.send_at
+    if send_at is None:
+        return item
+    stored = outbox.stored_time(send_at, f"Message {index}: send_at")
+    return replace(item, options=replace(item.options, send_at=stored))
 
 
 def deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
@@ -248,7 +243,7 @@ def _deliver_many_in_request(receipts: Sequence[Receipt], using: str) -> None:
     deferred: list[OutboxEmail] = []
     with Deliverer() as deliverer:
         for start in range(0, len(ids), IN_REQUEST_BATCH):
-            rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", own=True,
+            rows = outbox.claim_batch(IN_REQUEST_BATCH, engine="request", in_request=True,
                                       ids=ids[start:start + IN_REQUEST_BATCH], using=using)
             if not rows:
                 continue
@@ -275,7 +270,7 @@ def deliver_in_request(receipt: Receipt, row: OutboxEmail | None = None, *,
 
     ``row``: the row as written, already claimed by this request
     (``outbox.enqueue(claimed=...)``); ``written``: when (``time.monotonic()``).
-    Without it the row is claimed first (``outbox.claim(own=True)``).
+    Without it the row is claimed first (``outbox.claim(in_request=True)``).
 
     Runs in the caller's ``on_commit``, after the business transaction (and the row) is
     committed: a database error here (a lock held past the timeout, a restart) would
@@ -316,7 +311,7 @@ def _deliver_in_request(receipt: Receipt, claimed: OutboxEmail | None = None,
             if index == 0 and claimed is not None:
                 row: OutboxEmail | None = claimed
             else:
-                row = outbox.claim(receipt.id, own=True, using=receipt._using)
+                row = outbox.claim(receipt.id, in_request=True, using=receipt._using)
                 checked = False
             if row is None:
                 # Not due yet (send_at), or an engine holds it: nothing to do here.
@@ -342,118 +337,3 @@ def _deliver_in_request(receipt: Receipt, claimed: OutboxEmail | None = None,
             if row.status == Status.DEFERRED:  # so an engine retries it when it is due
                 engines.wake([row.pk], due_at=row.due_at)
             return
-
-
-def record_many(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> list[bool]:
-    """Record a claimed batch's outcomes, as :func:`record` would one by one, in one
-    UPDATE per claim whatever each outcome was (:func:`kipekee.outbox.finish_many`);
-    only a success with recipients refused for now, which may need a follow-up row,
-    goes on its own. Call it inside one transaction to make it one commit."""
-    policy = RetryPolicy.from_settings()
-    results: dict[int, tuple[outbox.Finish, _Note]] = {}
-    alone: list[int] = []
-    for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
-        result = _result(row, outcome, policy)
-        if result is None:
-            alone.append(index)
-        else:
-            results[index] = result
-    done = outbox.finish_many([finish for finish, _ in results.values()])
-    recorded = dict(zip(results, done, strict=True))
-    for (finish, note), written in zip(results.values(), done, strict=True):
-        if written:
-            _log_on_commit(finish.row, note)
-    for index in alone:
-        recorded[index] = record(rows[index], outcomes[index], policy)
-    return [recorded[index] for index in range(len(rows))]
-
-
-def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None) -> bool:
-    """Record an outcome, deciding with the retry policy between deferred and failed."""
-    policy = policy or RetryPolicy.from_settings()
-    result = _result(row, outcome, policy)
-    if result is not None:
-        finish, note = result
-        written = outbox.finish(finish)
-        if written:
-            _log_on_commit(row, note)
-        return written
-    # Some recipients were refused for now (4xx): they get it again in a follow-up row
-    # when the policy allows another attempt; otherwise their reply stays in
-    # ``refused`` of this sent row, as a 5xx one does.
-    again = transient_refusals(outcome.refused)
-    hints = [hint for why in again.values() if (hint := smtp_retry_hint(why)) is not None]
-    again_at = policy.next_due(
-        kind=ErrorKind.TRANSIENT, attempt=row.attempts, created_at=row.created_at,
-        hint=max(hints, default=None), now=outcome.finished_at,
-    )
-    given_up = "" if again_at is not None else policy.why_not(attempt=row.attempts,
-                                                                created_at=row.created_at)
-    note = (logging.INFO, "Outbox email %s sent via %s; refused for now: %s; %s",
-            (row.pk, outcome.provider, ", ".join(sorted(again)),
-             f"again at {again_at.isoformat()}" if again_at else given_up))
-    written = outbox.mark_sent(row, outcome, again=list(again), again_at=again_at,
-                               given_up=given_up)
-    if written:
-        _log_on_commit(row, note)
-    return written
-
-
-#: A log line that says what a result did to its row: level, message, arguments.
-_Note = tuple[int, str, tuple[Any, ...]]
-
-
-def _log_on_commit(row: OutboxEmail, note: _Note) -> None:
-    """Log what was recorded on ``row`` once the record is committed (at once outside a
-    transaction): a record that rolls back (a database error before its commit) said
-    nothing, so the log never reports a row sent, deferred or failed that is not."""
-    level, message, args = note
-    transaction.on_commit(partial(logger.log, level, message, *args),
-                          using=row._state.db or outbox.db_for_write())
-
-
-def _result(row: OutboxEmail, outcome: Outcome,
-            policy: RetryPolicy) -> tuple[outbox.Finish, _Note] | None:
-    """What ``outcome`` does to ``row`` and the line that logs it once recorded, or None
-    for a success with recipients refused for now (:func:`record` writes their
-    follow-up row)."""
-    if outcome.ok:
-        if transient_refusals(outcome.refused):
-            return None
-        # Per message at DEBUG: the worker's INFO lines are counts and rates.
-        return outbox.sent(row, outcome), (
-            logging.DEBUG, "Sent outbox email %s via %s", (row.pk, outcome.provider))
-    if not outcome.attempted:
-        # Every provider's circuit was open: nothing was sent, so no attempt is spent;
-        # the row waits for the next trial. Only its lifetime can end it here.
-        due = policy.postponed_due(wait=outcome.retry_after or 0.0, created_at=row.created_at,
-                                   now=outcome.finished_at)
-        if due is not None:
-            return outbox.postponed(row, outcome, due_at=due), (
-                logging.INFO, "Outbox email %s waits until %s: %s",
-                (row.pk, due.isoformat(), outcome.error))
-    if outcome.suppressed:
-        return outbox.suppressed(row, outcome), (
-            logging.INFO, "Outbox email %s not sent: %s", (row.pk, outcome.error))
-    # Counted from the end of the attempt, not from now: an engine's books thread may
-    # write the outcome a moment after the provider answered.
-    due = policy.next_due(
-        kind=outcome.kind, attempt=row.attempts, created_at=row.created_at,
-        hint=outcome.retry_after, now=outcome.finished_at,
-    )
-    if due is None and outcome.kind != ErrorKind.PERMANENT:
-        # The error alone would read as a retry to come: say why there is none.
-        why = policy.why_not(attempt=row.attempts, created_at=row.created_at)
-        outcome = replace(outcome, error=f"{outcome.error}; {why}")
-    if outcome.kind == ErrorKind.CONFIGURATION:
-        # An alarm (a provider misconfigured), whatever becomes of the row.
-        return (outbox.failed(row, outcome) if due is None
-                else outbox.deferred(row, outcome, due_at=due)), (
-            logging.ERROR, "Outbox email %s not sent, provider misconfigured: %s%s",
-            (row.pk, outcome.error, "" if due is None else f"; deferred until {due.isoformat()}"))
-    if due is None:
-        return outbox.failed(row, outcome), (
-            logging.WARNING, "Outbox email %s failed: %s", (row.pk, outcome.error))
-    return outbox.deferred(row, outcome, due_at=due), (
-        logging.INFO, "Outbox email %s deferred until %s: %s",
-        (row.pk, due.isoformat(), outcome.error))

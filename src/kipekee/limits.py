@@ -51,7 +51,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -60,45 +59,32 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from django.core.signals import setting_changed
-from django.dispatch import receiver
+from django.db import DatabaseError, router, transaction
+from django.db.models import F
 
-from .exceptions import ConfigurationError
+from . import conf
+from .conf import Rate
+from .models import LimiterHit, LimiterKey, ProviderPermit
 
 logger = logging.getLogger("kipekee.limits")
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|m|h|d)\s*$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+class LocalLimit(Exception):
+    """A limit of this deployment on provider ``alias`` (``LIMITS``) holds the mail back:
+    not a provider failure, so no circuit breaker counts it."""
+
+    def __init__(self, alias: str, message: str) -> None:
+        self.alias = alias
+        super().__init__(message)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Rate:
-    count: int
-    per: float  # seconds, whole
-
-    @classmethod
-    def parse(cls, text: str) -> Rate:
-        """``"150/10s"``, ``"15/s"``, ``"500/d"`` → a Rate (a window of whole seconds)."""
-        match = _RATE.match(text) if isinstance(text, str) else None
-        if not match or int(match[1]) <= 0:
-            raise ConfigurationError(f"RATE must look like '150/10s' or '500/d', not {text!r}.")
-        per = float(match[2] or 1) * _UNIT[match[3]]
-        if per < 1 or per != int(per):
-            raise ConfigurationError(
-                f"RATE {text!r}: the window must be a whole number of seconds (1 or more).")
-        return cls(count=int(match[1]), per=per)
-
-
-class RateLimited(Exception):
+class RateLimited(LocalLimit):
     """A provider's ``LIMITS["RATE"]`` has no free slot for ``wait`` seconds: the mail is
-    deferred until then, uncharged. A local limit, not a provider failure."""
+    deferred until then, uncharged."""
 
     def __init__(self, alias: str, rate: Rate, wait: float) -> None:
-        self.alias = alias
-        self.rate = rate
-        self.wait = wait
-        super().__init__(f"rate limit of provider {alias!r} reached ({rate.count} per "
-                         f"{rate.per:g} s, LIMITS['RATE']); next free slot in {wait:.1f} s")
+        self.rate, self.wait = rate, wait
+        super().__init__(alias, f"rate limit of provider {alias!r} reached ({rate.count} "
+                         f"per {rate.per:g} s, LIMITS['RATE']); next free slot in {wait:.1f} s")
 
 
 # -- the stores ------------------------------------------------------------------------
@@ -226,10 +212,6 @@ class ProcessStore:
 def lock_key(db: str, key: str) -> None:
     """Lock ``key``'s :class:`~kipekee.models.LimiterKey` row for the rest of the
     transaction (made on first use)."""
-    from django.db.models import F
-
-    from .models import LimiterKey
-
     rows = LimiterKey.objects.using(db).filter(key=key)
     if not rows.update(takes=F("takes") + 1):
         LimiterKey.objects.using(db).bulk_create([LimiterKey(key=key)], ignore_conflicts=True)
@@ -249,18 +231,10 @@ class DatabaseStore:
     name = "database"
 
     def _db(self) -> str:
-        from django.db import router
-
-        from .models import LimiterHit
-
         return router.db_for_write(LimiterHit)
 
     def book(self, keys: Sequence[tuple[str, Rate]], max_wait: float,
              member: str) -> tuple[float, float]:
-        from django.db import transaction
-
-        from .models import LimiterHit
-
         db = self._db()
         hits = LimiterHit.objects.using(db)
         with transaction.atomic(using=db):
@@ -282,18 +256,12 @@ class DatabaseStore:
 
     def finished(self, keys: Sequence[tuple[str, Rate]], member: str, start: float,
                  end: float) -> None:
-        from .models import LimiterHit
-
         # The hit is found by its time (a float written by this process): another
         # booking at the very same instant would be moved instead, later, never earlier.
         LimiterHit.objects.using(self._db()).filter(
             key__in=[key for key, _ in keys], at=start).update(at=max(start, end))
 
     def take_permit(self, key: str, limit: int, holder: str, lease: float) -> bool:
-        from django.db import transaction
-
-        from .models import ProviderPermit
-
         db = self._db()
         permits = ProviderPermit.objects.using(db).filter(key=key)
         if (not permits.filter(holder=holder).exists()
@@ -314,8 +282,6 @@ class DatabaseStore:
             return True
 
     def renew_permits(self, key: str, holders: Sequence[str], lease: float) -> set[str]:
-        from .models import ProviderPermit
-
         now = time.time()
         permits = ProviderPermit.objects.using(self._db()).filter(
             key=key, holder__in=list(holders), lease_until__gte=now)
@@ -324,13 +290,9 @@ class DatabaseStore:
         return set(holders) - kept
 
     def return_permit(self, key: str, holder: str) -> None:
-        from .models import ProviderPermit
-
         ProviderPermit.objects.using(self._db()).filter(key=key, holder=holder).delete()
 
     def want(self, key: str, seconds: float, by: str) -> None:
-        from .models import LimiterKey
-
         db = self._db()
         rows = LimiterKey.objects.using(db).filter(key=key)
         if not rows.update(wanted_until=time.time() + seconds, wanted_by=by):
@@ -339,8 +301,6 @@ class DatabaseStore:
             rows.update(wanted_until=time.time() + seconds, wanted_by=by)
 
     def wanted(self, key: str, by: str) -> bool:
-        from .models import LimiterKey
-
         return LimiterKey.objects.using(self._db()).filter(
             key=key, wanted_until__gt=time.time()).exclude(wanted_by=by).exists()
 
@@ -414,7 +374,7 @@ class RedisStore:
     name = "redis"
 
     def __init__(self, location: str, prefix: str) -> None:
-        import redis
+        import redis  # noqa: PLC0415 - the optional redis extra
 
         # Short timeouts: a Redis that is down must cost a send a second at most, not
         # the client's default of waiting for TCP.
@@ -473,11 +433,9 @@ class RedisStore:
 
 def _store_errors() -> tuple[type[BaseException], ...]:
     """What a store that cannot be reached raises."""
-    from django.db import DatabaseError
-
     errors: list[type[BaseException]] = [DatabaseError, OSError]
     try:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError  # noqa: PLC0415 - the optional redis extra
     except ImportError:  # the redis extra is not installed: no Redis store either
         pass
     else:
@@ -718,8 +676,6 @@ _limiter_for: Any = None
 def limiter() -> Limiter:
     """This process's limiter, for the settings in force."""
     global _limiter, _limiter_for
-    from . import conf
-
     config = conf.get().limiter
     with _lock:
         if _limiter is None or _limiter_for is not config:
@@ -796,8 +752,5 @@ def reset() -> None:
         _limiter, _limiter_for = None, None
 
 
-@receiver(setting_changed)
-def _settings_changed(*, setting: str, **kwargs: object) -> None:
-    # (Not conf.SETTINGS: conf imports this module.) Limits come from KIPEKEE alone.
-    if setting == "KIPEKEE":
-        reset()
+# Limits come from KIPEKEE alone.
+conf.reset_on_change(reset, {"KIPEKEE"})

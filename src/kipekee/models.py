@@ -283,7 +283,21 @@ class SuppressionReason(models.TextChoices):
     MANUAL = "manual", "added by a person"
 
 
-class Suppression(models.Model):
+class _CanonicalAddress(models.Model):
+    """A row keyed by ``address``, saved in its canonical form (:func:`canonical`), as
+    lookups compare it."""
+
+    address: str
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.address = canonical(self.address)
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class Suppression(_CanonicalAddress):
     """An address Kipekee does not send to, on any path.
 
     Filled by delivery webhooks (hard bounces, spam complaints, unsubscribes) and by
@@ -304,10 +318,6 @@ class Suppression(models.Model):
 
     def __str__(self) -> str:
         return f"{self.address} ({self.get_reason_display()})"
-
-    def save(self, *args: object, **kwargs: object) -> None:
-        self.address = canonical(self.address)
-        super().save(*args, **kwargs)  # type: ignore[arg-type]
 
 
 class WebhookEvent(models.Model):
@@ -366,7 +376,7 @@ class UnsubscribeSource(models.TextChoices):
     CODE = "code", "application code"
 
 
-class Unsubscription(models.Model):
+class Unsubscription(_CanonicalAddress):
     """``address`` left ``mailing_list``: list mail to it is not sent (status
     ``suppressed``); other mail is. ``address`` is stored canonical
     (:func:`kipekee.addresses.canonical`): one row per mailbox and list."""
@@ -388,10 +398,6 @@ class Unsubscription(models.Model):
 
     def __str__(self) -> str:
         return f"{self.address} left {self.mailing_list_id}"
-
-    def save(self, *args: object, **kwargs: object) -> None:
-        self.address = canonical(self.address)
-        super().save(*args, **kwargs)  # type: ignore[arg-type]
 
 
 class LimiterKey(models.Model):

@@ -56,12 +56,12 @@ from .models import (
     Suppression,
     db_column,
 )
+from .options import SendOptions
 from .redact import redact
 from .wire import check_size
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
-    from django.db.models import Model
 
     from .delivery import Outcome
 
@@ -91,45 +91,27 @@ def stored_time(value: datetime, name: str) -> datetime:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NewEmail:
-    """One message for :func:`enqueue_many`, with how to write it (:func:`enqueue`'s
-    keywords)."""
+    """One message for :func:`enqueue_many`, with how to send it and the in-request hold
+    (:func:`enqueue`'s arguments)."""
 
     message: EmailMessage
-    mode: str
-    lane: str = conf.TRANSACTIONAL
-    idempotency_key: str | None = None
-    send_at: datetime | None = None
-    provider: str = ""
-    template: str = ""
-    metadata: dict[str, Any] | None = None
-    event: str = ""
-    target: Model | None = None
-    hold: timedelta | None = None
-    mailing_list: str = ""
+    options: SendOptions
+    in_request_hold: timedelta | None = None
 
 
 def enqueue(
     message: EmailMessage,
+    options: SendOptions,
     *,
-    mode: str,
-    lane: str = conf.TRANSACTIONAL,
-    idempotency_key: str | None = None,
-    send_at: datetime | None = None,
-    provider: str = "",
-    template: str = "",
-    metadata: dict[str, Any] | None = None,
-    event: str = "",
-    target: Model | None = None,
-    mailing_list: str = "",
-    hold: timedelta | None = None,
+    in_request_hold: timedelta | None = None,
     claimed: timedelta | None = None,
     using: str | None = None,
     announce: bool = False,
 ) -> tuple[OutboxEmail, bool]:
     """Write ``message`` to the outbox in the caller's transaction.
 
-    ``hold``: keep engines off a row due now for this long (``due_at`` in the future)
-    because the caller delivers it itself right after commit; only ``claim(pk, own=True)``
+    ``in_request_hold``: keep engines off a row due now for this long (``due_at`` in the future)
+    because the caller delivers it itself right after commit; only ``claim(pk, in_request=True)``
     takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
 
     ``claimed``: the caller sends the row itself right after commit (a request's
@@ -146,10 +128,10 @@ def enqueue(
     ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
     row is committed), in the INSERT itself.
 
-    ``mailing_list``: the MailingList key of list mail; an unknown key is refused
+    ``options.mailing_list``: the MailingList key of list mail; an unknown key is refused
     (``UnknownMailingList``), and who left that list is taken off as the suppressed are.
 
-    Returns ``(row, created)``. With an ``idempotency_key`` that is already in the
+    Returns ``(row, created)``. With an ``options.idempotency_key`` already in the
     outbox, returns the first row and ``created=False`` and writes nothing. Raises
     ``InvalidMessage`` / ``UnknownProvider`` before writing anything.
 
@@ -162,12 +144,10 @@ def enqueue(
     writes nothing, then its row is read.
     """
     db = using or db_for_write()
-    row, attachments = _new_row(NewEmail(
-        message=message, mode=mode, lane=lane, idempotency_key=idempotency_key,
-        send_at=send_at, provider=provider, template=template, metadata=metadata,
-        event=event, target=target, hold=hold, mailing_list=mailing_list), db, timezone.now())
-    if mailing_list:
-        lists.require(mailing_list, using=db)
+    row, attachments = _new_row(NewEmail(message=message, options=options,
+                                         in_request_hold=in_request_hold), db, timezone.now())
+    if options.mailing_list:
+        lists.require(options.mailing_list, using=db)
     alone = not attachments and not connections[db].in_atomic_block
     with nullcontext() if alone else transaction.atomic(using=db):
         # Most mail goes to nobody on the suppression list: the row is written only if
@@ -178,19 +158,20 @@ def enqueue(
         as_built = dict(row.__dict__)
         if claimed is not None:
             _claimed_as_written(row, claimed)
-        inserted = 0 if mailing_list else _insert(
-            OutboxEmail, [row], db, if_new=bool(idempotency_key), notify=announce,
+        inserted = 0 if options.mailing_list else _insert(
+            OutboxEmail, [row], db, if_new=bool(options.idempotency_key), notify=announce,
             unless_listed=[canonical(address) for address in row.recipients])
         if not inserted:
             row.__dict__.update(as_built)  # not claimed: a suppressed row stays unclaimed
             _apply_suppressions(row, suppression.check(row.recipients, using=db,
-                                                       mailing_list=mailing_list))
+                                                       mailing_list=options.mailing_list))
             if claimed is not None and row.status == Status.QUEUED:
                 _claimed_as_written(row, claimed)
-            inserted = _insert(OutboxEmail, [row], db, if_new=bool(idempotency_key),
+            inserted = _insert(OutboxEmail, [row], db, if_new=bool(options.idempotency_key),
                                notify=announce)
         if not inserted:  # the key is taken: by an earlier enqueue, or one committing now
-            return OutboxEmail.objects.using(db).get(idempotency_key=idempotency_key), False
+            return OutboxEmail.objects.using(db).get(
+                idempotency_key=options.idempotency_key), False
         stored = _attachment_rows(row, attachments)
         _insert(Attachment, stored, db)
     if row.claimed_by:
@@ -278,12 +259,12 @@ def enqueue_many(items: Sequence[NewEmail], *,
     for index, item in enumerate(items):
         try:
             built.append(_new_row(item, db, now))
-            if item.mailing_list and item.mailing_list not in by_list:
-                lists.require(item.mailing_list, using=db)  # once per list named
+            if item.options.mailing_list and item.options.mailing_list not in by_list:
+                lists.require(item.options.mailing_list, using=db)  # once per list named
         except InvalidMessage as exc:
             raise type(exc)(f"Message {index}: {exc}") from exc
-        if item.mailing_list:
-            by_list.setdefault(item.mailing_list, set()).update(built[-1][0].recipients)
+        if item.options.mailing_list:
+            by_list.setdefault(item.options.mailing_list, set()).update(built[-1][0].recipients)
     if not built:
         return []
     found = suppression.check({a for row, _ in built for a in row.recipients}, using=db)
@@ -338,18 +319,18 @@ def _insert_new(built: Sequence[tuple[OutboxEmail, list[StoredAttachment]]],
 def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[StoredAttachment]]:
     """The unsaved row and attachments for ``item``; raises ``InvalidMessage`` /
     ``UnknownProvider`` for what is wrong with it."""
-    message = item.message
+    message, options = item.message, item.options
     validate(message)
     config = conf.get()
     check_size(message, config.max_message_size)
-    if item.provider:
-        config.provider(item.provider)  # raises UnknownProvider at the call site
-    if item.lane != conf.TRANSACTIONAL:
-        config.lane(item.lane)  # raises InvalidMessage at the call site
-    send_at = item.send_at
+    if options.provider:
+        config.provider(options.provider)  # raises UnknownProvider at the call site
+    if options.lane != conf.TRANSACTIONAL:
+        config.lane(options.lane)  # raises InvalidMessage at the call site
+    send_at = options.send_at
     if send_at is not None:
         send_at = stored_time(send_at, "send_at")
-    target = item.target
+    target = options.target
     if target is not None and target.pk is None:
         raise InvalidMessage(f"The email's target {target!r} is not saved (it has no pk).")
     fields, attachments = to_fields(message)
@@ -362,18 +343,18 @@ def _new_row(item: NewEmail, db: str, now: datetime) -> tuple[OutboxEmail, list[
         content_type = ContentType.objects.db_manager(db).get_for_model(target)
         fields["content_type_id"] = content_type.pk
         fields["object_id"] = str(target.pk)
-    hold = item.hold
+    hold = item.in_request_hold
     fields.update(
         headers=headers,
         message_id=message_id,
-        mode=item.mode,
-        lane=item.lane,
-        mailing_list=item.mailing_list,
-        idempotency_key=item.idempotency_key or None,
-        template=item.template,
-        metadata=item.metadata or {},
-        event=item.event,
-        provider=item.provider,
+        mode=options.mode or config.mode,
+        lane=options.lane,
+        mailing_list=options.mailing_list,
+        idempotency_key=options.idempotency_key or None,
+        template=options.template,
+        metadata=dict(options.metadata or {}),
+        event=options.event,
+        provider=options.provider,
         created_at=now,
         # A hold applies to mail due now; a future send_at is the engines' anyway.
         due_at=now + hold if hold and (send_at is None or send_at <= now) else send_at or now,
@@ -689,7 +670,7 @@ def _pop_header(headers: dict[str, str], name: str) -> str:
 
 
 def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = None,
-                own: bool = False, using: str | None = None) -> list[OutboxEmail]:
+                in_request: bool = False, using: str | None = None) -> list[OutboxEmail]:
     """Claim up to ``limit`` due rows for a sender (or a worker's senders), with a lease:
     the rows whose lease expired (their engine died), then lane by lane as
     :func:`kipekee.lanes.planner` plans it (highest priority first, each lane's reserved
@@ -706,7 +687,7 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     first, then oldest due first.
 
     ``ids``: only these rows (a task naming its rows), in any lane; those already taken
-    are passed over. ``own`` (with ``ids``): the caller that enqueued them with a hold
+    are passed over. ``in_request`` (with ``ids``): the request that enqueued them with a hold
     takes them before their ``due_at``, as :func:`claim` does.
     """
     db = using or db_for_write()
@@ -728,7 +709,7 @@ def claim_batch(limit: int, *, engine: str = "", ids: Sequence[int] | None = Non
     claimed: list[OutboxEmail] = []
     with transaction.atomic(using=db):
         if ids is not None:
-            if own:
+            if in_request:
                 changes["due_at"] = now
                 claimed = take(rows.filter(pk__in=list(ids), status__in=WAITING_STATUSES), limit)
             else:
@@ -988,12 +969,12 @@ def next_due_at(*, using: str | None = None) -> datetime | None:
     return min(times) if times else None
 
 
-def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmail | None:
+def claim(pk: int, *, in_request: bool = False, using: str | None = None) -> OutboxEmail | None:
     """Take one row for sending if it is due (or its lease expired); ``None`` if not.
 
-    ``own``: the caller that enqueued the row with a ``hold`` takes it before its
-    ``due_at`` (a waiting row only: never one another sender holds); the hold ends
-    there (``due_at`` now). Sets ``sending``, a lease, and counts the attempt.
+    ``in_request``: the request that enqueued the row with an ``in_request_hold`` takes
+    it before its ``due_at`` (a waiting row only: never one another sender holds); the
+    hold ends there (``due_at`` now). Sets ``sending``, a lease, and counts the attempt.
 
     One ``UPDATE … RETURNING`` written out once per database kind (as a batch claim's
     steps are): the ORM's UPDATE and a second SELECT for the row cost a request that
@@ -1003,12 +984,12 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
     db = using or db_for_write()
     connection = connections[db]
     now = timezone.now()
-    key = (connection.vendor, own)
+    key = (connection.vendor, in_request)
     if key not in _claim_one_sqls:
         quote = connection.ops.quote_name
         names = {f.name: quote(db_column(f)) for f in OutboxEmail._meta.concrete_fields}
-        where = (_CLAIM_OWN if own else _CLAIM_DUE).format(**names)
-        hold_ends = f", {names['due_at']} = %s" if own else ""
+        where = (_CLAIM_IN_REQUEST if in_request else _CLAIM_DUE).format(**names)
+        hold_ends = f", {names['due_at']} = %s" if in_request else ""
         _claim_one_sqls[key] = (
             f"UPDATE {quote(OutboxEmail._meta.db_table)} SET {names['status']} = 'sending', "
             f"{names['lease_until']} = %s, {names['attempts']} = {names['attempts']} + 1, "
@@ -1017,31 +998,33 @@ def claim(pk: int, *, own: bool = False, using: str | None = None) -> OutboxEmai
     adapt = connection.ops.adapt_datetimefield_value
     stamp = adapt(now)
     params: list[Any] = [adapt(now + conf.get().lease), f"request:{uuid.uuid4().hex[:12]}"]
-    params += [stamp, pk] if own else [pk, stamp, stamp]
+    params += [stamp, pk] if in_request else [pk, stamp, stamp]
     claimed = _returning(db, _claim_one_sqls[key], params)
     return claimed[0] if claimed else None
 
 
 #: :func:`claim`'s conditions (the statuses written into the SQL, as in ``_CLAIM_STEPS``):
-#: a waiting row (``own``), or one due now or whose lease expired (``OutboxEmail.objects.due``).
-_CLAIM_OWN = "{status} IN ('queued', 'deferred')"
+#: a waiting row (``in_request``), or one due now or whose lease expired
+#: (``OutboxEmail.objects.due``).
+_CLAIM_IN_REQUEST = "{status} IN ('queued', 'deferred')"
 _CLAIM_DUE = ("(({status} IN ('queued', 'deferred') AND {due_at} <= %s) "
               "OR ({status} = 'sending' AND {lease_until} < %s))")
 _claim_one_sqls: dict[tuple[str, bool], str] = {}
 
 
-def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = (),
-              again_at: datetime | None = None, given_up: str = "") -> bool:
+def mark_sent(row: OutboxEmail, outcome: Outcome, *, refused_for_now: Collection[str] = (),
+              retry_at: datetime | None = None, given_up: str = "") -> bool:
     """Record a successful attempt: ``sending → sent``, with the provider's message ids.
 
-    ``again`` (envelope addresses, as in ``outcome.refused``) and ``again_at``: recipients
-    the provider refused for now (a 4xx reply to their ``RCPT TO``) get the message in a
-    follow-up row, ``deferred`` until ``again_at``, written in the same transaction: same
-    content and Message-ID, ``metadata["recipients_of"]`` naming this row, its attempts
-    counted on from this one's and its lifetime from this one's creation. This row stays
+    ``refused_for_now`` (envelope addresses, as in ``outcome.refused``) and ``retry_at``:
+    recipients the provider refused for now (a 4xx reply to their ``RCPT TO``) get the
+    message in a follow-up row, ``deferred`` until ``retry_at``, written in the same
+    transaction: same content and Message-ID, ``metadata["recipients_of"]`` naming this
+    row, its attempts counted on from this one's and its lifetime from this one's
+    creation. This row stays
     ``sent`` and keeps their replies in ``refused``.
 
-    With no attempt left for them (``again_at`` None, ``given_up`` saying why) their
+    With no attempt left for them (``retry_at`` None, ``given_up`` saying why) their
     follow-up row is written ``failed`` instead, with their replies and that reason, and
     announced by ``signals.failed``: a recipient is never dropped with only a "try later"
     reply on a sent row.
@@ -1049,10 +1032,10 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, again: Collection[str] = ()
     follow_up: list[OutboxEmail] = []
 
     def write_follow_up(db: str) -> None:
-        if again and (again_at is not None or given_up):
-            follow_up.extend(_follow_up(row, outcome, again, again_at, db, given_up))
+        if refused_for_now and (retry_at is not None or given_up):
+            follow_up.extend(_follow_up(row, outcome, refused_for_now, retry_at, db, given_up))
 
-    done = _finish(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
+    done = _write_result(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
                    signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
         signal = signals.queued if copy.status == Status.DEFERRED else signals.failed
@@ -1073,10 +1056,10 @@ def _envelope_key(address: str) -> str:
     return canonical(address)
 
 
-def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str],
+def _follow_up(row: OutboxEmail, outcome: Outcome, refused_for_now: Collection[str],
                due_at: datetime | None, db: str, given_up: str = "") -> list[OutboxEmail]:
     # ``row`` is the claimed row as read (the state fields _copy skips are set below).
-    wanted = {_envelope_key(a) for a in again}
+    wanted = {_envelope_key(a) for a in refused_for_now}
 
     def keep(addresses: list[str]) -> list[str]:
         return [a for a in addresses if _envelope_key(a) in wanted]
@@ -1085,9 +1068,9 @@ def _follow_up(row: OutboxEmail, outcome: Outcome, again: Collection[str],
     if not (to or cc or bcc):
         # The provider named addresses this row does not have: nothing to send again.
         logger.warning("Outbox email %s: refused-for-now recipients %s are not on the row; "
-                       "no follow-up written.", row.pk, sorted(again))
+                       "no follow-up written.", row.pk, sorted(refused_for_now))
         return []
-    replies = "; ".join(f"{a}: {outcome.refused.get(a, '')}" for a in sorted(again))
+    replies = "; ".join(f"{a}: {outcome.refused.get(a, '')}" for a in sorted(refused_for_now))
     error = f"recipients refused for now by {outcome.provider}: {replies}"
     if due_at is None:  # no attempt left for them: failed, with why
         state: dict[str, Any] = {"status": Status.FAILED, "due_at": row.due_at,
@@ -1182,12 +1165,12 @@ def failed(row: OutboxEmail, outcome: Outcome) -> Finish:
 
 def finish(result: Finish) -> bool:
     """Record one result on its row (see :func:`finish_many` for a batch)."""
-    return _finish(result.row, result.outcome, status=result.status,
+    return _write_result(result.row, result.outcome, status=result.status,
                    changes=dict(result.changes), signal=result.signal,
                    attempted=result.attempted)
 
 
-def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
+def _write_result(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
             signal: Any, then: Callable[[str], None] | None = None,
             attempted: bool = True) -> bool:
     db = row._state.db or db_for_write()
@@ -1217,11 +1200,11 @@ def _finish(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[st
             _write_attempts(db, [(row, outcome)])
         if then is not None:  # more writes that stand or fall with this result
             then(db)
-    _finished(row, outcome, status=status, changes=changes, signal=signal)
+    _apply_to_row(row, outcome, status=status, changes=changes, signal=signal)
     return True
 
 
-def _finished(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
+def _apply_to_row(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
               signal: Any) -> None:
     """After the write: the row in hand as the database now has it, then the signal
     (once the write is committed: an engine records a batch in one transaction)."""
@@ -1277,7 +1260,7 @@ def mark_sent_many(results: Sequence[tuple[OutboxEmail, Outcome]]) -> list[bool]
 
 
 def finish_many(results: Sequence[Finish]) -> list[bool]:
-    """Record several finished attempts at once: what :func:`_finish` does for each, in
+    """Record several finished attempts at once: what :func:`_write_result` does for each, in
     one UPDATE per claim and one INSERT of their attempts, instead of two statements per
     row. Returns, per row, whether its result was recorded.
 
@@ -1309,7 +1292,7 @@ def finish_many(results: Sequence[Finish]) -> list[bool]:
                 done[id(result)] = finish(result)
             continue
         for result in group:
-            _finished(result.row, result.outcome, status=result.status,
+            _apply_to_row(result.row, result.outcome, status=result.status,
                       changes=dict(result.changes), signal=result.signal)
             done[id(result)] = True
     return [done[id(result)] for result in results]

@@ -46,6 +46,7 @@ from .dispatch import Receipt, submit
 from .exceptions import ConfigurationError
 from .message import RelatedMessage, is_inline, make_message_id, validate
 from .models import OutboxEmail
+from .options import SendOptions
 
 #: Where a template's preview is addressed unless its registration says otherwise.
 SAMPLE_TO = "Sample Recipient <recipient@example.com>"
@@ -236,9 +237,10 @@ def send_test(preview: Preview, to: str, *, requested_by: str = "") -> Receipt:
     preview and who asked."""
     message = _build(preview, to)
     message.subject = f"[Test] {message.subject}"
-    return submit(message, mode="queue", lane=conf.TRANSACTIONAL, template=preview.template,
-                  mailing_list=preview.mailing_list,
-                  metadata={"preview_test": {"preview": preview.key, "by": requested_by}})
+    return submit(message, SendOptions(
+        mode="queue", lane=conf.TRANSACTIONAL, template=preview.template,
+        mailing_list=preview.mailing_list,
+        metadata={"preview_test": {"preview": preview.key, "by": requested_by}}))
 
 
 # --- templates without a sample -----------------------------------------------------------

@@ -40,14 +40,13 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from . import conf, testmode
 from .exceptions import ConfigurationError, RoutingLoop
 from .models import ErrorKind
 from .redact import configured_secrets, redact
+from .retry import smtp_retry_hint
 
 try:  # the optional anymail extras ("mailtrap", "esp"): only its backends raise these
     from anymail import exceptions as anymail_errors
@@ -106,10 +105,7 @@ def reset() -> None:
     _backend_class.cache_clear()
 
 
-@receiver(setting_changed)
-def _settings_changed(*, setting: str, **kwargs: Any) -> None:
-    if setting in conf.SETTINGS:
-        reset()
+conf.reset_on_change(reset)
 
 
 def build(alias: str) -> BaseEmailBackend:
@@ -143,29 +139,6 @@ def _reply(code: int, text: bytes | str) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return f"{code} {text}".strip()
-
-
-_HINT = re.compile(r"(?:try|retry)[^0-9]{0,20}?(\d+)\s*(s|sec|second|m|min|minute|h|hour)s?\b",
-                   re.I)
-_HINT_UNIT = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-              "h": 3600, "hour": 3600}
-
-
-def smtp_retry_hint(reply: str) -> float | None:
-    """Seconds a 4xx reply asks us to wait ("451 4.7.1 Try again in 5 minutes"), if any."""
-    match = _HINT.search(reply)
-    if not match:
-        return None
-    return float(match[1]) * _HINT_UNIT[match[2].lower()]
-
-
-_TRANSIENT_REPLY = re.compile(r"4\d\d(?:\s|$)")
-
-
-def transient_refusals(refused: Mapping[str, str]) -> dict[str, str]:
-    """The recipients a server refused for now (a 4xx reply to their ``RCPT TO``), from an
-    outcome's ``refused`` (address → reply; suppressions and 5xx replies are left out)."""
-    return {a: why for a, why in refused.items() if _TRANSIENT_REPLY.match(why)}
 
 
 def _kind_for_code(code: int) -> ErrorKind:

@@ -9,6 +9,8 @@ own hint (SMTP 4xx text, HTTP 429 Retry-After) wins over the computed delay.
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -88,3 +90,28 @@ class RetryPolicy:
     def exhausted(self, *, attempt: int, created_at: datetime, at: datetime | None = None) -> bool:
         """True when no attempt after number ``attempt`` may be made (at time ``at``)."""
         return attempt >= self.max_attempts or (at or timezone.now()) > created_at + self.lifetime
+
+
+# -- what a server's reply asks ------------------------------------------------------
+
+_HINT = re.compile(r"(?:try|retry)[^0-9]{0,20}?(\d+)\s*(s|sec|second|m|min|minute|h|hour)s?\b",
+                   re.I)
+_HINT_UNIT = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+              "h": 3600, "hour": 3600}
+
+
+def smtp_retry_hint(reply: str) -> float | None:
+    """Seconds a 4xx reply asks us to wait ("451 4.7.1 Try again in 5 minutes"), if any."""
+    match = _HINT.search(reply)
+    if not match:
+        return None
+    return float(match[1]) * _HINT_UNIT[match[2].lower()]
+
+
+_TRANSIENT_REPLY = re.compile(r"4\d\d(?:\s|$)")
+
+
+def transient_refusals(refused: Mapping[str, str]) -> dict[str, str]:
+    """The recipients a server refused for now (a 4xx reply to their ``RCPT TO``), from an
+    outcome's ``refused`` (address → reply; suppressions and 5xx replies are left out)."""
+    return {a: why for a, why in refused.items() if _TRANSIENT_REPLY.match(why)}

@@ -7,7 +7,7 @@ another connection's table lock fails at once with ``SQLITE_LOCKED`` ("database 
 locked"): the busy timeout that makes a statement wait for a database *file*'s lock
 (``SQLITE_BUSY``; Django's ``OPTIONS["timeout"]``, 5 s by default) does not apply to it,
 and SQLite's own way to wait for a table lock, ``sqlite3_unlock_notify``, is not offered by
-Python's ``sqlite3``. An engine's threads (its senders, its books, its lease keeper) and a
+Python's ``sqlite3``. An engine's threads (its senders, its recorder, its lease keeper) and a
 test's own connection then fail each other's statements whenever they meet: a claim, a
 due time, the record of a mail that went out (left ``sending`` until its lease ends, then
 sent again).

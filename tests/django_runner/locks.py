@@ -23,8 +23,8 @@ from django.test import TransactionTestCase, override_settings
 import kipekee
 from kipekee import outbox
 from kipekee.delivery import Deliverer
-from kipekee.dispatch import record_many
 from kipekee.models import Attempt, OutboxEmail
+from kipekee.recording import record_many
 
 #: How long the other connection holds its lock: far less than the wait Kipekee allows.
 HOLD_SECONDS = 0.3

@@ -111,7 +111,7 @@ class Sender:
         self.batch_size = batch_size
         self.stats = stats
         self.deliverer = Deliverer()
-        self._books: ThreadPoolExecutor | None = None
+        self._recorder: ThreadPoolExecutor | None = None
         # Claim tokens whose leases are being renewed (claimed in either thread).
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
@@ -130,7 +130,7 @@ class Sender:
     def drain(self, stopping: threading.Event) -> int:
         """Handle batches until none is due or ``stopping`` is set; return how many rows.
 
-        While a batch is being sent, a second thread (the books) records the previous
+        While a batch is being sent, a second thread (the recorder) records the previous
         batch's outcomes and claims the next batch, so the provider connection does not
         wait on the database between batches. The cost: a process killed mid-way may
         have sent two batches per sender whose outcomes are not committed yet (they are
@@ -142,19 +142,19 @@ class Sender:
         record attempted); it does not wait for its lease to end. A batch whose sending
         raised stays leased: which of its messages went out is not known.
         """
-        if self._books is None:
-            self._books = ThreadPoolExecutor(1, thread_name_prefix="kipekee-books")
-        books = self._books
+        if self._recorder is None:
+            self._recorder = ThreadPoolExecutor(1, thread_name_prefix="kipekee-recorder")
+        recorder = self._recorder
         handled = 0
         recording: list[Future[None]] = []  # records submitted, oldest first
         upcoming: Future[list[OutboxEmail]] | None = None
         try:
             rows = self._claim()
             while rows:
-                upcoming = None if stopping.is_set() else books.submit(self._claim)
+                upcoming = None if stopping.is_set() else recorder.submit(self._claim)
                 outcomes = self.deliverer.deliver_many(rows)
-                # The books run in order: batch n is recorded before n + 1.
-                recording.append(books.submit(self._record, rows, outcomes))
+                # The recorder runs in order: batch n is recorded before n + 1.
+                recording.append(recorder.submit(self._record, rows, outcomes))
                 handled += len(rows)
                 if len(recording) > 1:
                     recording.pop(0).result()  # raises what recording batch n - 1 raised
@@ -233,16 +233,16 @@ class Sender:
         database restart, a reaped idle session), in both its threads; the next query
         opens a new one. Django does this between requests; engines have no requests."""
         _drop_broken_connections()
-        if self._books is not None:
-            self._books.submit(_drop_broken_connections).result()
+        if self._recorder is not None:
+            self._recorder.submit(_drop_broken_connections).result()
 
     def close(self) -> None:
         self.deliverer.close()
-        if self._books is not None:
-            # The books thread's own database connections, then the thread.
-            self._books.submit(connections.close_all).result()
-            self._books.shutdown()
-            self._books = None
+        if self._recorder is not None:
+            # The recorder thread's own database connections, then the thread.
+            self._recorder.submit(connections.close_all).result()
+            self._recorder.shutdown()
+            self._recorder = None
         connections.close_all()  # this thread's database connections
 
 

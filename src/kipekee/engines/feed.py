@@ -7,9 +7,9 @@ claims for all of them at once, sized to the free sending slots (``senders ×
 batch_size``, less what it already holds), and hands rows out a share at a time: a
 sender takes an equal share of what is queued (at most ``batch_size``), so the last rows
 spread over every sender; rows of a higher lane go before those of lower lanes queued
-earlier. Outcomes are recorded by the feed's books thread, everything
+earlier. Outcomes are recorded by the feed's recorder thread, everything
 finished since its last record in one transaction (one UPDATE per claim): recording
-waits on nobody, and nobody waits on it. When the queue runs low the books claim ahead,
+waits on nobody, and nobody waits on it. When the queue runs low the recorder claims ahead,
 so senders do not wait for the database between shares.
 
 A claim that finds nothing found nothing due (claims never lose a race): :meth:`take`
@@ -60,10 +60,10 @@ class Feed:
         self._claims = 0  # claims finished, to tell a sender whether one ran meanwhile
         self._found_nothing = False  # the latest claim found nothing due
         self._tail = False  # the latest claim found fewer rows than it asked for
-        self._finished: list[tuple[OutboxEmail, Outcome]] = []
+        self._unrecorded: list[tuple[OutboxEmail, Outcome]] = []
         self._recording: Future[None] | None = None
         self._record_failed: Exception | None = None  # raised to the next sender to take
-        self._books = ThreadPoolExecutor(1, thread_name_prefix="kipekee-books")
+        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="kipekee-recorder")
 
     # --- senders -----------------------------------------------------------------------
 
@@ -83,7 +83,7 @@ class Feed:
                     return rows
                 if self._claiming or self._free() <= 0:
                     # A claim is under way (its rows, or its "nothing due"), or every slot
-                    # is held until the books record what was sent.
+                    # is held until the recorder records what was sent.
                     self._lock.wait(1.0)
                     continue
                 if self._claims != seen and self._found_nothing:
@@ -107,11 +107,11 @@ class Feed:
         return [self._queue.popleft() for _ in range(min(share, len(self._queue)))]
 
     def done(self, rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome]) -> None:
-        """A sender sent ``rows``: their outcomes go to the books to be recorded."""
+        """A sender sent ``rows``: their outcomes go to the recorder to be recorded."""
         with self._lock:
-            self._finished.extend(zip(rows, outcomes, strict=True))
+            self._unrecorded.extend(zip(rows, outcomes, strict=True))
             if self._recording is None:
-                self._recording = self._books.submit(self._record)
+                self._recording = self._recorder.submit(self._record)
 
     def abandon(self, rows: Sequence[OutboxEmail]) -> None:
         """Sending ``rows`` raised: which of them went out is not known, so they are
@@ -120,20 +120,20 @@ class Feed:
         self._let_go([row.claimed_by for row in rows])
 
     def recover(self) -> None:
-        """After a failure: drop the books thread's broken database connections."""
-        self._books.submit(_drop_broken_connections).result()
+        """After a failure: drop the recorder thread's broken database connections."""
+        self._recorder.submit(_drop_broken_connections).result()
 
-    # --- the books ----------------------------------------------------------------------
+    # --- the recorder -------------------------------------------------------------
 
     def _claim_ahead(self) -> None:
-        """(Under the lock.) Claim in the books thread when less than a share per sender
+        """(Under the lock.) Claim in the recorder thread when less than a share per sender
         is queued, so senders do not wait for the database between shares (not at the
         end of a backlog: the sender that finds the queue empty claims then)."""
         if (not self._claiming and not self._tail
                 and len(self._queue) < self.senders * self.batch_size
                 and self._free() >= self.batch_size):
             self._claiming = True
-            self._books.submit(self._claim)
+            self._recorder.submit(self._claim)
 
     def _free(self) -> int:
         return self.capacity - sum(self._held.values())
@@ -174,7 +174,7 @@ class Feed:
         """Record everything finished so far, in one transaction; again while more came."""
         while True:
             with self._lock:
-                finished, self._finished = self._finished, []
+                finished, self._unrecorded = self._unrecorded, []
                 if not finished:
                     self._recording = None
                     return
@@ -237,11 +237,11 @@ class Feed:
 
     def close(self) -> None:
         """Give back what was claimed and not handed out, wait for the records, and stop
-        the books thread (closing its database connection)."""
+        the recorder thread (closing its database connection)."""
         self._give_back()
         with self._lock:
             recording = self._recording
         if recording is not None:
             recording.result()
-        self._books.submit(connections.close_all).result()
-        self._books.shutdown()
+        self._recorder.submit(connections.close_all).result()
+        self._recorder.shutdown()

@@ -15,7 +15,6 @@ recorded (or it is given back) and drops whatever it still holds when a drain en
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable
 
@@ -23,6 +22,7 @@ from django.db import DatabaseError, connections
 
 from .. import conf, outbox
 from ..models import OutboxEmail
+from ..registries import PerProcess
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -115,15 +115,9 @@ class LeaseKeeper:
                 self.drop([token])
 
 
-_keeper: LeaseKeeper | None = None
-_pid = 0
-_guard = threading.Lock()
+_keeper = PerProcess(LeaseKeeper)
 
 
 def keeper() -> LeaseKeeper:
     """This process's lease keeper (a new one after a fork: threads do not survive it)."""
-    global _keeper, _pid
-    with _guard:
-        if _keeper is None or _pid != os.getpid():
-            _keeper, _pid = LeaseKeeper(), os.getpid()
-        return _keeper
+    return _keeper.get()

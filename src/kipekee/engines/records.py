@@ -24,6 +24,7 @@ from django.db import InterfaceError, OperationalError, connections, transaction
 from .. import conf
 from ..delivery import Outcome
 from ..models import OutboxEmail
+from ..recording import record_many
 
 logger = logging.getLogger("kipekee.engines")
 
@@ -35,11 +36,6 @@ def record_batch(rows: Sequence[OutboxEmail], outcomes: Sequence[Outcome], *,
                  engine: str) -> list[bool]:
     """Record ``outcomes`` of the claimed ``rows`` in one transaction; per row, whether
     its result was recorded. Raises the database's error if it lasts past half a lease."""
-    # Imported here: dispatch imports engines (to wake them after a commit). A layer
-    # crossed upwards, listed in the layer contract until recording moves below the
-    # engines (issue 23's follow-up).
-    from ..dispatch import record_many  # noqa: PLC0415
-
     db = rows[0]._state.db
     wait, deadline = _FIRST_WAIT, None
     while True:

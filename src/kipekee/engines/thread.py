@@ -26,6 +26,7 @@ from collections.abc import Callable
 from django.utils import timezone
 
 from .. import outbox
+from ..registries import PerProcess
 from . import Sender, Stats, beat, engine_name, leases
 
 logger = logging.getLogger("kipekee.thread")
@@ -133,7 +134,7 @@ def _at_interpreter_exit(hook: Callable[[], None]) -> None:
     record what it sent.
 
     ``atexit`` is too late: its hooks run after ``threading``'s own exit hooks, where
-    ``concurrent.futures`` shuts its executors down, and the engine's books thread (an
+    ``concurrent.futures`` shuts its executors down, and the engine's recorder thread (an
     executor) would then refuse the last batch's record. ``threading._register_atexit``
     (private, CPython 3.9+) is the hook ``concurrent.futures`` uses itself; hooks run
     last-registered first, so this one runs before the executors are shut.
@@ -145,15 +146,9 @@ def _at_interpreter_exit(hook: Callable[[], None]) -> None:
         register(hook)
 
 
-_engine: ThreadEngine | None = None
-_pid = 0
-_guard = threading.Lock()
+_engine = PerProcess(ThreadEngine)
 
 
 def engine() -> ThreadEngine:
     """This process's thread engine (a new one after a fork)."""
-    global _engine, _pid
-    with _guard:
-        if _engine is None or _pid != os.getpid():
-            _engine, _pid = ThreadEngine(), os.getpid()
-        return _engine
+    return _engine.get()

@@ -27,9 +27,9 @@ from django.db import transaction
 
 from ..addresses import canonical
 from ..delivery import Deliverer
-from ..dispatch import record_many
 from ..models import OutboxEmail, Status
 from ..outbox import claim_batch, db_for_write
+from ..recording import record_many
 
 __all__ = [
     "assert_not_sent",

@@ -12,10 +12,10 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, ClassVar
 
-from .serving import ServedInThread, ServedRequest
+from .serving import RequestHandler, ServedInThread, ServedRequest
 
 __all__ = ["ContractServer", "ESPFaults", "ESPRequest", "Reply"]
 
@@ -148,36 +148,14 @@ class ContractServer(ServedInThread):
             self.requests.append(request)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestHandler):
     owner: ContractServer
-    protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # tests read server.requests
-
-    def _serve(self) -> None:
-        received = time.monotonic()
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
+    def answer_request(self, received: float, headers: dict[str, str], body: bytes) -> None:
         owner = self.owner
         reply = owner._handle(self.command, self.path, headers, body)
         if owner.latency:
             time.sleep(owner.latency)
         owner._record(ESPRequest(method=self.command, path=self.path, headers=headers,
                                  body=body, status=reply.status, at=received))
-        if reply.status == 0:  # dropped: close without a word
-            self.close_connection = True
-            return
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(reply.body)
-
-    do_POST = _serve
-    do_GET = _serve
-    do_PUT = _serve
-    do_DELETE = _serve
+        self.reply(reply.status, reply.content_type, reply.body, reply.headers)

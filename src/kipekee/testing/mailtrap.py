@@ -49,10 +49,10 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Literal
 
-from .serving import ServedInThread, ServedRequest
+from .serving import RequestHandler, ServedInThread, ServedRequest
 
 __all__ = ["LocalMailtrapServer", "MailtrapFaults", "MailtrapRequest"]
 
@@ -383,14 +383,9 @@ def _validate(message: dict[str, Any]) -> list[str]:
     return errors
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(RequestHandler):
     owner: LocalMailtrapServer
-    # Keep-alive, so a client's pooled session reuses its connection as with the real API.
-    protocol_version = "HTTP/1.1"
     server_version = "kipekee-mailtrap/1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # tests read server.requests; stderr stays quiet
 
     def setup(self) -> None:
         super().setup()
@@ -401,11 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.owner._lock:
             self.owner.connections += 1
 
-    def _serve(self) -> None:
-        received = time.monotonic()
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
+    def answer_request(self, received: float, headers: dict[str, str], body: bytes) -> None:
         owner = self.owner
         status, payload, extra = owner.handle(self.command, self.path, headers, body)
         if owner.latency:
@@ -415,22 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
             body=body if owner.record_bodies else b"", status=status,
             response=payload if owner.record_bodies or status != 200 else None, at=received,
         ))
-        if payload is None:  # dropped: close without a word
-            self.close_connection = True
-            return
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_POST = _serve
-    do_GET = _serve
-    do_PUT = _serve
-    do_DELETE = _serve
+        self.reply(0 if payload is None else status, "application/json; charset=utf-8",
+                   json.dumps(payload).encode(), extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
 
@@ -25,6 +26,47 @@ class ServedRequest:
     @property
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """Reads a request and writes a reply for a server's :meth:`answer_request`.
+
+    A subclass implements ``answer_request(received, headers, body)``: ``received`` is
+    when it came (``time.monotonic()``), ``headers`` lower-cased.
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # tests read server.requests; stderr stays quiet
+
+    def answer_request(self, received: float, headers: dict[str, str], body: bytes) -> None:
+        raise NotImplementedError
+
+    def reply(self, status: int, content_type: str, body: bytes,
+              headers: Mapping[str, str]) -> None:
+        """Send the answer, or (``status`` 0: dropped) close without a word."""
+        if status == 0:
+            self.close_connection = True
+            return
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _serve(self) -> None:
+        received = time.monotonic()
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.answer_request(received, {k.lower(): v for k, v in self.headers.items()}, body)
+
+    do_POST = _serve
+    do_GET = _serve
+    do_PUT = _serve
+    do_DELETE = _serve
 
 
 class ServedInThread:

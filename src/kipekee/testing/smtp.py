@@ -1010,6 +1010,19 @@ def self_signed_context(
     each of ``hostnames`` (IP addresses become IP SANs, the rest DNS SANs). A client
     using the public CA bundle (certifi) rejects it, as it would a misconfigured server.
     """
+    cert_pem, key_pem = _self_signed_certificate(hostnames)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # load_cert_chain() only reads files; they are deleted as soon as it has read them.
+    with tempfile.TemporaryDirectory(prefix="kipekee-tls-") as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(cert_pem)
+        key_path.write_bytes(key_pem)
+        context.load_cert_chain(cert_path, key_path)
+    return context, cert_pem
+
+
+def _self_signed_certificate(hostnames: Sequence[str]) -> tuple[bytes, bytes]:
+    """The PEMs of a new self-signed CA certificate for ``hostnames`` and of its key."""
     # Lazy: cryptography is not a dependency of the "testing" extra (trustme, in the
     # "test" one, brings it); only this function needs it.
     from cryptography import x509  # noqa: PLC0415
@@ -1032,6 +1045,10 @@ def self_signed_context(
             alt_names.append(x509.DNSName(hostname))
     now = datetime.datetime.now(datetime.UTC)
     public_key = key.public_key()
+    # A CA's usages (sign certificates and CRLs) and a server's (sign the handshake);
+    # everything else off.
+    usage = x509.KeyUsage(**dict.fromkeys(_KEY_USAGES, False), digital_signature=True,
+                          key_cert_sign=True, crl_sign=True)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -1041,20 +1058,7 @@ def self_signed_context(
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         # Subject and authority key identifiers: OpenSSL's strict verification (the
@@ -1065,20 +1069,17 @@ def self_signed_context(
         )
         .sign(key, hashes.SHA256())
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    # load_cert_chain() only reads files; they are deleted as soon as it has read them.
-    with tempfile.TemporaryDirectory(prefix="kipekee-tls-") as tmp:
-        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-        cert_path.write_bytes(cert_pem)
-        key_path.write_bytes(key_pem)
-        context.load_cert_chain(cert_path, key_path)
-    return context, cert_pem
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+#: The usages x509.KeyUsage takes besides the three a self-signed server CA needs.
+_KEY_USAGES = ("content_commitment", "key_encipherment", "data_encipherment",
+               "key_agreement", "encipher_only", "decipher_only")
 
 
 def _print_message(message: ReceivedMessage) -> None:

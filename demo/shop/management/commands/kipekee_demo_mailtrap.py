@@ -24,7 +24,7 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 import kipekee
-from kipekee import dispatch, outbox
+from kipekee import outbox, recording
 from kipekee.delivery import Deliverer
 from kipekee.models import OutboxEmail, ProviderMessage, Suppression
 from kipekee.testing import LocalMailtrapServer, MailtrapFaults
@@ -91,7 +91,7 @@ class Command(BaseCommand):
             outcomes = deliverer.deliver_many(rows)
         took = time.monotonic() - started
         for row, outcome in zip(rows, outcomes):
-            dispatch.record(row, outcome)
+            recording.record(row, outcome)
         requests = server.requests[before:]
         say(f"   {sum(o.ok for o in outcomes)} of {len(rows)} sent in {took:.1f} s with "
             f"{len(requests)} requests to {sorted({r.path for r in requests})}, "

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -61,18 +62,10 @@ class Command(BaseCommand):
             return
         prefork = Prefork(options["processes"], partial(self._run_worker, options, child=True),
                           once=options["once"])
-        stops = 0
-
-        def forward(signum: int, frame: FrameType | None) -> None:
-            nonlocal stops
-            stops += 1
-            if stops == 1:
-                self.stderr.write(f"{signal.Signals(signum).name}: the worker processes finish "
-                                  "the batches in hand (again to exit at once)")
-            prefork.stop()  # each process: the first stops, a second exits at once
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
+        # Each process: the first signal stops, a second exits at once.
+        self._on_stop_signals((signal.SIGTERM, signal.SIGINT),
+                              "the worker processes finish the batches in hand",
+                              on_first=prefork.stop, on_later=prefork.stop)
         failed = prefork.run()
         if failed:
             raise CommandError(f"{failed} worker process(es) exited with an error (see the log)")
@@ -84,21 +77,32 @@ class Command(BaseCommand):
                         poll_interval=options["poll_interval"], once=options["once"],
                         name=(options["name"] if options["processes"] == 1 or not options["name"]
                               else f"{options['name']}:{os.getpid()}"))
+        self._on_stop_signals((signal.SIGTERM,) if child else (signal.SIGTERM, signal.SIGINT),
+                              "finishing the batches in hand", on_first=worker.stop,
+                              on_later=_exit_now)
+        worker.run()
+
+    def _on_stop_signals(self, signums: tuple[signal.Signals, ...], saying: str, *,
+                         on_first: Callable[[], None], on_later: Callable[[], None]) -> None:
+        """On the first of ``signums``, say ``saying`` and call ``on_first``; on any later
+        one, call ``on_later``."""
         stops = 0
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             nonlocal stops
             stops += 1
             if stops == 1:
-                self.stderr.write(f"{signal.Signals(signum).name}: finishing the batches in hand "
+                self.stderr.write(f"{signal.Signals(signum).name}: {saying} "
                                   "(again to exit at once)")
-                worker.stop()
+                on_first()
             else:
-                # Rows still leased are reclaimed by any engine when their lease expires.
-                sys.stderr.flush()
-                os._exit(1)
+                on_later()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        if not child:
-            signal.signal(signal.SIGINT, on_signal)
-        worker.run()
+        for signum in signums:
+            signal.signal(signum, on_signal)
+
+
+def _exit_now() -> None:
+    # Rows still leased are reclaimed by any engine when their lease expires.
+    sys.stderr.flush()
+    os._exit(1)
