@@ -112,6 +112,9 @@ class Drain:
     unexpected: int = 0
     note: str = ""
     rtt: bool = False  # the delay is on every reply (a round trip), not on the final dot's
+    # Replies the client waited for a message, counted at the sink (rtt rows): what the
+    # rate would be at any load, with the sessions' banner, EHLO and QUIT spread over it.
+    round_trips: float | None = None
 
     @property
     def rate(self) -> float:
@@ -538,11 +541,13 @@ def main(argv: list[str] | None = None) -> int:
             result, [it.message_id for it in items])
         time.sleep(0.3)  # anything late (a duplicate) lands before the count
         missing, duplicated, unexpected = sink.check(expected)
+        round_trips = sink.round_trips() / len(items) if rtt else None
         drain = Drain(system, delay_ms, len(items), seconds, missing, duplicated, unexpected,
-                      note, rtt)
+                      note, rtt, round_trips)
         report.drains.append(drain)
+        trips = f"{round_trips:.2f} round trips/msg; " if round_trips is not None else ""
         print(f"  {system:<48} {delay_ms:>2} ms{' RTT' if rtt else ''}  {drain.rate:8.0f} msg/s  "
-              f"({seconds:.1f} s; missing {missing}, duplicated {duplicated}, "
+              f"({trips}{seconds:.1f} s; missing {missing}, duplicated {duplicated}, "
               f"unexpected {unexpected})", flush=True)
         if not drain.exact:
             report.failures.append(f"{system} at {delay_ms} ms: not exactly once")
@@ -857,15 +862,17 @@ def render(report: Report, started_at: datetime, command: str, args: argparse.Na
             for name, measured, needed, ok in report.bars]
     if report.drains:
         out += ["", "## Drain (messages/s; every Message-ID at the sink exactly once unless "
-                "noted)", "", "| system | delay | N | seconds | msg/s | exactly once |",
-                "|---|---:|---:|---:|---:|---|"]
+                "noted; round trips a message counted at the sink in the RTT rows)", "",
+                "| system | delay | N | seconds | msg/s | round trips/msg | exactly once |",
+                "|---|---:|---:|---:|---:|---:|---|"]
         for d in report.drains:
             name = f"{d.system} ({d.note})" if d.note else d.system
             exact = "yes" if d.exact else (f"**no**: missing {d.missing}, duplicated "
                                            f"{d.duplicated}, unexpected {d.unexpected}")
             delay = f"{d.delay_ms} ms RTT" if d.rtt else f"{d.delay_ms} ms"
+            trips = f"{d.round_trips:.2f}" if d.round_trips is not None else ""
             out.append(f"| {name} | {delay} | {d.messages} | {d.seconds:.2f} | "
-                       f"{d.rate:,.0f} | {exact} |")
+                       f"{d.rate:,.0f} | {trips} | {exact} |")
     if report.extra:
         out += ["", "## Other measurements", "", "| | |", "|---|---|"]
         out += [f"| {k} | {v} |" for k, v in report.extra]

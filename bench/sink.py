@@ -11,7 +11,8 @@ Or, with :meth:`Sink.set_latency`, every reply (banner included) reaches the cli
 (``Faults.reply_latency``): a provider one round trip away, where a client pays for each
 reply it waits for, and pipelined commands share one. :meth:`Sink.set_pipelining` turns
 the PIPELINING advertisement (on by default) off and on, :meth:`Sink.set_chunking`
-CHUNKING (BDAT; off by default).
+CHUNKING (BDAT; off by default). :meth:`Sink.round_trips` counts the replies the clients
+waited for (from the server's command groups), whatever the load.
 
 Run in its own process so that its event loop does not compete for the interpreter lock
 of the process being measured. Controlled over a ``multiprocessing`` pipe by
@@ -48,7 +49,8 @@ def _serve(conn: Connection, delay: float) -> None:
         conn.send(server.port)
         while True:
             if not conn.poll(1.0):
-                server.clear()  # the counts are kept; the message bodies are not needed
+                # The counts and command groups are kept; the message bodies are not needed.
+                server.forget_messages()
                 continue
             command, *args = conn.recv()
             if command == "stop":
@@ -70,12 +72,21 @@ def _serve(conn: Connection, delay: float) -> None:
                     counts.clear()
                 server.clear()
                 conn.send(None)
+            elif command == "round_trips":
+                conn.send(_round_trips(server.command_groups, server.connections))
             elif command == "total":
                 with lock:
                     conn.send(sum(counts.values()))
             elif command == "counts":
                 with lock:
                     conn.send(dict(counts))
+
+
+def _round_trips(groups: list[tuple[str, ...]], sessions: int) -> int:
+    """The replies clients waited for since the last reset: each session's banner, each
+    command group (commands sent together wait for their replies together), and the
+    content after each ``DATA`` (its final reply); ``BDAT`` carries its content."""
+    return sessions + len(groups) + sum(group.count("DATA") for group in groups)
 
 
 class Sink:
@@ -108,6 +119,10 @@ class Sink:
 
     def reset(self) -> None:
         self._ask("reset")
+
+    def round_trips(self) -> int:
+        """Replies the clients waited for since the last reset (see ``_round_trips``)."""
+        return int(self._ask("round_trips"))
 
     def total(self) -> int:
         return int(self._ask("total"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import smtplib
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from kipekee import deadlines, outbox
 from kipekee.backends import smtp_client
 from kipekee.backends.smtp import EmailBackend
 from kipekee.delivery import Deliverer
+from kipekee.engines.worker import Worker
 from kipekee.models import ErrorKind, OutboxEmail, ProviderMessage, Status
 from kipekee.testing import Faults, LocalSMTPServer
 
@@ -421,6 +423,41 @@ def test_one_connection_per_deliverer_still(smtp_sink, kipekee_settings):
             assert deliverer.deliver(outbox.claim(pk)).ok
     assert smtp_sink.connections == 1
     assert transaction_groups(smtp_sink) == [("MAIL", "RCPT", "DATA")] * 3
+
+
+# What each message costs on the wire, by what the server offers: its round trips are
+# its command groups, plus one for the content after DATA's 354.
+ROUND_TRIPS = {
+    "pipelined": [("MAIL", "RCPT", "DATA")],  # 2: the envelope with DATA, the content
+    "one-by-one": [("MAIL",), ("RCPT",), ("DATA",)],  # 4, as smtplib
+    "chunked": [("MAIL", "RCPT", "BDAT")],  # 1: BDAT carries the content
+    "chunked-one-by-one": [("MAIL",), ("RCPT",), ("BDAT",)],  # 3
+}
+
+
+@db
+@pytest.mark.parametrize("wire", WIRES, ids=WIRES.keys())
+def test_a_worker_drain_spends_only_each_transactions_round_trips(smtp_server,
+                                                                  kipekee_settings, wire):
+    """The drain at network speed (issue 18): each sender thread of a worker sends on
+    its own warm connection, and a message costs the round trips of its transaction and
+    nothing more: no RSET or NOOP between messages, no EHLO, QUIT or new connection per
+    claim or per share, whatever the batches."""
+    server = smtp_server(**WIRES[wire])
+    kipekee_settings(primary=smtp_provider(server))
+    n, senders = 45, 4  # several claims and shares per sender, a short last one
+    ids = [kipekee.send(subject=f"Order {i}", text="x", to=[f"c{i}@example.com"],
+                        mode="queue").id for i in range(n)]
+    Worker(concurrency=senders, batch_size=4, once=True, poll_interval=0.02).run()
+    assert OutboxEmail.objects.filter(pk__in=ids, status=Status.SENT).count() == n
+    assert sorted(m.subject for m in server.wait_for(n)) == sorted(f"Order {i}"
+                                                                   for i in range(n))
+    sessions = server.connections
+    assert 1 <= sessions <= senders
+    expected = Counter({("EHLO",): sessions, ("QUIT",): sessions})
+    for group in ROUND_TRIPS[wire]:
+        expected[group] += n
+    assert Counter(server.command_groups) == expected
 
 
 

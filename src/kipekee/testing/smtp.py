@@ -773,6 +773,12 @@ class LocalSMTPServer:
         with self._lock:
             return [tuple(group) for group in self._groups]
 
+    def forget_messages(self) -> None:
+        """Forget the received messages (their bodies), keeping the command groups and
+        the counters: a long-running sink that counts what it saw in other ways."""
+        with self._lock:
+            self.messages.clear()
+
     def clear(self) -> None:
         """Forget the received messages and command groups and reset the counters."""
         with self._lock:
