@@ -78,6 +78,14 @@ def test_the_requests_row_is_claimed_once_and_counted_as_one_attempt(sink_provid
     assert len(sink_provider.wait_for(1)) == 1
 
 
+def test_the_requests_own_claim_is_counted(sink_provider):
+    # Written claimed, the row has been claimed once, as claim() would have counted it.
+    receipt = kipekee.send(**MAIL)
+    assert receipt.sent
+    row = OutboxEmail.objects.get(pk=receipt.id)
+    assert (row.attempts, row.claims) == (1, 1)
+
+
 def test_engines_cannot_take_the_requests_row_before_its_lease_ends(sink_provider):
     grabbed: list[OutboxEmail] = []
     with transaction.atomic():

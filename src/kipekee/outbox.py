@@ -188,7 +188,7 @@ def _claimed_as_written(row: OutboxEmail, lease: timedelta) -> None:
     """Set on a new, unsaved row what :func:`claim` would: ``sending``, its first
     attempt, a ``lease`` from now and a claim token of its own (which fences its result)."""
     row.status = Status.SENDING
-    row.attempts = 1
+    row.attempts = row.claims = 1
     row.lease_until = row.created_at + lease
     row.claimed_by = f"request:{uuid.uuid4().hex[:12]}"
     row.due_at = row.created_at  # no hold: the lease keeps engines off it
