@@ -19,7 +19,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,28 @@ def drain(engine: str = "test") -> None:
             pass
     finally:
         sender.deliverer.close()
+
+
+@contextmanager
+def one_row_worker(name: str, kipekee_settings: dict[str, Any]
+                   ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """A ``kipekee_worker --once`` process taking one row at a time; killed if still
+    running at the end of the block, its output then in the list."""
+    output: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "django", "kipekee_worker", "--once", "--concurrency", "1",
+             "--batch-size", "1", "--name", name],
+            cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(kipekee_settings),
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            yield proc, output
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            output.append(log.read())
 
 
 def make_due() -> None:
@@ -147,29 +170,18 @@ def test_worker_slower_than_its_lease_is_fenced(smtp_server, kipekee_settings, s
                        on_message=lambda m: accepted.set())
     kipekee_settings(primary=smtp_provider(slow, timeout=10), _extra={"LEASE_SECONDS": 1})
     [message_id] = queue(1)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        engine_a = subprocess.Popen(
-            [sys.executable, "-m", "django", "kipekee_worker", "--once", "--concurrency", "1",
-             "--batch-size", "1", "--name", "slow-a"],
-            cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(settings.KIPEKEE),
-            stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert accepted.wait(20)  # the server has A's copy and holds its reply
-            engine_a.send_signal(signal.SIGSTOP)
-            row = OutboxEmail.objects.get()
-            while timezone.now() <= row.lease_until:  # A's lease runs out while it is frozen
-                time.sleep(0.05)
-                row.refresh_from_db()
-            slow.faults.stall_before_data_reply = 0  # the server is already stalling A
-            drain("fast-b")
-            engine_a.send_signal(signal.SIGCONT)
-            assert engine_a.wait(20) == 0
-        finally:
-            if engine_a.poll() is None:
-                engine_a.kill()
-                engine_a.wait()
-        log.seek(0)
-        output = log.read()
+    with one_row_worker("slow-a", settings.KIPEKEE) as (engine_a, log):
+        assert accepted.wait(20)  # the server has A's copy and holds its reply
+        engine_a.send_signal(signal.SIGSTOP)
+        row = OutboxEmail.objects.get()
+        while timezone.now() <= row.lease_until:  # A's lease runs out while it is frozen
+            time.sleep(0.05)
+            row.refresh_from_db()
+        slow.faults.stall_before_data_reply = 0  # the server is already stalling A
+        drain("fast-b")
+        engine_a.send_signal(signal.SIGCONT)
+        assert engine_a.wait(20) == 0
+    [output] = log
     row.refresh_from_db()
     assert row.status == Status.SENT and row.attempts == 2, output
     # One attempt row: B's. A's late success was fenced off, not recorded over it.
@@ -223,23 +235,12 @@ def test_a_reply_after_the_final_dot_later_than_the_timeout_is_waited_for(
     kipekee_settings(primary=smtp_provider(server, timeout=1),
                      _extra={**NO_BREAKER, "LEASE_SECONDS": 1})
     [message_id] = queue(1)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        engine_a = subprocess.Popen(
-            [sys.executable, "-m", "django", "kipekee_worker", "--once", "--concurrency", "1",
-             "--batch-size", "1", "--name", "patient-a"],
-            cwd=Path(__file__).resolve().parent.parent, env=subprocess_env(settings.KIPEKEE),
-            stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert accepted.wait(20)  # the server has the message and holds its reply
-            time.sleep(1.2)  # past the lease A took: A renews it while it waits
-            drain("fast-b")  # finds nothing due (the row is A's)
-            assert engine_a.wait(20) == 0
-        finally:
-            if engine_a.poll() is None:
-                engine_a.kill()
-                engine_a.wait()
-        log.seek(0)
-        output = log.read()
+    with one_row_worker("patient-a", settings.KIPEKEE) as (engine_a, log):
+        assert accepted.wait(20)  # the server has the message and holds its reply
+        time.sleep(1.2)  # past the lease A took: A renews it while it waits
+        drain("fast-b")  # finds nothing due (the row is A's)
+        assert engine_a.wait(20) == 0
+    [output] = log
     row = OutboxEmail.objects.get()
     assert (row.status, row.attempts, row.claims) == (Status.SENT, 1, 1), (row.last_error, output)
     assert [m.message_id for m in server.messages] == [message_id]
