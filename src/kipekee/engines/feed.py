@@ -62,7 +62,9 @@ class Feed:
         self._tail = False  # the latest claim found fewer rows than it asked for
         self._unrecorded: list[tuple[OutboxEmail, Outcome]] = []
         self._recording: Future[None] | None = None
-        self._record_failed: Exception | None = None  # raised to the next sender to take
+        # Raised to every sender at its next take, once (then it waits a poll):
+        self._record_failed: Exception | None = None
+        self._told: set[int] = set()  # the senders (threads) told of it so far
         self._recorder = ThreadPoolExecutor(1, thread_name_prefix="kipekee-recorder")
 
     # --- senders -----------------------------------------------------------------------
@@ -71,9 +73,14 @@ class Feed:
         """Rows for one sender (see :meth:`_share`); claimed first if nothing is queued.
         Empty: nothing is due (or ``stopping``)."""
         with self._lock:
-            failed, self._record_failed = self._record_failed, None
-            if failed is not None:
-                # The worker's loop logs it and waits a poll before sending more.
+            failed = self._record_failed
+            if failed is not None and threading.get_ident() not in self._told:
+                # Every sender stops, not only the first to ask (the others would go on
+                # sending what cannot be recorded, to be sent again after the lease):
+                # the worker's loop logs it and waits a poll before sending more.
+                self._told.add(threading.get_ident())
+                if len(self._told) >= self.senders:
+                    self._record_failed, self._told = None, set()
                 raise failed
             seen = self._claims
             while not stopping.is_set():
@@ -194,7 +201,7 @@ class Feed:
                 # goes back now (or, should that fail too, when its lease ends), and the
                 # next sender to take is told.
                 with self._lock:
-                    self._record_failed = exc
+                    self._record_failed, self._told = exc, set()
                 self._give_back()
             for row, done in zip(rows, recorded, strict=True):
                 if done:
