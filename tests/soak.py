@@ -470,15 +470,25 @@ def run(config: Config, primary: LocalSMTPServer, backup: LocalSMTPServer,
         c.start()
     try:
         chaos_end = time.monotonic() + config.chaos_seconds
-        # The first of each falls within its shortest gap, while mail is surely in flight:
-        # a fast drain (1,000 mails settle in about 6 s on a quiet machine) must not end
-        # before the first kill, database fault or outage has happened.
-        next_kill = time.monotonic() + schedule.uniform(0.5, config.kill_every[0])
-        next_db_fault = time.monotonic() + schedule.uniform(0.5, config.db_fault_every[0])
-        next_outage = time.monotonic() + schedule.uniform(0.5, config.outage_every[0])
+        next_kill = time.monotonic() + schedule.uniform(*config.kill_every)
+        next_db_fault = time.monotonic() + schedule.uniform(*config.db_fault_every)
+        next_outage = time.monotonic() + schedule.uniform(*config.outage_every)
+        # The first of each also falls, at the latest, when a random 5-30 % of the mails
+        # are settled, while mail is surely in flight: a fast drain (1,000 mails settle
+        # in 2 s on a quiet machine) must not end before the first kill, database fault
+        # or outage, whatever the machine's speed.
+        first_kill, first_db_fault, first_outage = (schedule.uniform(0.05, 0.3)
+                                                    for _ in range(3))
         next_sample = time.monotonic()
         while time.monotonic() < chaos_end and _unsettled():
             now = time.monotonic()
+            settled = _settled_share(config.n)
+            if not figures.kills and settled >= first_kill:
+                next_kill = min(next_kill, now)
+            if not figures.db_faults and settled >= first_db_fault:
+                next_db_fault = min(next_db_fault, now)
+            if not figures.outages and settled >= first_outage:
+                next_outage = min(next_outage, now)
             if config.kill_every[0] and now >= next_kill:
                 running = workers.running()
                 # Only when every worker is up: one keeps sending while the other restarts.
@@ -550,6 +560,12 @@ def _sample(at: float) -> str:
         text += (f" (due in {(due['first'] - now).total_seconds():.1f}"
                  f"..{(due['last'] - now).total_seconds():.1f} s)")
     return text
+
+
+def _settled_share(mails: int) -> float:
+    """The share of the mails whose rows are settled (sent, failed or suppressed)."""
+    return OutboxEmail.objects.filter(
+        status__in=[Status.SENT, Status.FAILED, Status.SUPPRESSED]).count() / mails
 
 
 def _unsettled() -> bool:
