@@ -115,15 +115,14 @@ def enqueue(
     takes it earlier. Should the caller die first, an engine picks it up when the hold ends.
 
     ``claimed``: the caller sends the row itself right after commit (a request's
-    ``now``/``hybrid`` send): it is written already claimed, as :func:`claim` would leave
-    it (``sending``, its first attempt counted, a lease of ``claimed`` and a claim
-    token), so sending it
-    costs no claim statement, and comes back with its attachments in hand (no read
-    either). The INSERT is durable before any provider is called; should the caller die
-    before recording a result, an engine takes the row when its lease ends, as any
-    claimed row. A caller whose transaction outlived half the lease renews it first
-    (:func:`keep_claim`). Not for a row suppressed as it is written (it stays
-    ``suppressed``), nor with a ``send_at`` still ahead.
+    ``now``/``hybrid`` send): it is written already claimed, as :func:`claim` would
+    leave it (``sending``, its first attempt counted, a lease of ``claimed`` and a claim
+    token), so sending it costs no claim statement, and comes back with its attachments
+    in hand (no read either). The INSERT is durable before any provider is called;
+    should the caller die before recording a result, an engine takes the row when its
+    lease ends, as any claimed row. A caller whose transaction outlived half the lease
+    renews it first (:func:`keep_claim`). Not for a row suppressed as it is written (it
+    stays ``suppressed``), nor with a ``send_at`` still ahead.
 
     ``announce``: tell the engines LISTENing on PostgreSQL (``NOTIFY``, delivered when the
     row is committed), in the INSERT itself.
@@ -224,9 +223,8 @@ def keep_claim(row: OutboxEmail, *, within: timedelta, lease: timedelta) -> bool
     """Make sure ``row``, claimed by the caller (``claim`` or ``enqueue(claimed=...)``),
     is still the caller's for at least ``within``: when less of its lease is left, the
     lease is renewed to ``lease`` from now in one UPDATE fenced by the claim's token.
-    False when the row is no
-    longer the caller's (its lease ran out and an engine took it, or a person changed
-    it): the caller must not send it."""
+    False when the row is no longer the caller's (its lease ran out and an engine took
+    it, or a person changed it): the caller must not send it."""
     now = timezone.now()
     if row.lease_until is not None and row.lease_until - now >= within:
         return True  # the usual case: claimed a moment ago, nothing to ask
@@ -507,9 +505,7 @@ def _insert(model: type[models.Model], objs: Sequence[models.Model], db: str, *,
             if not returned and (if_new or unless_listed is not None):
                 return 0
             # In the order of VALUES, as bulk_create reads it on SQLite and PostgreSQL.
-            for obj, values in zip(batch, returned, strict=True):
-                obj.pk = values[0]
-                obj._state.adding, obj._state.db = False, db
+            _saved(batch, returned, db)
             written += len(returned)
     return written
 
@@ -611,12 +607,16 @@ def _insert_json(model: type[models.Model], objs: Sequence[models.Model], connec
     if len(returned) != len(objs):  # one row, not written (ON CONFLICT, unless_listed)
         assert not returned and len(objs) == 1
         return 0
-    db = connection.alias
     # In the order of the document's rows, as bulk_create's UNNEST is read back.
+    _saved(objs, returned, connection.alias)
+    return len(returned)
+
+
+def _saved(objs: Sequence[models.Model], returned: Sequence[Sequence[Any]], db: str) -> None:
+    """``objs`` were written to ``db``: their pks from ``RETURNING``, in their order."""
     for obj, values in zip(objs, returned, strict=True):
         obj.pk = values[0]
         obj._state.adding, obj._state.db = False, db
-    return len(returned)
 
 
 _empty_jsons: dict[tuple[Any, type, str], Any] = {}
