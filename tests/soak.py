@@ -482,13 +482,14 @@ def run(config: Config, primary: LocalSMTPServer, backup: LocalSMTPServer,
         next_sample = time.monotonic()
         while time.monotonic() < chaos_end and _unsettled():
             now = time.monotonic()
-            settled = _settled_share(config.n)
-            if not figures.kills and settled >= first_kill:
-                next_kill = min(next_kill, now)
-            if not figures.db_faults and settled >= first_db_fault:
-                next_db_fault = min(next_db_fault, now)
-            if not figures.outages and settled >= first_outage:
-                next_outage = min(next_outage, now)
+            if not (figures.kills and figures.db_faults and figures.outages):
+                settled = _settled_share(config.n)  # a COUNT: only while a first is due
+                if not figures.kills and settled >= first_kill:
+                    next_kill = min(next_kill, now)
+                if not figures.db_faults and settled >= first_db_fault:
+                    next_db_fault = min(next_db_fault, now)
+                if not figures.outages and settled >= first_outage:
+                    next_outage = min(next_outage, now)
             if config.kill_every[0] and now >= next_kill:
                 running = workers.running()
                 # Only when every worker is up: one keeps sending while the other restarts.
