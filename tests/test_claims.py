@@ -414,6 +414,100 @@ def test_while_records_fail_the_worker_stops_sending_and_gives_back_its_claims(
     assert rows.filter(status=Status.SENT).count() == 200
 
 
+class _HeldRecords:
+    """The feed's records wait at a gate from the ``after``-th on (counted from 0), and
+    say when one has arrived there."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, after: int = 0) -> None:
+        from kipekee.engines import feed
+
+        self.gate, self.arrived = threading.Event(), threading.Event()
+        self.calls = 0
+        real = feed.record_batch
+
+        def record_batch(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls > after:
+                self.arrived.set()
+                assert self.gate.wait(30), "the test never opened the gate"
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(feed, "record_batch", record_batch)
+
+
+def _sent(rows: list[OutboxEmail]) -> list[Any]:
+    from django.utils import timezone
+
+    from kipekee.delivery import Outcome
+
+    now = timezone.now()
+    return [Outcome(ok=True, provider="primary", started_at=now, finished_at=now) for _ in rows]
+
+
+def _sending() -> int:
+    return OutboxEmail.objects.filter(status=Status.SENDING).count()
+
+
+def test_a_claim_ahead_does_not_wait_for_a_record_under_way(sink_provider, monkeypatch):
+    """The feed claims ahead in a thread of its own: queued behind a record in the
+    recorder's thread, it came when the record was done, and at 0 ms the senders found
+    the queue empty meanwhile (``bench/drain_split.py``)."""
+    from kipekee.engines import Stats
+    from kipekee.engines.feed import Feed
+
+    from .test_engines import wait_until
+
+    queue(100, "transactional")
+    held = _HeldRecords(monkeypatch, after=1)  # the first record goes through
+    feed = Feed(engine="test", senders=2, batch_size=5, stats=Stats())
+    stopping = threading.Event()
+    try:
+        a, b = feed.take(stopping), feed.take(stopping)  # claims 20; 10 left queued
+        assert len(a) == len(b) == 5 and _sending() == 20
+        feed.done(a, _sent(a))
+        wait_until(lambda: Attempt.objects.count() == 5, what="the first record")
+        feed.done(b, _sent(b))
+        assert held.arrived.wait(10)  # the second record is under way (held)
+        c = feed.take(stopping)  # 5 left queued, fewer than a share per sender: claim ahead
+        assert len(c) == 5
+        wait_until(lambda: _sending() > 20, timeout=10, what="the claim ahead")
+        assert Attempt.objects.count() == 5  # while the record is still under way
+    finally:
+        held.gate.set()
+        stopping.set()
+        feed.close()
+    assert Attempt.objects.count() == 10
+
+
+def test_rows_waiting_for_their_record_leave_room_for_a_claim(sink_provider, monkeypatch):
+    """Rows sent and not yet recorded do not take the room of the rows claimed ahead (up
+    to a share per sender): a slow record does not leave a sender without rows."""
+    from kipekee.engines import Stats
+    from kipekee.engines.feed import Feed
+
+    queue(100, "transactional")
+    held = _HeldRecords(monkeypatch)
+    feed = Feed(engine="test", senders=1, batch_size=5, stats=Stats())
+    stopping = threading.Event()
+    got: list[list[OutboxEmail]] = []
+    taker = threading.Thread(target=lambda: got.append(feed.take(stopping)))
+    try:
+        a, b = feed.take(stopping), feed.take(stopping)  # claims 10, hands out both shares
+        assert len(a) == len(b) == 5 and _sending() == 10
+        feed.done(a, _sent(a))
+        assert held.arrived.wait(10)  # a's record is under way (held)
+        taker.start()
+        taker.join(10)
+        assert not taker.is_alive(), "the sender waited for the record"
+        assert [len(rows) for rows in got] == [5] and _sending() == 15
+    finally:
+        held.gate.set()
+        stopping.set()
+        taker.join(10) if taker.ident else None
+        feed.close()
+    assert Attempt.objects.count() == 5
+
+
 # --- a lane removed from the settings (issue 17, loose end f) ------------------------------
 
 

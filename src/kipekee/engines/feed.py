@@ -9,8 +9,10 @@ sender takes an equal share of what is queued (at most ``batch_size``), so the l
 spread over every sender; rows of a higher lane go before those of lower lanes queued
 earlier. Outcomes are recorded by the feed's recorder thread, everything
 finished since its last record in one transaction (one UPDATE per claim): recording
-waits on nobody, and nobody waits on it. When the queue runs low the recorder claims ahead,
-so senders do not wait for the database between shares.
+waits on nobody, and nobody waits on it. When the queue runs low the claimer thread claims
+ahead, so senders do not wait for the database between shares. Its own thread: queued
+behind a record in the recorder's, a claim ahead came late, and senders waited for it a
+sixth of their time at 0 ms (``bench/drain_split.py``).
 
 A claim that finds nothing found nothing due (claims never lose a race): :meth:`take`
 returns nothing and the sender goes idle. Rows claimed and not handed out are given back
@@ -50,9 +52,12 @@ class Feed:
         self.stats = stats
         # Called when a claim brought rows: idle senders may take some.
         self.on_rows = on_rows
-        # Rows held at most: queued, being sent and being recorded (a share each for
-        # every sender, and as many again ahead).
+        # Rows held at most: queued and being sent (a share each for every sender, and
+        # as many again ahead), and on top of them up to a share per sender being
+        # recorded. Counted against the rest, rows waiting for the recorder took the
+        # room of the rows claimed ahead, and at 0 ms senders found the queue empty.
         self.capacity = 2 * senders * batch_size
+        self._being_recorded = 0  # rows sent, their outcome not yet recorded
         self._queue: deque[OutboxEmail] = deque()
         self._held: dict[str, int] = {}  # claim token -> its rows not yet recorded
         self._lock = threading.Condition()
@@ -66,6 +71,7 @@ class Feed:
         self._record_failed: Exception | None = None
         self._told: set[int] = set()  # the senders (threads) told of it so far
         self._recorder = ThreadPoolExecutor(1, thread_name_prefix="kipekee-recorder")
+        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="kipekee-claimer")
 
     # --- senders -----------------------------------------------------------------------
 
@@ -117,6 +123,8 @@ class Feed:
         """A sender sent ``rows``: their outcomes go to the recorder to be recorded."""
         with self._lock:
             self._unrecorded.extend(zip(rows, outcomes, strict=True))
+            self._being_recorded += len(rows)
+            self._lock.notify_all()  # their slots are free (see capacity)
             if self._recording is None:
                 self._recording = self._recorder.submit(self._record)
 
@@ -127,23 +135,26 @@ class Feed:
         self._let_go([row.claimed_by for row in rows])
 
     def recover(self) -> None:
-        """After a failure: drop the recorder thread's broken database connections."""
-        self._recorder.submit(_drop_broken_connections).result()
+        """After a failure: drop the recorder's and the claimer's broken database
+        connections."""
+        for thread in (self._recorder, self._claimer):
+            thread.submit(_drop_broken_connections).result()
 
-    # --- the recorder -------------------------------------------------------------
+    # --- the claimer and the recorder ----------------------------------------------
 
     def _claim_ahead(self) -> None:
-        """(Under the lock.) Claim in the recorder thread when less than a share per sender
+        """(Under the lock.) Claim in the claimer thread when less than a share per sender
         is queued, so senders do not wait for the database between shares (not at the
         end of a backlog: the sender that finds the queue empty claims then)."""
         if (not self._claiming and not self._tail
                 and len(self._queue) < self.senders * self.batch_size
                 and self._free() >= self.batch_size):
             self._claiming = True
-            self._recorder.submit(self._claim)
+            self._claimer.submit(self._claim)
 
     def _free(self) -> int:
-        return self.capacity - sum(self._held.values())
+        return (self.capacity - sum(self._held.values())
+                + min(self._being_recorded, self.senders * self.batch_size))
 
     def _claim(self) -> None:
         """Claim what the free slots take; queue the rows (``self._claiming`` is set)."""
@@ -206,13 +217,15 @@ class Feed:
             for row, done in zip(rows, recorded, strict=True):
                 if done:
                     self.stats.add(row.status)
-            self._let_go(tokens)
+            self._let_go(tokens, recorded=len(rows))
 
-    def _let_go(self, tokens: Sequence[str]) -> None:
-        """These rows are recorded (or given back, or given up): their slots are free,
-        and a claim none of whose rows is held any more needs no lease renewed."""
+    def _let_go(self, tokens: Sequence[str], *, recorded: int = 0) -> None:
+        """These rows are recorded (``recorded`` of them, after :meth:`done`), given back,
+        or given up: their slots are free, and a claim none of whose rows is held any
+        more needs no lease renewed."""
         ended = []
         with self._lock:
+            self._being_recorded -= recorded
             for token in tokens:
                 left = self._held.get(token, 0) - 1
                 if left > 0:
@@ -243,8 +256,11 @@ class Feed:
     # --- the end -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Give back what was claimed and not handed out, wait for the records, and stop
-        the recorder thread (closing its database connection)."""
+        """Let a claim under way finish, give back what was claimed and not handed out,
+        wait for the records, and stop the claimer and recorder threads (closing their
+        database connections)."""
+        self._claimer.submit(connections.close_all).result()
+        self._claimer.shutdown()
         self._give_back()
         with self._lock:
             recording = self._recording
