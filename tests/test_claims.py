@@ -448,6 +448,11 @@ def _sending() -> int:
     return OutboxEmail.objects.filter(status=Status.SENDING).count()
 
 
+def _claimed() -> int:
+    """Rows claimed so far (being sent, or sent)."""
+    return OutboxEmail.objects.exclude(status=Status.QUEUED).count()
+
+
 def test_a_claim_ahead_does_not_wait_for_a_record_under_way(sink_provider, monkeypatch):
     """The feed claims ahead in a thread of its own: queued behind a record in the
     recorder's thread, it came when the record was done, and at 0 ms the senders found
@@ -462,15 +467,18 @@ def test_a_claim_ahead_does_not_wait_for_a_record_under_way(sink_provider, monke
     feed = Feed(engine="test", senders=2, batch_size=5, stats=Stats())
     stopping = threading.Event()
     try:
-        a, b = feed.take(stopping), feed.take(stopping)  # claims 20; 10 left queued
-        assert len(a) == len(b) == 5 and _sending() == 20
+        a, b = feed.take(stopping), feed.take(stopping)
+        claimed = _claimed()
+        assert len(a) == len(b) == 5
         feed.done(a, _sent(a))
         wait_until(lambda: Attempt.objects.count() == 5, what="the first record")
         feed.done(b, _sent(b))
         assert held.arrived.wait(10)  # the second record is under way (held)
-        c = feed.take(stopping)  # 5 left queued, fewer than a share per sender: claim ahead
-        assert len(c) == 5
-        wait_until(lambda: _sending() > 20, timeout=10, what="the claim ahead")
+        # Shares while rows are queued (an empty queue would have the sender claim
+        # itself): the queue runs low, and the feed claims ahead.
+        while feed._queue and _claimed() == claimed:
+            assert len(feed.take(stopping)) == 5
+        wait_until(lambda: _claimed() > claimed, timeout=10, what="the claim ahead")
         assert Attempt.objects.count() == 5  # while the record is still under way
     finally:
         held.gate.set()
@@ -492,18 +500,21 @@ def test_rows_waiting_for_their_record_leave_room_for_a_claim(sink_provider, mon
     got: list[list[OutboxEmail]] = []
     taker = threading.Thread(target=lambda: got.append(feed.take(stopping)))
     try:
-        a, b = feed.take(stopping), feed.take(stopping)  # claims 10, hands out both shares
-        assert len(a) == len(b) == 5 and _sending() == 10
-        feed.done(a, _sent(a))
-        assert held.arrived.wait(10)  # a's record is under way (held)
+        # Every row the feed may hold is claimed and handed out: none is queued.
+        shares = [feed.take(stopping) for _ in range(feed.capacity // 5)]
+        assert [len(rows) for rows in shares] == [5] * len(shares)
+        assert _sending() == feed.capacity and not feed._queue
+        feed.done(shares[0], _sent(shares[0]))
+        assert held.arrived.wait(10)  # its record is under way (held)
         taker.start()
         taker.join(10)
         assert not taker.is_alive(), "the sender waited for the record"
-        assert [len(rows) for rows in got] == [5] and _sending() == 15
+        assert [len(rows) for rows in got] == [5] and _sending() == feed.capacity + 5
     finally:
         held.gate.set()
         stopping.set()
-        taker.join(10) if taker.ident else None
+        if taker.ident:
+            taker.join(10)
         feed.close()
     assert Attempt.objects.count() == 5
 

@@ -18,7 +18,7 @@ A claim that finds nothing found nothing due (claims never lose a race): :meth:`
 returns nothing and the sender goes idle. Rows claimed and not handed out are given back
 (``outbox.release``) when the worker stops; leases are renewed while rows are held
 (:mod:`kipekee.engines.leases`). A process killed mid-way leaves what it held to the
-leases, as before: at most ``senders × batch_size`` rows are sent again.
+leases, as before: the rows it had sent and not recorded are sent again.
 """
 
 from __future__ import annotations
@@ -52,11 +52,18 @@ class Feed:
         self.stats = stats
         # Called when a claim brought rows: idle senders may take some.
         self.on_rows = on_rows
-        # Rows held at most: queued and being sent (a share each for every sender, and
-        # as many again ahead), and on top of them up to a share per sender being
-        # recorded. Counted against the rest, rows waiting for the recorder took the
-        # room of the rows claimed ahead, and at 0 ms senders found the queue empty.
-        self.capacity = 2 * senders * batch_size
+        # A round: a share for every sender. A claim brings at most a round when it
+        # claims ahead (once less than half a round is queued), two when the queue ran
+        # empty: rows held by one process are rows the others cannot send, so at the end
+        # of a backlog the processes of a worker finish about together.
+        self.round = senders * batch_size
+        # Rows held at most: queued and being sent (a round being sent, and room for a
+        # claim ahead of a round while half a round is still queued), and on top of
+        # them up to a round being recorded. With two rounds counted against everything,
+        # rows waiting for the recorder took the room of the rows to claim ahead, and
+        # claims came in small pieces or too late: at 0 ms senders waited for rows a
+        # sixth of their time (``bench/drain_split.py``).
+        self.capacity = 3 * self.round
         self._being_recorded = 0  # rows sent, their outcome not yet recorded
         self._queue: deque[OutboxEmail] = deque()
         self._held: dict[str, int] = {}  # claim token -> its rows not yet recorded
@@ -106,7 +113,7 @@ class Feed:
             else:
                 return []
         # This sender has nothing to do: it claims itself, outside the lock.
-        self._claim()
+        self._claim(2 * self.round)
         with self._lock:
             return self._share()
 
@@ -143,26 +150,27 @@ class Feed:
     # --- the claimer and the recorder ----------------------------------------------
 
     def _claim_ahead(self) -> None:
-        """(Under the lock.) Claim in the claimer thread when less than a share per sender
-        is queued, so senders do not wait for the database between shares (not at the
-        end of a backlog: the sender that finds the queue empty claims then)."""
+        """(Under the lock.) Claim a round in the claimer thread when less than half a
+        round is queued, so senders do not wait for the database between shares (not at
+        the end of a backlog: the sender that finds the queue empty claims then)."""
         if (not self._claiming and not self._tail
-                and len(self._queue) < self.senders * self.batch_size
-                and self._free() >= self.batch_size):
+                and len(self._queue) < max(self.batch_size, self.round // 2)
+                and self._free() >= self.round):
             self._claiming = True
-            self._claimer.submit(self._claim)
+            self._claimer.submit(self._claim, self.round)
 
     def _free(self) -> int:
         return (self.capacity - sum(self._held.values())
-                + min(self._being_recorded, self.senders * self.batch_size))
+                + min(self._being_recorded, self.round))
 
-    def _claim(self) -> None:
-        """Claim what the free slots take; queue the rows (``self._claiming`` is set)."""
+    def _claim(self, most: int) -> None:
+        """Claim up to ``most`` rows, as many as the free slots take; queue them
+        (``self._claiming`` is set)."""
         rows: list[OutboxEmail] = []
         want = 0
         try:
             with self._lock:
-                want = self._free()
+                want = min(most, self._free())
             if want > 0:
                 no_transaction_left_open(outbox.db_for_write())
                 rows = outbox.claim_batch(want, engine=self.engine)
