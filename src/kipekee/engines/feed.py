@@ -52,18 +52,15 @@ class Feed:
         self.stats = stats
         # Called when a claim brought rows: idle senders may take some.
         self.on_rows = on_rows
-        # A round: a share for every sender. A claim brings at most a round when it
-        # claims ahead (once less than half a round is queued), two when the queue ran
-        # empty: rows held by one process are rows the others cannot send, so at the end
-        # of a backlog the processes of a worker finish about together.
+        # A round: a share for every sender.
         self.round = senders * batch_size
-        # Rows held at most: queued and being sent (a round being sent, and room for a
-        # claim ahead of a round while half a round is still queued), and on top of
-        # them up to a round being recorded. With two rounds counted against everything,
-        # rows waiting for the recorder took the room of the rows to claim ahead, and
-        # claims came in small pieces or too late: at 0 ms senders waited for rows a
-        # sixth of their time (``bench/drain_split.py``).
-        self.capacity = 3 * self.round
+        # Rows held at most: queued and being sent, two rounds (a round being sent and
+        # one ahead), and on top of them up to a round being recorded. Rows held by one
+        # process are rows the other processes of a worker cannot send: more ahead, and
+        # at 20 ms the processes ended a backlog apart. Counted against the two rounds,
+        # rows waiting for the recorder took the room of the rows to claim ahead: at 0 ms
+        # senders waited for rows a sixth of their time (``bench/drain_split.py``).
+        self.capacity = 2 * self.round
         self._being_recorded = 0  # rows sent, their outcome not yet recorded
         self._queue: deque[OutboxEmail] = deque()
         self._held: dict[str, int] = {}  # claim token -> its rows not yet recorded
@@ -113,7 +110,7 @@ class Feed:
             else:
                 return []
         # This sender has nothing to do: it claims itself, outside the lock.
-        self._claim(2 * self.round)
+        self._claim(self.capacity)
         with self._lock:
             return self._share()
 
@@ -150,12 +147,15 @@ class Feed:
     # --- the claimer and the recorder ----------------------------------------------
 
     def _claim_ahead(self) -> None:
-        """(Under the lock.) Claim a round in the claimer thread when less than half a
-        round is queued, so senders do not wait for the database between shares (not at
-        the end of a backlog: the sender that finds the queue empty claims then)."""
+        """(Under the lock.) Claim up to a round in the claimer thread when less than
+        half a round is queued, so senders do not wait for the database between shares
+        (not at the end of a backlog: the sender that finds the queue empty claims then).
+        Not sooner: claims of a share or two, as soon as their room was free, cost more
+        a message (twice the claims, and claim groups to record) than the waits they
+        saved."""
         if (not self._claiming and not self._tail
                 and len(self._queue) < max(self.batch_size, self.round // 2)
-                and self._free() >= self.round):
+                and self._free() >= max(self.batch_size, self.round // 2)):
             self._claiming = True
             self._claimer.submit(self._claim, self.round)
 
