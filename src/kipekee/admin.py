@@ -261,7 +261,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["status", "act", "subject", "from_email", "to", "cc", "bcc",
                            "reply_to", "preview"]}),
-        ("Delivery", {"fields": ["mode", "provider", "attempts", "due_at", "sent_at",
+        ("Delivery", {"fields": ["mode", "provider", "attempts", "claims", "due_at", "sent_at",
                                  "sent_by", "error_kind", "last_error", "refused",
                                  "delivery", "lease_until", "claimed_by"]}),
         ("Message", {"classes": ["collapse"],
