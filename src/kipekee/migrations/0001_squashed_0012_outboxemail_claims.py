@@ -4,8 +4,9 @@ Made by ``squashmigrations kipekee 0012``, then each model's later changes folde
 ``CreateModel`` by Django's optimizer (the columns keep the order an upgraded install has).
 ``replaces`` keeps every install that has applied 0012 up to date with nothing to do:
 Django counts this migration as applied when all it replaces are, also now that their files
-are gone. An install stopped between two of them upgrades through Kipekee 0.1.0's last
-commit with the twelve files first (README, "Upgrading").
+are gone. An install stopped between two of them first migrates with commit 285e970,
+the last with the twelve files (README, "Upgrading"; until then kipekee.E030 stops
+``migrate``).
 
 What the squash left out, as it only changed rows an older install had: 0008's
 canonicalisation of suppression addresses (a fresh install has none to fix).
