@@ -18,6 +18,7 @@ from django.core.management import call_command
 
 import kipekee
 from kipekee import circuit, connections, deadlines, outbox
+from kipekee.conf import ConnectionsConfig
 from kipekee.connections import ProviderBusy, ProviderPool
 from kipekee.delivery import Deliverer
 from kipekee.models import Attempt, ErrorKind, OutboxEmail, Status
@@ -189,7 +190,8 @@ def test_pool_bound_holds_under_threads_and_a_wait_ends_in_provider_busy():
         def close(self):
             pass
 
-    pool = ProviderPool("p", Backend, max_open=2, pool_size=2, idle_seconds=10, max_age=60)
+    pool = ProviderPool("p", Backend, max_open=2,
+                        config=ConnectionsConfig(pool_size=2, idle_seconds=10, max_age=60))
     inside, peak, lock, go = 0, 0, threading.Lock(), threading.Event()
 
     def work():

@@ -4,8 +4,8 @@ Built for large outboxes (millions of rows): the list runs a fixed number of que
 whatever the page size (every column is on the row), filters offer values without
 scanning the table, there is no date hierarchy (its ``SELECT DISTINCT`` of dates scans
 everything) and no full result count; the unfiltered count is PostgreSQL's estimate,
-other counts stop at 10,000. On PostgreSQL, trigram indexes (migration 0003) serve the
-search by subject and recipient.
+other counts stop at 10,000. On PostgreSQL, trigram indexes (made by the migration) serve
+the search by subject and recipient.
 
 Status changes go through :mod:`kipekee.outbox` only (retry, cancel, resend): the admin
 shows, it does not edit. The HTML preview is served by its own view with a Content
