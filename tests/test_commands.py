@@ -367,7 +367,8 @@ def test_unapplied_migration_fails(kipekee_settings):
         assert not passed
         assert rows["database"][0] == "ok"  # it answers; what it lacks is the next row
         assert rows["migrations"] == (
-            "fail", "not applied: 0001_squashed_0012_outboxemail_claims (run manage.py migrate)")
+            "fail", "not applied: 0001_squashed_0012_outboxemail_claims, 0013_partial_indexes "
+                    "(run manage.py migrate)")
     finally:
         run("migrate", "kipekee", verbosity=0)
 

@@ -14,7 +14,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('contenttypes', '0002_remove_content_type_name'),
-        ('kipekee', '0012_outboxemail_claims'),
+        ('kipekee', '0001_squashed_0012_outboxemail_claims'),
     ]
 
     operations = [
