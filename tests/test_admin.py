@@ -110,9 +110,11 @@ def test_search_by_recipient_subject_and_message_id(admin_client):
 
 
 def test_change_page_shows_attempts_and_a_sandboxed_preview(admin_client):
-    row = make_rows(1)[0]
+    row = make_rows(1, claims=3)[0]
     html = admin_client.get(f"{LIST}{row.pk}/change/").content.decode()
     assert "451 4.3.0 try later" in html  # the attempt and its error, inline
+    # Claims beside attempts: a row taken far more often than tried is spinning.
+    assert '<div class="readonly">3</div>' in html.split("field-claims", 1)[1][:400], html
     preview = reverse("admin:kipekee_outboxemail_preview", args=[row.pk])
     assert f'<iframe class="kipekee-preview" sandbox src="{preview}"' in html
 

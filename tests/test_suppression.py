@@ -202,39 +202,6 @@ def test_a_webhook_suppresses_the_mailbox_whatever_its_spelling(mailtrap, kipeke
     assert mailtrap.requests == []
 
 
-def test_migration_canonicalises_existing_entries(django_db_blocker):
-    """Rows written before canonical addresses: canonicalised; spellings of one mailbox
-    become its first entry."""
-    from datetime import timedelta
-
-    from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
-    from django.utils import timezone
-
-    executor = MigrationExecutor(connection)
-    before = [("kipekee", "0007_provider_message_per_recipient")]
-    after = executor.loader.graph.leaf_nodes("kipekee")
-    executor.migrate(before)
-    try:
-        old = MigrationExecutor(connection).loader.project_state(before).apps
-        Entry = old.get_model("kipekee", "Suppression")
-        now = timezone.now()
-        Entry.objects.bulk_create([
-            Entry(address="user@bücher.example", reason="hard_bounce", created_at=now),
-            Entry(address="user@xn--bcher-kva.example", reason="manual",
-                  created_at=now + timedelta(seconds=1)),
-            Entry(address='"ann"@example.com', reason="unsubscribe", created_at=now),
-            Entry(address="bob@example.com", reason="manual", created_at=now),
-        ])
-        executor = MigrationExecutor(connection)
-        executor.migrate(after)
-    finally:
-        MigrationExecutor(connection).migrate(after)
-    assert sorted(Suppression.objects.values_list("address", "reason")) == [
-        ("ann@example.com", "unsubscribe"), ("bob@example.com", "manual"),
-        ("user@xn--bcher-kva.example", "hard_bounce")]
-
-
 def _statements(captured) -> list[str]:
     return [q["sql"] for q in captured.captured_queries if q["sql"] not in {"BEGIN", "COMMIT"}]
 

@@ -4,8 +4,8 @@ Built for large outboxes (millions of rows): the list runs a fixed number of que
 whatever the page size (every column is on the row), filters offer values without
 scanning the table, there is no date hierarchy (its ``SELECT DISTINCT`` of dates scans
 everything) and no full result count; the unfiltered count is PostgreSQL's estimate,
-other counts stop at 10,000. On PostgreSQL, trigram indexes (migration 0003) serve the
-search by subject and recipient.
+other counts stop at 10,000. On PostgreSQL, trigram indexes (made by the migration) serve
+the search by subject and recipient.
 
 Status changes go through :mod:`kipekee.outbox` only (retry, cancel, resend): the admin
 shows, it does not edit. The HTML preview is served by its own view with a Content
@@ -116,7 +116,10 @@ class ProviderFilter(admin.SimpleListFilter):
                  queryset: QuerySet[OutboxEmail]) -> QuerySet[OutboxEmail]:
         value = self.value()
         if value:
-            return queryset.filter(Q(sent_by=value) | Q(provider=value))
+            # Each side names its partial index's condition, so that SQLite (which does
+            # not infer `<> ''` from `= value`) walks both indexes instead of the table.
+            return queryset.filter((Q(sent_by=value) & ~Q(sent_by=""))
+                                   | (Q(provider=value) & ~Q(provider="")))
         return queryset
 
 
@@ -258,7 +261,7 @@ class OutboxEmailAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["status", "act", "subject", "from_email", "to", "cc", "bcc",
                            "reply_to", "preview"]}),
-        ("Delivery", {"fields": ["mode", "provider", "attempts", "due_at", "sent_at",
+        ("Delivery", {"fields": ["mode", "provider", "attempts", "claims", "due_at", "sent_at",
                                  "sent_by", "error_kind", "last_error", "refused",
                                  "delivery", "lease_until", "claimed_by"]}),
         ("Message", {"classes": ["collapse"],

@@ -20,11 +20,14 @@ kipekee.W015   rows wait in lanes no longer in ``KIPEKEE["LANES"]`` (with the da
 kipekee.E020   ``LIMITER`` store "redis" without the redis client installed
 kipekee.W020   ``LIMITER`` store "process" while providers have LIMITS (not shared)
 kipekee.W021   ``LIMITER["PERMIT_LEASE_SECONDS"]`` too short to be renewed in time
+kipekee.E030   the database stopped part-way through the migrations a squashed one
+               replaces, whose files are gone (with the database)
 =============  ==============================================================
 
 Checks never connect anywhere: ``manage.py kipekee_check`` does that. W015 reads the
-outbox, so it runs only when the checks are given a database (``manage.py check
---database default``, ``migrate``).
+outbox and E030 the migration history, so they run only when the checks are given a
+database (``manage.py check --database default``, ``migrate``: E030 stops ``migrate``,
+which would otherwise do nothing for Kipekee).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
+from django.db.migrations.loader import MigrationLoader
 
-from . import conf, outbox, providers
+from . import conf, health, outbox, providers
 from .exceptions import ConfigurationError, RoutingLoop
 
 #: Option names that hold a secret; an empty value is almost always an unset variable.
@@ -244,4 +248,21 @@ def check_stray_lanes(app_configs: Any = None, databases: Any = None,
                 hint=f"Engines deliver them in the {conf.TRANSACTIONAL!r} lane; put the lane "
                      "back in the settings if they should keep its priority, share and rate.",
                 id="kipekee.W015"))
+    return messages
+
+
+@register("kipekee", "database")
+def check_migration_history(app_configs: Any = None, databases: Any = None,
+                            **kwargs: Any) -> list[CheckMessage]:
+    """An install stopped between two migrations that a squashed one replaces, once their
+    files are gone: ``migrate`` would apply nothing of Kipekee's and say all is well."""
+    messages: list[CheckMessage] = []
+    for alias in databases or ():
+        try:
+            stopped = health.stopped_part_way(MigrationLoader(connections[alias]))
+        except DatabaseError:
+            continue  # unreachable: migrate and kipekee_check say so themselves
+        if stopped:
+            messages.append(Error(f"Database {alias!r}: kipekee's migrations {stopped}.",
+                                  id="kipekee.E030"))
     return messages

@@ -131,27 +131,27 @@ class Connection:
 
 
 class ProviderPool:
-    """The open connections of one provider in this process (thread-safe)."""
+    """The open connections of one provider in this process (thread-safe).
+
+    ``max_open``: ``LIMITS["CONCURRENCY"]`` (None: no bound), held across processes
+    with ``permits``; ``config``: ``KIPEKEE["CONNECTIONS"]`` (idle ones kept, probed, replaced).
+    """
 
     def __init__(self, alias: str, build: Callable[[], BaseEmailBackend], *,
-                 max_open: int | None, pool_size: int, idle_seconds: float,
-                 max_age: float, clock: Callable[[], float] = time.monotonic,
+                 max_open: int | None, config: conf.ConnectionsConfig,
                  permits: Permits | None = None) -> None:
         self.alias = alias
         self.permits = permits
         self.max_open = max_open
-        self.pool_size = pool_size
-        self.idle_seconds = idle_seconds
-        self.max_age = max_age
+        self.config = config
         self._build = build
-        self._clock = clock
         self._cond = threading.Condition()
         self._idle: list[Connection] = []  # least recently used first
         self._open = 0  # permits taken: connections checked out or idle
         self._closed = False
         # Connections holding a shared permit, checked out or idle (the keeper renews).
         self._permitted: set[Connection] = set()
-        self._renewed_at = self._clock()
+        self._renewed_at = time.monotonic()
         self._waiters = 0  # threads waiting in checkout
 
     # -- the permits ----------------------------------------------------------------
@@ -197,8 +197,8 @@ class ProviderPool:
         # (IDLE_SECONDS, or SHARED_IDLE_SECONDS when lower.)
         if self.permits is None:
             return
-        now = self._clock()
-        linger = min(self.idle_seconds, SHARED_IDLE_SECONDS)
+        now = time.monotonic()
+        linger = min(self.config.idle_seconds, SHARED_IDLE_SECONDS)
         stale: list[Connection] = []
         with self._cond:
             while self._idle and now - self._idle[0].used_at >= linger:
@@ -237,7 +237,7 @@ class ProviderPool:
         can ask its circuit breaker in between. Waits up to ``timeout`` seconds while
         ``max_open`` connections are out, then raises :class:`ProviderBusy`.
         """
-        started = self._clock()
+        started = time.monotonic()
         poll = 0.02
         wanted_at = -1.0
         waiting = False
@@ -251,7 +251,7 @@ class ProviderPool:
                 taken = self._take_permit()
                 if taken is not None:
                     return taken
-                waited = self._clock() - started
+                waited = time.monotonic() - started
                 left = None if timeout is None else timeout - waited
                 if left is not None and left <= 0:
                     raise ProviderBusy(self.alias, self.max_open, waited)
@@ -259,10 +259,10 @@ class ProviderPool:
                     waiting = True
                     with self._cond:
                         self._waiters += 1
-                if self.permits is not None and self._clock() - wanted_at >= 0.5:
+                if self.permits is not None and time.monotonic() - wanted_at >= 0.5:
                     # Holders elsewhere then close their idle connections, not keep them.
                     self.permits.want()
-                    wanted_at = self._clock()
+                    wanted_at = time.monotonic()
                 with self._cond:
                     if self.permits is None:
                         self._cond.wait(left)  # only a checkin here frees room
@@ -285,12 +285,12 @@ class ProviderPool:
         """
         if conn.checked and conn.backend is not None:
             return conn.backend
-        now = self._clock()
+        now = time.monotonic()
         backend = conn.backend
         if backend is not None:
-            if now - conn.opened_at >= self.max_age:
+            if now - conn.opened_at >= self.config.max_age:
                 self._close(conn, quietly=False)
-            elif not self._usable(backend, probe=now - conn.used_at >= self.idle_seconds):
+            elif not self._usable(backend, probe=now - conn.used_at >= self.config.idle_seconds):
                 logger.debug("Provider %r: the server closed an idle connection; opening "
                              "another", self.alias)
                 self._close(conn, quietly=True)
@@ -303,7 +303,7 @@ class ProviderPool:
                 conn.backend = backend
                 self._close(conn, quietly=True)
                 raise
-            conn.backend, conn.opened_at, conn.uses = backend, self._clock(), 0
+            conn.backend, conn.opened_at, conn.uses = backend, time.monotonic(), 0
         conn.checked = True
         assert conn.backend is not None
         return conn.backend
@@ -319,10 +319,10 @@ class ProviderPool:
         """Give ``conn`` back: kept warm if ``reusable`` (its session is in a known state),
         else closed."""
         surplus: list[Connection] = []
-        now = self._clock()
+        now = time.monotonic()
         conn.used_at = now
         keep = (reusable and conn.backend is not None and not self._closed
-                and self.pool_size > 0 and now - conn.opened_at < self.max_age
+                and self.config.pool_size > 0 and now - conn.opened_at < self.config.max_age
                 # A connection whose shared permit was lost is not kept.
                 and (conn.permit is not None or self.permits is None))
         if keep and self.permits is not None and not self._waiting_here():
@@ -335,8 +335,8 @@ class ProviderPool:
                 self._idle.append(conn)
                 # A burst is over: the least recently used beyond POOL_SIZE go once unused
                 # for IDLE_SECONDS (not at once, or a busy engine would close and reopen).
-                while (len(self._idle) > self.pool_size
-                       and now - self._idle[0].used_at >= self.idle_seconds):
+                while (len(self._idle) > self.config.pool_size
+                       and now - self._idle[0].used_at >= self.config.idle_seconds):
                     surplus.append(self._idle.pop(0))
                 self._cond.notify()
         else:
@@ -437,9 +437,7 @@ def _new_pool(alias: str) -> ProviderPool:
     config = settings.provider(alias)
     pool = ProviderPool(
         alias, lambda: providers.build(alias), max_open=config.concurrency,
-        pool_size=settings.connections.pool_size,
-        idle_seconds=settings.connections.idle_seconds,
-        max_age=settings.connections.max_age,
+        config=settings.connections,
         permits=limits.permits(alias) if config.concurrency else None)
     if pool.permits is not None:
         _start_keeper()

@@ -109,35 +109,56 @@ def stop(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
+def _answers(server: subprocess.Popen[str], url: str, log: IO[str], *, retry: bool) -> bool:
+    """Wait until the demo site answers at ``url``. False: it could not bind one of its
+    ports (taken by another process since :func:`free_port`), and ``retry`` allows
+    another try; it is stopped and its log kept. Fails the test if it did not start."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/", timeout=2).close()
+        except OSError:
+            pass
+        else:
+            if server.poll() is None:  # (not another process's server on that port)
+                return True
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            log.seek(0)
+            output = log.read()
+            if retry and server.returncode is not None and "in use" in output:
+                log.write("\n(ports taken: trying again on others)\n")
+                return False
+            pytest.fail(f"The demo server did not start:\n{output}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def serve(tmp: Path, **settings: str) -> Iterator[Site]:
     """The demo site on free ports with a fresh database; ``settings`` are its
     ``KIPEKEE_DEMO_*`` environment. Fails the test run if any request logged a traceback
     (a server error is a failure even if the page looked right)."""
-    port = free_port()
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(database(tmp))
-        # Fixed ports (not 0): a worker process must reach the same capture servers.
-        env = child_env(KIPEKEE_DEMO_DATABASE=db,
-                        KIPEKEE_DEMO_ENGINE="worker" if ON_POSTGRES else "thread",
-                        KIPEKEE_DEMO_SMTP_PORT=str(free_port()),
-                        KIPEKEE_DEMO_BACKUP_SMTP_PORT=str(free_port()),
-                        KIPEKEE_DEMO_FAST_PASSWORDS="1", PYTHONUNBUFFERED="1", **settings)
         log = (tmp / "demo-server.log").open("w+")
         stack.callback(log.close)  # last: the processes stop first
-        server = start(["kipekee_demo_serve", "--addrport", f"127.0.0.1:{port}"], env, log)
-        stack.callback(stop, server)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/", timeout=2).close()
+        for tries_left in reversed(range(3)):
+            # Fixed ports (not 0): a worker process must reach the same capture servers.
+            # free_port() lets a port go before the site binds it: another test run on
+            # the machine may take it meanwhile, and then the site is tried on new ports.
+            port = free_port()
+            env = child_env(KIPEKEE_DEMO_DATABASE=db,
+                            KIPEKEE_DEMO_ENGINE="worker" if ON_POSTGRES else "thread",
+                            KIPEKEE_DEMO_SMTP_PORT=str(free_port()),
+                            KIPEKEE_DEMO_BACKUP_SMTP_PORT=str(free_port()),
+                            KIPEKEE_DEMO_FAST_PASSWORDS="1", PYTHONUNBUFFERED="1", **settings)
+            log.seek(0, os.SEEK_END)
+            this_try = log.tell()  # (a try that could not bind may have logged a traceback)
+            server = start(["kipekee_demo_serve", "--addrport", f"127.0.0.1:{port}"], env, log)
+            url = f"http://127.0.0.1:{port}"
+            if _answers(server, url, log, retry=tries_left > 0):
                 break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"The demo server did not start:\n{log.read()}")
-                time.sleep(0.2)
+        stack.callback(stop, server)
         processes = [server]
         if ON_POSTGRES:  # after the site has migrated
             processes.append(start(["kipekee_worker", "--poll-interval", "0.5"], env, log))
@@ -145,7 +166,7 @@ def serve(tmp: Path, **settings: str) -> Iterator[Site]:
         yield Site(url, db)
         for process in processes:  # (stopping twice is harmless)
             stop(process)
-        log.seek(0)
+        log.seek(this_try)
         output = log.read()
     assert "Traceback" not in output, output
 

@@ -29,12 +29,14 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .serving import LocalServer
+
 __all__ = ["DelayProxy"]
 
 _READ = 65536
 
 
-class DelayProxy:
+class DelayProxy(LocalServer):
     """Forward ``127.0.0.1:<port>`` to ``target``, ``rtt`` seconds of round trip away."""
 
     def __init__(self, target: tuple[str, int], *, rtt: float, host: str = "127.0.0.1",
@@ -79,12 +81,6 @@ class DelayProxy:
         self._thread = None
         loop.call_soon_threadsafe(stopped.set)
         thread.join(5)
-
-    def __enter__(self) -> DelayProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- the proxy's thread ----------------------------------------------------------
 

@@ -1,5 +1,7 @@
-"""What Kipekee's local HTTP servers (:mod:`.esp`, :mod:`.mailtrap`) share: a threaded
-``http.server`` started and stopped from a test, its address, and waiting for messages."""
+"""What Kipekee's local servers share: :class:`LocalServer`, started and stopped by a
+test or used as a context manager (the SMTP server, the delay proxy, the HTTP servers);
+and for the HTTP ones (:mod:`.esp`, :mod:`.mailtrap`) a threaded ``http.server``, its
+address, and waiting for messages."""
 
 from __future__ import annotations
 
@@ -69,7 +71,25 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_DELETE = _serve
 
 
-class ServedInThread:
+class LocalServer:
+    """A server a test starts and stops, or uses as a context manager: ``with`` starts
+    it and stops it on the way out, whatever happened inside."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class ServedInThread(LocalServer):
     """Runs a :class:`ThreadingHTTPServer` in a daemon thread.
 
     A subclass sets ``messages``, ``requests`` (each with a ``status``), ``_lock`` and
@@ -83,9 +103,6 @@ class ServedInThread:
     _changed: threading.Condition
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
-
-    def start(self) -> object:
-        raise NotImplementedError
 
     def _serve(self, httpd: ThreadingHTTPServer, name: str) -> None:
         httpd.daemon_threads = True
@@ -102,13 +119,6 @@ class ServedInThread:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def host(self) -> str:

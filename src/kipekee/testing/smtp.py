@@ -56,6 +56,8 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
+from .serving import LocalServer
+
 __all__ = [
     "Faults",
     "LocalSMTPServer",
@@ -608,7 +610,8 @@ class _Handler:
         return reply
 
 
-class LocalSMTPServer:
+@dataclass(kw_only=True, eq=False)
+class LocalSMTPServer(LocalServer):
     """A real SMTP server on a loopback address, run in a background thread.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -643,44 +646,30 @@ class LocalSMTPServer:
     the message is not recorded.
     """
 
-    def __init__(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        tls: TLSMode = "none",
-        ssl_context: ssl.SSLContext | None = None,
-        require_starttls: bool = False,
-        auth: dict[str, str] | None = None,
-        auth_require_tls: bool = True,
-        faults: Faults | None = None,
-        on_message: Callable[[ReceivedMessage], None] | None = None,
-        data_size_limit: int | None = None,
-        pipelining: bool = True,
-        smtputf8: bool = True,
-        max_recipients: int | None = None,
-        chunking: bool = False,
-    ) -> None:
-        if tls not in ("none", "starttls", "ssl"):
-            raise ValueError(f"tls must be 'none', 'starttls' or 'ssl', not {tls!r}")
-        if tls != "none" and ssl_context is None:
-            raise ValueError(f"tls={tls!r} needs a server ssl_context")
-        if require_starttls and tls != "starttls":
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls: TLSMode = "none"
+    ssl_context: ssl.SSLContext | None = None
+    require_starttls: bool = False
+    auth: dict[str, str] | None = None
+    auth_require_tls: bool = True
+    faults: Faults = field(default_factory=Faults)
+    on_message: Callable[[ReceivedMessage], None] | None = None
+    data_size_limit: int | None = None
+    pipelining: bool = True
+    smtputf8: bool = True
+    max_recipients: int | None = None
+    chunking: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls not in ("none", "starttls", "ssl"):
+            raise ValueError(f"tls must be 'none', 'starttls' or 'ssl', not {self.tls!r}")
+        if self.tls != "none" and self.ssl_context is None:
+            raise ValueError(f"tls={self.tls!r} needs a server ssl_context")
+        if self.require_starttls and self.tls != "starttls":
             raise ValueError("require_starttls=True needs tls='starttls'")
-        self.host = host
-        self.port = port
-        self.tls: TLSMode = tls
-        self.ssl_context = ssl_context
-        self.require_starttls = require_starttls
-        self.auth = dict(auth) if auth is not None else None
-        self.auth_require_tls = auth_require_tls
-        self.faults = faults if faults is not None else Faults()
-        self.on_message = on_message
-        self.data_size_limit = data_size_limit
-        self.pipelining = pipelining
-        self.smtputf8 = smtputf8
-        self.max_recipients = max_recipients
-        self.chunking = chunking
+        if self.auth is not None:
+            self.auth = dict(self.auth)  # the caller's dict may change; the server's not
         self.messages: list[ReceivedMessage] = []
         self._groups: list[list[str]] = []
 
@@ -700,13 +689,6 @@ class LocalSMTPServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<LocalSMTPServer {self.host}:{self.port} tls={self.tls} {state}>"
-
-    def __enter__(self) -> LocalSMTPServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:
