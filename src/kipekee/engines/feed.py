@@ -9,16 +9,14 @@ sender takes an equal share of what is queued (at most ``batch_size``), so the l
 spread over every sender; rows of a higher lane go before those of lower lanes queued
 earlier. Outcomes are recorded by the feed's recorder thread, everything
 finished since its last record in one transaction (one UPDATE per claim): recording
-waits on nobody, and nobody waits on it. When the queue runs low the claimer thread claims
-ahead, so senders do not wait for the database between shares. Its own thread: queued
-behind a record in the recorder's, a claim ahead came late, and senders waited for it a
-sixth of their time at 0 ms (``bench/drain_split.py``).
+waits on nobody, and nobody waits on it. When the queue runs low the recorder claims ahead,
+so senders do not wait for the database between shares.
 
 A claim that finds nothing found nothing due (claims never lose a race): :meth:`take`
 returns nothing and the sender goes idle. Rows claimed and not handed out are given back
 (``outbox.release``) when the worker stops; leases are renewed while rows are held
 (:mod:`kipekee.engines.leases`). A process killed mid-way leaves what it held to the
-leases, as before: the rows it had sent and not recorded are sent again.
+leases, as before: at most ``senders × batch_size`` rows are sent again.
 """
 
 from __future__ import annotations
@@ -52,16 +50,9 @@ class Feed:
         self.stats = stats
         # Called when a claim brought rows: idle senders may take some.
         self.on_rows = on_rows
-        # A round: a share for every sender.
-        self.round = senders * batch_size
-        # Rows held at most: queued and being sent, two rounds (a round being sent and
-        # one ahead), and on top of them up to a round being recorded. Rows held by one
-        # process are rows the other processes of a worker cannot send: more ahead, and
-        # at 20 ms the processes ended a backlog apart. Counted against the two rounds,
-        # rows waiting for the recorder took the room of the rows to claim ahead: at 0 ms
-        # senders waited for rows a sixth of their time (``bench/drain_split.py``).
-        self.capacity = 2 * self.round
-        self._being_recorded = 0  # rows sent, their outcome not yet recorded
+        # Rows held at most: queued, being sent and being recorded (a share each for
+        # every sender, and as many again ahead).
+        self.capacity = 2 * senders * batch_size
         self._queue: deque[OutboxEmail] = deque()
         self._held: dict[str, int] = {}  # claim token -> its rows not yet recorded
         self._lock = threading.Condition()
@@ -75,7 +66,6 @@ class Feed:
         self._record_failed: Exception | None = None
         self._told: set[int] = set()  # the senders (threads) told of it so far
         self._recorder = ThreadPoolExecutor(1, thread_name_prefix="kipekee-recorder")
-        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="kipekee-claimer")
 
     # --- senders -----------------------------------------------------------------------
 
@@ -110,7 +100,7 @@ class Feed:
             else:
                 return []
         # This sender has nothing to do: it claims itself, outside the lock.
-        self._claim(self.capacity)
+        self._claim()
         with self._lock:
             return self._share()
 
@@ -127,8 +117,6 @@ class Feed:
         """A sender sent ``rows``: their outcomes go to the recorder to be recorded."""
         with self._lock:
             self._unrecorded.extend(zip(rows, outcomes, strict=True))
-            self._being_recorded += len(rows)
-            self._lock.notify_all()  # their slots are free (see capacity)
             if self._recording is None:
                 self._recording = self._recorder.submit(self._record)
 
@@ -139,38 +127,31 @@ class Feed:
         self._let_go([row.claimed_by for row in rows])
 
     def recover(self) -> None:
-        """After a failure: drop the recorder's and the claimer's broken database
-        connections."""
-        for thread in (self._recorder, self._claimer):
-            thread.submit(_drop_broken_connections).result()
+        """After a failure: drop the recorder thread's broken database connections."""
+        self._recorder.submit(_drop_broken_connections).result()
 
-    # --- the claimer and the recorder ----------------------------------------------
+    # --- the recorder -------------------------------------------------------------
 
     def _claim_ahead(self) -> None:
-        """(Under the lock.) Claim up to a round in the claimer thread when less than
-        half a round is queued, so senders do not wait for the database between shares
-        (not at the end of a backlog: the sender that finds the queue empty claims then).
-        Not sooner: claims of a share or two, as soon as their room was free, cost more
-        a message (twice the claims, and claim groups to record) than the waits they
-        saved."""
+        """(Under the lock.) Claim in the recorder thread when less than a share per sender
+        is queued, so senders do not wait for the database between shares (not at the
+        end of a backlog: the sender that finds the queue empty claims then)."""
         if (not self._claiming and not self._tail
-                and len(self._queue) < max(self.batch_size, self.round // 2)
-                and self._free() >= max(self.batch_size, self.round // 2)):
+                and len(self._queue) < self.senders * self.batch_size
+                and self._free() >= self.batch_size):
             self._claiming = True
-            self._claimer.submit(self._claim, self.round)
+            self._recorder.submit(self._claim)
 
     def _free(self) -> int:
-        return (self.capacity - sum(self._held.values())
-                + min(self._being_recorded, self.round))
+        return self.capacity - sum(self._held.values())
 
-    def _claim(self, most: int) -> None:
-        """Claim up to ``most`` rows, as many as the free slots take; queue them
-        (``self._claiming`` is set)."""
+    def _claim(self) -> None:
+        """Claim what the free slots take; queue the rows (``self._claiming`` is set)."""
         rows: list[OutboxEmail] = []
         want = 0
         try:
             with self._lock:
-                want = min(most, self._free())
+                want = self._free()
             if want > 0:
                 no_transaction_left_open(outbox.db_for_write())
                 rows = outbox.claim_batch(want, engine=self.engine)
@@ -225,15 +206,13 @@ class Feed:
             for row, done in zip(rows, recorded, strict=True):
                 if done:
                     self.stats.add(row.status)
-            self._let_go(tokens, recorded=len(rows))
+            self._let_go(tokens)
 
-    def _let_go(self, tokens: Sequence[str], *, recorded: int = 0) -> None:
-        """These rows are recorded (``recorded`` of them, after :meth:`done`), given back,
-        or given up: their slots are free, and a claim none of whose rows is held any
-        more needs no lease renewed."""
+    def _let_go(self, tokens: Sequence[str]) -> None:
+        """These rows are recorded (or given back, or given up): their slots are free,
+        and a claim none of whose rows is held any more needs no lease renewed."""
         ended = []
         with self._lock:
-            self._being_recorded -= recorded
             for token in tokens:
                 left = self._held.get(token, 0) - 1
                 if left > 0:
@@ -264,11 +243,8 @@ class Feed:
     # --- the end -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Let a claim under way finish, give back what was claimed and not handed out,
-        wait for the records, and stop the claimer and recorder threads (closing their
-        database connections)."""
-        self._claimer.submit(connections.close_all).result()
-        self._claimer.shutdown()
+        """Give back what was claimed and not handed out, wait for the records, and stop
+        the recorder thread (closing its database connection)."""
         self._give_back()
         with self._lock:
             recording = self._recording
