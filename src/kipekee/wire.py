@@ -64,6 +64,7 @@ import os
 import random
 import re
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from email import encoders
@@ -331,7 +332,7 @@ def _boundary(texts: list[list[_Piece]]) -> str:
     return boundary
 
 
-class _Builder:
+class _Builder(ABC):
     """The bytes of one Django message, built as Django builds them (one subclass per
     version of Django's ``message()``)."""
 
@@ -369,8 +370,9 @@ class _Builder:
                 joined.append(piece)
         return joined
 
+    @abstractmethod
     def root(self) -> _Part:
-        raise NotImplementedError
+        """The message's MIME tree, as this Django version lays it out."""
 
     def _flatten(self, part: Any, out: list[_Piece]) -> None:
         """As ``BytesGenerator.flatten`` writes a part (``mangle_from_=False``): sub-parts
@@ -445,12 +447,13 @@ class _Builder:
                 headers.append((name, self.extra_value(value)))
         return headers
 
+    @abstractmethod
     def extra_value(self, value: Any, *, address: bool = False) -> str:
         """An extra header's value as Django sets it (``address``: To, Cc or Reply-To)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def date(self) -> Any:
-        raise NotImplementedError
+        """The Date header's value, as this Django version sets it."""
 
 
 @functools.lru_cache(maxsize=64)

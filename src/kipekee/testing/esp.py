@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -99,12 +100,13 @@ class ContractServer(ServedInThread):
 
     # -- for subclasses ----------------------------------------------------------------
 
+    @abstractmethod
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
-        raise NotImplementedError
+        """The answer to one request, as the ESP's API contract gives it."""
 
+    @abstractmethod
     def error(self, status: int, reason: str = "") -> Reply:
         """The ESP's documented error answer for ``status``."""
-        raise NotImplementedError
 
     def forced(self) -> None:
         """Raise the next fault of :attr:`faults.statuses`, if any."""

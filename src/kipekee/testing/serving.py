@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +31,7 @@ class ServedRequest:
         return json.loads(self.body) if self.body else None
 
 
-class RequestHandler(BaseHTTPRequestHandler):
+class RequestHandler(BaseHTTPRequestHandler, ABC):
     """Reads a request and writes a reply for a server's :meth:`answer_request`.
 
     A subclass implements ``answer_request(received, headers, body)``: ``received`` is
@@ -42,8 +43,9 @@ class RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # tests read server.requests; stderr stays quiet
 
+    @abstractmethod
     def answer_request(self, received: float, headers: dict[str, str], body: bytes) -> None:
-        raise NotImplementedError
+        """Answer one request (with :meth:`reply`)."""
 
     def reply(self, status: int, content_type: str, body: bytes,
               headers: Mapping[str, str]) -> None:
@@ -71,15 +73,17 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_DELETE = _serve
 
 
-class LocalServer:
+class LocalServer(ABC):
     """A server a test starts and stops, or uses as a context manager: ``with`` starts
     it and stops it on the way out, whatever happened inside."""
 
+    @abstractmethod
     def start(self) -> object:
-        raise NotImplementedError
+        """Start serving (in the background); returns the server."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop serving and release the port."""
 
     def __enter__(self) -> Self:
         self.start()
