@@ -1036,7 +1036,7 @@ def mark_sent(row: OutboxEmail, outcome: Outcome, *, refused_for_now: Collection
             follow_up.extend(_follow_up(row, outcome, refused_for_now, retry_at, db, given_up))
 
     done = _write_result(row, outcome, status=Status.SENT, changes=_sent_changes(outcome),
-                   signal=signals.sent, then=write_follow_up)
+                         signal=signals.sent, then=write_follow_up)
     for copy in follow_up:
         signal = signals.queued if copy.status == Status.DEFERRED else signals.failed
         extra = {} if signal is signals.queued else {"outcome": outcome}
@@ -1166,13 +1166,13 @@ def failed(row: OutboxEmail, outcome: Outcome) -> Finish:
 def finish(result: Finish) -> bool:
     """Record one result on its row (see :func:`finish_many` for a batch)."""
     return _write_result(result.row, result.outcome, status=result.status,
-                   changes=dict(result.changes), signal=result.signal,
-                   attempted=result.attempted)
+                         changes=dict(result.changes), signal=result.signal,
+                         attempted=result.attempted)
 
 
 def _write_result(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
-            signal: Any, then: Callable[[str], None] | None = None,
-            attempted: bool = True) -> bool:
+                  signal: Any, then: Callable[[str], None] | None = None,
+                  attempted: bool = True) -> bool:
     db = row._state.db or db_for_write()
     if changes.get("last_error"):  # redacted again: a custom engine may build an Outcome
         changes["last_error"] = redact(changes["last_error"])
@@ -1205,7 +1205,7 @@ def _write_result(row: OutboxEmail, outcome: Outcome, *, status: str, changes: d
 
 
 def _apply_to_row(row: OutboxEmail, outcome: Outcome, *, status: str, changes: dict[str, Any],
-              signal: Any) -> None:
+                  signal: Any) -> None:
     """After the write: the row in hand as the database now has it, then the signal
     (once the write is committed: an engine records a batch in one transaction)."""
     row.status, row.lease_until, row.claimed_by = status, None, ""
@@ -1293,7 +1293,7 @@ def finish_many(results: Sequence[Finish]) -> list[bool]:
             continue
         for result in group:
             _apply_to_row(result.row, result.outcome, status=result.status,
-                      changes=dict(result.changes), signal=result.signal)
+                          changes=dict(result.changes), signal=result.signal)
             done[id(result)] = True
     return [done[id(result)] for result in results]
 

@@ -71,7 +71,7 @@ def record(row: OutboxEmail, outcome: Outcome, policy: RetryPolicy | None = None
         hint=max(hints, default=None), now=outcome.finished_at,
     )
     given_up = "" if retry_at is not None else policy.why_not(attempt=row.attempts,
-                                                                created_at=row.created_at)
+                                                              created_at=row.created_at)
     note = (logging.INFO, "Outbox email %s sent via %s; refused for now: %s; %s",
             (row.pk, outcome.provider, ", ".join(sorted(refused_for_now)),
              f"again at {retry_at.isoformat()}" if retry_at else given_up))
